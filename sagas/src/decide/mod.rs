@@ -1,0 +1,652 @@
+//! The pure decision core: `decide(definition, state, input, now) -> Transition`.
+//!
+//! `decide` sees one instance and one input and returns the new state and the effects the
+//! runtime must carry out (send commands, schedule or cancel timers, emit lifecycle events).
+//! It does no IO and reads no clock, so every saga semantic is tested without a broker.
+//! One file per kind of input: [`on_start`], [`on_reply`], [`on_timer`], [`on_event`],
+//! [`on_operator`]; this file holds what they share.
+
+mod on_event;
+mod on_operator;
+mod on_reply;
+mod on_start;
+mod on_timer;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::definition::{CommandStep, Definition, StepAction, StepKind};
+use crate::error::{Error, Result};
+use crate::ids::{CommandKind, MessageId, StepIndex, Timestamp};
+use crate::protocol::ReplyOutcome;
+use crate::state::{Failure, SagaState, SagaStatus, StepStatus, StopCode, StopReason};
+
+/// One input to a saga instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Input {
+    /// Start the instance (it must be in `created`).
+    Start,
+    /// A participant's reply.
+    Reply(Reply),
+    /// A timer came due.
+    Timer(TimerKey),
+    /// An external event was delivered.
+    Event {
+        /// The event's wire name.
+        name: String,
+        /// What it carries.
+        payload: Value,
+    },
+    /// An operator's command.
+    Operator(OperatorCommand),
+}
+
+impl Input {
+    /// A short name for logs and history (`start`, `reply`, `timer`, `event`, `operator`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Input::Start => "start",
+            Input::Reply(_) => "reply",
+            Input::Timer(_) => "timer",
+            Input::Event { .. } => "event",
+            Input::Operator(_) => "operator",
+        }
+    }
+}
+
+/// A participant's reply to one command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The message id of the command it answers (AMQP `correlation_id`).
+    pub in_reply_to: MessageId,
+    /// The step.
+    pub step: StepIndex,
+    /// Whether it answers the step's command or its compensation.
+    pub kind: CommandKind,
+    /// The attempt it answers.
+    pub attempt: u32,
+    /// What happened.
+    pub outcome: ReplyOutcome,
+}
+
+/// A durable timer of one instance. The runtime stores one row per `(saga, key)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TimerKey {
+    /// Send attempt `attempt` of a command or compensation.
+    Retry {
+        /// The step.
+        step: StepIndex,
+        /// Command or compensation.
+        kind: CommandKind,
+        /// The attempt to send.
+        attempt: u32,
+    },
+    /// Attempt `attempt` got no reply in time.
+    StepTimeout {
+        /// The step.
+        step: StepIndex,
+        /// Command or compensation.
+        kind: CommandKind,
+        /// The attempt.
+        attempt: u32,
+    },
+    /// A wait for an external event passed its deadline.
+    WaitDeadline {
+        /// The wait step.
+        step: StepIndex,
+    },
+    /// The saga deadline passed.
+    SagaDeadline,
+}
+
+impl TimerKey {
+    /// A stable text key, unique per instance (`retry/2/invoke/3`, `saga_deadline`), for the
+    /// timer table's unique index.
+    pub fn id(&self) -> String {
+        match self {
+            TimerKey::Retry { step, kind, attempt } => format!("retry/{step}/{}/{attempt}", kind.as_str()),
+            TimerKey::StepTimeout { step, kind, attempt } => format!("timeout/{step}/{}/{attempt}", kind.as_str()),
+            TimerKey::WaitDeadline { step } => format!("wait_deadline/{step}"),
+            TimerKey::SagaDeadline => "saga_deadline".to_owned(),
+        }
+    }
+}
+
+/// An operator's command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OperatorCommand {
+    /// Stop going forward and compensate (refused after the pivot).
+    Abort {
+        /// Why, for the record.
+        reason: String,
+    },
+    /// Send a failed compensation again with a fresh retry budget.
+    RetryCompensation,
+    /// Mark a failed compensation as done by hand and carry on compensating.
+    SkipCompensation,
+    /// Carry on a saga stopped after the pivot: send its failed step again with a fresh
+    /// budget. On `compensation_failed` it does what `RetryCompensation` does.
+    Resume,
+}
+
+/// A command to send, produced by `decide`; the runtime adds the envelope.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutgoingCommand {
+    /// Deterministic id: [`MessageId::for_command`].
+    pub message_id: MessageId,
+    /// The step.
+    pub step: StepIndex,
+    /// The step's name.
+    pub step_name: String,
+    /// Command or compensation.
+    pub kind: CommandKind,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// The participant.
+    pub participant: String,
+    /// The command's wire name (AMQP `type` and routing key).
+    pub command: String,
+    /// The JSON body.
+    pub body: Value,
+}
+
+/// A lifecycle event, published on the events exchange for listeners.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum SagaEvent {
+    Started,
+    StepStarted { step: String, attempt: u32 },
+    StepCompleted { step: String },
+    StepSkipped { step: String },
+    StepRetrying { step: String, attempt: u32, due_at: Timestamp, error: String },
+    StepFailed { step: String, code: String, message: String },
+    Escalated { step: String, attempt: u32 },
+    Compensating { code: String, message: String },
+    StepCompensated { step: String, skipped: bool },
+    Completed,
+    Compensated,
+    Stopped { code: StopCode, message: String },
+    Resumed,
+}
+
+impl SagaEvent {
+    /// The wire name (`step_completed`, ...), also the last part of the routing key.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SagaEvent::Started => "started",
+            SagaEvent::StepStarted { .. } => "step_started",
+            SagaEvent::StepCompleted { .. } => "step_completed",
+            SagaEvent::StepSkipped { .. } => "step_skipped",
+            SagaEvent::StepRetrying { .. } => "step_retrying",
+            SagaEvent::StepFailed { .. } => "step_failed",
+            SagaEvent::Escalated { .. } => "escalated",
+            SagaEvent::Compensating { .. } => "compensating",
+            SagaEvent::StepCompensated { .. } => "step_compensated",
+            SagaEvent::Completed => "completed",
+            SagaEvent::Compensated => "compensated",
+            SagaEvent::Stopped { .. } => "stopped",
+            SagaEvent::Resumed => "resumed",
+        }
+    }
+}
+
+/// Something the runtime must do, in the same transaction as the new state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Effect {
+    /// Put a command in the outbox.
+    Send(OutgoingCommand),
+    /// Store a timer (replacing one with the same key).
+    Schedule {
+        /// Which timer.
+        key: TimerKey,
+        /// When it is due.
+        due: Timestamp,
+    },
+    /// Delete a timer that can no longer matter.
+    Cancel {
+        /// Which timer.
+        key: TimerKey,
+    },
+    /// Publish a lifecycle event.
+    Emit(SagaEvent),
+}
+
+/// Whether an input was applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum InputOutcome {
+    /// The input changed the saga.
+    Applied,
+    /// A reply or timer that no longer matters: the state and effects are unchanged, the
+    /// runtime records it in the history and drops it.
+    Ignored {
+        /// Duplicate or stale.
+        reason: IgnoreReason,
+        /// Why, in words.
+        detail: String,
+    },
+    /// An event or operator command the saga cannot take now (the API answers 409).
+    Refused {
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// Why an input was ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IgnoreReason {
+    /// It answers something already settled.
+    Duplicate,
+    /// It answers something the saga is not waiting for.
+    Stale,
+}
+
+/// What `decide` returns: the new state, the effects, and whether the input applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    /// The new state (equal to the old one unless `outcome` is `Applied`).
+    pub state: SagaState,
+    /// What the runtime must do (empty unless `outcome` is `Applied`).
+    pub effects: Vec<Effect>,
+    /// Whether the input applied.
+    pub outcome: InputOutcome,
+}
+
+impl Transition {
+    /// Whether the input changed the saga.
+    pub fn applied(&self) -> bool {
+        self.outcome == InputOutcome::Applied
+    }
+
+    /// The commands to send.
+    pub fn commands(&self) -> impl Iterator<Item = &OutgoingCommand> {
+        self.effects.iter().filter_map(|e| match e {
+            Effect::Send(c) => Some(c),
+            _ => None,
+        })
+    }
+}
+
+/// Decide what `input` does to the instance `state` of `def` at time `now`.
+///
+/// Returns `Err` only when an invariant breaks: the state belongs to another definition or
+/// version, or its shape does not match the definition. Everything else, including replies
+/// that make no sense for this saga, comes back as a [`Transition`] whose outcome says so.
+pub fn decide(def: &Definition, state: &SagaState, input: &Input, now: Timestamp) -> Result<Transition> {
+    if state.definition != def.name || state.version != def.version {
+        return Err(Error::DefinitionMismatch {
+            state_name: state.definition.clone(),
+            state_version: state.version,
+            def_name: def.name.clone(),
+            def_version: def.version,
+        });
+    }
+    if state.steps.len() != def.steps.len() || state.node > def.nodes.len() {
+        return Err(Error::InvalidData(format!(
+            "instance {} has {} steps at node {} but {} v{} has {} steps and {} nodes",
+            state.id,
+            state.steps.len(),
+            state.node,
+            def.name,
+            def.version,
+            def.steps.len(),
+            def.nodes.len()
+        )));
+    }
+    let mut cx = Cx { def, st: state.clone(), fx: Vec::new(), now };
+    let outcome = match input {
+        Input::Start => on_start::handle(&mut cx),
+        Input::Reply(r) => on_reply::handle(&mut cx, r),
+        Input::Timer(t) => on_timer::handle(&mut cx, t),
+        Input::Event { name, payload } => on_event::handle(&mut cx, name, payload),
+        Input::Operator(op) => on_operator::handle(&mut cx, op),
+    };
+    Ok(cx.finish(state, outcome))
+}
+
+/// The working state of one decision.
+pub(crate) struct Cx<'a> {
+    def: &'a Definition,
+    st: SagaState,
+    fx: Vec<Effect>,
+    now: Timestamp,
+}
+
+impl Cx<'_> {
+    fn finish(mut self, before: &SagaState, outcome: InputOutcome) -> Transition {
+        if outcome == InputOutcome::Applied {
+            self.st.updated_at = self.now;
+            Transition { state: self.st, effects: self.fx, outcome }
+        } else {
+            Transition { state: before.clone(), effects: Vec::new(), outcome }
+        }
+    }
+
+    fn ignored(reason: IgnoreReason, detail: impl Into<String>) -> InputOutcome {
+        InputOutcome::Ignored { reason, detail: detail.into() }
+    }
+
+    fn refused(reason: impl Into<String>) -> InputOutcome {
+        InputOutcome::Refused { reason: reason.into() }
+    }
+
+    fn name(&self, i: StepIndex) -> String {
+        self.def.steps[i.get()].name.clone()
+    }
+
+    fn command_step(&self, i: StepIndex) -> Option<&CommandStep> {
+        match &self.def.steps[i.get()].action {
+            StepAction::Command(c) => Some(c),
+            StepAction::Wait(_) => None,
+        }
+    }
+
+    fn emit(&mut self, e: SagaEvent) {
+        self.fx.push(Effect::Emit(e));
+    }
+
+    fn schedule(&mut self, key: TimerKey, due: Timestamp) {
+        self.fx.push(Effect::Schedule { key, due });
+    }
+
+    fn cancel(&mut self, key: TimerKey) {
+        self.fx.push(Effect::Cancel { key });
+    }
+
+    fn step_mut(&mut self, i: StepIndex) -> &mut crate::state::StepState {
+        &mut self.st.steps[i.get()]
+    }
+
+    /// Enter node `n`: start its steps, skipping those whose condition is false; move on while
+    /// a node has nothing to do; complete the saga after the last node.
+    fn enter_node(&mut self, mut n: usize) {
+        loop {
+            self.st.node = n;
+            if n >= self.def.nodes.len() {
+                self.complete();
+                return;
+            }
+            let steps = self.def.nodes[n].steps().to_vec();
+            let mut active = false;
+            for i in steps {
+                let cond = self.def.steps[i.get()].condition.clone();
+                let runs = match cond.map(|c| c(&self.st.data)) {
+                    None | Some(Ok(true)) => true,
+                    Some(Ok(false)) => false,
+                    Some(Err(e)) => {
+                        self.fail_step_without_effect(i, "invalid_data", &format!("condition could not be evaluated: {e}"));
+                        return;
+                    }
+                };
+                if !runs {
+                    let now = self.now;
+                    let s = self.step_mut(i);
+                    s.status = StepStatus::Skipped;
+                    s.finished_at = Some(now);
+                    let step = self.name(i);
+                    self.emit(SagaEvent::StepSkipped { step });
+                    continue;
+                }
+                active = true;
+                self.step_mut(i).started_at = Some(self.now);
+                match &self.def.steps[i.get()].action {
+                    StepAction::Command(_) => {
+                        if !self.send_invoke(i) {
+                            return;
+                        }
+                    }
+                    StepAction::Wait(w) => {
+                        let deadline = w.deadline;
+                        self.step_mut(i).status = StepStatus::Waiting;
+                        if let Some((ms, _)) = deadline {
+                            self.schedule(TimerKey::WaitDeadline { step: i }, self.now.plus_ms(ms));
+                        }
+                    }
+                }
+            }
+            if active {
+                return;
+            }
+            n += 1;
+        }
+    }
+
+    /// When every step of the current node completed or was skipped, move to the next node.
+    fn advance_if_node_done(&mut self) {
+        if self.st.status != SagaStatus::Running {
+            return;
+        }
+        let done = self.def.nodes[self.st.node]
+            .steps()
+            .iter()
+            .all(|i| matches!(self.st.steps[i.get()].status, StepStatus::Completed | StepStatus::Skipped));
+        if done {
+            self.enter_node(self.st.node + 1);
+        }
+    }
+
+    /// Send the next attempt of step `i`'s command. Returns `false` when the command could not
+    /// be built (the step then failed and the saga is failing).
+    fn send_invoke(&mut self, i: StepIndex) -> bool {
+        let Some(c) = self.command_step(i) else { return false };
+        let body = match (c.build)(&self.st.data) {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail_step_without_effect(i, "invalid_data", &format!("command could not be built: {e}"));
+                return false;
+            }
+        };
+        let (participant, command, timeout) = (c.participant.clone(), c.command.clone(), c.timeout);
+        let attempt = self.st.steps[i.get()].attempts + 1;
+        let s = self.step_mut(i);
+        s.attempts = attempt;
+        s.status = StepStatus::Running;
+        s.escalated = false;
+        let step_name = self.name(i);
+        self.fx.push(Effect::Send(OutgoingCommand {
+            message_id: MessageId::for_command(self.st.id, i, CommandKind::Invoke, attempt),
+            step: i,
+            step_name: step_name.clone(),
+            kind: CommandKind::Invoke,
+            attempt,
+            participant,
+            command,
+            body,
+        }));
+        if let Some(t) = timeout {
+            self.schedule(TimerKey::StepTimeout { step: i, kind: CommandKind::Invoke, attempt }, self.now.plus_ms(t.after_ms));
+        }
+        self.emit(SagaEvent::StepStarted { step: step_name, attempt });
+        true
+    }
+
+    /// Step `i` failed in a way that did not change anything (its command could not be built,
+    /// its condition could not be evaluated): fail it and the saga.
+    fn fail_step_without_effect(&mut self, i: StepIndex, code: &str, message: &str) {
+        let now = self.now;
+        let s = self.step_mut(i);
+        s.status = StepStatus::Failed;
+        s.finished_at = Some(now);
+        s.last_error = Some(message.to_owned());
+        let failure = Failure { step: Some(self.name(i)), code: code.to_owned(), message: message.to_owned() };
+        if self.def.steps[i.get()].kind == StepKind::Retriable || self.st.past_pivot {
+            self.stop(StopCode::StepFailedAfterPivot, Some(i), message.to_owned());
+        } else {
+            self.fail(failure);
+        }
+    }
+
+    /// Mark step `i` as possibly completed (it timed out, or its retries ran out after an
+    /// attempt that timed out): it is compensated like a completed step.
+    fn mark_maybe_applied(&mut self, i: StepIndex, error: String) {
+        let now = self.now;
+        let s = self.step_mut(i);
+        s.status = StepStatus::TimedOut;
+        s.maybe_applied = true;
+        s.finished_at = Some(now);
+        s.last_error = Some(error);
+        if !self.st.completed.contains(&i) {
+            self.st.completed.push(i);
+        }
+    }
+
+    /// The saga failed: stop going forward and compensate. In-flight commands of the current
+    /// node are waited for first (a branch that completes late is compensated too); scheduled
+    /// retries and waits of the node are cancelled.
+    fn fail(&mut self, failure: Failure) {
+        debug_assert!(!self.st.past_pivot, "a saga past its pivot never compensates");
+        self.emit(SagaEvent::Compensating { code: failure.code.clone(), message: failure.message.clone() });
+        if let Some(step) = &failure.step {
+            self.emit(SagaEvent::StepFailed { step: step.clone(), code: failure.code.clone(), message: failure.message.clone() });
+        }
+        self.st.failure = Some(failure);
+        self.st.status = SagaStatus::Compensating;
+        if self.st.deadline_at.is_some() {
+            self.cancel(TimerKey::SagaDeadline);
+        }
+        if self.st.node < self.def.nodes.len() {
+            for i in self.def.nodes[self.st.node].steps().to_vec() {
+                match self.st.steps[i.get()].status {
+                    StepStatus::RetryScheduled => {
+                        let attempt = self.st.steps[i.get()].attempts + 1;
+                        self.cancel(TimerKey::Retry { step: i, kind: CommandKind::Invoke, attempt });
+                        if self.st.steps[i.get()].maybe_applied {
+                            self.mark_maybe_applied(i, "cancelled after an attempt that timed out".into());
+                        } else {
+                            let now = self.now;
+                            let s = self.step_mut(i);
+                            s.status = StepStatus::Failed;
+                            s.finished_at = Some(now);
+                        }
+                    }
+                    StepStatus::Waiting => {
+                        self.step_mut(i).status = StepStatus::Cancelled;
+                        self.cancel(TimerKey::WaitDeadline { step: i });
+                    }
+                    StepStatus::Pending => self.step_mut(i).status = StepStatus::Cancelled,
+                    _ => {}
+                }
+            }
+        }
+        self.begin_compensation_if_drained();
+    }
+
+    /// Once no command of the current node is in flight, start compensating.
+    fn begin_compensation_if_drained(&mut self) {
+        if self.st.status != SagaStatus::Compensating || self.st.compensation.is_some() {
+            return;
+        }
+        if self.st.node < self.def.nodes.len()
+            && self.def.nodes[self.st.node].steps().iter().any(|i| self.st.steps[i.get()].status == StepStatus::Running)
+        {
+            return;
+        }
+        let pending: Vec<StepIndex> = self
+            .st
+            .completed
+            .iter()
+            .rev()
+            .copied()
+            .filter(|&i| self.command_step(i).is_some_and(|c| c.compensation.is_some()))
+            .filter(|&i| self.def.steps[i.get()].kind != StepKind::Retriable)
+            .collect();
+        self.st.compensation = Some(pending);
+        self.next_compensation();
+    }
+
+    /// Send the next compensation, or end compensated.
+    fn next_compensation(&mut self) {
+        let next = self.st.compensation.as_ref().and_then(|c| c.first().copied());
+        match next {
+            Some(i) => self.send_compensation(i),
+            None => {
+                self.st.status = SagaStatus::Compensated;
+                self.emit(SagaEvent::Compensated);
+            }
+        }
+    }
+
+    fn send_compensation(&mut self, i: StepIndex) {
+        let Some(k) = self.command_step(i).and_then(|c| c.compensation.clone()) else {
+            return;
+        };
+        let body = match (k.build)(&self.st.data) {
+            Ok(b) => b,
+            Err(e) => {
+                self.step_mut(i).status = StepStatus::CompensationFailed;
+                self.stop(StopCode::CompensationFailed, Some(i), format!("compensation could not be built: {e}"));
+                return;
+            }
+        };
+        let attempt = self.st.steps[i.get()].compensation_attempts + 1;
+        let s = self.step_mut(i);
+        s.compensation_attempts = attempt;
+        s.status = StepStatus::Compensating;
+        self.fx.push(Effect::Send(OutgoingCommand {
+            message_id: MessageId::for_command(self.st.id, i, CommandKind::Compensate, attempt),
+            step: i,
+            step_name: self.name(i),
+            kind: CommandKind::Compensate,
+            attempt,
+            participant: k.participant,
+            command: k.command,
+            body,
+        }));
+        if let Some(ms) = k.timeout_ms {
+            self.schedule(TimerKey::StepTimeout { step: i, kind: CommandKind::Compensate, attempt }, self.now.plus_ms(ms));
+        }
+    }
+
+    /// A compensation attempt failed (transiently, or timed out): retry under its policy or
+    /// stop in `compensation_failed`.
+    fn compensation_attempt_failed(&mut self, i: StepIndex, error: String) {
+        let Some(k) = self.command_step(i).and_then(|c| c.compensation.clone()) else { return };
+        let s = &self.st.steps[i.get()];
+        let attempt = s.compensation_attempts;
+        if k.retry.allows_after(s.used(CommandKind::Compensate)) {
+            let due = self.now.plus_ms(k.retry.delay_after(s.used(CommandKind::Compensate), self.st.id, i, CommandKind::Compensate));
+            let st = self.step_mut(i);
+            st.status = StepStatus::CompensationRetryScheduled;
+            st.last_error = Some(error);
+            self.schedule(TimerKey::Retry { step: i, kind: CommandKind::Compensate, attempt: attempt + 1 }, due);
+        } else {
+            let st = self.step_mut(i);
+            st.status = StepStatus::CompensationFailed;
+            st.last_error = Some(error.clone());
+            self.stop(StopCode::CompensationFailed, Some(i), format!("compensation gave up after {attempt} attempts: {error}"));
+        }
+    }
+
+    /// Every node completed.
+    fn complete(&mut self) {
+        self.st.status = SagaStatus::Completed;
+        if self.st.deadline_at.is_some() {
+            self.cancel(TimerKey::SagaDeadline);
+        }
+        self.emit(SagaEvent::Completed);
+    }
+
+    /// Stop for an operator. In-flight replies are still recorded; scheduled retries of the
+    /// current node are cancelled (a `resume` sends them again).
+    fn stop(&mut self, code: StopCode, step: Option<StepIndex>, message: String) {
+        if code != StopCode::CompensationFailed && self.st.node < self.def.nodes.len() {
+            for i in self.def.nodes[self.st.node].steps().to_vec() {
+                if self.st.steps[i.get()].status == StepStatus::RetryScheduled {
+                    let attempt = self.st.steps[i.get()].attempts + 1;
+                    self.cancel(TimerKey::Retry { step: i, kind: CommandKind::Invoke, attempt });
+                    self.step_mut(i).status = StepStatus::Failed;
+                }
+            }
+        }
+        self.st.status = SagaStatus::Stopped;
+        self.st.stop = Some(StopReason { code, step: step.map(|i| self.name(i)), message: message.clone() });
+        self.emit(SagaEvent::Stopped { code, message });
+    }
+}
+

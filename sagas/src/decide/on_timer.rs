@@ -1,0 +1,137 @@
+//! `Input::Timer`: a retry, timeout, wait deadline or saga deadline came due. A timer that no
+//! longer matches the saga (its step moved on) is ignored as stale.
+
+use super::{Cx, IgnoreReason, InputOutcome, SagaEvent, TimerKey};
+use crate::definition::{StepAction, StepKind};
+use crate::ids::{CommandKind, StepIndex};
+use crate::policy::{OnDeadline, OnTimeout};
+use crate::state::{Failure, SagaStatus, StepStatus, StopCode};
+
+pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
+    let stale = |what: &str| Cx::ignored(IgnoreReason::Stale, format!("timer {} no longer applies: {what}", key.id()));
+    match *key {
+        TimerKey::SagaDeadline => {
+            if cx.st.status != SagaStatus::Running {
+                return stale("the saga is not going forward");
+            }
+            if cx.st.past_pivot {
+                cx.stop(StopCode::TimedOut, None, "the saga deadline passed after the pivot".into());
+            } else {
+                cx.fail(Failure { step: None, code: "deadline_exceeded".into(), message: "the saga deadline passed".into() });
+            }
+            InputOutcome::Applied
+        }
+        TimerKey::Retry { step, kind, attempt } | TimerKey::StepTimeout { step, kind, attempt } if step.get() >= cx.def.steps.len() => {
+            let _ = (kind, attempt);
+            stale("no such step")
+        }
+        TimerKey::WaitDeadline { step } if step.get() >= cx.def.steps.len() => stale("no such step"),
+        TimerKey::Retry { step, kind: CommandKind::Invoke, attempt } => {
+            let s = &cx.st.steps[step.get()];
+            if cx.st.status != SagaStatus::Running || s.status != StepStatus::RetryScheduled || attempt != s.attempts + 1 {
+                return stale("the step is not waiting for this retry");
+            }
+            cx.send_invoke(step);
+            InputOutcome::Applied
+        }
+        TimerKey::Retry { step, kind: CommandKind::Compensate, attempt } => {
+            let s = &cx.st.steps[step.get()];
+            if cx.st.status != SagaStatus::Compensating
+                || s.status != StepStatus::CompensationRetryScheduled
+                || attempt != s.compensation_attempts + 1
+            {
+                return stale("the compensation is not waiting for this retry");
+            }
+            cx.send_compensation(step);
+            InputOutcome::Applied
+        }
+        TimerKey::StepTimeout { step, kind: CommandKind::Invoke, attempt } => invoke_timeout(cx, step, attempt).unwrap_or_else(|| stale("the attempt was answered")),
+        TimerKey::StepTimeout { step, kind: CommandKind::Compensate, attempt } => {
+            let s = &cx.st.steps[step.get()];
+            if s.status != StepStatus::Compensating || attempt != s.compensation_attempts {
+                return stale("the compensation attempt was answered");
+            }
+            cx.compensation_attempt_failed(step, format!("compensation attempt {attempt} got no reply in time"));
+            InputOutcome::Applied
+        }
+        TimerKey::WaitDeadline { step } => {
+            let StepAction::Wait(w) = &cx.def.steps[step.get()].action else { return stale("not a wait") };
+            let then = w.deadline.map_or(OnDeadline::Fail, |d| d.1);
+            if cx.st.steps[step.get()].status != StepStatus::Waiting {
+                return stale("the wait is over");
+            }
+            let now = cx.now;
+            let name = cx.name(step);
+            match then {
+                OnDeadline::Continue => {
+                    let s = cx.step_mut(step);
+                    s.status = StepStatus::Skipped;
+                    s.finished_at = Some(now);
+                    s.last_error = Some("the wait passed its deadline".into());
+                    cx.emit(SagaEvent::StepSkipped { step: name });
+                    cx.advance_if_node_done();
+                }
+                OnDeadline::Fail => {
+                    let s = cx.step_mut(step);
+                    s.status = StepStatus::Failed;
+                    s.finished_at = Some(now);
+                    s.last_error = Some("the wait passed its deadline".into());
+                    if cx.st.status == SagaStatus::Running {
+                        let message = format!("event `{}` did not arrive before the deadline", w.event);
+                        cx.fail(Failure { step: Some(name), code: "wait_expired".into(), message });
+                    }
+                }
+            }
+            InputOutcome::Applied
+        }
+    }
+}
+
+fn invoke_timeout(cx: &mut Cx<'_>, i: StepIndex, attempt: u32) -> Option<InputOutcome> {
+    let s = &cx.st.steps[i.get()];
+    if s.status != StepStatus::Running || attempt != s.attempts {
+        return None;
+    }
+    let c = cx.command_step(i)?;
+    let policy = c.timeout?;
+    let retry = c.retry.clone();
+    let (escalated, used) = (s.escalated, s.used(CommandKind::Invoke));
+    let error = format!("attempt {attempt} got no reply within {} ms", policy.after_ms);
+    let after_pivot = cx.st.past_pivot || cx.def.steps[i.get()].kind == StepKind::Retriable;
+
+    if policy.then == OnTimeout::Escalate {
+        if escalated {
+            return Some(Cx::ignored(IgnoreReason::Duplicate, "the attempt already escalated"));
+        }
+        cx.step_mut(i).escalated = true;
+        let step = cx.name(i);
+        cx.emit(SagaEvent::Escalated { step, attempt });
+        return Some(InputOutcome::Applied);
+    }
+    cx.step_mut(i).maybe_applied = true;
+    match cx.st.status {
+        SagaStatus::Running if policy.then == OnTimeout::Retry && retry.allows_after(used) => {
+            let due = cx.now.plus_ms(retry.delay_after(used, cx.st.id, i, CommandKind::Invoke));
+            let s = cx.step_mut(i);
+            s.status = StepStatus::RetryScheduled;
+            s.last_error = Some(error.clone());
+            cx.schedule(TimerKey::Retry { step: i, kind: CommandKind::Invoke, attempt: attempt + 1 }, due);
+            let step = cx.name(i);
+            cx.emit(SagaEvent::StepRetrying { step, attempt: attempt + 1, due_at: due, error });
+        }
+        SagaStatus::Running => {
+            cx.mark_maybe_applied(i, error.clone());
+            if after_pivot {
+                cx.stop(StopCode::TimedOut, Some(i), error);
+            } else {
+                cx.fail(Failure { step: Some(cx.name(i)), code: "step_timed_out".into(), message: error });
+            }
+        }
+        SagaStatus::Compensating => {
+            cx.mark_maybe_applied(i, error);
+            cx.begin_compensation_if_drained();
+        }
+        _ => cx.mark_maybe_applied(i, error),
+    }
+    Some(InputOutcome::Applied)
+}

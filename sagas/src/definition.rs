@@ -1,0 +1,795 @@
+//! Saga definitions in Rust code: a typed builder checked at compile time where it can be and
+//! at [`build`](SagaBuilder::build) where it cannot.
+//!
+//! A definition is typed over the saga's data `D` while it is built ([`SagaDefinition<D>`]);
+//! the runtime works with its type-erased form ([`Definition`]), whose step closures read and
+//! write the data as JSON. The closures must be pure: `decide` calls them and stays pure only
+//! if they do.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::ids::StepIndex;
+use crate::policy::{OnDeadline, OnTimeout, RetryPolicy, TimeoutPolicy, millis};
+
+/// A command a participant executes. The type's name on the wire is [`NAME`](Command::NAME)
+/// (the AMQP `type` property and the routing key); its reply body decodes as
+/// [`Reply`](Command::Reply), so a step's `on_reply` is checked against it at compile time.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a saga command",
+    label = "a step's `invoke` and `compensate` take a closure returning a type that implements `sagas::Command`",
+    note = "implement `sagas::Command` for `{Self}`: `const NAME`, `const PARTICIPANT` and `type Reply`"
+)]
+pub trait Command: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Wire name, e.g. `inventory.reserve_stock`: the AMQP `type` and the routing key.
+    const NAME: &'static str;
+    /// The participant that handles it, e.g. `inventory`.
+    const PARTICIPANT: &'static str;
+    /// What a successful reply carries (use `()` for nothing).
+    type Reply: Serialize + DeserializeOwned + Send + 'static;
+}
+
+/// An external event a saga can wait for (e.g. "customer updated card").
+pub trait Event: Serialize + DeserializeOwned + Send + 'static {
+    /// Wire name of the event, e.g. `customer.card_updated`.
+    const NAME: &'static str;
+}
+
+/// What the saga's data must be: JSON in the store, a Rust type in the definition.
+pub trait SagaData: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> SagaData for T {}
+
+pub(crate) type BuildFn = Arc<dyn Fn(&Value) -> std::result::Result<Value, String> + Send + Sync>;
+pub(crate) type ApplyFn = Arc<dyn Fn(&mut Value, &Value) -> std::result::Result<(), String> + Send + Sync>;
+pub(crate) type PredicateFn = Arc<dyn Fn(&Value) -> std::result::Result<bool, String> + Send + Sync>;
+
+/// How a step relates to the point of no return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// Undone by its compensation (if it has one) when a later step fails.
+    Compensatable,
+    /// The go/no-go step: once it succeeds the saga can only go forward.
+    Pivot,
+    /// After the pivot: retried until it succeeds instead of compensating.
+    Retriable,
+}
+
+/// One step of a definition.
+#[derive(Clone)]
+pub struct StepDef {
+    /// Unique name within the definition.
+    pub name: String,
+    /// Position, counting every step once.
+    pub index: StepIndex,
+    /// Compensatable, pivot or retriable.
+    pub kind: StepKind,
+    /// What the step does.
+    pub action: StepAction,
+    pub(crate) condition: Option<PredicateFn>,
+}
+
+impl StepDef {
+    /// Whether the step runs only when a predicate on the data holds.
+    pub fn is_conditional(&self) -> bool {
+        self.condition.is_some()
+    }
+}
+
+/// What a step does: send a command, or wait for an external event.
+#[derive(Clone)]
+pub enum StepAction {
+    /// Send a command to a participant.
+    Command(CommandStep),
+    /// Wait for an external event.
+    Wait(WaitStep),
+}
+
+/// A step that sends a command.
+#[derive(Clone)]
+pub struct CommandStep {
+    /// Participant that handles the command.
+    pub participant: String,
+    /// Wire name of the command.
+    pub command: String,
+    /// Retry policy for transient failures.
+    pub retry: RetryPolicy,
+    /// Per-attempt timeout and its consequence.
+    pub timeout: Option<TimeoutPolicy>,
+    /// The compensation, if the step changed something that must be undone.
+    pub compensation: Option<Compensation>,
+    pub(crate) build: BuildFn,
+    pub(crate) on_reply: Option<ApplyFn>,
+}
+
+/// A step's compensation.
+#[derive(Clone)]
+pub struct Compensation {
+    /// Participant that handles the compensation command.
+    pub participant: String,
+    /// Wire name of the compensation command.
+    pub command: String,
+    /// Retry policy; when spent the saga stops in `compensation_failed`.
+    pub retry: RetryPolicy,
+    /// Per-attempt timeout; a compensation that times out is retried under its policy.
+    pub timeout_ms: Option<u64>,
+    pub(crate) build: BuildFn,
+}
+
+/// A step that waits for an external event.
+#[derive(Clone)]
+pub struct WaitStep {
+    /// Wire name of the awaited event.
+    pub event: String,
+    /// How long to wait (ms) and what happens then; `None` waits forever.
+    pub deadline: Option<(u64, OnDeadline)>,
+    pub(crate) on_event: Option<ApplyFn>,
+}
+
+/// The sequence a definition runs: single steps and parallel groups, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Node {
+    /// One step.
+    Step {
+        /// The step.
+        step: StepIndex,
+    },
+    /// Several commands in flight at once; the group fails if any branch fails.
+    Parallel {
+        /// Name of the group.
+        name: String,
+        /// The branches.
+        branches: Vec<StepIndex>,
+    },
+}
+
+impl Node {
+    /// The steps of this node.
+    pub fn steps(&self) -> &[StepIndex] {
+        match self {
+            Node::Step { step } => std::slice::from_ref(step),
+            Node::Parallel { branches, .. } => branches,
+        }
+    }
+}
+
+/// A type-erased saga definition, as the runtime and `decide` see it.
+pub struct Definition {
+    /// Definition name (`order_fulfilment`).
+    pub name: String,
+    /// Version; an instance stays on the version it started with.
+    pub version: u32,
+    /// Steps in definition order, indexed by [`StepIndex`].
+    pub steps: Vec<StepDef>,
+    /// What runs in which order.
+    pub nodes: Vec<Node>,
+    /// Time allowed for the whole saga, in milliseconds.
+    pub deadline_ms: Option<u64>,
+}
+
+impl fmt::Debug for Definition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Definition").field("name", &self.name).field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
+impl Definition {
+    /// The step at `index`.
+    pub fn step(&self, index: StepIndex) -> Option<&StepDef> {
+        self.steps.get(index.get())
+    }
+
+    /// The step named `name`.
+    pub fn step_named(&self, name: &str) -> Option<&StepDef> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// A serializable description: what the store keeps next to the instances and what the
+    /// operator API shows.
+    pub fn spec(&self) -> DefinitionSpec {
+        DefinitionSpec {
+            name: self.name.clone(),
+            version: self.version,
+            deadline_ms: self.deadline_ms,
+            nodes: self.nodes.clone(),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| StepSpec {
+                    name: s.name.clone(),
+                    kind: s.kind,
+                    conditional: s.condition.is_some(),
+                    action: match &s.action {
+                        StepAction::Command(c) => StepActionSpec::Command {
+                            participant: c.participant.clone(),
+                            command: c.command.clone(),
+                            retry: c.retry.clone(),
+                            timeout: c.timeout,
+                            compensation: c.compensation.as_ref().map(|k| CompensationSpec {
+                                participant: k.participant.clone(),
+                                command: k.command.clone(),
+                                retry: k.retry.clone(),
+                                timeout_ms: k.timeout_ms,
+                            }),
+                        },
+                        StepAction::Wait(w) => StepActionSpec::Wait {
+                            event: w.event.clone(),
+                            deadline_ms: w.deadline.map(|d| d.0),
+                            on_deadline: w.deadline.map(|d| d.1),
+                        },
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Serializable description of a definition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct DefinitionSpec {
+    pub name: String,
+    pub version: u32,
+    pub deadline_ms: Option<u64>,
+    pub nodes: Vec<Node>,
+    pub steps: Vec<StepSpec>,
+}
+
+/// Serializable description of a step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct StepSpec {
+    pub name: String,
+    pub kind: StepKind,
+    pub conditional: bool,
+    pub action: StepActionSpec,
+}
+
+/// Serializable description of what a step does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum StepActionSpec {
+    Command {
+        participant: String,
+        command: String,
+        retry: RetryPolicy,
+        timeout: Option<TimeoutPolicy>,
+        compensation: Option<CompensationSpec>,
+    },
+    Wait {
+        event: String,
+        deadline_ms: Option<u64>,
+        on_deadline: Option<OnDeadline>,
+    },
+}
+
+/// Serializable description of a compensation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct CompensationSpec {
+    pub participant: String,
+    pub command: String,
+    pub retry: RetryPolicy,
+    pub timeout_ms: Option<u64>,
+}
+
+/// A saga definition typed over its data `D`. Cheap to clone.
+pub struct SagaDefinition<D> {
+    inner: Arc<Definition>,
+    _data: PhantomData<fn(D) -> D>,
+}
+
+impl<D> Clone for SagaDefinition<D> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), _data: PhantomData }
+    }
+}
+
+impl<D> fmt::Debug for SagaDefinition<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<D: SagaData> SagaDefinition<D> {
+    /// Start building definition `name`, version `version` (≥ 1).
+    pub fn builder(name: impl Into<String>, version: u32) -> SagaBuilder<D> {
+        SagaBuilder { name: name.into(), version, items: Vec::new(), deadline_ms: None, _data: PhantomData }
+    }
+
+    /// The type-erased definition the runtime runs.
+    pub fn erased(&self) -> Arc<Definition> {
+        self.inner.clone()
+    }
+
+    /// Encode a saga's input for a start request.
+    pub fn encode_input(&self, data: &D) -> Result<Value> {
+        serde_json::to_value(data).map_err(|e| Error::InvalidData(format!("saga data does not encode: {e}")))
+    }
+
+    /// Decode a saga's data (its result, once completed).
+    pub fn decode_data(&self, data: &Value) -> Result<D> {
+        D::deserialize(data).map_err(|e| Error::InvalidData(format!("saga data does not decode: {e}")))
+    }
+}
+
+impl<D> std::ops::Deref for SagaDefinition<D> {
+    type Target = Definition;
+    fn deref(&self) -> &Definition {
+        &self.inner
+    }
+}
+
+/// Builds a [`SagaDefinition`].
+pub struct SagaBuilder<D> {
+    name: String,
+    version: u32,
+    items: Vec<Item>,
+    deadline_ms: Option<u64>,
+    _data: PhantomData<fn(D) -> D>,
+}
+
+enum Item {
+    Step(PendingStep),
+    Parallel(String, Vec<PendingStep>),
+}
+
+struct PendingStep {
+    name: String,
+    kind: StepKind,
+    action: StepAction,
+    condition: Option<PredicateFn>,
+}
+
+impl<D: SagaData> SagaBuilder<D> {
+    /// Add a step that sends a command. The closure configures it; it must call
+    /// [`invoke`](StepBuilder::invoke).
+    pub fn step<C: Command>(mut self, name: impl Into<String>, f: impl FnOnce(StepBuilder<D, NoCommand>) -> StepBuilder<D, C>) -> Self {
+        let built = f(StepBuilder::new(name.into()));
+        self.items.push(Item::Step(built.finish()));
+        self
+    }
+
+    /// Add a group of steps whose commands are in flight together. The group completes when
+    /// every branch has; it fails when any branch fails, and then only the branches that
+    /// completed are compensated, in reverse order of completion.
+    pub fn parallel(mut self, name: impl Into<String>, f: impl FnOnce(ParallelBuilder<D>) -> ParallelBuilder<D>) -> Self {
+        let group = f(ParallelBuilder { branches: Vec::new(), _data: PhantomData });
+        self.items.push(Item::Parallel(name.into(), group.branches));
+        self
+    }
+
+    /// Add a step that waits for an external event.
+    pub fn wait(mut self, name: impl Into<String>, f: impl FnOnce(WaitBuilder<D>) -> WaitBuilder<D>) -> Self {
+        let w = f(WaitBuilder { event: None, on_event: None, deadline: None, condition: None, _data: PhantomData });
+        self.items.push(Item::Step(PendingStep {
+            name: name.into(),
+            kind: StepKind::Compensatable,
+            action: StepAction::Wait(WaitStep { event: w.event.unwrap_or_default(), deadline: w.deadline, on_event: w.on_event }),
+            condition: w.condition,
+        }));
+        self
+    }
+
+    /// Time allowed for the whole saga. When it passes before the pivot the saga compensates
+    /// (failure code `deadline_exceeded`); after the pivot it stops in `timed_out`.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline_ms = Some(millis(d));
+        self
+    }
+
+    /// Check the definition and build it.
+    pub fn build(self) -> Result<SagaDefinition<D>> {
+        let mut steps = Vec::new();
+        let mut nodes = Vec::new();
+        let mut names = HashSet::new();
+        let invalid = |msg: String| Error::InvalidDefinition { name: self.name.clone(), version: self.version, reason: msg };
+
+        if !valid_name(&self.name) {
+            return Err(invalid(format!("definition name `{}` must be 1-100 characters of a-z, A-Z, 0-9, `_`, `-` or `.`", self.name)));
+        }
+        if self.version == 0 {
+            return Err(invalid("version must be at least 1".into()));
+        }
+        if self.items.is_empty() {
+            return Err(invalid("a saga needs at least one step".into()));
+        }
+        if self.deadline_ms == Some(0) {
+            return Err(invalid("the saga deadline must be longer than zero".into()));
+        }
+        let mut next = 0u32;
+        let mut push = |p: PendingStep, steps: &mut Vec<StepDef>| -> std::result::Result<StepIndex, Error> {
+            if !valid_name(&p.name) {
+                return Err(invalid(format!("step name `{}` must be 1-100 characters of a-z, A-Z, 0-9, `_`, `-` or `.`", p.name)));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(invalid(format!("two steps are named `{}`", p.name)));
+            }
+            let index = StepIndex(next);
+            next += 1;
+            steps.push(StepDef { name: p.name, index, kind: p.kind, action: p.action, condition: p.condition });
+            Ok(index)
+        };
+        let mut group_names = HashSet::new();
+        for item in self.items {
+            match item {
+                Item::Step(p) => {
+                    let step = push(p, &mut steps)?;
+                    nodes.push(Node::Step { step });
+                }
+                Item::Parallel(name, branches) => {
+                    if branches.is_empty() {
+                        return Err(invalid(format!("parallel group `{name}` has no branches")));
+                    }
+                    if !valid_name(&name) || !group_names.insert(name.clone()) {
+                        return Err(invalid(format!("parallel group name `{name}` is invalid or used twice")));
+                    }
+                    let mut idx = Vec::new();
+                    for b in branches {
+                        if b.kind == StepKind::Pivot {
+                            return Err(invalid(format!("step `{}` in parallel group `{name}` cannot be the pivot", b.name)));
+                        }
+                        idx.push(push(b, &mut steps)?);
+                    }
+                    nodes.push(Node::Parallel { name, branches: idx });
+                }
+            }
+        }
+        if let Some(clash) = group_names.iter().find(|g| names.contains(*g)) {
+            return Err(invalid(format!("`{clash}` names both a parallel group and a step")));
+        }
+        check_pivot_rules(&steps, &nodes).map_err(&invalid)?;
+        for s in &steps {
+            match &s.action {
+                StepAction::Command(c) => {
+                    c.retry.validate().map_err(|e| invalid(format!("step `{}`: {e}", s.name)))?;
+                    if let Some(k) = &c.compensation {
+                        k.retry.validate().map_err(|e| invalid(format!("step `{}` compensation: {e}", s.name)))?;
+                        if k.timeout_ms == Some(0) {
+                            return Err(invalid(format!("step `{}`: compensation timeout must be longer than zero", s.name)));
+                        }
+                    }
+                    if c.timeout.is_some_and(|t| t.after_ms == 0) {
+                        return Err(invalid(format!("step `{}`: timeout must be longer than zero", s.name)));
+                    }
+                    if c.command.is_empty() || c.participant.is_empty() {
+                        return Err(invalid(format!("step `{}`: command and participant names must not be empty", s.name)));
+                    }
+                }
+                StepAction::Wait(w) => {
+                    if w.event.is_empty() {
+                        return Err(invalid(format!("wait `{}` names no event: call `.event(name)` or `.on_event::<E>(..)`", s.name)));
+                    }
+                    if w.deadline.is_some_and(|d| d.0 == 0) {
+                        return Err(invalid(format!("wait `{}`: deadline must be longer than zero", s.name)));
+                    }
+                }
+            }
+        }
+        Ok(SagaDefinition {
+            inner: Arc::new(Definition { name: self.name, version: self.version, steps, nodes, deadline_ms: self.deadline_ms }),
+            _data: PhantomData,
+        })
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 100 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Pivot rules: at most one pivot, not in a parallel group; retriable steps only after it, and
+/// every command step after it retriable (nothing after the point of no return compensates).
+fn check_pivot_rules(steps: &[StepDef], nodes: &[Node]) -> std::result::Result<(), String> {
+    let pivots: Vec<&StepDef> = steps.iter().filter(|s| s.kind == StepKind::Pivot).collect();
+    if pivots.len() > 1 {
+        return Err(format!("a saga has at most one pivot; `{}` and `{}` are both pivots", pivots[0].name, pivots[1].name));
+    }
+    let mut past_pivot = false;
+    for node in nodes {
+        for &i in node.steps() {
+            let s = &steps[i.get()];
+            match (&s.action, s.kind, past_pivot) {
+                (_, StepKind::Pivot, _) => {}
+                (StepAction::Command(_), StepKind::Retriable, false) => {
+                    return Err(format!("step `{}` is retriable but comes before any pivot; mark the go/no-go step with `.pivot()`", s.name));
+                }
+                (StepAction::Command(c), StepKind::Retriable, true) => {
+                    if c.compensation.is_some() {
+                        return Err(format!("step `{}` is retriable (after the pivot) so its compensation could never run", s.name));
+                    }
+                }
+                (StepAction::Command(_), _, true) => {
+                    return Err(format!("step `{}` comes after the pivot and must be `.retriable()`", s.name));
+                }
+                (StepAction::Wait(w), _, true) => {
+                    if matches!(w.deadline, Some((_, OnDeadline::Fail))) {
+                        return Err(format!("wait `{}` comes after the pivot, so its deadline cannot fail the saga; use OnDeadline::Continue", s.name));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if node.steps().iter().any(|i| steps[i.get()].kind == StepKind::Pivot) {
+            past_pivot = true;
+        }
+    }
+    Ok(())
+}
+
+/// The type-state of a [`StepBuilder`] before `invoke` was called: not a command, so a step
+/// without `invoke` does not compile.
+pub struct NoCommand;
+
+/// Configures one command step. `C` is the command type once [`invoke`](Self::invoke) set it.
+pub struct StepBuilder<D, C> {
+    name: String,
+    kind: StepKind,
+    build: Option<BuildFn>,
+    on_reply: Option<ApplyFn>,
+    compensation: Option<(String, String, BuildFn)>,
+    retry: Option<RetryPolicy>,
+    compensation_retry: Option<RetryPolicy>,
+    compensation_timeout: Option<u64>,
+    timeout: Option<TimeoutPolicy>,
+    condition: Option<PredicateFn>,
+    meta: Option<(&'static str, &'static str)>,
+    _types: PhantomData<fn(D, C)>,
+}
+
+impl<D: SagaData> StepBuilder<D, NoCommand> {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            kind: StepKind::Compensatable,
+            build: None,
+            on_reply: None,
+            compensation: None,
+            retry: None,
+            compensation_retry: None,
+            compensation_timeout: None,
+            timeout: None,
+            condition: None,
+            meta: None,
+            _types: PhantomData,
+        }
+    }
+
+    /// The command this step sends, computed from the saga's data (its input and the outputs
+    /// earlier steps stored in it).
+    pub fn invoke<C: Command>(self, f: impl Fn(&D) -> C + Send + Sync + 'static) -> StepBuilder<D, C> {
+        StepBuilder {
+            name: self.name,
+            kind: self.kind,
+            build: Some(erase_build(f)),
+            on_reply: None,
+            compensation: self.compensation,
+            retry: self.retry,
+            compensation_retry: self.compensation_retry,
+            compensation_timeout: self.compensation_timeout,
+            timeout: self.timeout,
+            condition: self.condition,
+            meta: Some((C::NAME, C::PARTICIPANT)),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<D: SagaData, C: Command> StepBuilder<D, C> {
+    /// Store what the reply carries in the saga's data, for later steps and the final result.
+    pub fn on_reply(mut self, f: impl Fn(&mut D, C::Reply) + Send + Sync + 'static) -> Self {
+        self.on_reply = Some(erase_apply::<D, C::Reply>(f));
+        self
+    }
+
+    fn finish(self) -> PendingStep {
+        let (command, participant) = self.meta.unwrap_or(("", ""));
+        let default_retry = if self.kind == StepKind::Retriable { RetryPolicy::default_retriable() } else { RetryPolicy::default_invoke() };
+        PendingStep {
+            name: self.name,
+            kind: self.kind,
+            condition: self.condition,
+            action: StepAction::Command(CommandStep {
+                participant: participant.to_owned(),
+                command: command.to_owned(),
+                retry: self.retry.unwrap_or(default_retry),
+                timeout: self.timeout,
+                compensation: self.compensation.map(|(command, participant, build)| Compensation {
+                    participant,
+                    command,
+                    retry: self.compensation_retry.clone().unwrap_or_else(RetryPolicy::default_compensate),
+                    timeout_ms: self.compensation_timeout,
+                    build,
+                }),
+                build: self.build.unwrap_or_else(|| Arc::new(|_| Err("step has no command".into()))),
+                on_reply: self.on_reply,
+            }),
+        }
+    }
+}
+
+impl<D: SagaData, C> StepBuilder<D, C> {
+    /// The command that undoes this step, computed from the saga's data. Compensation handlers
+    /// must be idempotent and must tolerate a step whose command never ran.
+    pub fn compensate<K: Command>(mut self, f: impl Fn(&D) -> K + Send + Sync + 'static) -> Self {
+        self.compensation = Some((K::NAME.to_owned(), K::PARTICIPANT.to_owned(), erase_build(f)));
+        self
+    }
+
+    /// Retry policy for transient failures of the command (default
+    /// [`RetryPolicy::default_invoke`], or without limit for retriable steps).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Retry policy of the compensation (default [`RetryPolicy::default_compensate`]).
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = Some(policy);
+        self
+    }
+
+    /// Time allowed for each compensation attempt; a compensation that times out is retried.
+    pub fn compensation_timeout(mut self, after: Duration) -> Self {
+        self.compensation_timeout = Some(millis(after));
+        self
+    }
+
+    /// Time allowed for each attempt, and the consequence when it passes.
+    pub fn timeout(mut self, after: Duration, then: OnTimeout) -> Self {
+        self.timeout = Some(TimeoutPolicy { after_ms: millis(after), then });
+        self
+    }
+
+    /// Run the step only when `predicate` holds for the saga's data when the step is reached;
+    /// otherwise it is skipped.
+    pub fn when(mut self, predicate: impl Fn(&D) -> bool + Send + Sync + 'static) -> Self {
+        self.condition = Some(erase_predicate(predicate));
+        self
+    }
+
+    /// Mark this step as the pivot: once it succeeds the saga can only go forward.
+    pub fn pivot(mut self) -> Self {
+        self.kind = StepKind::Pivot;
+        self
+    }
+
+    /// Mark this step as retriable: it comes after the pivot and is retried until it
+    /// succeeds (its retry policy defaults to no attempt limit).
+    pub fn retriable(mut self) -> Self {
+        self.kind = StepKind::Retriable;
+        self
+    }
+}
+
+/// Configures a parallel group.
+pub struct ParallelBuilder<D> {
+    branches: Vec<PendingStep>,
+    _data: PhantomData<fn(D) -> D>,
+}
+
+impl<D: SagaData> ParallelBuilder<D> {
+    /// Add a branch: a command step configured like [`SagaBuilder::step`].
+    pub fn branch<C: Command>(mut self, name: impl Into<String>, f: impl FnOnce(StepBuilder<D, NoCommand>) -> StepBuilder<D, C>) -> Self {
+        self.branches.push(f(StepBuilder::new(name.into())).finish());
+        self
+    }
+}
+
+/// Configures a wait for an external event.
+pub struct WaitBuilder<D> {
+    event: Option<String>,
+    on_event: Option<ApplyFn>,
+    deadline: Option<(u64, OnDeadline)>,
+    condition: Option<PredicateFn>,
+    _data: PhantomData<fn(D) -> D>,
+}
+
+impl<D: SagaData> WaitBuilder<D> {
+    /// Wait for the event named `name`; its payload is not used.
+    pub fn event(mut self, name: impl Into<String>) -> Self {
+        self.event = Some(name.into());
+        self
+    }
+
+    /// Wait for event `E` and store what it carries in the saga's data.
+    pub fn on_event<E: Event>(mut self, f: impl Fn(&mut D, E) + Send + Sync + 'static) -> Self {
+        self.event = Some(E::NAME.to_owned());
+        self.on_event = Some(erase_apply::<D, E>(f));
+        self
+    }
+
+    /// How long to wait, and what happens when the time passes.
+    pub fn deadline(mut self, after: Duration, then: OnDeadline) -> Self {
+        self.deadline = Some((millis(after), then));
+        self
+    }
+
+    /// Wait only when `predicate` holds for the saga's data; otherwise skip the wait.
+    pub fn when(mut self, predicate: impl Fn(&D) -> bool + Send + Sync + 'static) -> Self {
+        self.condition = Some(erase_predicate(predicate));
+        self
+    }
+}
+
+fn decode<D: DeserializeOwned>(data: &Value) -> std::result::Result<D, String> {
+    D::deserialize(data).map_err(|e| format!("saga data does not decode: {e}"))
+}
+
+fn erase_build<D: SagaData, C: Serialize>(f: impl Fn(&D) -> C + Send + Sync + 'static) -> BuildFn {
+    Arc::new(move |data| {
+        let d: D = decode(data)?;
+        serde_json::to_value(f(&d)).map_err(|e| format!("command does not encode: {e}"))
+    })
+}
+
+fn erase_apply<D: SagaData, R: DeserializeOwned>(f: impl Fn(&mut D, R) + Send + Sync + 'static) -> ApplyFn {
+    Arc::new(move |data, payload| {
+        let mut d: D = decode(data)?;
+        let r = R::deserialize(payload).map_err(|e| format!("reply does not decode as the expected type: {e}"))?;
+        f(&mut d, r);
+        *data = serde_json::to_value(&d).map_err(|e| format!("saga data does not encode: {e}"))?;
+        Ok(())
+    })
+}
+
+fn erase_predicate<D: SagaData>(f: impl Fn(&D) -> bool + Send + Sync + 'static) -> PredicateFn {
+    Arc::new(move |data| decode::<D>(data).map(|d| f(&d)))
+}
+
+/// The definitions a node knows, by name and version.
+#[derive(Default, Clone)]
+pub struct Registry {
+    defs: BTreeMap<(String, u32), Arc<Definition>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a definition; fails if the same name and version is already registered.
+    pub fn register(&mut self, def: Arc<Definition>) -> Result<()> {
+        let key = (def.name.clone(), def.version);
+        if self.defs.contains_key(&key) {
+            return Err(Error::InvalidDefinition {
+                name: def.name.clone(),
+                version: def.version,
+                reason: "registered twice".into(),
+            });
+        }
+        self.defs.insert(key, def);
+        Ok(())
+    }
+
+    /// The definition `name` at `version`.
+    pub fn get(&self, name: &str, version: u32) -> Option<&Arc<Definition>> {
+        self.defs.get(&(name.to_owned(), version))
+    }
+
+    /// The newest version of `name`, used when a start request names no version.
+    pub fn latest(&self, name: &str) -> Option<&Arc<Definition>> {
+        self.defs.range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX)).next_back().map(|(_, d)| d)
+    }
+
+    /// Every registered definition.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Definition>> {
+        self.defs.values()
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.defs.keys()).finish()
+    }
+}

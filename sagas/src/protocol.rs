@@ -1,0 +1,464 @@
+//! The wire protocol, language-neutral and documented in `docs/protocol.md`.
+//!
+//! Messages are AMQP 0-9-1 messages with JSON bodies. This module describes them without
+//! depending on an AMQP client: [`WireMessage`] is the properties, headers and body a client
+//! sends or receives; `encode_*` build them and `decode_*` validate them, returning a
+//! [`ProtocolError`] whose [`code`](ProtocolError::code) becomes the dead-letter reason.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::decide::{OutgoingCommand, Reply, SagaEvent};
+use crate::ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
+
+/// Header: the saga's id (string, UUID).
+pub const H_SAGA_ID: &str = "x-saga-id";
+/// Header: the definition's name.
+pub const H_DEFINITION: &str = "x-saga-definition";
+/// Header: the definition's version (integer).
+pub const H_VERSION: &str = "x-saga-version";
+/// Header: the step's index (integer).
+pub const H_STEP: &str = "x-saga-step";
+/// Header: the step's name.
+pub const H_STEP_NAME: &str = "x-saga-step-name";
+/// Header: `invoke` or `compensate`.
+pub const H_KIND: &str = "x-saga-kind";
+/// Header: the attempt (integer, from 1).
+pub const H_ATTEMPT: &str = "x-saga-attempt";
+/// Header: W3C trace context.
+pub const H_TRACEPARENT: &str = "traceparent";
+/// Header on dead-lettered messages: the stable reason code.
+pub const H_DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
+/// Header on dead-lettered messages: the reason in words.
+pub const H_DEAD_LETTER_DETAIL: &str = "x-dead-letter-detail";
+/// Header on start messages: the idempotency key.
+pub const H_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
+
+/// AMQP `type` of replies.
+pub const TYPE_REPLY: &str = "sagaflow.reply";
+/// AMQP `type` of start requests.
+pub const TYPE_START: &str = "sagaflow.start";
+/// AMQP `type` of external events delivered to a saga.
+pub const TYPE_EVENT: &str = "sagaflow.event";
+/// AMQP `type` prefix of lifecycle events (`sagaflow.lifecycle.step_completed`).
+pub const TYPE_LIFECYCLE_PREFIX: &str = "sagaflow.lifecycle.";
+/// Content type of every body.
+pub const CONTENT_TYPE: &str = "application/json";
+/// Default largest accepted body, in bytes (1 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A header value: the protocol only uses strings and integers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderValue {
+    /// An integer (AMQP long-long).
+    Int(i64),
+    /// A string (AMQP long string).
+    Str(String),
+}
+
+/// An AMQP message as the protocol sees it.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct WireMessage {
+    /// AMQP `message_id`.
+    pub message_id: Option<String>,
+    /// AMQP `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// AMQP `type`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// AMQP `reply_to`.
+    pub reply_to: Option<String>,
+    /// AMQP `content_type`.
+    pub content_type: Option<String>,
+    /// AMQP `timestamp` (seconds since the epoch).
+    pub timestamp: Option<u64>,
+    /// Application headers.
+    pub headers: BTreeMap<String, HeaderValue>,
+    /// The body.
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+impl WireMessage {
+    fn header_str(&self, name: &'static str) -> Result<&str, ProtocolError> {
+        match self.headers.get(name) {
+            Some(HeaderValue::Str(s)) => Ok(s),
+            Some(HeaderValue::Int(_)) => Err(ProtocolError::InvalidHeader { header: name, detail: "expected a string".into() }),
+            None => Err(ProtocolError::MissingHeader(name)),
+        }
+    }
+
+    fn header_u32(&self, name: &'static str) -> Result<u32, ProtocolError> {
+        let invalid = |detail: String| ProtocolError::InvalidHeader { header: name, detail };
+        match self.headers.get(name) {
+            Some(HeaderValue::Int(n)) => u32::try_from(*n).map_err(|_| invalid(format!("{n} is out of range"))),
+            // Some clients can only send string headers; accept digits.
+            Some(HeaderValue::Str(s)) => s.parse().map_err(|_| invalid(format!("`{s}` is not a non-negative integer"))),
+            None => Err(ProtocolError::MissingHeader(name)),
+        }
+    }
+
+    fn header_opt(&self, name: &str) -> Option<&str> {
+        match self.headers.get(name) {
+            Some(HeaderValue::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn uuid_prop(value: Option<&str>, what: &'static str) -> Result<uuid::Uuid, ProtocolError> {
+        let v = value.ok_or(ProtocolError::MissingProperty(what))?;
+        uuid::Uuid::parse_str(v).map_err(|e| ProtocolError::InvalidProperty { property: what, detail: format!("`{v}` is not a UUID: {e}") })
+    }
+
+    fn check_body(&self, max: usize) -> Result<(), ProtocolError> {
+        if self.body.len() > max {
+            return Err(ProtocolError::Oversized { size: self.body.len(), max });
+        }
+        Ok(())
+    }
+
+    fn json_body<T: serde::de::DeserializeOwned>(&self) -> Result<T, ProtocolError> {
+        serde_json::from_slice(&self.body).map_err(|e| ProtocolError::MalformedBody(e.to_string()))
+    }
+
+    /// A JSON view (properties, headers and the body parsed as JSON, or as a string when it is
+    /// not JSON), used by the golden files and for showing dead letters.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+        let body = serde_json::from_slice::<Value>(&self.body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&self.body).into_owned()));
+        if let Value::Object(m) = &mut v {
+            m.insert("body".into(), body);
+        }
+        v
+    }
+}
+
+/// Why an inbound message was refused. The [`code`](Self::code) is the dead-letter reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The body is larger than allowed.
+    #[error("body of {size} bytes exceeds the limit of {max} bytes")]
+    Oversized {
+        /// Body size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The AMQP `type` is not one this consumer handles.
+    #[error("unknown message type `{0}`")]
+    UnknownType(String),
+    /// A required property is missing.
+    #[error("missing property `{0}`")]
+    MissingProperty(&'static str),
+    /// A property has a wrong value.
+    #[error("invalid property `{property}`: {detail}")]
+    InvalidProperty {
+        /// The property.
+        property: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A required header is missing.
+    #[error("missing header `{0}`")]
+    MissingHeader(&'static str),
+    /// A header has a wrong value.
+    #[error("invalid header `{header}`: {detail}")]
+    InvalidHeader {
+        /// The header.
+        header: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The body is not the expected JSON.
+    #[error("malformed body: {0}")]
+    MalformedBody(String),
+}
+
+impl ProtocolError {
+    /// The stable reason code written in the `x-dead-letter-reason` header.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Oversized { .. } => "oversized",
+            Self::UnknownType(_) => "unknown_type",
+            Self::MissingProperty(_) | Self::InvalidProperty { .. } => "invalid_properties",
+            Self::MissingHeader(_) | Self::InvalidHeader { .. } => "invalid_headers",
+            Self::MalformedBody(_) => "malformed_body",
+        }
+    }
+}
+
+/// The outcome a participant reports; the body of a reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReplyOutcome {
+    /// The command ran; `output` is its result (`null` when it has none).
+    Success {
+        /// The result.
+        #[serde(default)]
+        output: Value,
+    },
+    /// A business refusal: nothing changed, and the saga compensates.
+    Rejected {
+        /// A stable code of the participant's (`out_of_stock`).
+        code: String,
+        /// In words.
+        #[serde(default)]
+        message: String,
+    },
+    /// Something went wrong that may pass (a database down): nothing changed, the saga retries
+    /// under the step's policy.
+    TransientFailure {
+        /// In words.
+        #[serde(default)]
+        message: String,
+    },
+}
+
+/// Which definition a command belongs to, for its headers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaRef {
+    /// The saga's id.
+    pub saga_id: SagaId,
+    /// Definition name.
+    pub definition: String,
+    /// Definition version.
+    pub version: u32,
+}
+
+/// Build the message for a command `decide` produced.
+pub fn encode_command(saga: &SagaRef, cmd: &OutgoingCommand, reply_to: &str, traceparent: Option<&str>, now: Timestamp) -> WireMessage {
+    let mut headers = BTreeMap::new();
+    headers.insert(H_SAGA_ID.to_owned(), HeaderValue::Str(saga.saga_id.to_string()));
+    headers.insert(H_DEFINITION.to_owned(), HeaderValue::Str(saga.definition.clone()));
+    headers.insert(H_VERSION.to_owned(), HeaderValue::Int(i64::from(saga.version)));
+    headers.insert(H_STEP.to_owned(), HeaderValue::Int(i64::from(cmd.step.0)));
+    headers.insert(H_STEP_NAME.to_owned(), HeaderValue::Str(cmd.step_name.clone()));
+    headers.insert(H_KIND.to_owned(), HeaderValue::Str(cmd.kind.as_str().to_owned()));
+    headers.insert(H_ATTEMPT.to_owned(), HeaderValue::Int(i64::from(cmd.attempt)));
+    if let Some(tp) = traceparent {
+        headers.insert(H_TRACEPARENT.to_owned(), HeaderValue::Str(tp.to_owned()));
+    }
+    WireMessage {
+        message_id: Some(cmd.message_id.to_string()),
+        correlation_id: Some(saga.saga_id.to_string()),
+        kind: Some(cmd.command.clone()),
+        reply_to: Some(reply_to.to_owned()),
+        content_type: Some(CONTENT_TYPE.to_owned()),
+        timestamp: Some(now.0 / 1000),
+        headers,
+        body: serde_json::to_vec(&cmd.body).unwrap_or_default(),
+    }
+}
+
+/// A command as a participant receives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InboundCommand {
+    /// The command's id (the dedupe key).
+    pub message_id: MessageId,
+    /// The command's wire name.
+    pub command: String,
+    /// The saga.
+    pub saga: SagaRef,
+    /// The step.
+    pub step: StepIndex,
+    /// The step's name.
+    pub step_name: String,
+    /// Command or compensation.
+    pub kind: CommandKind,
+    /// The attempt.
+    pub attempt: u32,
+    /// Where the reply goes (routing key on the replies exchange).
+    pub reply_to: String,
+    /// Trace context, if any.
+    pub traceparent: Option<String>,
+    /// The JSON body.
+    pub body: Value,
+}
+
+/// Validate a command message (what a participant does before running a handler).
+pub fn decode_command(msg: &WireMessage, max_body: usize) -> Result<InboundCommand, ProtocolError> {
+    msg.check_body(max_body)?;
+    let message_id = MessageId(WireMessage::uuid_prop(msg.message_id.as_deref(), "message_id")?);
+    let command = msg.kind.clone().filter(|k| !k.is_empty()).ok_or(ProtocolError::MissingProperty("type"))?;
+    let reply_to = msg.reply_to.clone().filter(|r| !r.is_empty()).ok_or(ProtocolError::MissingProperty("reply_to"))?;
+    let saga_id = msg.header_str(H_SAGA_ID)?;
+    let saga_id = saga_id
+        .parse::<SagaId>()
+        .map_err(|e| ProtocolError::InvalidHeader { header: H_SAGA_ID, detail: format!("`{saga_id}` is not a UUID: {e}") })?;
+    let kind = msg.header_str(H_KIND)?.parse::<CommandKind>().map_err(|detail| ProtocolError::InvalidHeader { header: H_KIND, detail })?;
+    Ok(InboundCommand {
+        message_id,
+        command,
+        saga: SagaRef { saga_id, definition: msg.header_str(H_DEFINITION)?.to_owned(), version: msg.header_u32(H_VERSION)? },
+        step: StepIndex(msg.header_u32(H_STEP)?),
+        step_name: msg.header_str(H_STEP_NAME)?.to_owned(),
+        kind,
+        attempt: msg.header_u32(H_ATTEMPT)?,
+        reply_to,
+        traceparent: msg.header_opt(H_TRACEPARENT).map(str::to_owned),
+        body: msg.json_body()?,
+    })
+}
+
+/// Build the reply to `cmd`. Its id is [`MessageId::for_reply`] of the command's, so a
+/// participant that replies twice sends the same message twice.
+pub fn encode_reply(cmd: &InboundCommand, outcome: &ReplyOutcome, now: Timestamp) -> WireMessage {
+    let mut headers = BTreeMap::new();
+    headers.insert(H_SAGA_ID.to_owned(), HeaderValue::Str(cmd.saga.saga_id.to_string()));
+    headers.insert(H_DEFINITION.to_owned(), HeaderValue::Str(cmd.saga.definition.clone()));
+    headers.insert(H_VERSION.to_owned(), HeaderValue::Int(i64::from(cmd.saga.version)));
+    headers.insert(H_STEP.to_owned(), HeaderValue::Int(i64::from(cmd.step.0)));
+    headers.insert(H_STEP_NAME.to_owned(), HeaderValue::Str(cmd.step_name.clone()));
+    headers.insert(H_KIND.to_owned(), HeaderValue::Str(cmd.kind.as_str().to_owned()));
+    headers.insert(H_ATTEMPT.to_owned(), HeaderValue::Int(i64::from(cmd.attempt)));
+    if let Some(tp) = &cmd.traceparent {
+        headers.insert(H_TRACEPARENT.to_owned(), HeaderValue::Str(tp.clone()));
+    }
+    WireMessage {
+        message_id: Some(MessageId::for_reply(cmd.message_id).to_string()),
+        correlation_id: Some(cmd.message_id.to_string()),
+        kind: Some(TYPE_REPLY.to_owned()),
+        reply_to: None,
+        content_type: Some(CONTENT_TYPE.to_owned()),
+        timestamp: Some(now.0 / 1000),
+        headers,
+        body: serde_json::to_vec(outcome).unwrap_or_default(),
+    }
+}
+
+/// A reply as the orchestrator receives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InboundReply {
+    /// The reply's own id (the orchestrator's inbox dedupe key).
+    pub message_id: MessageId,
+    /// The saga it is for.
+    pub saga_id: SagaId,
+    /// The reply, ready for `decide`.
+    pub reply: Reply,
+    /// Trace context, if any.
+    pub traceparent: Option<String>,
+}
+
+/// Validate a reply message.
+pub fn decode_reply(msg: &WireMessage, max_body: usize) -> Result<InboundReply, ProtocolError> {
+    msg.check_body(max_body)?;
+    match msg.kind.as_deref() {
+        Some(TYPE_REPLY) => {}
+        Some(other) => return Err(ProtocolError::UnknownType(other.to_owned())),
+        None => return Err(ProtocolError::MissingProperty("type")),
+    }
+    let message_id = MessageId(WireMessage::uuid_prop(msg.message_id.as_deref(), "message_id")?);
+    let in_reply_to = MessageId(WireMessage::uuid_prop(msg.correlation_id.as_deref(), "correlation_id")?);
+    let saga_id = msg.header_str(H_SAGA_ID)?;
+    let saga_id = saga_id
+        .parse::<SagaId>()
+        .map_err(|e| ProtocolError::InvalidHeader { header: H_SAGA_ID, detail: format!("`{saga_id}` is not a UUID: {e}") })?;
+    let kind = msg.header_str(H_KIND)?.parse::<CommandKind>().map_err(|detail| ProtocolError::InvalidHeader { header: H_KIND, detail })?;
+    Ok(InboundReply {
+        message_id,
+        saga_id,
+        reply: Reply { in_reply_to, step: StepIndex(msg.header_u32(H_STEP)?), kind, attempt: msg.header_u32(H_ATTEMPT)?, outcome: msg.json_body()? },
+        traceparent: msg.header_opt(H_TRACEPARENT).map(str::to_owned),
+    })
+}
+
+/// The body of a start request (AMQP `type` `sagaflow.start`, or `POST /sagas`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// Definition name.
+    pub definition: String,
+    /// Definition version; the newest registered one when absent.
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// The saga's input.
+    pub input: Value,
+    /// The same key twice starts one saga.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// The id to give the saga; a new one when absent.
+    #[serde(default)]
+    pub saga_id: Option<SagaId>,
+}
+
+/// Validate a start message.
+pub fn decode_start(msg: &WireMessage, max_body: usize) -> Result<StartRequest, ProtocolError> {
+    msg.check_body(max_body)?;
+    match msg.kind.as_deref() {
+        Some(TYPE_START) => {}
+        Some(other) => return Err(ProtocolError::UnknownType(other.to_owned())),
+        None => return Err(ProtocolError::MissingProperty("type")),
+    }
+    let mut req: StartRequest = msg.json_body()?;
+    if req.idempotency_key.is_none() {
+        req.idempotency_key = msg.header_opt(H_IDEMPOTENCY_KEY).map(str::to_owned);
+    }
+    if req.definition.is_empty() {
+        return Err(ProtocolError::MalformedBody("`definition` must not be empty".into()));
+    }
+    Ok(req)
+}
+
+/// The body of an external event delivered to a saga (AMQP `type` `sagaflow.event`, or
+/// `POST /sagas/{id}/events`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventDelivery {
+    /// The saga it is for.
+    pub saga_id: SagaId,
+    /// The event's wire name.
+    pub event: String,
+    /// What it carries.
+    #[serde(default)]
+    pub payload: Value,
+}
+
+/// Validate an event message.
+pub fn decode_event(msg: &WireMessage, max_body: usize) -> Result<EventDelivery, ProtocolError> {
+    msg.check_body(max_body)?;
+    match msg.kind.as_deref() {
+        Some(TYPE_EVENT) => {}
+        Some(other) => return Err(ProtocolError::UnknownType(other.to_owned())),
+        None => return Err(ProtocolError::MissingProperty("type")),
+    }
+    msg.json_body()
+}
+
+/// The body of a lifecycle event on the events exchange (routing key
+/// `{definition}.{event}`, e.g. `order_fulfilment.completed`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleEvent {
+    /// The saga.
+    pub saga_id: SagaId,
+    /// Definition name.
+    pub definition: String,
+    /// Definition version.
+    pub version: u32,
+    /// When it happened.
+    pub at: Timestamp,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: SagaEvent,
+}
+
+/// Build the message of a lifecycle event.
+pub fn encode_lifecycle(ev: &LifecycleEvent, message_id: MessageId) -> WireMessage {
+    let mut headers = BTreeMap::new();
+    headers.insert(H_SAGA_ID.to_owned(), HeaderValue::Str(ev.saga_id.to_string()));
+    headers.insert(H_DEFINITION.to_owned(), HeaderValue::Str(ev.definition.clone()));
+    headers.insert(H_VERSION.to_owned(), HeaderValue::Int(i64::from(ev.version)));
+    WireMessage {
+        message_id: Some(message_id.to_string()),
+        correlation_id: Some(ev.saga_id.to_string()),
+        kind: Some(format!("{TYPE_LIFECYCLE_PREFIX}{}", ev.event.name())),
+        reply_to: None,
+        content_type: Some(CONTENT_TYPE.to_owned()),
+        timestamp: Some(ev.at.0 / 1000),
+        headers,
+        body: serde_json::to_vec(ev).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,252 @@
+//! The state of one saga instance: what the store keeps and `decide` reads and returns.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::definition::Definition;
+use crate::ids::{CommandKind, SagaId, StepIndex, Timestamp};
+
+/// Where a saga is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStatus {
+    /// Stored, not yet started.
+    Created,
+    /// Going forward.
+    Running,
+    /// A step failed (or the saga was aborted); undoing the completed steps.
+    Compensating,
+    /// Every step completed. Terminal.
+    Completed,
+    /// Failed and every completed step was compensated. Terminal.
+    Compensated,
+    /// Waiting for an operator; [`SagaState::stop`] says why and what can be done.
+    Stopped,
+}
+
+impl SagaStatus {
+    /// `completed` or `compensated`: nothing more will ever happen.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Compensated)
+    }
+
+    /// The wire / database name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Compensating => "compensating",
+            Self::Completed => "completed",
+            Self::Compensated => "compensated",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// Why a saga stopped. Stable codes, each documented in `docs/errors/<code>.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopCode {
+    /// A compensation was rejected or spent its retries. Operator: `retry` or `skip`.
+    CompensationFailed,
+    /// A step after the pivot was rejected, spent its retries or replied unusably.
+    /// Operator: `resume` (sends the step again).
+    StepFailedAfterPivot,
+    /// The saga deadline passed after the pivot, or a retriable step timed out with
+    /// `OnTimeout::Fail`. Operator: `resume`.
+    TimedOut,
+}
+
+impl StopCode {
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CompensationFailed => "compensation_failed",
+            Self::StepFailedAfterPivot => "step_failed_after_pivot",
+            Self::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// A stop, with enough to act on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopReason {
+    /// The stable code.
+    pub code: StopCode,
+    /// The step concerned, if any.
+    pub step: Option<String>,
+    /// What happened, in words.
+    pub message: String,
+}
+
+/// Why a saga failed (and so compensated).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The step that failed, if a step did.
+    pub step: Option<String>,
+    /// A code: the participant's rejection code, or one of `retries_exhausted`,
+    /// `step_timed_out`, `wait_expired`, `deadline_exceeded`, `aborted`, `invalid_reply`,
+    /// `invalid_data`.
+    pub code: String,
+    /// What happened, in words.
+    pub message: String,
+}
+
+/// Where one step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Not reached.
+    Pending,
+    /// Its condition was false, or its wait passed the deadline with `OnDeadline::Continue`.
+    Skipped,
+    /// Command sent (attempt [`StepState::attempts`]), waiting for the reply.
+    Running,
+    /// The last attempt failed transiently; the next one is due by a timer.
+    RetryScheduled,
+    /// Waiting for an external event.
+    Waiting,
+    /// Succeeded.
+    Completed,
+    /// Failed without effect (rejected, or every attempt failed transiently).
+    Failed,
+    /// No reply in time; the command may have run, so it counts as possibly completed.
+    TimedOut,
+    /// Never ran: the saga failed before it could.
+    Cancelled,
+    /// Compensation sent (attempt [`StepState::compensation_attempts`]).
+    Compensating,
+    /// The last compensation attempt failed; the next one is due by a timer.
+    CompensationRetryScheduled,
+    /// Undone.
+    Compensated,
+    /// The compensation gave up; the saga is stopped in `compensation_failed`.
+    CompensationFailed,
+    /// An operator marked the compensation as done by hand.
+    CompensationSkipped,
+}
+
+/// The state of one step of one instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    /// Where the step is.
+    pub status: StepStatus,
+    /// Command attempts sent so far (the current attempt's number).
+    pub attempts: u32,
+    /// Attempts made before the current retry budget (an operator `resume` starts a new budget).
+    #[serde(default)]
+    pub budget_from: u32,
+    /// Compensation attempts sent so far.
+    #[serde(default)]
+    pub compensation_attempts: u32,
+    /// Compensation attempts made before the current budget (an operator `retry` starts one).
+    #[serde(default)]
+    pub compensation_budget_from: u32,
+    /// Set when an attempt timed out: the command may have run even if the step later fails.
+    #[serde(default)]
+    pub maybe_applied: bool,
+    /// Whether the current attempt's timeout escalated.
+    #[serde(default)]
+    pub escalated: bool,
+    /// When the first attempt was sent (or the wait began).
+    pub started_at: Option<Timestamp>,
+    /// When the step completed, failed or was skipped.
+    pub finished_at: Option<Timestamp>,
+    /// When the compensation completed.
+    pub compensated_at: Option<Timestamp>,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+    /// The reply's output (or the event's payload).
+    pub output: Option<Value>,
+}
+
+impl StepState {
+    fn new() -> Self {
+        Self {
+            status: StepStatus::Pending,
+            attempts: 0,
+            budget_from: 0,
+            compensation_attempts: 0,
+            compensation_budget_from: 0,
+            maybe_applied: false,
+            escalated: false,
+            started_at: None,
+            finished_at: None,
+            compensated_at: None,
+            last_error: None,
+            output: None,
+        }
+    }
+
+    /// Attempts used in the current budget (of `kind`).
+    pub fn used(&self, kind: CommandKind) -> u32 {
+        match kind {
+            CommandKind::Invoke => self.attempts - self.budget_from,
+            CommandKind::Compensate => self.compensation_attempts - self.compensation_budget_from,
+        }
+    }
+}
+
+/// One saga instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SagaState {
+    /// Instance id.
+    pub id: SagaId,
+    /// Definition name it is pinned to.
+    pub definition: String,
+    /// Definition version it is pinned to.
+    pub version: u32,
+    /// Where it is.
+    pub status: SagaStatus,
+    /// The saga's data: its input, plus what steps stored from their replies.
+    pub data: Value,
+    /// The current node of the definition (`nodes.len()` once every node completed).
+    pub node: usize,
+    /// One entry per step of the definition.
+    pub steps: Vec<StepState>,
+    /// Command steps that completed or may have (timed out), in order of completion.
+    pub completed: Vec<StepIndex>,
+    /// Compensations still to run, next first; `None` until compensation begins (a failing
+    /// parallel group first waits for its in-flight branches).
+    pub compensation: Option<Vec<StepIndex>>,
+    /// Whether the pivot step completed.
+    pub past_pivot: bool,
+    /// Why the saga failed, once it did.
+    pub failure: Option<Failure>,
+    /// Why it is stopped, while it is.
+    pub stop: Option<StopReason>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+    /// When the saga deadline passes.
+    pub deadline_at: Option<Timestamp>,
+}
+
+impl SagaState {
+    /// A new instance of `def` with input `data`, not yet started: feed it `Input::Start`.
+    pub fn new(def: &Definition, id: SagaId, data: Value, now: Timestamp) -> Self {
+        Self {
+            id,
+            definition: def.name.clone(),
+            version: def.version,
+            status: SagaStatus::Created,
+            data,
+            node: 0,
+            steps: def.steps.iter().map(|_| StepState::new()).collect(),
+            completed: Vec::new(),
+            compensation: None,
+            past_pivot: false,
+            failure: None,
+            stop: None,
+            created_at: now,
+            updated_at: now,
+            deadline_at: def.deadline_ms.map(|ms| now.plus_ms(ms)),
+        }
+    }
+
+    /// The step state at `index`.
+    pub fn step(&self, index: StepIndex) -> Option<&StepState> {
+        self.steps.get(index.get())
+    }
+}

@@ -1,0 +1,208 @@
+//! Unit-test a saga definition without a broker: a given/when/then driver on top of
+//! [`decide`](crate::decide()). It keeps the instance, the timers `decide` scheduled and
+//! everything it sent, and lets a test answer commands, move time and play the operator.
+//!
+//! ```
+//! # use serde::{Deserialize, Serialize};
+//! # use sagas::{Command, SagaDefinition, SagaStatus};
+//! # #[derive(Serialize, Deserialize)] struct Pay { cents: u64 }
+//! # impl Command for Pay { const NAME: &'static str = "payment.charge"; const PARTICIPANT: &'static str = "payment"; type Reply = (); }
+//! # #[derive(Serialize, Deserialize)] struct Refund;
+//! # impl Command for Refund { const NAME: &'static str = "payment.refund"; const PARTICIPANT: &'static str = "payment"; type Reply = (); }
+//! # #[derive(Serialize, Deserialize)] struct Ship;
+//! # impl Command for Ship { const NAME: &'static str = "shipping.ship"; const PARTICIPANT: &'static str = "shipping"; type Reply = (); }
+//! use sagas::testing::SagaTest;
+//! let def = SagaDefinition::<u64>::builder("pay_then_ship", 1)
+//!     .step("charge", |s| s.invoke(|c: &u64| Pay { cents: *c }).compensate(|_| Refund))
+//!     .step("ship", |s| s.invoke(|_| Ship))
+//!     .build().unwrap();
+//! let mut t = SagaTest::start(&def, &1999).unwrap();   // given a started saga
+//! t.succeed("charge", serde_json::Value::Null);          // when the charge succeeds
+//! t.reject("ship", "no_address");                        // and shipping refuses
+//! t.succeed_compensation("charge");                      // and the refund goes through
+//! assert_eq!(t.status(), SagaStatus::Compensated);       // then the saga is compensated
+//! assert_eq!(t.compensations_sent(), vec!["charge"]);
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::decide::{Effect, Input, InputOutcome, OperatorCommand, OutgoingCommand, Reply, SagaEvent, TimerKey, Transition, decide};
+use crate::definition::{Definition, SagaData, SagaDefinition};
+use crate::error::Result;
+use crate::ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
+use crate::protocol::ReplyOutcome;
+use crate::state::{SagaState, SagaStatus, StepStatus};
+
+/// Drives one saga instance through `decide`.
+pub struct SagaTest {
+    def: Arc<Definition>,
+    state: SagaState,
+    now: Timestamp,
+    timers: BTreeMap<String, (TimerKey, Timestamp)>,
+    sent: Vec<OutgoingCommand>,
+    events: Vec<SagaEvent>,
+    last: Option<InputOutcome>,
+}
+
+impl SagaTest {
+    /// Given: a saga of `def` started with `input` at time 0.
+    pub fn start<D: SagaData>(def: &SagaDefinition<D>, input: &D) -> Result<Self> {
+        let data = def.encode_input(input)?;
+        Self::start_erased(def.erased(), data)
+    }
+
+    /// Like [`start`](Self::start), with a type-erased definition and JSON input.
+    pub fn start_erased(def: Arc<Definition>, input: Value) -> Result<Self> {
+        let id = SagaId(uuid::Uuid::from_u128(0x5a6a));
+        let now = Timestamp(1_000_000);
+        let state = SagaState::new(&def, id, input, now);
+        let mut t = Self { def, state, now, timers: BTreeMap::new(), sent: Vec::new(), events: Vec::new(), last: None };
+        t.apply(&Input::Start)?;
+        Ok(t)
+    }
+
+    /// Feed any input; returns the transition.
+    pub fn apply(&mut self, input: &Input) -> Result<Transition> {
+        let t = decide(&self.def, &self.state, input, self.now)?;
+        for e in &t.effects {
+            match e {
+                Effect::Send(c) => self.sent.push(c.clone()),
+                Effect::Schedule { key, due } => {
+                    self.timers.insert(key.id(), (key.clone(), *due));
+                }
+                Effect::Cancel { key } => {
+                    self.timers.remove(&key.id());
+                }
+                Effect::Emit(ev) => self.events.push(ev.clone()),
+            }
+        }
+        self.state = t.state.clone();
+        self.last = Some(t.outcome.clone());
+        Ok(t)
+    }
+
+    fn step_index(&self, name: &str) -> StepIndex {
+        self.def.step_named(name).unwrap_or_else(|| panic!("no step named `{name}` in {}", self.def.name)).index
+    }
+
+    /// A reply to the current attempt of `step`'s command (`kind`).
+    pub fn reply_to(&self, step: &str, kind: CommandKind, outcome: ReplyOutcome) -> Reply {
+        let i = self.step_index(step);
+        let s = &self.state.steps[i.get()];
+        let attempt = match kind {
+            CommandKind::Invoke => s.attempts,
+            CommandKind::Compensate => s.compensation_attempts,
+        };
+        Reply { in_reply_to: MessageId::for_command(self.state.id, i, kind, attempt), step: i, kind, attempt, outcome }
+    }
+
+    fn answer(&mut self, step: &str, kind: CommandKind, outcome: ReplyOutcome) -> InputOutcome {
+        let r = self.reply_to(step, kind, outcome);
+        self.apply(&Input::Reply(r)).expect("decide").outcome
+    }
+
+    /// When: `step`'s current attempt succeeds with `output`.
+    pub fn succeed(&mut self, step: &str, output: Value) -> InputOutcome {
+        self.answer(step, CommandKind::Invoke, ReplyOutcome::Success { output })
+    }
+
+    /// When: `step`'s current attempt is rejected with `code`.
+    pub fn reject(&mut self, step: &str, code: &str) -> InputOutcome {
+        self.answer(step, CommandKind::Invoke, ReplyOutcome::Rejected { code: code.into(), message: format!("{code} (test)") })
+    }
+
+    /// When: `step`'s current attempt fails transiently.
+    pub fn fail_transiently(&mut self, step: &str) -> InputOutcome {
+        self.answer(step, CommandKind::Invoke, ReplyOutcome::TransientFailure { message: "transient (test)".into() })
+    }
+
+    /// When: `step`'s current compensation attempt succeeds.
+    pub fn succeed_compensation(&mut self, step: &str) -> InputOutcome {
+        self.answer(step, CommandKind::Compensate, ReplyOutcome::Success { output: Value::Null })
+    }
+
+    /// When: `step`'s current compensation attempt fails transiently.
+    pub fn fail_compensation(&mut self, step: &str) -> InputOutcome {
+        self.answer(step, CommandKind::Compensate, ReplyOutcome::TransientFailure { message: "compensation failed (test)".into() })
+    }
+
+    /// When: external event `name` arrives.
+    pub fn event(&mut self, name: &str, payload: Value) -> InputOutcome {
+        self.apply(&Input::Event { name: name.into(), payload }).expect("decide").outcome
+    }
+
+    /// When: an operator sends `cmd`.
+    pub fn operator(&mut self, cmd: OperatorCommand) -> InputOutcome {
+        self.apply(&Input::Operator(cmd)).expect("decide").outcome
+    }
+
+    /// When: `ms` milliseconds pass; every timer that comes due fires, earliest first.
+    pub fn advance(&mut self, ms: u64) -> Vec<InputOutcome> {
+        let until = self.now.plus_ms(ms);
+        let mut outcomes = Vec::new();
+        while let Some((id, key, due)) = self.next_timer_before(until) {
+            self.timers.remove(&id);
+            self.now = self.now.max(due);
+            outcomes.push(self.apply(&Input::Timer(key)).expect("decide").outcome);
+        }
+        self.now = until;
+        outcomes
+    }
+
+    fn next_timer_before(&self, until: Timestamp) -> Option<(String, TimerKey, Timestamp)> {
+        self.timers.iter().filter(|(_, (_, due))| *due <= until).min_by_key(|(_, (_, due))| *due).map(|(id, (k, d))| (id.clone(), k.clone(), *d))
+    }
+
+    /// Then: the saga's status.
+    pub fn status(&self) -> SagaStatus {
+        self.state.status
+    }
+
+    /// Then: the instance.
+    pub fn state(&self) -> &SagaState {
+        &self.state
+    }
+
+    /// Then: the status of `step`.
+    pub fn step_status(&self, step: &str) -> StepStatus {
+        self.state.steps[self.step_index(step).get()].status
+    }
+
+    /// Then: every command sent, in order.
+    pub fn sent(&self) -> &[OutgoingCommand] {
+        &self.sent
+    }
+
+    /// Then: the steps whose command was sent (each attempt once), in order.
+    pub fn invocations_sent(&self) -> Vec<&str> {
+        self.sent.iter().filter(|c| c.kind == CommandKind::Invoke).map(|c| c.step_name.as_str()).collect()
+    }
+
+    /// Then: the steps whose compensation was first sent, in order.
+    pub fn compensations_sent(&self) -> Vec<&str> {
+        self.sent.iter().filter(|c| c.kind == CommandKind::Compensate && c.attempt == 1).map(|c| c.step_name.as_str()).collect()
+    }
+
+    /// Then: every lifecycle event, in order.
+    pub fn events(&self) -> &[SagaEvent] {
+        &self.events
+    }
+
+    /// Then: the timers still scheduled.
+    pub fn timers(&self) -> Vec<(TimerKey, Timestamp)> {
+        self.timers.values().cloned().collect()
+    }
+
+    /// Then: the outcome of the last input.
+    pub fn last_outcome(&self) -> Option<&InputOutcome> {
+        self.last.as_ref()
+    }
+
+    /// The current test time.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+}
