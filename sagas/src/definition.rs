@@ -21,7 +21,7 @@ use crate::ids::StepIndex;
 use crate::policy::{OnDeadline, OnTimeout, RetryPolicy, TimeoutPolicy, millis};
 
 /// A command a participant executes. The type's name on the wire is [`NAME`](Command::NAME)
-/// (the AMQP `type` property and the routing key); its reply body decodes as
+/// (the AMQP `type` property; the participant is the routing key); its reply body decodes as
 /// [`Reply`](Command::Reply), so a step's `on_reply` is checked against it at compile time.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a saga command",
@@ -29,7 +29,7 @@ use crate::policy::{OnDeadline, OnTimeout, RetryPolicy, TimeoutPolicy, millis};
     note = "implement `sagas::Command` for `{Self}`: `const NAME`, `const PARTICIPANT` and `type Reply`"
 )]
 pub trait Command: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// Wire name, e.g. `inventory.reserve_stock`: the AMQP `type` and the routing key.
+    /// Wire name, e.g. `inventory.reserve_stock`: the AMQP `type` of the command message.
     const NAME: &'static str;
     /// The participant that handles it, e.g. `inventory`.
     const PARTICIPANT: &'static str;
@@ -174,6 +174,7 @@ pub struct Definition {
     pub nodes: Vec<Node>,
     /// Time allowed for the whole saga, in milliseconds.
     pub deadline_ms: Option<u64>,
+    check_input: PredicateFn,
 }
 
 impl fmt::Debug for Definition {
@@ -183,6 +184,12 @@ impl fmt::Debug for Definition {
 }
 
 impl Definition {
+    /// Check that `input` is valid data for this saga (it decodes as the definition's data
+    /// type), before an instance is created for it.
+    pub fn check_input(&self, input: &Value) -> std::result::Result<(), String> {
+        (self.check_input)(input).map(|_| ())
+    }
+
     /// The step at `index`.
     pub fn step(&self, index: StepIndex) -> Option<&StepDef> {
         self.steps.get(index.get())
@@ -340,7 +347,7 @@ pub struct SagaBuilder<D> {
 }
 
 enum Item {
-    Step(PendingStep),
+    Step(Box<PendingStep>),
     Parallel(String, Vec<PendingStep>),
 }
 
@@ -356,7 +363,7 @@ impl<D: SagaData> SagaBuilder<D> {
     /// [`invoke`](StepBuilder::invoke).
     pub fn step<C: Command>(mut self, name: impl Into<String>, f: impl FnOnce(StepBuilder<D, NoCommand>) -> StepBuilder<D, C>) -> Self {
         let built = f(StepBuilder::new(name.into()));
-        self.items.push(Item::Step(built.finish()));
+        self.items.push(Item::Step(Box::new(built.finish())));
         self
     }
 
@@ -372,12 +379,12 @@ impl<D: SagaData> SagaBuilder<D> {
     /// Add a step that waits for an external event.
     pub fn wait(mut self, name: impl Into<String>, f: impl FnOnce(WaitBuilder<D>) -> WaitBuilder<D>) -> Self {
         let w = f(WaitBuilder { event: None, on_event: None, deadline: None, condition: None, _data: PhantomData });
-        self.items.push(Item::Step(PendingStep {
+        self.items.push(Item::Step(Box::new(PendingStep {
             name: name.into(),
             kind: StepKind::Compensatable,
             action: StepAction::Wait(WaitStep { event: w.event.unwrap_or_default(), deadline: w.deadline, on_event: w.on_event }),
             condition: w.condition,
-        }));
+        })));
         self
     }
 
@@ -424,7 +431,7 @@ impl<D: SagaData> SagaBuilder<D> {
         for item in self.items {
             match item {
                 Item::Step(p) => {
-                    let step = push(p, &mut steps)?;
+                    let step = push(*p, &mut steps)?;
                     nodes.push(Node::Step { step });
                 }
                 Item::Parallel(name, branches) => {
@@ -477,7 +484,14 @@ impl<D: SagaData> SagaBuilder<D> {
             }
         }
         Ok(SagaDefinition {
-            inner: Arc::new(Definition { name: self.name, version: self.version, steps, nodes, deadline_ms: self.deadline_ms }),
+            inner: Arc::new(Definition {
+                name: self.name,
+                version: self.version,
+                steps,
+                nodes,
+                deadline_ms: self.deadline_ms,
+                check_input: Arc::new(|v: &Value| serde_json::from_value::<D>(v.clone()).map(|_| true).map_err(|e| e.to_string())),
+            }),
             _data: PhantomData,
         })
     }
@@ -501,19 +515,24 @@ fn check_pivot_rules(steps: &[StepDef], nodes: &[Node]) -> std::result::Result<(
             match (&s.action, s.kind, past_pivot) {
                 (_, StepKind::Pivot, _) => {}
                 (StepAction::Command(_), StepKind::Retriable, false) => {
-                    return Err(format!("step `{}` is retriable but comes before any pivot; mark the go/no-go step with `.pivot()`", s.name));
+                    return Err(format!(
+                        "step `{}` is retriable but comes before any pivot; mark the go/no-go step with `.pivot()`",
+                        s.name
+                    ));
                 }
-                (StepAction::Command(c), StepKind::Retriable, true) => {
-                    if c.compensation.is_some() {
-                        return Err(format!("step `{}` is retriable (after the pivot) so its compensation could never run", s.name));
-                    }
+                (StepAction::Command(c), StepKind::Retriable, true) if c.compensation.is_some() => {
+                    return Err(format!("step `{}` is retriable (after the pivot) so its compensation could never run", s.name));
                 }
+                (StepAction::Command(_), StepKind::Retriable, true) => {}
                 (StepAction::Command(_), _, true) => {
                     return Err(format!("step `{}` comes after the pivot and must be `.retriable()`", s.name));
                 }
                 (StepAction::Wait(w), _, true) => {
                     if matches!(w.deadline, Some((_, OnDeadline::Fail))) {
-                        return Err(format!("wait `{}` comes after the pivot, so its deadline cannot fail the saga; use OnDeadline::Continue", s.name));
+                        return Err(format!(
+                            "wait `{}` comes after the pivot, so its deadline cannot fail the saga; use OnDeadline::Continue",
+                            s.name
+                        ));
                     }
                 }
                 _ => {}
@@ -762,11 +781,7 @@ impl Registry {
     pub fn register(&mut self, def: Arc<Definition>) -> Result<()> {
         let key = (def.name.clone(), def.version);
         if self.defs.contains_key(&key) {
-            return Err(Error::InvalidDefinition {
-                name: def.name.clone(),
-                version: def.version,
-                reason: "registered twice".into(),
-            });
+            return Err(Error::InvalidDefinition { name: def.name.clone(), version: def.version, reason: "registered twice".into() });
         }
         self.defs.insert(key, def);
         Ok(())
@@ -785,6 +800,23 @@ impl Registry {
     /// Every registered definition.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Definition>> {
         self.defs.values()
+    }
+
+    /// Every participant the registered definitions send commands to, compensations included,
+    /// sorted and without repeats.
+    pub fn participants(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .iter()
+            .flat_map(|d| d.steps.iter())
+            .filter_map(|s| match &s.action {
+                StepAction::Command(c) => Some(c),
+                StepAction::Wait(_) => None,
+            })
+            .flat_map(|c| std::iter::once(c.participant.as_str()).chain(c.compensation.as_ref().map(|k| k.participant.as_str())))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 }
 

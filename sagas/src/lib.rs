@@ -72,3 +72,8 @@ pub use ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
 pub use policy::{Backoff, OnDeadline, OnTimeout, RetryPolicy, TimeoutPolicy};
 pub use protocol::ReplyOutcome;
 pub use state::{Failure, SagaState, SagaStatus, StepState, StepStatus, StopCode, StopReason};
+
+/// The README's examples compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

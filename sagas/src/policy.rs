@@ -1,5 +1,5 @@
 //! Retry and timeout policies: plain serde data stored with the definition and evaluated by
-//! [`decide`](crate::decide). Saga retries survive restarts because the runtime turns each
+//! [`decide`](crate::decide()). Saga retries survive restarts because the runtime turns each
 //! scheduled retry into a timer row.
 
 use std::num::NonZeroU32;

@@ -128,7 +128,8 @@ impl WireMessage {
     /// not JSON), used by the golden files and for showing dead letters.
     pub fn to_json(&self) -> Value {
         let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
-        let body = serde_json::from_slice::<Value>(&self.body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&self.body).into_owned()));
+        let body =
+            serde_json::from_slice::<Value>(&self.body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&self.body).into_owned()));
         if let Value::Object(m) = &mut v {
             m.insert("body".into(), body);
         }
@@ -271,7 +272,7 @@ pub struct InboundCommand {
     pub kind: CommandKind,
     /// The attempt.
     pub attempt: u32,
-    /// Where the reply goes (routing key on the replies exchange).
+    /// Where the reply goes (a queue name: the reply is published to the default exchange with this routing key).
     pub reply_to: String,
     /// Trace context, if any.
     pub traceparent: Option<String>,
@@ -361,7 +362,13 @@ pub fn decode_reply(msg: &WireMessage, max_body: usize) -> Result<InboundReply, 
     Ok(InboundReply {
         message_id,
         saga_id,
-        reply: Reply { in_reply_to, step: StepIndex(msg.header_u32(H_STEP)?), kind, attempt: msg.header_u32(H_ATTEMPT)?, outcome: msg.json_body()? },
+        reply: Reply {
+            in_reply_to,
+            step: StepIndex(msg.header_u32(H_STEP)?),
+            kind,
+            attempt: msg.header_u32(H_ATTEMPT)?,
+            outcome: msg.json_body()?,
+        },
         traceparent: msg.header_opt(H_TRACEPARENT).map(str::to_owned),
     })
 }

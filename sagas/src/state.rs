@@ -219,7 +219,7 @@ pub struct SagaState {
     pub created_at: Timestamp,
     /// When it last changed.
     pub updated_at: Timestamp,
-    /// When the saga deadline passes.
+    /// When the saga deadline passes; cleared once the deadline was handled or cannot matter.
     pub deadline_at: Option<Timestamp>,
 }
 

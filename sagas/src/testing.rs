@@ -67,6 +67,10 @@ impl SagaTest {
     /// Feed any input; returns the transition.
     pub fn apply(&mut self, input: &Input) -> Result<Transition> {
         let t = decide(&self.def, &self.state, input, self.now)?;
+        if let Input::Timer(key) = input {
+            // a timer fires once: the runtime deletes its row in the same transaction
+            self.timers.remove(&key.id());
+        }
         for e in &t.effects {
             match e {
                 Effect::Send(c) => self.sent.push(c.clone()),
@@ -153,7 +157,11 @@ impl SagaTest {
     }
 
     fn next_timer_before(&self, until: Timestamp) -> Option<(String, TimerKey, Timestamp)> {
-        self.timers.iter().filter(|(_, (_, due))| *due <= until).min_by_key(|(_, (_, due))| *due).map(|(id, (k, d))| (id.clone(), k.clone(), *d))
+        self.timers
+            .iter()
+            .filter(|(_, (_, due))| *due <= until)
+            .min_by_key(|(_, (_, due))| *due)
+            .map(|(id, (k, d))| (id.clone(), k.clone(), *d))
     }
 
     /// Then: the saga's status.

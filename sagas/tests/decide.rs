@@ -151,7 +151,11 @@ fn timeout_with_retry_resends_and_a_late_success_of_the_first_attempt_settles_th
     // the second attempt's (deduplicated) success is then a duplicate
     assert!(ignored(&t.succeed("charge", json!({"charge": "c-1"})), IgnoreReason::Duplicate));
     // and no timer of the charge step is left
-    assert!(t.timers().iter().all(|(k, _)| !matches!(k, TimerKey::StepTimeout { step: StepIndex(1), .. } | TimerKey::Retry { step: StepIndex(1), .. })));
+    assert!(
+        t.timers()
+            .iter()
+            .all(|(k, _)| !matches!(k, TimerKey::StepTimeout { step: StepIndex(1), .. } | TimerKey::Retry { step: StepIndex(1), .. }))
+    );
 }
 
 #[test]
@@ -498,4 +502,25 @@ fn registry_finds_definitions_by_version_and_latest() {
     assert!(r.get("order", 3).is_none());
     assert!(r.latest("nope").is_none());
     let _ = <Reserve as Command>::NAME;
+}
+
+#[test]
+fn registry_lists_every_participant_once_compensations_included() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Void {
+        charge: Option<String>,
+    }
+    impl Command for Void {
+        const NAME: &'static str = "ledger.void";
+        const PARTICIPANT: &'static str = "ledger";
+        type Reply = ();
+    }
+    let mut r = sagas::Registry::new();
+    r.register(order_saga().erased()).unwrap();
+    let other = SagaDefinition::<Order>::builder("refund-elsewhere", 1)
+        .step("charge", |s| s.invoke(|o: &Order| Charge { amount: o.amount }).compensate(|o| Void { charge: o.charge.clone() }))
+        .build()
+        .unwrap();
+    r.register(other.erased()).unwrap();
+    assert_eq!(r.participants(), ["inventory", "ledger", "payment", "shipping"]);
 }

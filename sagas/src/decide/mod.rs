@@ -3,8 +3,8 @@
 //! `decide` sees one instance and one input and returns the new state and the effects the
 //! runtime must carry out (send commands, schedule or cancel timers, emit lifecycle events).
 //! It does no IO and reads no clock, so every saga semantic is tested without a broker.
-//! One file per kind of input: [`on_start`], [`on_reply`], [`on_timer`], [`on_event`],
-//! [`on_operator`]; this file holds what they share.
+//! One file per kind of input: `on_start`, `on_reply`, `on_timer`, `on_event`,
+//! `on_operator`; this file holds what they share.
 
 mod on_event;
 mod on_operator;
@@ -72,7 +72,7 @@ pub struct Reply {
 
 /// A durable timer of one instance. The runtime stores one row per `(saga, key)`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "timer", rename_all = "snake_case")]
 pub enum TimerKey {
     /// Send attempt `attempt` of a command or compensation.
     Retry {
@@ -116,7 +116,7 @@ impl TimerKey {
 
 /// An operator's command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "command", rename_all = "snake_case")]
 pub enum OperatorCommand {
     /// Stop going forward and compensate (refused after the pivot).
     Abort {
@@ -147,7 +147,7 @@ pub struct OutgoingCommand {
     pub attempt: u32,
     /// The participant.
     pub participant: String,
-    /// The command's wire name (AMQP `type` and routing key).
+    /// The command's wire name (the AMQP `type`).
     pub command: String,
     /// The JSON body.
     pub body: Value,
@@ -174,6 +174,19 @@ pub enum SagaEvent {
 }
 
 impl SagaEvent {
+    /// Whether the event is about one step (`step_*`) rather than the saga as a whole.
+    pub fn is_step_level(&self) -> bool {
+        matches!(
+            self,
+            Self::StepStarted { .. }
+                | Self::StepCompleted { .. }
+                | Self::StepSkipped { .. }
+                | Self::StepRetrying { .. }
+                | Self::StepFailed { .. }
+                | Self::StepCompensated { .. }
+        )
+    }
+
     /// The wire name (`step_completed`, ...), also the last part of the routing key.
     pub fn name(&self) -> &'static str {
         match self {
@@ -196,7 +209,7 @@ impl SagaEvent {
 
 /// Something the runtime must do, in the same transaction as the new state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "effect", rename_all = "snake_case")]
 pub enum Effect {
     /// Put a command in the outbox.
     Send(OutgoingCommand),
@@ -245,6 +258,16 @@ pub enum IgnoreReason {
     Duplicate,
     /// It answers something the saga is not waiting for.
     Stale,
+}
+
+impl IgnoreReason {
+    /// `duplicate` or `stale`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Duplicate => "duplicate",
+            Self::Stale => "stale",
+        }
+    }
 }
 
 /// What `decide` returns: the new state, the effects, and whether the input applied.
@@ -507,7 +530,7 @@ impl Cx<'_> {
         }
         self.st.failure = Some(failure);
         self.st.status = SagaStatus::Compensating;
-        if self.st.deadline_at.is_some() {
+        if self.st.deadline_at.take().is_some() {
             self.cancel(TimerKey::SagaDeadline);
         }
         if self.st.node < self.def.nodes.len() {
@@ -626,7 +649,7 @@ impl Cx<'_> {
     /// Every node completed.
     fn complete(&mut self) {
         self.st.status = SagaStatus::Completed;
-        if self.st.deadline_at.is_some() {
+        if self.st.deadline_at.take().is_some() {
             self.cancel(TimerKey::SagaDeadline);
         }
         self.emit(SagaEvent::Completed);
@@ -650,3 +673,42 @@ impl Cx<'_> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ReplyOutcome;
+
+    #[test]
+    fn every_input_and_effect_survives_a_json_round_trip() {
+        let inputs = [
+            Input::Start,
+            Input::Reply(Reply {
+                in_reply_to: MessageId::new_random(),
+                step: StepIndex(1),
+                kind: CommandKind::Compensate,
+                attempt: 2,
+                outcome: ReplyOutcome::Rejected { code: "c".into(), message: "m".into() },
+            }),
+            Input::Timer(TimerKey::Retry { step: StepIndex(2), kind: CommandKind::Invoke, attempt: 3 }),
+            Input::Timer(TimerKey::SagaDeadline),
+            Input::Event { name: "approved".into(), payload: serde_json::json!({"by": "ops"}) },
+            Input::Operator(OperatorCommand::Abort { reason: "customer cancelled".into() }),
+            Input::Operator(OperatorCommand::SkipCompensation),
+        ];
+        let effects = [
+            Effect::Emit(SagaEvent::Completed),
+            Effect::Cancel { key: TimerKey::SagaDeadline },
+            Effect::Schedule { key: TimerKey::WaitDeadline { step: StepIndex(1) }, due: crate::Timestamp(5) },
+        ];
+        for e in effects {
+            let json = serde_json::to_value(&e).unwrap();
+            assert_eq!(serde_json::from_value::<Effect>(json.clone()).unwrap(), e, "{json}");
+        }
+        for input in inputs {
+            let json = serde_json::to_value(&input).unwrap();
+            assert_eq!(json["type"], input.kind(), "{json}");
+            let back: Input = serde_json::from_value(json.clone()).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(back, input);
+        }
+    }
+}

@@ -22,7 +22,10 @@ pub(super) fn handle(cx: &mut Cx<'_>, r: &Reply) -> InputOutcome {
         return Cx::ignored(IgnoreReason::Stale, format!("step {i} waits for an event and sends no command"));
     }
     if r.in_reply_to != MessageId::for_command(cx.st.id, i, r.kind, r.attempt) {
-        return Cx::ignored(IgnoreReason::Stale, format!("the reply does not answer {} attempt {} of step {i}", r.kind.as_str(), r.attempt));
+        return Cx::ignored(
+            IgnoreReason::Stale,
+            format!("the reply does not answer {} attempt {} of step {i}", r.kind.as_str(), r.attempt),
+        );
     }
     match r.kind {
         CommandKind::Invoke => invoke(cx, i, r),
@@ -110,10 +113,8 @@ fn resume_if_node_done(cx: &mut Cx<'_>) {
     if cx.st.stop.as_ref().is_some_and(|s| s.code == StopCode::CompensationFailed) {
         return;
     }
-    let done = cx.def.nodes[cx.st.node]
-        .steps()
-        .iter()
-        .all(|s| matches!(cx.st.steps[s.get()].status, StepStatus::Completed | StepStatus::Skipped));
+    let done =
+        cx.def.nodes[cx.st.node].steps().iter().all(|s| matches!(cx.st.steps[s.get()].status, StepStatus::Completed | StepStatus::Skipped));
     if done {
         cx.st.stop = None;
         cx.st.status = SagaStatus::Running;
@@ -232,7 +233,9 @@ fn compensate(cx: &mut Cx<'_>, i: StepIndex, r: &Reply) -> InputOutcome {
             cx.next_compensation();
             InputOutcome::Applied
         }
-        _ if !current => Cx::ignored(IgnoreReason::Stale, format!("the failure answers compensation attempt {} but step {i} is past it", r.attempt)),
+        _ if !current => {
+            Cx::ignored(IgnoreReason::Stale, format!("the failure answers compensation attempt {} but step {i} is past it", r.attempt))
+        }
         ReplyOutcome::Rejected { code, message } => {
             cancel_timers(cx);
             let st = cx.step_mut(i);

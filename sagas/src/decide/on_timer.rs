@@ -11,9 +11,11 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
     let stale = |what: &str| Cx::ignored(IgnoreReason::Stale, format!("timer {} no longer applies: {what}", key.id()));
     match *key {
         TimerKey::SagaDeadline => {
-            if cx.st.status != SagaStatus::Running {
-                return stale("the saga is not going forward");
+            if cx.st.status != SagaStatus::Running || cx.st.deadline_at.is_none() {
+                return stale("the saga is not going forward, or its deadline was handled");
             }
+            // Consumed: a resumed saga is not stopped again by the same deadline.
+            cx.st.deadline_at = None;
             if cx.st.past_pivot {
                 cx.stop(StopCode::TimedOut, None, "the saga deadline passed after the pivot".into());
             } else {
@@ -45,7 +47,9 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
             cx.send_compensation(step);
             InputOutcome::Applied
         }
-        TimerKey::StepTimeout { step, kind: CommandKind::Invoke, attempt } => invoke_timeout(cx, step, attempt).unwrap_or_else(|| stale("the attempt was answered")),
+        TimerKey::StepTimeout { step, kind: CommandKind::Invoke, attempt } => {
+            invoke_timeout(cx, step, attempt).unwrap_or_else(|| stale("the attempt was answered"))
+        }
         TimerKey::StepTimeout { step, kind: CommandKind::Compensate, attempt } => {
             let s = &cx.st.steps[step.get()];
             if s.status != StepStatus::Compensating || attempt != s.compensation_attempts {

@@ -136,9 +136,11 @@ pub fn parallel_saga() -> SagaDefinition<Order> {
     SagaDefinition::builder("parallel_order", 1)
         .step("reserve", |s| s.invoke(|o: &Order| Reserve { order: o.id }).compensate(|o| Release { reservation: o.reservation.clone() }))
         .parallel("notify", |p| {
-            p.branch("email", |s| s.invoke(|_: &Order| Notify { channel: "email".into() }).compensate(|_| Unnotify { channel: "email".into() }))
-                .branch("sms", |s| s.invoke(|_: &Order| Notify { channel: "sms".into() }).compensate(|_| Unnotify { channel: "sms".into() }))
-                .branch("push", |s| s.invoke(|_: &Order| Notify { channel: "push".into() }).compensate(|_| Unnotify { channel: "push".into() }))
+            p.branch("email", |s| {
+                s.invoke(|_: &Order| Notify { channel: "email".into() }).compensate(|_| Unnotify { channel: "email".into() })
+            })
+            .branch("sms", |s| s.invoke(|_: &Order| Notify { channel: "sms".into() }).compensate(|_| Unnotify { channel: "sms".into() }))
+            .branch("push", |s| s.invoke(|_: &Order| Notify { channel: "push".into() }).compensate(|_| Unnotify { channel: "push".into() }))
         })
         .step("ship", |s| s.invoke(|o: &Order| Ship { order: o.id, express: o.express }))
         .build()

@@ -1,0 +1,225 @@
+//! The wire protocol's serialized forms are pinned by golden files in `tests/golden/`; the
+//! decoders accept what the encoders produce and refuse bad input with a stable code.
+//!
+//! Regenerate the golden files after a deliberate protocol change with
+//! `UPDATE_GOLDEN=1 cargo test -p sagas --test protocol`, and update docs/protocol.md with it.
+
+use std::path::PathBuf;
+
+use sagas::protocol::{
+    DEFAULT_MAX_BODY_BYTES, EventDelivery, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, HeaderValue, LifecycleEvent, ReplyOutcome, SagaRef,
+    TYPE_EVENT, TYPE_START, WireMessage, decode_command, decode_event, decode_reply, decode_start, encode_command, encode_lifecycle,
+    encode_reply,
+};
+use sagas::{CommandKind, MessageId, OutgoingCommand, SagaEvent, SagaId, StepIndex, StopCode, Timestamp};
+use serde_json::{Value, json};
+
+const NOW: Timestamp = Timestamp(1_767_225_600_000);
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn saga_id() -> SagaId {
+    "01936f3e-8c2a-7b4d-9e1f-3a5b7c9d1e2f".parse().unwrap()
+}
+
+fn saga() -> SagaRef {
+    SagaRef { saga_id: saga_id(), definition: "order_fulfilment".into(), version: 2 }
+}
+
+fn command(kind: CommandKind, attempt: u32) -> OutgoingCommand {
+    let step = StepIndex(1);
+    OutgoingCommand {
+        message_id: MessageId::for_command(saga_id(), step, kind, attempt),
+        step,
+        step_name: "charge_payment".into(),
+        kind,
+        attempt,
+        participant: "payment".into(),
+        command: match kind {
+            CommandKind::Invoke => "payment.charge".into(),
+            CommandKind::Compensate => "payment.refund".into(),
+        },
+        body: json!({"order_id": "o-42", "amount_cents": 1999}),
+    }
+}
+
+fn golden(name: &str, actual: &Value) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{name}.json"));
+    let rendered = serde_json::to_string_pretty(actual).unwrap() + "\n";
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &rendered).unwrap();
+        return;
+    }
+    let expected =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display()));
+    assert_eq!(
+        rendered, expected,
+        "{name} changed on the wire; if that is deliberate, run with UPDATE_GOLDEN=1 and update docs/protocol.md"
+    );
+}
+
+#[test]
+fn command_and_compensation_envelopes_are_pinned() {
+    let msg = encode_command(&saga(), &command(CommandKind::Invoke, 1), "sagaflow.replies", Some(TRACEPARENT), NOW);
+    golden("command", &msg.to_json());
+    let msg = encode_command(&saga(), &command(CommandKind::Compensate, 3), "sagaflow.replies", None, NOW);
+    golden("compensation", &msg.to_json());
+}
+
+#[test]
+fn a_command_decodes_to_what_was_sent() {
+    let sent = command(CommandKind::Invoke, 2);
+    let msg = encode_command(&saga(), &sent, "sagaflow.replies", Some(TRACEPARENT), NOW);
+    let got = decode_command(&msg, DEFAULT_MAX_BODY_BYTES).unwrap();
+    assert_eq!(got.message_id, sent.message_id);
+    assert_eq!(got.command, "payment.charge");
+    assert_eq!(got.saga, saga());
+    assert_eq!((got.step, got.kind, got.attempt), (sent.step, sent.kind, 2));
+    assert_eq!(got.step_name, "charge_payment");
+    assert_eq!(got.reply_to, "sagaflow.replies");
+    assert_eq!(got.traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(got.body, sent.body);
+}
+
+#[test]
+fn reply_envelopes_are_pinned_and_round_trip() {
+    let cmd = decode_command(
+        &encode_command(&saga(), &command(CommandKind::Invoke, 1), "sagaflow.replies", Some(TRACEPARENT), NOW),
+        DEFAULT_MAX_BODY_BYTES,
+    )
+    .unwrap();
+    let outcomes = [
+        ("reply_success", ReplyOutcome::Success { output: json!({"charge_id": "ch_1"}) }),
+        ("reply_rejected", ReplyOutcome::Rejected { code: "card_declined".into(), message: "the card was declined".into() }),
+        ("reply_transient_failure", ReplyOutcome::TransientFailure { message: "payment gateway timed out".into() }),
+    ];
+    for (name, outcome) in outcomes {
+        let msg = encode_reply(&cmd, &outcome, NOW);
+        golden(name, &msg.to_json());
+        let got = decode_reply(&msg, DEFAULT_MAX_BODY_BYTES).unwrap();
+        assert_eq!(got.message_id, MessageId::for_reply(cmd.message_id));
+        assert_eq!(got.saga_id, saga_id());
+        assert_eq!(got.reply.in_reply_to, cmd.message_id);
+        assert_eq!((got.reply.step, got.reply.kind, got.reply.attempt), (StepIndex(1), CommandKind::Invoke, 1));
+        assert_eq!(got.reply.outcome, outcome);
+        assert_eq!(got.traceparent.as_deref(), Some(TRACEPARENT));
+    }
+}
+
+#[test]
+fn a_reply_id_is_the_same_every_time_it_is_sent() {
+    let cmd =
+        decode_command(&encode_command(&saga(), &command(CommandKind::Compensate, 1), "r", None, NOW), DEFAULT_MAX_BODY_BYTES).unwrap();
+    let a = encode_reply(&cmd, &ReplyOutcome::Success { output: Value::Null }, NOW);
+    let b = encode_reply(&cmd, &ReplyOutcome::Success { output: Value::Null }, Timestamp(NOW.0 + 60_000));
+    assert_eq!(a.message_id, b.message_id);
+}
+
+fn start_message(body: Value, key: Option<&str>) -> WireMessage {
+    let mut msg = WireMessage {
+        message_id: Some("7d0c1f3a-2b4e-4c6d-8e9f-0a1b2c3d4e5f".into()),
+        kind: Some(TYPE_START.into()),
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(&body).unwrap(),
+        ..WireMessage::default()
+    };
+    if let Some(k) = key {
+        msg.headers.insert(H_IDEMPOTENCY_KEY.into(), HeaderValue::Str(k.into()));
+    }
+    msg
+}
+
+#[test]
+fn start_and_event_envelopes_are_pinned() {
+    let start = start_message(
+        json!({"definition": "order_fulfilment", "input": {"order_id": "o-42", "sku": "sku-1", "quantity": 2}}),
+        Some("order-o-42"),
+    );
+    golden("start", &start.to_json());
+    let req = decode_start(&start, DEFAULT_MAX_BODY_BYTES).unwrap();
+    assert_eq!(req.definition, "order_fulfilment");
+    assert_eq!(req.version, None);
+    assert_eq!(req.idempotency_key.as_deref(), Some("order-o-42"));
+
+    let delivery = EventDelivery { saga_id: saga_id(), event: "card_updated".into(), payload: json!({"card": "tok_visa"}) };
+    let event = WireMessage {
+        message_id: Some("0f1e2d3c-4b5a-4968-8776-655443322110".into()),
+        kind: Some(TYPE_EVENT.into()),
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(&delivery).unwrap(),
+        ..WireMessage::default()
+    };
+    golden("event", &event.to_json());
+    assert_eq!(decode_event(&event, DEFAULT_MAX_BODY_BYTES).unwrap(), delivery);
+}
+
+#[test]
+fn lifecycle_envelopes_are_pinned() {
+    let events = [
+        ("lifecycle_completed", SagaEvent::Completed),
+        (
+            "lifecycle_step_failed",
+            SagaEvent::StepFailed { step: "ship".into(), code: "no_carrier".into(), message: "no carrier for the address".into() },
+        ),
+        (
+            "lifecycle_stopped",
+            SagaEvent::Stopped { code: StopCode::CompensationFailed, message: "refund gave up after 10 attempts".into() },
+        ),
+    ];
+    for (name, event) in events {
+        let ev = LifecycleEvent { saga_id: saga_id(), definition: "order_fulfilment".into(), version: 2, at: NOW, event };
+        let msg = encode_lifecycle(&ev, "018f0000-0000-7000-8000-000000000007".parse::<MessageId>().unwrap());
+        golden(name, &msg.to_json());
+        let back: LifecycleEvent = serde_json::from_slice(&msg.body).unwrap();
+        assert_eq!(back, ev);
+    }
+}
+
+#[test]
+fn bad_commands_are_refused_with_a_stable_code() {
+    let good = encode_command(&saga(), &command(CommandKind::Invoke, 1), "sagaflow.replies", None, NOW);
+    type Mutation = Box<dyn Fn(&mut WireMessage)>;
+    let cases: Vec<(&str, Mutation, &str)> = vec![
+        ("oversized", Box::new(|m| m.body = vec![b' '; DEFAULT_MAX_BODY_BYTES + 1]), "oversized"),
+        ("no message id", Box::new(|m| m.message_id = None), "invalid_properties"),
+        ("message id not a uuid", Box::new(|m| m.message_id = Some("42".into())), "invalid_properties"),
+        ("no type", Box::new(|m| m.kind = None), "invalid_properties"),
+        ("no reply_to", Box::new(|m| m.reply_to = None), "invalid_properties"),
+        ("no saga id", Box::new(|m| drop(m.headers.remove(H_SAGA_ID))), "invalid_headers"),
+        ("saga id is a number", Box::new(|m| drop(m.headers.insert(H_SAGA_ID.into(), HeaderValue::Int(1)))), "invalid_headers"),
+        ("unknown kind", Box::new(|m| drop(m.headers.insert(H_KIND.into(), HeaderValue::Str("undo".into())))), "invalid_headers"),
+        ("body not json", Box::new(|m| m.body = b"{not json".to_vec()), "malformed_body"),
+        ("random bytes", Box::new(|m| m.body = vec![0xff, 0x00, 0x13, 0x37]), "malformed_body"),
+    ];
+    for (what, mutate, code) in cases {
+        let mut m = good.clone();
+        mutate(&mut m);
+        let err = decode_command(&m, DEFAULT_MAX_BODY_BYTES).expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err}");
+        assert!(!err.to_string().is_empty());
+    }
+}
+
+#[test]
+fn bad_replies_starts_and_events_are_refused() {
+    let cmd = decode_command(&encode_command(&saga(), &command(CommandKind::Invoke, 1), "r", None, NOW), DEFAULT_MAX_BODY_BYTES).unwrap();
+    let mut reply = encode_reply(&cmd, &ReplyOutcome::Success { output: Value::Null }, NOW);
+    reply.body = br#"{"type":"maybe"}"#.to_vec();
+    assert_eq!(decode_reply(&reply, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
+    reply.kind = Some("payment.charge".into());
+    assert_eq!(decode_reply(&reply, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "unknown_type");
+    reply.correlation_id = None;
+    reply.kind = Some("sagaflow.reply".into());
+    assert_eq!(decode_reply(&reply, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "invalid_properties");
+
+    let unknown_field = start_message(json!({"definition": "order_fulfilment", "input": {}, "priority": 1}), None);
+    assert_eq!(decode_start(&unknown_field, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
+    let empty = start_message(json!({"definition": "", "input": {}}), None);
+    assert_eq!(decode_start(&empty, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
+    let small_limit = start_message(json!({"definition": "d", "input": {"pad": "x".repeat(100)}}), None);
+    assert_eq!(decode_start(&small_limit, 64).unwrap_err().code(), "oversized");
+
+    let mut event = start_message(json!({"saga_id": "nope", "event": "e"}), None);
+    event.kind = Some(TYPE_EVENT.into());
+    assert_eq!(decode_event(&event, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
+}
