@@ -1,1 +1,38 @@
-//! placeholder
+//! Sagaflow's runtime: it runs the sagas that the `sagas` crate defines, over RabbitMQ and
+//! PostgreSQL, on any number of nodes sharing one database and one broker.
+//!
+//! # Layout (the main flow, in order)
+//! - [`runtime`]: a node: [`Orchestrator::connect`] (config, pool, migrations) then
+//!   [`start`](Orchestrator::start) (topology, consumers, relay, timers) and a graceful
+//!   shutdown; reconnects to RabbitMQ.
+//! - `consumers`: the reply and inbound queues: decode (refused → dead letter) → intake → ack.
+//! - [`intake`]: one transaction per input: inbox dedupe → lock → `sagas::decide` → state,
+//!   history, outbox, timers → commit. Also starts sagas ([`Engine::start`]).
+//! - `publisher`: publishes a decision's messages right after its commit, deletes them once confirmed.
+//! - `relay`: the outbox relay for what was not published that way: LISTEN/NOTIFY, `SKIP LOCKED`,
+//!   publish with confirms, delete.
+//! - `timers`: due timers fired as inputs.
+//! - [`store`]: the schema `sagaflow` and its queries.
+//! - [`config`]: configuration (TOML file + `SAGAFLOW_*` variables).
+//! - [`api`]: the HTTP API, the web page and `/metrics`; [`ops`]: what the API and the CLI
+//!   share (views, lists, operator actions); [`metrics`]: the Prometheus metrics.
+//!
+//! - [`cli`]: the `sagaflow` command line, serving the bundled example definitions; a
+//!   deployment with its own definitions writes the same few lines around [`Orchestrator`].
+
+pub mod api;
+pub mod cli;
+pub mod config;
+mod consumers;
+pub mod intake;
+pub mod metrics;
+pub mod ops;
+mod publisher;
+mod relay;
+pub mod runtime;
+pub mod store;
+mod timers;
+
+pub use config::Config;
+pub use intake::{Engine, Handled, StartError, Started};
+pub use runtime::{Orchestrator, OrchestratorHandle, wait_settled};

@@ -1,1 +1,5 @@
-fn main() {}
+//! `sagaflow`: see [`orchestrator::cli`].
+
+fn main() -> std::process::ExitCode {
+    orchestrator::cli::main()
+}

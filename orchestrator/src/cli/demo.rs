@@ -1,0 +1,77 @@
+//! `sagaflow demo`: the order-fulfilment example end to end, in one process, against the
+//! configured RabbitMQ and PostgreSQL.
+
+use std::time::{Duration, Instant};
+
+use crate::Orchestrator;
+use anyhow::Context as _;
+use participants_sdk::ParticipantConfig;
+use sagas::SagaStatus;
+use sagas::protocol::StartRequest;
+
+/// Demo options.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// How many sagas to start.
+    #[arg(long, default_value_t = 20)]
+    sagas: u32,
+    /// Make every K-th shipment fail (its saga compensates); 0 for none.
+    #[arg(long, default_value_t = 0)]
+    fail_every: u32,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_s: u64,
+}
+
+pub(crate) async fn run(config: crate::Config, args: Args) -> anyhow::Result<()> {
+    // The demo runs beside whatever else is running: no API port of its own.
+    let config = crate::Config { api_addr: String::new(), ..config };
+    let node = Orchestrator::connect(config.clone(), super::registry()?).await?;
+    let pool = node.engine().pool().clone();
+    order_fulfilment::setup(&pool, &["demo-widget"], i64::from(args.sagas) * 10 + 10).await.context("creating the example tables")?;
+    let handle = node.start().await?;
+    let pcfg = ParticipantConfig { namespace: config.namespace.clone(), ..ParticipantConfig::default() };
+    let mut participants = Vec::new();
+    for name in order_fulfilment::PARTICIPANTS {
+        participants.push(order_fulfilment::participant(name, pcfg.clone())?.start(pool.clone(), &config.amqp_url).await?);
+    }
+
+    let started_at = Instant::now();
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let mut ids = Vec::with_capacity(args.sagas as usize);
+    for n in 1..=args.sagas {
+        let fail = args.fail_every > 0 && n % args.fail_every == 0;
+        let order = order_fulfilment::Order {
+            order_id: format!("demo-{run_id}-{n}"),
+            sku: "demo-widget".into(),
+            quantity: 1,
+            amount_cents: 1999,
+            destination: if fail { order_fulfilment::UNREACHABLE.into() } else { "Main St 1, Springfield".into() },
+            ..Default::default()
+        };
+        let req = StartRequest {
+            definition: "order_fulfilment".into(),
+            version: None,
+            input: serde_json::to_value(&order)?,
+            idempotency_key: None,
+            saga_id: None,
+        };
+        ids.push(handle.engine().start(&req, None).await?.saga_id);
+    }
+    let (mut completed, mut compensated, mut stopped) = (0, 0, 0);
+    for id in &ids {
+        let st = crate::wait_settled(&pool, *id, Duration::from_secs(args.timeout_s)).await?;
+        match st.status {
+            SagaStatus::Completed => completed += 1,
+            SagaStatus::Compensated => compensated += 1,
+            _ => stopped += 1,
+        }
+    }
+    let elapsed = started_at.elapsed().as_millis();
+    for p in participants {
+        p.shutdown().await?;
+    }
+    handle.shutdown().await?;
+    println!("demo: sagas={} completed={completed} compensated={compensated} stopped={stopped} elapsed_ms={elapsed}", args.sagas);
+    Ok(())
+}

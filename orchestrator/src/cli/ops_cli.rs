@@ -1,0 +1,218 @@
+//! The operator commands of the CLI (`start`, `show`, `list`, `wait`, `signal`, `abort`,
+//! `retry`, `skip`, `resume`): the same [`ops`](crate::ops) the HTTP API uses, against the
+//! configured database, printed as tables or, with `--json`, as the API's JSON.
+
+use std::time::Duration;
+
+use sagas::protocol::StartRequest;
+use sagas::{Input, Registry, SagaId};
+use serde_json::Value;
+
+use super::Command;
+use crate::ops::{self, ListFilter, OpsError, SagaView};
+use crate::{Config, Orchestrator};
+
+#[derive(clap::Args)]
+pub(crate) struct IdArgs {
+    /// The saga's id.
+    id: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct StartArgs {
+    /// Definition name.
+    #[arg(long)]
+    definition: String,
+    /// The saga's input, as JSON.
+    #[arg(long)]
+    input: String,
+    /// Definition version (the newest when absent).
+    #[arg(long)]
+    version: Option<u32>,
+    /// The same key twice starts one saga.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ListArgs {
+    /// Only this status.
+    #[arg(long)]
+    status: Option<String>,
+    /// Only this definition.
+    #[arg(long)]
+    definition: Option<String>,
+    /// Page size.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// The `next_cursor` of the previous page.
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct WaitArgs {
+    /// The saga's id.
+    id: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_s: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SignalArgs {
+    /// The saga's id.
+    id: String,
+    /// The event's name.
+    event: String,
+    /// What it carries, as JSON.
+    #[arg(long, default_value = "null")]
+    payload: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct AbortArgs {
+    /// The saga's id.
+    id: String,
+    /// Why (recorded as the failure message).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn id(s: &str) -> Result<SagaId, OpsError> {
+    s.parse().map_err(|_| OpsError::new("invalid_request", format!("`{s}` is not a saga id (a UUID)")))
+}
+
+fn json_arg(what: &str, s: &str) -> Result<Value, OpsError> {
+    serde_json::from_str(s).map_err(|e| OpsError::new("invalid_request", format!("{what} is not JSON: {e}")))
+}
+
+pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) -> anyhow::Result<()> {
+    config.api_addr = String::new();
+    let node = Orchestrator::connect(config, registry).await?;
+    let engine = node.engine();
+    let out = match cmd {
+        Command::Start(a) => {
+            let req = StartRequest {
+                definition: a.definition,
+                version: a.version,
+                input: json_arg("--input", &a.input)?,
+                idempotency_key: a.idempotency_key,
+                saga_id: None,
+            };
+            let started = engine.start(&req, None).await.map_err(|e| OpsError::new(e.code(), e.to_string()))?;
+            if a.json {
+                println!("{}", serde_json::json!({"saga_id": started.saga_id, "created": started.created}));
+            } else {
+                println!("{} {}", started.saga_id, if started.created { "started" } else { "already existed (same idempotency key)" });
+            }
+            return Ok(());
+        }
+        Command::Show(a) => (ops::get(engine, id(&a.id)?).await?, a.json),
+        Command::List(a) => {
+            let f =
+                ListFilter { status: a.status, definition: a.definition, limit: Some(a.limit), cursor: a.cursor, ..ListFilter::default() };
+            let page = ops::list(engine.pool(), &f).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&page)?);
+            } else {
+                println!("{:<36}  {:<24}  {:<12}  {:>15}", "SAGA", "DEFINITION", "STATUS", "AGE");
+                let now = ops::now_ms().0;
+                for s in &page.items {
+                    println!(
+                        "{:<36}  {:<24}  {:<12}  {:>15}",
+                        s.id,
+                        format!("{} v{}", s.definition, s.version),
+                        s.status,
+                        age(now.saturating_sub(s.created_at))
+                    );
+                }
+                if let Some(c) = page.next_cursor {
+                    println!("more: --cursor {c}");
+                }
+            }
+            return Ok(());
+        }
+        Command::Wait(a) => {
+            let (v, settled) = ops::wait(engine, id(&a.id)?, Duration::from_secs(a.timeout_s)).await?;
+            print_view(&v, a.json)?;
+            if !settled {
+                eprintln!("sagaflow: saga {} is still {} after {} s", v.id, v.status, a.timeout_s);
+                std::process::exit(2);
+            }
+            return Ok(());
+        }
+        Command::Signal(a) => {
+            let payload = json_arg("--payload", &a.payload)?;
+            (ops::act(engine, id(&a.id)?, Input::Event { name: a.event, payload }).await?, a.json)
+        }
+        Command::Abort(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("abort", a.reason)?)).await?, a.json),
+        Command::Retry(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("retry", None)?)).await?, a.json),
+        Command::Skip(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("skip", None)?)).await?, a.json),
+        Command::Resume(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("resume", None)?)).await?, a.json),
+        Command::Serve | Command::Migrate | Command::Demo(_) => unreachable!("handled by the caller"),
+    };
+    print_view(&out.0, out.1)
+}
+
+fn age(ms: u64) -> String {
+    match ms / 1000 {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn print_view(v: &SagaView, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    println!("saga        {}", v.id);
+    println!("definition  {} v{}", v.definition, v.version);
+    println!("status      {}", v.status);
+    if let Some(c) = &v.current {
+        println!("at          {c}");
+    }
+    if let Some(f) = &v.failure {
+        println!("failure     {}: {}", f["code"].as_str().unwrap_or(""), f["message"].as_str().unwrap_or(""));
+    }
+    if let Some(s) = &v.stop {
+        println!("stopped     {}: {}", s["code"].as_str().unwrap_or(""), s["message"].as_str().unwrap_or(""));
+    }
+    if !v.pending_compensations.is_empty() {
+        println!("to undo     {}", v.pending_compensations.join(", "));
+    }
+    println!();
+    println!("{:<24}  {:<22}  {:>8}  {:>13}  ERROR", "STEP", "STATUS", "ATTEMPTS", "COMPENSATIONS");
+    for s in &v.steps {
+        println!(
+            "{:<24}  {:<22}  {:>8}  {:>13}  {}",
+            s.name,
+            s.status,
+            s.attempts,
+            s.compensation_attempts,
+            s.last_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! Runtime configuration: plain serde data with documented defaults, read from a TOML file and
+//! `SAGAFLOW_*` environment variables (the binary does the reading), checked by [`Config::validate`].
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a node needs. Each field's default is in its comment; each has an environment
+/// variable `SAGAFLOW_<FIELD>` (upper case) that overrides the file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// RabbitMQ URL (`amqp://` or `amqps://` for TLS). Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp_url: String,
+    /// PostgreSQL URL (`postgres://`; add `?sslmode=require` for TLS). Default `postgres://postgres@127.0.0.1:5432/postgres`.
+    pub database_url: String,
+    /// Prefix of every AMQP name, so deployments can share a broker. Default `sagaflow`.
+    pub namespace: String,
+    /// This node's name in the history. Default: `<hostname>-<pid>`.
+    pub node_id: String,
+    /// Largest message body accepted; larger ones are dead-lettered. Default 1048576.
+    pub max_body_bytes: usize,
+    /// Unacked replies the broker may send ahead. Default 64.
+    pub prefetch: u16,
+    /// Inputs handled at once per consumer. Default 32.
+    pub concurrency: usize,
+    /// Declare quorum queues instead of classic ones. Default false.
+    pub quorum_queues: bool,
+    /// Declare every participant's queue at start, so commands wait for a participant that is
+    /// not running yet. Default true.
+    pub declare_participant_queues: bool,
+    /// Outbox rows published per relay round. Default 256.
+    pub relay_batch: u32,
+    /// Relay poll interval when no notification arrives, in ms. Default 1000.
+    pub relay_poll_ms: u64,
+    /// Timer poll interval, in ms. Default 100.
+    pub timer_poll_ms: u64,
+    /// Due timers claimed per round. Default 256.
+    pub timer_batch: u32,
+    /// Database connections in the pool. Default 16.
+    pub database_max_connections: u32,
+    /// How long to keep retrying to reach RabbitMQ or PostgreSQL at start, in s. Default 60.
+    pub connect_timeout_s: u64,
+    /// Publish step-level lifecycle events too (`step_started`, `step_completed`,
+    /// `step_retrying`, `step_failed`, `step_skipped`, `step_compensated`), not only the saga-level
+    /// ones. They cost an outbox row and a message each; the history has them anyway. Default false.
+    pub step_events: bool,
+    /// Address of the HTTP API, web page and `/metrics`; empty to serve none. Default `127.0.0.1:8080`.
+    pub api_addr: String,
+    /// Bearer token every API route but `/health` and `/ready` requires. Required when
+    /// `api_addr` is not a loopback address. Default empty.
+    pub api_token: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            namespace: "sagaflow".into(),
+            node_id: String::new(),
+            max_body_bytes: sagas::protocol::DEFAULT_MAX_BODY_BYTES,
+            prefetch: 64,
+            concurrency: 32,
+            quorum_queues: false,
+            declare_participant_queues: true,
+            relay_batch: 256,
+            relay_poll_ms: 1000,
+            timer_poll_ms: 100,
+            timer_batch: 256,
+            database_max_connections: 16,
+            connect_timeout_s: 60,
+            step_events: false,
+            api_addr: "127.0.0.1:8080".into(),
+            api_token: String::new(),
+        }
+    }
+}
+
+/// A configuration that cannot work, with what to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Read `file` (TOML) if given, then apply `SAGAFLOW_*` variables from `env`.
+    pub fn load(file: Option<&str>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut value = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("cannot read {path}: {e}")))?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError(format!("{path}: {e}")))?
+            }
+            None => toml::Table::new(),
+        };
+        let known = serde_json::to_value(Config::default()).unwrap_or_default();
+        for (k, v) in env {
+            let Some(field) = k.strip_prefix("SAGAFLOW_").map(str::to_lowercase) else { continue };
+            let Some(default) = known.get(&field) else { continue };
+            let parsed = match default {
+                serde_json::Value::Bool(_) => v.parse::<bool>().map(toml::Value::Boolean).map_err(|e| e.to_string()),
+                serde_json::Value::Number(_) => v.parse::<i64>().map(toml::Value::Integer).map_err(|e| e.to_string()),
+                _ => Ok(toml::Value::String(v.clone())),
+            };
+            let parsed = parsed.map_err(|e| ConfigError(format!("{k}=`{v}`: {e}")))?;
+            value.insert(field, parsed);
+        }
+        let mut cfg: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError(e.to_string()))?;
+        if cfg.node_id.is_empty() {
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "node".into());
+            cfg.node_id = format!("{host}-{}", std::process::id());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check every field; the error names the field and what is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
+            return bad(format!("amqp_url `{}` must start with amqp:// or amqps://", redact(&self.amqp_url)));
+        }
+        if !(self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")) {
+            return bad(format!("database_url `{}` must start with postgres:// or postgresql://", redact(&self.database_url)));
+        }
+        if self.namespace.is_empty() || !self.namespace.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+            return bad(format!("namespace `{}` must be non-empty ASCII letters, digits, `_`, `-` or `.`", self.namespace));
+        }
+        for (name, v) in [
+            ("prefetch", u64::from(self.prefetch)),
+            ("concurrency", self.concurrency as u64),
+            ("relay_batch", u64::from(self.relay_batch)),
+            ("timer_batch", u64::from(self.timer_batch)),
+            ("relay_poll_ms", self.relay_poll_ms),
+            ("timer_poll_ms", self.timer_poll_ms),
+            ("database_max_connections", u64::from(self.database_max_connections)),
+            ("max_body_bytes", self.max_body_bytes as u64),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if !self.api_addr.is_empty() {
+            let addr: std::net::SocketAddr = self
+                .api_addr
+                .parse()
+                .map_err(|e| ConfigError(format!("api_addr `{}` is not an address like 127.0.0.1:8080: {e}", self.api_addr)))?;
+            if !addr.ip().is_loopback() && self.api_token.is_empty() {
+                return bad(format!(
+                    "api_addr {addr} is reachable from other hosts: set api_token (SAGAFLOW_API_TOKEN) to protect the API"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`connect_timeout_s`](Self::connect_timeout_s) as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_s)
+    }
+}
+
+/// A URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn environment_overrides_defaults_and_bad_values_are_named() {
+        let cfg = Config::load(
+            None,
+            env(&[("SAGAFLOW_NAMESPACE", "shop"), ("SAGAFLOW_PREFETCH", "8"), ("SAGAFLOW_QUORUM_QUEUES", "true"), ("OTHER", "x")]),
+        )
+        .unwrap();
+        assert_eq!((cfg.namespace.as_str(), cfg.prefetch, cfg.quorum_queues), ("shop", 8, true));
+        assert!(!cfg.node_id.is_empty());
+
+        let err = Config::load(None, env(&[("SAGAFLOW_PREFETCH", "lots")])).unwrap_err().to_string();
+        assert!(err.contains("SAGAFLOW_PREFETCH"), "{err}");
+        let err = Config::load(None, env(&[("SAGAFLOW_AMQP_URL", "http://user:secret@h")])).unwrap_err().to_string();
+        assert!(err.contains("amqp_url") && !err.contains("secret"), "{err}");
+        let err = Config::load(None, env(&[("SAGAFLOW_CONCURRENCY", "0")])).unwrap_err().to_string();
+        assert!(err.contains("concurrency must be at least 1"), "{err}");
+        let err = Config::load(None, env(&[("SAGAFLOW_NAMESPACE", "a b")])).unwrap_err().to_string();
+        assert!(err.contains("namespace"), "{err}");
+        // The API refuses to listen beyond this host without a token.
+        let err = Config::load(None, env(&[("SAGAFLOW_API_ADDR", "0.0.0.0:8080")])).unwrap_err().to_string();
+        assert!(err.contains("set api_token"), "{err}");
+        let ok = Config::load(None, env(&[("SAGAFLOW_API_ADDR", "0.0.0.0:8080"), ("SAGAFLOW_API_TOKEN", "t")])).unwrap();
+        assert_eq!(ok.api_token, "t");
+        let err = Config::load(None, env(&[("SAGAFLOW_API_ADDR", "localhost")])).unwrap_err().to_string();
+        assert!(err.contains("api_addr"), "{err}");
+    }
+
+    #[test]
+    fn a_file_is_read_and_unknown_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("sagaflow-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "namespace = \"orders\"\nrelay_batch = 10\n").unwrap();
+        let cfg = Config::load(Some(good.to_str().unwrap()), env(&[("SAGAFLOW_RELAY_BATCH", "20")])).unwrap();
+        assert_eq!((cfg.namespace.as_str(), cfg.relay_batch), ("orders", 20));
+        let typo = dir.join("typo.toml");
+        std::fs::write(&typo, "namespce = \"orders\"\n").unwrap();
+        let err = Config::load(Some(typo.to_str().unwrap()), []).unwrap_err().to_string();
+        assert!(err.contains("namespce"), "{err}");
+        let err = Config::load(Some("/nonexistent/sagaflow.toml"), []).unwrap_err().to_string();
+        assert!(err.contains("cannot read"), "{err}");
+    }
+}

@@ -1,0 +1,164 @@
+//! The orchestrator's two queues: replies from participants, and start requests and external
+//! events from clients. Each delivery is decoded (refused → dead letter with the reason),
+//! applied in one transaction, then acked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use participants_sdk::transport::{self, Names};
+use sagas::protocol::{TYPE_EVENT, TYPE_START, decode_event, decode_reply, decode_start};
+use sagas::{Input, MessageId};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::intake::{Engine, Handled, StartError};
+
+/// Which queue a consumer serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Queue {
+    Replies,
+    Inbound,
+}
+
+#[derive(Clone)]
+pub(crate) struct Consumer {
+    pub(crate) engine: Engine,
+    pub(crate) names: Names,
+    pub(crate) max_body: usize,
+    pub(crate) prefetch: u16,
+    pub(crate) concurrency: usize,
+}
+
+/// What to do with a delivery after handling it.
+enum Verdict {
+    Ack,
+    DeadLetter(&'static str, String),
+    /// Put it back (after a pause): the database is away, or no node here knows the version.
+    Requeue(String),
+}
+
+impl Consumer {
+    /// Consume `queue` until `token` is cancelled (then finish in-flight deliveries) or the
+    /// channel fails.
+    pub(crate) async fn run(self, ch: Channel, queue: Queue, token: CancellationToken) -> anyhow::Result<()> {
+        ch.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
+        let name = self.queue_name(queue);
+        let mut deliveries =
+            ch.basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let mut tasks = JoinSet::new();
+        let result = loop {
+            tokio::select! {
+                () = token.cancelled() => break Ok(()),
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = done { tracing::error!(error = %e, "a delivery task panicked"); }
+                }
+                next = deliveries.next() => match next {
+                    Some(Ok(d)) => {
+                        let permit = Arc::clone(&permits).acquire_owned().await.expect("never closed");
+                        let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
+                        tasks.spawn(async move {
+                            this.handle(&ch, &name, queue, d).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => break Err(e.into()),
+                    None => break Err(anyhow::anyhow!("the broker cancelled the consumer of {name}")),
+                },
+            }
+        };
+        while tasks.join_next().await.is_some() {}
+        if result.is_ok() {
+            let _ = ch.close(200, "shutdown".into()).await;
+        }
+        result
+    }
+
+    fn queue_name(&self, queue: Queue) -> String {
+        match queue {
+            Queue::Replies => self.names.replies_queue(),
+            Queue::Inbound => self.names.inbound_queue(),
+        }
+    }
+
+    async fn handle(&self, ch: &Channel, queue_name: &str, queue: Queue, d: Delivery) {
+        let verdict = match queue {
+            Queue::Replies => self.reply(&d).await,
+            Queue::Inbound => self.inbound(&d).await,
+        };
+        let result = match verdict {
+            Verdict::Ack => d.ack(BasicAckOptions::default()).await.map(drop).map_err(anyhow::Error::from),
+            Verdict::DeadLetter(reason, detail) => {
+                self.engine.metrics().dead_lettered(queue_name, reason);
+                transport::dead_letter(ch, &self.names, queue_name, &d, reason, &detail).await.map_err(anyhow::Error::from)
+            }
+            Verdict::Requeue(why) => {
+                tracing::warn!(queue = queue_name, "{why}; the message goes back to the queue");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                d.nack(BasicNackOptions { requeue: true, multiple: false }).await.map(drop).map_err(anyhow::Error::from)
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(queue = queue_name, error = %e, "could not settle a delivery; the broker will redeliver it");
+        }
+    }
+
+    async fn reply(&self, d: &Delivery) -> Verdict {
+        let msg = transport::wire_from_delivery(d);
+        let r = match decode_reply(&msg, self.max_body) {
+            Ok(r) => r,
+            Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
+        };
+        match self.engine.apply(r.saga_id, &Input::Reply(r.reply), Some(r.message_id)).await {
+            Ok(h) => self.verdict(h, r.saga_id),
+            Err(e) => Verdict::Requeue(format!("database error: {e}")),
+        }
+    }
+
+    async fn inbound(&self, d: &Delivery) -> Verdict {
+        let msg = transport::wire_from_delivery(d);
+        match msg.kind.as_deref() {
+            Some(TYPE_START) => {
+                let req = match decode_start(&msg, self.max_body) {
+                    Ok(r) => r,
+                    Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
+                };
+                match self.engine.start(&req, None).await {
+                    Ok(_) => Verdict::Ack,
+                    Err(StartError::Database(e)) => Verdict::Requeue(format!("database error: {e}")),
+                    Err(e) => Verdict::DeadLetter(e.code(), e.to_string()),
+                }
+            }
+            Some(TYPE_EVENT) => {
+                let ev = match decode_event(&msg, self.max_body) {
+                    Ok(ev) => ev,
+                    Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
+                };
+                let inbox = msg.message_id.as_deref().and_then(|m| m.parse::<MessageId>().ok());
+                match self.engine.apply(ev.saga_id, &Input::Event { name: ev.event, payload: ev.payload }, inbox).await {
+                    Ok(h) => self.verdict(h, ev.saga_id),
+                    Err(e) => Verdict::Requeue(format!("database error: {e}")),
+                }
+            }
+            Some(other) => Verdict::DeadLetter("unknown_type", format!("`{other}` is not a start request or an event")),
+            None => Verdict::DeadLetter("invalid_properties", "the message has no `type`".into()),
+        }
+    }
+
+    fn verdict(&self, h: Handled, saga: sagas::SagaId) -> Verdict {
+        match h {
+            Handled::Decided { .. } | Handled::Duplicate | Handled::Skipped => Verdict::Ack,
+            Handled::UnknownSaga => Verdict::DeadLetter("unknown_saga", format!("no saga has id {saga}")),
+            Handled::Invalid { code, detail } => Verdict::DeadLetter(code, detail),
+            Handled::UnknownVersion { definition, version } => {
+                Verdict::Requeue(format!("saga {saga} is on `{definition}` version {version}, which this node does not know"))
+            }
+        }
+    }
+}

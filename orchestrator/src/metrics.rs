@@ -1,0 +1,180 @@
+//! Prometheus metrics, prefix `sagaflow_`. Counters and histograms are this node's; the gauges
+//! (outbox backlog, in-flight sagas, participant consumers) are read from PostgreSQL and
+//! RabbitMQ when `/metrics` is scraped, so every node reports the same cluster-wide values.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use sagas::{Definition, Effect, Input, SagaEvent, SagaState, TimerKey};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DefLabels {
+    definition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    definition: String,
+    step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    queue: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ParticipantLabels {
+    participant: String,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0].into_iter()
+}
+
+/// This node's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: std::sync::Mutex<Registry>,
+    started: Family<DefLabels, Counter>,
+    completed: Family<DefLabels, Counter>,
+    compensated: Family<DefLabels, Counter>,
+    stopped: Family<DefLabels, Counter>,
+    retries: Family<StepLabels, Counter>,
+    timeouts: Family<StepLabels, Counter>,
+    escalations: Family<StepLabels, Counter>,
+    step_latency: Family<StepLabels, Histogram>,
+    saga_latency: Family<DefLabels, Histogram>,
+    dead_letters: Family<QueueLabels, Counter>,
+    outbox_backlog: Gauge,
+    outbox_oldest_s: Gauge<f64, std::sync::atomic::AtomicU64>,
+    in_flight: Gauge,
+    consumers: Family<ParticipantLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("sagaflow");
+        let hist = || Histogram::new(latency_buckets());
+        let inner = Inner {
+            registry: std::sync::Mutex::new(Registry::default()),
+            started: Family::default(),
+            completed: Family::default(),
+            compensated: Family::default(),
+            stopped: Family::default(),
+            retries: Family::default(),
+            timeouts: Family::default(),
+            escalations: Family::default(),
+            step_latency: Family::new_with_constructor(hist),
+            saga_latency: Family::new_with_constructor(hist),
+            dead_letters: Family::default(),
+            outbox_backlog: Gauge::default(),
+            outbox_oldest_s: Gauge::default(),
+            in_flight: Gauge::default(),
+            consumers: Family::default(),
+        };
+        r.register("sagas_started", "Sagas started by this node", inner.started.clone());
+        r.register("sagas_completed", "Sagas that completed, decided by this node", inner.completed.clone());
+        r.register("sagas_compensated", "Sagas that ended compensated, decided by this node", inner.compensated.clone());
+        r.register("sagas_stopped", "Sagas stopped for an operator, decided by this node", inner.stopped.clone());
+        r.register("step_retries", "Step attempts scheduled after a failure", inner.retries.clone());
+        r.register("step_timeouts", "Step attempts that got no reply in time", inner.timeouts.clone());
+        r.register("step_escalations", "Timeouts that escalated", inner.escalations.clone());
+        r.register("step_duration_seconds", "From a step's first attempt to its success", inner.step_latency.clone());
+        r.register("saga_duration_seconds", "From start to completed or compensated", inner.saga_latency.clone());
+        r.register("dead_lettered", "Messages this node dead-lettered, by queue and reason", inner.dead_letters.clone());
+        r.register("outbox_backlog", "Messages waiting in the outbox", inner.outbox_backlog.clone());
+        r.register("outbox_oldest_seconds", "Age of the oldest message in the outbox", inner.outbox_oldest_s.clone());
+        r.register("sagas_in_flight", "Sagas not yet completed, compensated or stopped", inner.in_flight.clone());
+        r.register(
+            "participant_consumers",
+            "Consumers on each participant's queue (0: nobody is taking its commands)",
+            inner.consumers.clone(),
+        );
+        *inner.registry.lock().expect("not poisoned") = r;
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Count what a decision did.
+    pub(crate) fn record(&self, def: &Definition, input: &Input, after: &SagaState, effects: &[Effect], now_ms: u64) {
+        let d = || DefLabels { definition: def.name.clone() };
+        let s = |step: &str| StepLabels { definition: def.name.clone(), step: step.to_owned() };
+        for e in effects {
+            let Effect::Emit(ev) = e else { continue };
+            match ev {
+                SagaEvent::Started => {
+                    self.inner.started.get_or_create(&d()).inc();
+                }
+                SagaEvent::Completed => {
+                    self.inner.completed.get_or_create(&d()).inc();
+                }
+                SagaEvent::Compensated => {
+                    self.inner.compensated.get_or_create(&d()).inc();
+                }
+                SagaEvent::Stopped { .. } => {
+                    self.inner.stopped.get_or_create(&d()).inc();
+                }
+                SagaEvent::StepRetrying { step, .. } => {
+                    self.inner.retries.get_or_create(&s(step)).inc();
+                }
+                SagaEvent::Escalated { step, .. } => {
+                    self.inner.escalations.get_or_create(&s(step)).inc();
+                }
+                SagaEvent::StepCompleted { step } => {
+                    if let Some(st) = def.step_named(step).and_then(|sd| after.steps.get(sd.index.get()))
+                        && let (Some(a), Some(b)) = (st.started_at, st.finished_at)
+                    {
+                        self.inner.step_latency.get_or_create(&s(step)).observe(b.0.saturating_sub(a.0) as f64 / 1000.0);
+                    }
+                }
+                _ => {}
+            }
+            if matches!(ev, SagaEvent::Completed | SagaEvent::Compensated) {
+                self.inner.saga_latency.get_or_create(&d()).observe(now_ms.saturating_sub(after.created_at.0) as f64 / 1000.0);
+            }
+        }
+        if let Input::Timer(TimerKey::StepTimeout { step, .. }) = input {
+            let name = def.step(*step).map_or_else(String::new, |sd| sd.name.clone());
+            self.inner.timeouts.get_or_create(&s(&name)).inc();
+        }
+    }
+
+    /// Count a dead letter.
+    pub(crate) fn dead_lettered(&self, queue: &str, reason: &str) {
+        self.inner.dead_letters.get_or_create(&QueueLabels { queue: queue.to_owned(), reason: reason.to_owned() }).inc();
+    }
+
+    /// Set the cluster-wide gauges.
+    pub(crate) fn set_gauges(&self, outbox: i64, oldest_s: f64, in_flight: i64, consumers: &[(String, i64)]) {
+        self.inner.outbox_backlog.set(outbox);
+        self.inner.outbox_oldest_s.set(oldest_s);
+        self.inner.in_flight.set(in_flight);
+        for (p, n) in consumers {
+            self.inner.consumers.get_or_create(&ParticipantLabels { participant: p.clone() }).set(*n);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry.lock().expect("not poisoned"));
+        out
+    }
+}

@@ -1,0 +1,335 @@
+//! What operators see and do, shared by the HTTP API and the CLI: views of sagas, lists with
+//! filters and cursors, waiting for an outcome, delivering events, and the operator actions.
+
+use std::time::Duration;
+
+use sagas::{Input, InputOutcome, OperatorCommand, SagaId, SagaState, SagaStatus, StepAction, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{PgPool, Row};
+
+use crate::intake::{Engine, Handled};
+use crate::store;
+
+/// Why an operator request failed; `code` is stable (HTTP API `error.code`, CLI exit message).
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct OpsError {
+    /// `not_found`, `conflict`, `invalid_request`, `unknown_definition`, `invalid_input`, `unavailable`.
+    pub code: &'static str,
+    /// In words.
+    pub message: String,
+}
+
+impl OpsError {
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl From<sqlx::Error> for OpsError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::new("unavailable", format!("database: {e}"))
+    }
+}
+
+/// One step as an operator sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StepView {
+    /// Its name.
+    pub name: String,
+    /// `command` or `wait`.
+    pub kind: String,
+    /// The participant it goes to, for a command step.
+    pub participant: Option<String>,
+    /// Its status (`pending`, `running`, `completed`, `compensated`, …).
+    pub status: String,
+    /// Command attempts sent.
+    pub attempts: u32,
+    /// Compensation attempts sent.
+    pub compensation_attempts: u32,
+    /// When it started (ms since the epoch).
+    pub started_at: Option<u64>,
+    /// When it finished.
+    pub finished_at: Option<u64>,
+    /// When it was compensated.
+    pub compensated_at: Option<u64>,
+    /// Whether its timeout escalated.
+    pub escalated: bool,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Its output.
+    pub output: Option<Value>,
+}
+
+/// One saga as an operator sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SagaView {
+    /// Its id.
+    pub id: SagaId,
+    /// Definition name.
+    pub definition: String,
+    /// Definition version it is pinned to.
+    pub version: u32,
+    /// Status.
+    pub status: String,
+    /// The step (or group) it is at, by name.
+    pub current: Option<String>,
+    /// Its data: the input and the steps' outputs.
+    pub data: Value,
+    /// Why it failed, if it did.
+    pub failure: Option<Value>,
+    /// Why it stopped, if it did (code, step, message).
+    pub stop: Option<Value>,
+    /// Compensations still to run, in order.
+    pub pending_compensations: Vec<String>,
+    /// Every step.
+    pub steps: Vec<StepView>,
+    /// Created (ms since the epoch).
+    pub created_at: u64,
+    /// Last decision (ms since the epoch).
+    pub updated_at: u64,
+    /// Node that made the last decision.
+    pub decided_by: String,
+    /// Size of the saga's state, in bytes.
+    pub state_bytes: usize,
+    /// Inputs in its history.
+    pub history_len: i64,
+}
+
+/// A line of a list.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SagaSummary {
+    /// Its id.
+    pub id: SagaId,
+    /// Definition name.
+    pub definition: String,
+    /// Version.
+    pub version: u32,
+    /// Status.
+    pub status: String,
+    /// Created (ms since the epoch).
+    pub created_at: u64,
+    /// Last decision (ms since the epoch).
+    pub updated_at: u64,
+}
+
+/// Filters for [`list`]; every field is optional.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListFilter {
+    /// Only this status.
+    pub status: Option<String>,
+    /// Only this definition.
+    pub definition: Option<String>,
+    /// Created at or after (ms since the epoch).
+    pub since: Option<u64>,
+    /// Created before (ms since the epoch).
+    pub until: Option<u64>,
+    /// From a previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size (1..=500, default 50).
+    pub limit: Option<u32>,
+}
+
+/// A page of a list, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Page {
+    /// The sagas.
+    pub items: Vec<SagaSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+const STATUSES: [&str; 6] = ["created", "running", "compensating", "completed", "compensated", "stopped"];
+
+/// PostgreSQL gives times here as microseconds since the epoch; views use milliseconds.
+fn us_to_ms(us: i64) -> u64 {
+    u64::try_from(us / 1000).unwrap_or(0)
+}
+
+/// Sagas matching `f`, newest first.
+pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
+    if let Some(s) = &f.status
+        && !STATUSES.contains(&s.as_str())
+    {
+        return Err(OpsError::new("invalid_request", format!("status `{s}` is not one of {}", STATUSES.join(", "))));
+    }
+    let limit = i64::from(f.limit.unwrap_or(50));
+    if !(1..=500).contains(&limit) {
+        return Err(OpsError::new("invalid_request", "limit must be between 1 and 500"));
+    }
+    let cursor = match &f.cursor {
+        Some(c) => {
+            let (at, id) = c.split_once('_').ok_or_else(|| OpsError::new("invalid_request", "malformed cursor"))?;
+            let at: i64 = at.parse().map_err(|_| OpsError::new("invalid_request", "malformed cursor"))?;
+            let id: uuid::Uuid = id.parse().map_err(|_| OpsError::new("invalid_request", "malformed cursor"))?;
+            Some((at, id))
+        }
+        None => None,
+    };
+    let to_us = |ms: Option<u64>| ms.map(|m| i64::try_from(m).unwrap_or(i64::MAX).saturating_mul(1000));
+    let rows = sqlx::query(
+        "SELECT id, definition, version, status,
+                (extract(epoch FROM created_at) * 1000000)::bigint AS created_us,
+                (extract(epoch FROM updated_at) * 1000000)::bigint AS updated_us
+         FROM sagaflow.instances
+         WHERE ($1::text IS NULL OR status = $1)
+           AND ($2::text IS NULL OR definition = $2)
+           AND ($3::bigint IS NULL OR created_at >= to_timestamp($3::float8 / 1000000))
+           AND ($4::bigint IS NULL OR created_at < to_timestamp($4::float8 / 1000000))
+           AND ($5::bigint IS NULL OR ((extract(epoch FROM created_at) * 1000000)::bigint, id) < ($5, $6))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $7",
+    )
+    .bind(&f.status)
+    .bind(&f.definition)
+    .bind(to_us(f.since))
+    .bind(to_us(f.until))
+    .bind(cursor.map(|c| c.0))
+    .bind(cursor.map(|c| c.1))
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for r in rows.iter().take(usize::try_from(limit).unwrap_or(50)) {
+        let id: uuid::Uuid = r.try_get("id")?;
+        let created: i64 = r.try_get("created_us")?;
+        last = Some(format!("{created}_{id}"));
+        items.push(SagaSummary {
+            id: SagaId(id),
+            definition: r.try_get("definition")?,
+            version: u32::try_from(r.try_get::<i32, _>("version")?).unwrap_or(0),
+            status: r.try_get("status")?,
+            created_at: us_to_ms(created),
+            updated_at: us_to_ms(r.try_get("updated_us")?),
+        });
+    }
+    let more = rows.len() > items.len();
+    Ok(Page { items, next_cursor: if more { last } else { None } })
+}
+
+/// One saga, with its steps.
+pub async fn get(engine: &Engine, id: SagaId) -> Result<SagaView, OpsError> {
+    let row = sqlx::query("SELECT state, decided_by, (SELECT count(*) FROM sagaflow.history h WHERE h.saga_id = i.id) AS n FROM sagaflow.instances i WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(engine.pool())
+        .await?
+        .ok_or_else(|| OpsError::new("not_found", format!("no saga {id}")))?;
+    let state_json: Value = row.try_get("state")?;
+    let state_bytes = state_json.to_string().len();
+    let st: SagaState =
+        serde_json::from_value(state_json).map_err(|e| OpsError::new("unavailable", format!("saga {id} does not decode: {e}")))?;
+    Ok(view(engine, &st, row.try_get("decided_by")?, state_bytes, row.try_get("n")?))
+}
+
+fn view(engine: &Engine, st: &SagaState, decided_by: String, state_bytes: usize, history_len: i64) -> SagaView {
+    let def = engine.registry().get(&st.definition, st.version);
+    let step_name = |i: usize| def.and_then(|d| d.steps.get(i)).map_or_else(|| format!("#{i}"), |s| s.name.clone());
+    let current = def.and_then(|d| d.nodes.get(st.node)).map(|n| match n {
+        sagas::definition::Node::Step { step } => step_name(step.get()),
+        sagas::definition::Node::Parallel { name, .. } => name.clone(),
+    });
+    let steps = st
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let action = def.and_then(|d| d.steps.get(i)).map(|d| &d.action);
+            StepView {
+                name: step_name(i),
+                kind: if matches!(action, Some(StepAction::Wait(_))) { "wait".into() } else { "command".into() },
+                participant: match action {
+                    Some(StepAction::Command(c)) => Some(c.participant.clone()),
+                    _ => None,
+                },
+                status: serde_json::to_value(s.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                attempts: s.attempts,
+                compensation_attempts: s.compensation_attempts,
+                started_at: s.started_at.map(|t| t.0),
+                finished_at: s.finished_at.map(|t| t.0),
+                compensated_at: s.compensated_at.map(|t| t.0),
+                escalated: s.escalated,
+                last_error: s.last_error.clone(),
+                output: s.output.clone(),
+            }
+        })
+        .collect();
+    SagaView {
+        id: st.id,
+        definition: st.definition.clone(),
+        version: st.version,
+        status: st.status.as_str().into(),
+        current: if st.status.is_terminal() { None } else { current },
+        data: st.data.clone(),
+        failure: st.failure.as_ref().and_then(|f| serde_json::to_value(f).ok()),
+        stop: st.stop.as_ref().and_then(|s| serde_json::to_value(s).ok()),
+        pending_compensations: st.compensation.as_ref().map(|c| c.iter().map(|i| step_name(i.get())).collect()).unwrap_or_default(),
+        steps,
+        created_at: st.created_at.0,
+        updated_at: st.updated_at.0,
+        decided_by,
+        state_bytes,
+        history_len,
+    }
+}
+
+/// Wait up to `timeout` for saga `id` to settle (completed, compensated or stopped); returns
+/// its view either way, and whether it settled.
+pub async fn wait(engine: &Engine, id: SagaId, timeout: Duration) -> Result<(SagaView, bool), OpsError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let v = get(engine, id).await?;
+        let settled = matches!(v.status.as_str(), "completed" | "compensated" | "stopped");
+        if settled || tokio::time::Instant::now() >= deadline {
+            return Ok((v, settled));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Apply an operator command or an event; refused inputs come back as `conflict`.
+pub async fn act(engine: &Engine, id: SagaId, input: Input) -> Result<SagaView, OpsError> {
+    match engine.apply(id, &input, None).await? {
+        Handled::Decided { outcome: InputOutcome::Applied, .. } => get(engine, id).await,
+        Handled::Decided { outcome: InputOutcome::Refused { reason }, .. } => Err(OpsError::new("conflict", reason)),
+        Handled::Decided { outcome: InputOutcome::Ignored { detail, .. }, .. } => Err(OpsError::new("conflict", detail)),
+        Handled::UnknownSaga => Err(OpsError::new("not_found", format!("no saga {id}"))),
+        Handled::UnknownVersion { definition, version } => {
+            Err(OpsError::new("unavailable", format!("this node does not know `{definition}` version {version}")))
+        }
+        Handled::Duplicate | Handled::Skipped => get(engine, id).await,
+        Handled::Invalid { code, detail } => Err(OpsError::new(code, detail)),
+    }
+}
+
+/// The operator command named `action` (`abort`, `retry`, `skip`, `resume`).
+pub fn operator_command(action: &str, reason: Option<String>) -> Result<OperatorCommand, OpsError> {
+    Ok(match action {
+        "abort" => OperatorCommand::Abort { reason: reason.unwrap_or_else(|| "aborted by an operator".into()) },
+        "retry" => OperatorCommand::RetryCompensation,
+        "skip" => OperatorCommand::SkipCompensation,
+        "resume" => OperatorCommand::Resume,
+        other => return Err(OpsError::new("invalid_request", format!("unknown action `{other}` (abort, retry, skip, resume)"))),
+    })
+}
+
+/// One saga's history.
+pub async fn history(pool: &PgPool, id: SagaId) -> Result<Vec<store::HistoryEntry>, OpsError> {
+    let h = store::history(pool, id).await?;
+    if h.is_empty() && store::load(pool, id).await?.is_none() {
+        return Err(OpsError::new("not_found", format!("no saga {id}")));
+    }
+    Ok(h)
+}
+
+/// Whether `status` is settled.
+pub fn settled(status: SagaStatus) -> bool {
+    status.is_terminal() || status == SagaStatus::Stopped
+}
+
+/// Milliseconds since the epoch, for callers that print times.
+pub fn now_ms() -> Timestamp {
+    sagas::Timestamp::now()
+}

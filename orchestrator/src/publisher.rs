@@ -1,0 +1,101 @@
+//! Publishing right after the commit: a decision's outbox rows are published on this node's
+//! confirm channel as soon as its transaction committed, and deleted in batches once the
+//! broker confirmed them. The relay remains for what this path could not publish (no channel,
+//! a failure, a crash in between): rows stay in the outbox until someone published them.
+
+use std::sync::{Arc, Mutex};
+
+use lapin::Channel;
+use participants_sdk::transport::{self, TransportError};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+use sagas::{Input, Reply, SagaId};
+
+use crate::intake::Engine;
+use crate::store::{self, Claimed};
+
+/// The current channel and the batching deleter.
+#[derive(Clone)]
+pub(crate) struct Publisher {
+    channel: Arc<Mutex<Option<Channel>>>,
+    deletes: mpsc::UnboundedSender<i64>,
+    unroutable: mpsc::UnboundedSender<(SagaId, Reply)>,
+}
+
+/// Unroutable commands, to be applied as failed attempts by [`report_loop`].
+pub(crate) type UnroutableRx = mpsc::UnboundedReceiver<(SagaId, Reply)>;
+
+impl Publisher {
+    /// A publisher without a channel yet; spawns the deleter. Run [`report_loop`] on the
+    /// receiver it returns.
+    pub(crate) fn new(pool: PgPool) -> (Self, UnroutableRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(delete_in_batches(pool, rx));
+        let (utx, urx) = mpsc::unbounded_channel();
+        (Self { channel: Arc::default(), deletes: tx, unroutable: utx }, urx)
+    }
+
+    /// Use `ch` (a confirm channel) from now on; `None` while disconnected.
+    pub(crate) fn set_channel(&self, ch: Option<Channel>) {
+        *self.channel.lock().expect("not poisoned") = ch;
+    }
+
+    /// Publish `rows` (pipelined, then wait for the confirms). `Err(n)`: `n` rows were not
+    /// published and stay for the relays.
+    pub(crate) async fn publish(&self, rows: Vec<Claimed>) -> Result<(), usize> {
+        let Some(ch) = self.channel.lock().expect("not poisoned").clone() else { return Err(rows.len()) };
+        let mut pending = Vec::with_capacity(rows.len());
+        for r in &rows {
+            match transport::publish(&ch, &r.exchange, &r.routing_key, &r.msg, r.mandatory).await {
+                Ok(p) => pending.push(p),
+                Err(_) => return Err(rows.len()),
+            }
+        }
+        let mut failed = 0;
+        for (r, p) in rows.iter().zip(pending) {
+            match p.wait().await {
+                Ok(()) => {
+                    let _ = self.deletes.send(r.id);
+                }
+                Err(TransportError::Unroutable { reply_text, .. }) => {
+                    let _ = self.deletes.send(r.id);
+                    if let Some(u) = crate::relay::unroutable_reply(r, &reply_text) {
+                        let _ = self.unroutable.send(u);
+                    }
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        if failed > 0 { Err(failed) } else { Ok(()) }
+    }
+}
+
+/// Apply unroutable commands as failed attempts, off the publishing path.
+pub(crate) async fn report_loop(engine: Engine, mut rx: UnroutableRx) {
+    while let Some((saga, reply)) = rx.recv().await {
+        let mut delay = std::time::Duration::from_millis(100);
+        while let Err(e) = engine.apply(saga, &Input::Reply(reply.clone()), None).await {
+            tracing::warn!(error = %e, saga.id = %saga, "could not record an unroutable command; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+/// Delete confirmed rows, many per statement.
+async fn delete_in_batches(pool: PgPool, mut rx: mpsc::UnboundedReceiver<i64>) {
+    while let Some(first) = rx.recv().await {
+        let mut ids = vec![first];
+        while ids.len() < 4096 {
+            match rx.try_recv() {
+                Ok(id) => ids.push(id),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store::delete_outbox(&pool, &ids).await {
+            // The rows stay; a relay publishes them again later (consumers dedupe).
+            tracing::warn!(error = %e, rows = ids.len(), "could not delete published outbox rows");
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The node: intake consumers, the outbox relay and the timers, in one `JoinSet` under a
+//! `CancellationToken`. [`Orchestrator::start`] returns a handle whose `shutdown` stops
+//! consuming, lets in-flight inputs finish, flushes the outbox and closes the connections.
+//! When RabbitMQ goes away the AMQP loops are restarted on a new connection; the database
+//! pool reconnects on its own.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ExchangeKind};
+use participants_sdk::transport::{self, Names, QueueOptions};
+use sagas::{Registry, SagaId, SagaState};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, redact};
+use crate::consumers::{Consumer, Queue};
+use crate::intake::Engine;
+use crate::{relay, store, timers};
+
+/// A node of the orchestrator, connected to PostgreSQL (migrated) but not yet running.
+pub struct Orchestrator {
+    config: Config,
+    engine: Engine,
+    names: Names,
+}
+
+/// A running node.
+pub struct OrchestratorHandle {
+    engine: Engine,
+    api_addr: Option<std::net::SocketAddr>,
+    api: Option<tokio::task::JoinHandle<()>>,
+    intake: CancellationToken,
+    relay: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Connect a pool to `url`, retrying for up to `timeout`.
+pub async fn connect_pool(url: &str, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
+    let connect = || async { PgPoolOptions::new().max_connections(max_connections).connect(url).await };
+    connect
+        .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(5)).with_total_delay(Some(timeout)).without_max_times())
+        .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)))
+        .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot reach PostgreSQL; retrying"))
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))
+}
+
+impl Orchestrator {
+    /// Validate `config`, connect to PostgreSQL and run the migrations.
+    pub async fn connect(config: Config, registry: Registry) -> anyhow::Result<Self> {
+        config.validate()?;
+        let pool = connect_pool(&config.database_url, config.database_max_connections, config.connect_timeout()).await?;
+        store::migrate(&pool).await.context("running the migrations")?;
+        let names = Names::new(config.namespace.clone());
+        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, config.step_events);
+        Ok(Self { config, engine, names })
+    }
+
+    /// The engine, to start sagas and apply inputs from Rust.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Connect to RabbitMQ, declare the topology and run in the background.
+    pub async fn start(self) -> anyhow::Result<OrchestratorHandle> {
+        let conn = transport::connect(&self.config.amqp_url, self.config.connect_timeout())
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {}", redact(&self.config.amqp_url)))?;
+        self.declare(&conn).await.context("declaring the AMQP topology")?;
+        let (intake, relay) = (CancellationToken::new(), CancellationToken::new());
+        let engine = self.engine.clone();
+        let (api_addr, api) = self.serve_api(intake.clone()).await?;
+        let (i, r) = (intake.clone(), relay.clone());
+        let task = tokio::spawn(async move { self.supervise(conn, i, r).await });
+        Ok(OrchestratorHandle { engine, api_addr, api, intake, relay, task })
+    }
+
+    /// Run until `shutdown` completes, then shut down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let handle = self.start().await?;
+        tokio::select! {
+            () = shutdown => handle.shutdown().await,
+            r = handle.task_finished() => r,
+        }
+    }
+
+    /// Bind the API (when `api_addr` is set) and serve it until `stop`.
+    async fn serve_api(
+        &self,
+        stop: CancellationToken,
+    ) -> anyhow::Result<(Option<std::net::SocketAddr>, Option<tokio::task::JoinHandle<()>>)> {
+        if self.config.api_addr.is_empty() {
+            return Ok((None, None));
+        }
+        let listener = tokio::net::TcpListener::bind(&self.config.api_addr)
+            .await
+            .with_context(|| format!("binding the API to {}", self.config.api_addr))?;
+        let addr = listener.local_addr()?;
+        let state = crate::api::ApiState {
+            engine: self.engine.clone(),
+            token: Some(self.config.api_token.clone()).filter(|t| !t.is_empty()),
+            amqp_url: self.config.amqp_url.clone(),
+        };
+        let app = crate::api::app(state);
+        tracing::info!(%addr, "serving the API, the web page and /metrics");
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+                tracing::error!(error = %e, "the API server stopped");
+            }
+        });
+        Ok((Some(addr), Some(task)))
+    }
+
+    async fn declare(&self, conn: &Connection) -> Result<(), lapin::Error> {
+        let ch = conn.create_channel().await?;
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        ch.exchange_declare(self.names.commands_exchange().as_str().into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
+        ch.exchange_declare(self.names.events_exchange().as_str().into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+        let opts = QueueOptions { quorum: self.config.quorum_queues };
+        transport::declare_queue(&ch, &self.names, &self.names.replies_queue(), opts).await?;
+        transport::declare_queue(&ch, &self.names, &self.names.inbound_queue(), opts).await?;
+        if self.config.declare_participant_queues {
+            for p in self.engine.registry().participants() {
+                transport::declare_participant(&ch, &self.names, p, opts).await?;
+            }
+        }
+        ch.close(200, "declared".into()).await
+    }
+
+    async fn supervise(self, first: Connection, intake: CancellationToken, relay_token: CancellationToken) -> anyhow::Result<()> {
+        let cfg = &self.config;
+        let timers =
+            tokio::spawn(timers::run(self.engine.clone(), Duration::from_millis(cfg.timer_poll_ms), cfg.timer_batch, intake.clone()));
+        let mut conn = Some(first);
+        loop {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => tokio::select! {
+                    () = intake.cancelled() => break,
+                    c = transport::connect(&cfg.amqp_url, Duration::from_secs(3600)) => match c {
+                        Ok(c) => { tracing::info!("reconnected to RabbitMQ"); c }
+                        Err(e) => { tracing::error!(error = %e, "cannot reconnect to RabbitMQ"); continue; }
+                    },
+                },
+            };
+            if let Err(e) = self.declare(&c).await {
+                tracing::warn!(error = %e, "declaring the topology failed; reconnecting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // Loops of this connection stop on their own tokens, children of the node's.
+            let (ci, cr) = (intake.child_token(), relay_token.child_token());
+            let mut consumers = JoinSet::new();
+            let consumer = Consumer {
+                engine: self.engine.clone(),
+                names: self.names.clone(),
+                max_body: cfg.max_body_bytes,
+                prefetch: cfg.prefetch,
+                concurrency: cfg.concurrency,
+            };
+            let channels = async {
+                Ok::<_, lapin::Error>((
+                    transport::confirm_channel(&c).await?,
+                    transport::confirm_channel(&c).await?,
+                    transport::confirm_channel(&c).await?,
+                    transport::confirm_channel(&c).await?,
+                ))
+            };
+            let (replies_ch, inbound_ch, ch, publish_ch) = match channels.await {
+                Ok(chs) => chs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "opening channels failed; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            self.engine.publisher.set_channel(Some(publish_ch));
+            for (q, qch) in [(Queue::Replies, replies_ch), (Queue::Inbound, inbound_ch)] {
+                let (consumer, t) = (consumer.clone(), ci.clone());
+                consumers.spawn(async move { consumer.run(qch, q, t).await });
+            }
+            let mut relay =
+                tokio::spawn(relay::run(self.engine.clone(), ch, cfg.relay_batch, Duration::from_millis(cfg.relay_poll_ms), cr.clone()));
+            let failed = tokio::select! {
+                biased;
+                () = intake.cancelled() => None,
+                Some(r) = consumers.join_next() => Some(match r {
+                    Ok(Ok(())) => "a consumer stopped".to_owned(),
+                    Ok(Err(e)) => format!("a consumer failed: {e:#}"),
+                    Err(e) => format!("a consumer panicked: {e}"),
+                }),
+                r = &mut relay => Some(format!("the relay stopped: {r:?}")),
+            };
+            // A consumer that ended because shutdown began is not a failure.
+            let failed = failed.filter(|_| !intake.is_cancelled());
+            // Stop consuming and let in-flight inputs commit and ack ...
+            ci.cancel();
+            while consumers.join_next().await.is_some() {}
+            // ... from here on, what is written waits for a relay ...
+            self.engine.publisher.set_channel(None);
+            // ... then flush the outbox and stop the relay.
+            if failed.is_none() {
+                relay_token.cancel();
+            }
+            cr.cancel();
+            if !relay.is_finished() || failed.is_none() {
+                match relay.await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "the relay stopped with an error"),
+                    Err(e) => tracing::error!(error = %e, "the relay panicked"),
+                    Ok(Ok(())) => {}
+                }
+            }
+            match failed {
+                None => {
+                    let _ = c.close(200, "shutdown".into()).await;
+                    break;
+                }
+                Some(why) => {
+                    tracing::warn!(why, "lost RabbitMQ; reconnecting");
+                    let _ = c.close(200, "reconnecting".into()).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        let _ = timers.await;
+        Ok(())
+    }
+}
+
+impl OrchestratorHandle {
+    /// The engine, to start sagas and apply inputs from Rust.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Where the API listens, when it is served.
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api_addr
+    }
+
+    /// Stop consuming, finish in-flight inputs, flush the outbox, close.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.intake.cancel();
+        let _ = &self.relay;
+        if let Some(api) = self.api {
+            let _ = api.await;
+        }
+        self.task.await.context("the node task panicked")?
+    }
+
+    async fn task_finished(&self) -> anyhow::Result<()> {
+        while !self.task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(anyhow::anyhow!("the node stopped on its own"))
+    }
+}
+
+/// Wait until saga `id` is settled (completed, compensated or stopped) or `timeout` passes.
+pub async fn wait_settled(pool: &PgPool, id: SagaId, timeout: Duration) -> anyhow::Result<SagaState> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let st = store::load(pool, id).await?.with_context(|| format!("no saga {id}"))?;
+        if st.status.is_terminal() || st.status == sagas::SagaStatus::Stopped {
+            return Ok(st);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("saga {id} is still {} after {timeout:?}", st.status.as_str());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,327 @@
+//! The PostgreSQL store (schema `sagaflow`): migrations, and the reads and writes the runtime
+//! makes inside one transaction per input.
+
+use std::borrow::Cow;
+
+use sagas::protocol::WireMessage;
+use sagas::{SagaId, SagaState, TimerKey, Timestamp};
+use serde_json::Value;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr};
+
+/// The embedded migrations, recorded in `sagaflow._sqlx_migrations`.
+pub fn migrator() -> Migrator {
+    let migrations = vec![Migration::new(
+        1,
+        Cow::Borrowed("initial"),
+        MigrationType::Simple,
+        AssertSqlSafe(include_str!("../migrations/0001_initial.sql")).into_sql_str(),
+        false,
+    )];
+    let mut m = Migrator::with_migrations(migrations);
+    m.create_schema("sagaflow");
+    m.dangerous_set_table_name("sagaflow._sqlx_migrations");
+    m
+}
+
+/// Run the migrations (idempotent; concurrent nodes serialize on an advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    migrator().run(pool).await
+}
+
+/// An instance row, locked.
+pub(crate) struct Locked {
+    pub(crate) state: SagaState,
+    pub(crate) traceparent: Option<String>,
+}
+
+/// Lock the instance row. `None` when there is no such saga.
+pub(crate) async fn lock(tx: &mut PgConnection, id: SagaId, skip_locked: bool) -> Result<Option<Locked>, sqlx::Error> {
+    let sql = if skip_locked {
+        "SELECT state, traceparent FROM sagaflow.instances WHERE id = $1 FOR UPDATE SKIP LOCKED"
+    } else {
+        "SELECT state, traceparent FROM sagaflow.instances WHERE id = $1 FOR UPDATE"
+    };
+    let Some(row) = sqlx::query(sql).bind(id.0).fetch_optional(&mut *tx).await? else { return Ok(None) };
+    let state: Value = row.try_get(0)?;
+    let state: SagaState = serde_json::from_value(state).map_err(|e| sqlx::Error::Decode(e.into()))?;
+    Ok(Some(Locked { state, traceparent: row.try_get(1)? }))
+}
+
+/// What [`lock_marking`] found.
+pub(crate) enum Marked {
+    /// No such saga.
+    Missing,
+    /// The message id was already recorded.
+    Duplicate,
+    /// New message; the instance, locked.
+    Fresh(Box<Locked>),
+}
+
+/// Record message id `inbox` and lock the instance, in one round trip.
+pub(crate) async fn lock_marking(tx: &mut PgConnection, id: SagaId, inbox: uuid::Uuid) -> Result<Marked, sqlx::Error> {
+    let row = sqlx::query(
+        "WITH ins AS (INSERT INTO sagaflow.inbox (message_id, saga_id) VALUES ($2, $1) ON CONFLICT DO NOTHING RETURNING 1)
+         SELECT state, traceparent, EXISTS (SELECT 1 FROM ins) AS fresh FROM sagaflow.instances WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id.0)
+    .bind(inbox)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else { return Ok(Marked::Missing) };
+    if !row.try_get::<bool, _>(2)? {
+        return Ok(Marked::Duplicate);
+    }
+    let state: SagaState = serde_json::from_value(row.try_get(0)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
+    Ok(Marked::Fresh(Box::new(Locked { state, traceparent: row.try_get(1)? })))
+}
+
+/// Insert a new instance; `Err(existing id)` when its idempotency key is taken.
+pub(crate) async fn insert_instance(
+    tx: &mut PgConnection,
+    state: &SagaState,
+    idempotency_key: Option<&str>,
+    traceparent: &str,
+    node: &str,
+) -> Result<Result<(), SagaId>, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+    )
+    .bind(state.id.0)
+    .bind(&state.definition)
+    .bind(i32::try_from(state.version).unwrap_or(i32::MAX))
+    .bind(state.status.as_str())
+    .bind(serde_json::to_value(state).unwrap_or(Value::Null))
+    .bind(idempotency_key)
+    .bind(traceparent)
+    .bind(node)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(Ok(()));
+    }
+    let existing: Option<uuid::Uuid> = match idempotency_key {
+        Some(key) => {
+            sqlx::query_scalar("SELECT id FROM sagaflow.instances WHERE idempotency_key = $1").bind(key).fetch_optional(&mut *tx).await?
+        }
+        None => None,
+    };
+    Ok(Err(SagaId(existing.unwrap_or(state.id.0))))
+}
+
+/// Everything one decision writes but timers, in one round trip: the new state (when it
+/// applied), the history row, and the outbox rows; returns the outbox row ids in `rows` order.
+pub(crate) async fn write_decision(
+    tx: &mut PgConnection,
+    applied: Option<(&Value, &str)>,
+    h: HistoryRow<'_>,
+    rows: &[OutboxRow],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let input_bytes = h.input.to_string().len();
+    let exchanges: Vec<&str> = rows.iter().map(|r| r.exchange.as_str()).collect();
+    let keys: Vec<&str> = rows.iter().map(|r| r.routing_key.as_str()).collect();
+    let mandatory: Vec<bool> = rows.iter().map(|r| r.mandatory).collect();
+    let envelopes: Vec<Value> = rows.iter().map(|r| serde_json::to_value(&r.msg).unwrap_or(Value::Null)).collect();
+    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.msg.body.as_slice()).collect();
+    let (state, status) = applied.map_or((None, None), |(s, st)| (Some(s), Some(st)));
+    sqlx::query_scalar(
+        "WITH upd AS (
+            UPDATE sagaflow.instances SET state = $2, status = $3, updated_at = now(), decided_by = $4 WHERE id = $1 AND $2::jsonb IS NOT NULL
+         ), h AS (
+            INSERT INTO sagaflow.history (saga_id, node, input_kind, input, outcome, detail, status, effects, input_bytes, state_bytes)
+            VALUES ($1, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+         ), o AS (
+            INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body)
+            SELECT $1, * FROM UNNEST($13::text[], $14::text[], $15::bool[], $16::jsonb[], $17::bytea[])
+            RETURNING id
+         )
+         SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM o",
+    )
+    .bind(h.saga.0)
+    .bind(state)
+    .bind(status)
+    .bind(h.node)
+    .bind(h.input_kind)
+    .bind(&h.input)
+    .bind(h.outcome)
+    .bind(h.detail)
+    .bind(h.status)
+    .bind(&h.effects)
+    .bind(i32::try_from(input_bytes).unwrap_or(i32::MAX))
+    .bind(i32::try_from(h.state_bytes).unwrap_or(i32::MAX))
+    .bind(&exchanges)
+    .bind(&keys)
+    .bind(&mandatory)
+    .bind(&envelopes)
+    .bind(&bodies)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Wake the relays (when this node could not publish what it wrote).
+pub(crate) async fn notify_relays(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify('sagaflow_outbox', '')").execute(pool).await.map(drop)
+}
+
+/// One history row.
+pub(crate) struct HistoryRow<'a> {
+    pub(crate) saga: SagaId,
+    pub(crate) node: &'a str,
+    pub(crate) input_kind: &'a str,
+    pub(crate) input: Value,
+    pub(crate) outcome: &'a str,
+    pub(crate) detail: Option<String>,
+    pub(crate) status: &'a str,
+    pub(crate) effects: Value,
+    pub(crate) state_bytes: usize,
+}
+
+/// A message to publish.
+pub(crate) struct OutboxRow {
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) mandatory: bool,
+    pub(crate) msg: WireMessage,
+}
+
+/// Schedule (or move) timers and cancel others.
+pub(crate) async fn set_timers(
+    tx: &mut PgConnection,
+    saga: SagaId,
+    schedule: &[(TimerKey, Timestamp)],
+    cancel: &[TimerKey],
+) -> Result<(), sqlx::Error> {
+    if !cancel.is_empty() {
+        let keys: Vec<String> = cancel.iter().map(TimerKey::id).collect();
+        sqlx::query("DELETE FROM sagaflow.timers WHERE saga_id = $1 AND key = ANY($2)").bind(saga.0).bind(&keys).execute(&mut *tx).await?;
+    }
+    if !schedule.is_empty() {
+        let keys: Vec<String> = schedule.iter().map(|(k, _)| k.id()).collect();
+        let timers: Vec<Value> = schedule.iter().map(|(k, _)| serde_json::to_value(k).unwrap_or(Value::Null)).collect();
+        let due: Vec<i64> = schedule.iter().map(|(_, d)| i64::try_from(d.0).unwrap_or(i64::MAX)).collect();
+        sqlx::query(
+            "INSERT INTO sagaflow.timers (saga_id, key, timer, due_ms) SELECT $1, * FROM UNNEST($2::text[], $3::jsonb[], $4::int8[])
+             ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, due_ms = EXCLUDED.due_ms",
+        )
+        .bind(saga.0)
+        .bind(&keys)
+        .bind(&timers)
+        .bind(&due)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Delete a timer that is firing; `None` when another node fired or cancelled it first.
+pub(crate) async fn take_timer(tx: &mut PgConnection, saga: SagaId, key: &str) -> Result<Option<TimerKey>, sqlx::Error> {
+    let v: Option<Value> = sqlx::query_scalar("DELETE FROM sagaflow.timers WHERE saga_id = $1 AND key = $2 RETURNING timer")
+        .bind(saga.0)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+    v.map(|v| serde_json::from_value(v).map_err(|e| sqlx::Error::Decode(e.into()))).transpose()
+}
+
+/// Timers due by `now_ms`: `(saga, key)`.
+pub(crate) async fn due_timers(pool: &PgPool, now_ms: i64, limit: i64) -> Result<Vec<(SagaId, String)>, sqlx::Error> {
+    let rows: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT saga_id, key FROM sagaflow.timers WHERE due_ms <= $1 ORDER BY due_ms LIMIT $2")
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|(s, k)| (SagaId(s), k)).collect())
+}
+
+/// A claimed outbox row.
+pub(crate) struct Claimed {
+    pub(crate) id: i64,
+    pub(crate) saga: SagaId,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) mandatory: bool,
+    pub(crate) msg: WireMessage,
+}
+
+/// Lock up to `limit` outbox rows at least `min_age_ms` old for this transaction (other relays
+/// skip them).
+pub(crate) async fn claim_outbox(tx: &mut PgConnection, limit: i64, min_age_ms: i64) -> Result<Vec<Claimed>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, saga_id, exchange, routing_key, mandatory, envelope, body FROM sagaflow.outbox
+         WHERE created_at <= now() - make_interval(secs => $2::float8 / 1000)
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .bind(min_age_ms)
+    .fetch_all(&mut *tx)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            let mut msg: WireMessage = serde_json::from_value(r.try_get("envelope")?).map_err(|e| sqlx::Error::Decode(e.into()))?;
+            msg.body = r.try_get("body")?;
+            Ok(Claimed {
+                id: r.try_get("id")?,
+                saga: SagaId(r.try_get("saga_id")?),
+                exchange: r.try_get("exchange")?,
+                routing_key: r.try_get("routing_key")?,
+                mandatory: r.try_get("mandatory")?,
+                msg,
+            })
+        })
+        .collect()
+}
+
+/// Delete published outbox rows (in the relay's transaction, or on their own).
+pub(crate) async fn delete_outbox<'c>(ex: impl sqlx::PgExecutor<'c>, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM sagaflow.outbox WHERE id = ANY($1)").bind(ids).execute(ex).await.map(drop)
+}
+
+/// An instance's status and state, unlocked (for the client and the operator surface).
+pub async fn load(pool: &PgPool, id: SagaId) -> Result<Option<SagaState>, sqlx::Error> {
+    let v: Option<Value> = sqlx::query_scalar("SELECT state FROM sagaflow.instances WHERE id = $1").bind(id.0).fetch_optional(pool).await?;
+    v.map(|v| serde_json::from_value(v).map_err(|e| sqlx::Error::Decode(e.into()))).transpose()
+}
+
+/// One saga's history, oldest first.
+pub async fn history(pool: &PgPool, id: SagaId) -> Result<Vec<HistoryEntry>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT node, input_kind, input, outcome, detail, status, effects FROM sagaflow.history WHERE saga_id = $1 ORDER BY id",
+    )
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(HistoryEntry {
+                node: r.try_get(0)?,
+                input_kind: r.try_get(1)?,
+                input: r.try_get(2)?,
+                outcome: r.try_get(3)?,
+                detail: r.try_get(4)?,
+                status: r.try_get(5)?,
+                effects: r.try_get(6)?,
+            })
+        })
+        .collect()
+}
+
+/// One input in a saga's history and what it decided.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HistoryEntry {
+    /// The node that decided.
+    pub node: String,
+    /// `start`, `reply`, `timer`, `event` or `operator`.
+    pub input_kind: String,
+    /// The input.
+    pub input: Value,
+    /// `applied`, `duplicate`, `stale` or `refused`.
+    pub outcome: String,
+    /// Why, for inputs that did not apply.
+    pub detail: Option<String>,
+    /// The status after the input.
+    pub status: String,
+    /// What the decision did.
+    pub effects: Value,
+}

@@ -1,0 +1,37 @@
+//! Durable timers: every `timer_poll_ms` the node reads the due timers and fires each in its
+//! own transaction (instance locked with `SKIP LOCKED`, timer row deleted, `decide`, write).
+//! Nodes race harmlessly: the row is deleted by whoever fires it first.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::intake::{Engine, Handled};
+use crate::store;
+
+/// Fire due timers until `token` is cancelled.
+pub(crate) async fn run(engine: Engine, poll: Duration, batch: u32, token: CancellationToken) {
+    loop {
+        match fire_due(&engine, i64::from(batch)).await {
+            Ok(n) if n >= batch as usize => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "timers: database error; retrying"),
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+async fn fire_due(engine: &Engine, limit: i64) -> Result<usize, sqlx::Error> {
+    let due = store::due_timers(engine.pool(), i64::try_from(sagas::Timestamp::now().0).unwrap_or(i64::MAX), limit).await?;
+    let mut fired = 0;
+    for (saga, key) in &due {
+        match engine.fire_timer(*saga, key).await? {
+            Handled::Skipped | Handled::UnknownVersion { .. } | Handled::Invalid { .. } => {}
+            _ => fired += 1,
+        }
+    }
+    Ok(fired)
+}

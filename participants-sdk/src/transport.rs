@@ -1,0 +1,322 @@
+//! The AMQP side of the protocol, shared by participants and the orchestrator: the names of
+//! exchanges and queues (docs/protocol.md, "Names"), declaring them, converting between lapin
+//! messages and [`WireMessage`], publishing with confirms, and dead-lettering with a reason.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use sagas::protocol::{H_DEAD_LETTER_DETAIL, H_DEAD_LETTER_REASON, HeaderValue, WireMessage};
+
+/// The names of every AMQP object of one deployment, derived from its namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    /// Names under `namespace` (`sagaflow` by default).
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self { ns: namespace.into() }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// `{ns}.commands`: direct exchange, routing key = participant.
+    pub fn commands_exchange(&self) -> String {
+        format!("{}.commands", self.ns)
+    }
+
+    /// `{ns}.participant.{participant}`: a participant's inbox.
+    pub fn participant_queue(&self, participant: &str) -> String {
+        format!("{}.participant.{participant}", self.ns)
+    }
+
+    /// `{ns}.replies`: the orchestrator's reply queue.
+    pub fn replies_queue(&self) -> String {
+        format!("{}.replies", self.ns)
+    }
+
+    /// `{ns}.inbound`: start requests and external events.
+    pub fn inbound_queue(&self) -> String {
+        format!("{}.inbound", self.ns)
+    }
+
+    /// `{ns}.events`: topic exchange of lifecycle events.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.ns)
+    }
+
+    /// `{ns}.dead-letter`: direct exchange, routing key = the queue a message came from.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead-letter", self.ns)
+    }
+
+    /// `{queue}.dead-letter`: where `queue`'s refused messages go.
+    pub fn dead_letter_queue(queue: &str) -> String {
+        format!("{queue}.dead-letter")
+    }
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new("sagaflow")
+    }
+}
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The broker refused or lost the connection or channel.
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker nacked a publish: it could not store the message.
+    #[error("the broker did not accept a message for `{exchange}` / `{routing_key}`")]
+    PublishNacked {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
+    /// A `mandatory` publish reached no queue.
+    #[error("no queue is bound for `{exchange}` / `{routing_key}`: {reply_text}")]
+    Unroutable {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The broker's explanation.
+        reply_text: String,
+    },
+}
+
+/// How long one connection attempt (TCP, TLS and the AMQP handshake) may take: a peer that
+/// accepts the TCP connection but never speaks AMQP (a broker still starting, a port reused by
+/// something else) must not hang the caller.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connect to RabbitMQ, retrying with exponential backoff for up to `give_up_after`.
+pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, lapin::Error> {
+    let attempt = || async {
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, Connection::connect(url, ConnectionProperties::default())).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no AMQP handshake within 10 s").into()),
+        }
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(give_up_after))
+                .without_max_times(),
+        )
+        .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot connect to RabbitMQ; retrying"))
+        .await
+}
+
+/// A channel with publisher confirms on.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// How queues are declared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// Quorum queues (replicated; for RabbitMQ clusters) instead of classic queues.
+    pub quorum: bool,
+}
+
+/// Declare the dead-letter exchange, `queue` with its dead-letter arguments, and its
+/// dead-letter queue. Idempotent.
+pub async fn declare_queue(ch: &Channel, names: &Names, queue: &str, opts: QueueOptions) -> Result<(), lapin::Error> {
+    let dlx = names.dead_letter_exchange();
+    ch.exchange_declare(
+        dlx.as_str().into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await?;
+    let queue_args = |dead_letter: bool| {
+        let mut args = FieldTable::default();
+        if opts.quorum {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        if dead_letter {
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.into()));
+        }
+        args
+    };
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let dlq = Names::dead_letter_queue(queue);
+    ch.queue_declare(dlq.as_str().into(), durable, queue_args(false)).await?;
+    ch.queue_bind(dlq.as_str().into(), dlx.as_str().into(), queue.into(), QueueBindOptions::default(), FieldTable::default()).await?;
+    ch.queue_declare(queue.into(), durable, queue_args(true)).await?;
+    Ok(())
+}
+
+/// Declare a participant's queue and bind it to the commands exchange.
+pub async fn declare_participant(ch: &Channel, names: &Names, participant: &str, opts: QueueOptions) -> Result<(), lapin::Error> {
+    let exchange = names.commands_exchange();
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await?;
+    let queue = names.participant_queue(participant);
+    declare_queue(ch, names, &queue, opts).await?;
+    ch.queue_bind(queue.as_str().into(), exchange.as_str().into(), participant.into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+}
+
+/// The protocol's view of a delivered message.
+pub fn wire_from_delivery(d: &Delivery) -> WireMessage {
+    wire_from_parts(&d.properties, &d.data)
+}
+
+fn wire_from_parts(p: &BasicProperties, body: &[u8]) -> WireMessage {
+    let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    let mut headers = BTreeMap::new();
+    if let Some(table) = p.headers() {
+        for (k, v) in table {
+            let value = match v {
+                AMQPValue::LongString(s) => HeaderValue::Str(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                AMQPValue::ShortString(s) => HeaderValue::Str(s.as_str().to_owned()),
+                AMQPValue::LongLongInt(n) => HeaderValue::Int(*n),
+                AMQPValue::LongInt(n) => HeaderValue::Int(i64::from(*n)),
+                AMQPValue::LongUInt(n) => HeaderValue::Int(i64::from(*n)),
+                AMQPValue::ShortInt(n) => HeaderValue::Int(i64::from(*n)),
+                AMQPValue::ShortUInt(n) => HeaderValue::Int(i64::from(*n)),
+                AMQPValue::ShortShortInt(n) => HeaderValue::Int(i64::from(*n)),
+                AMQPValue::ShortShortUInt(n) => HeaderValue::Int(i64::from(*n)),
+                // Other types (tables, arrays, floats) are not part of the protocol; decoders
+                // that need the header report it as missing.
+                _ => continue,
+            };
+            headers.insert(k.as_str().to_owned(), value);
+        }
+    }
+    WireMessage {
+        message_id: s(p.message_id()),
+        correlation_id: s(p.correlation_id()),
+        kind: s(p.kind()),
+        reply_to: s(p.reply_to()),
+        content_type: s(p.content_type()),
+        timestamp: *p.timestamp(),
+        headers,
+        body: body.to_vec(),
+    }
+}
+
+/// AMQP properties for `msg`, persistent.
+pub fn properties(msg: &WireMessage) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (k, v) in &msg.headers {
+        let value = match v {
+            HeaderValue::Int(n) => AMQPValue::LongLongInt(*n),
+            HeaderValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
+        };
+        headers.insert(k.as_str().into(), value);
+    }
+    let mut p = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+    if let Some(v) = &msg.message_id {
+        p = p.with_message_id(v.as_str().into());
+    }
+    if let Some(v) = &msg.correlation_id {
+        p = p.with_correlation_id(v.as_str().into());
+    }
+    if let Some(v) = &msg.kind {
+        p = p.with_type(v.as_str().into());
+    }
+    if let Some(v) = &msg.reply_to {
+        p = p.with_reply_to(v.as_str().into());
+    }
+    if let Some(v) = &msg.content_type {
+        p = p.with_content_type(v.as_str().into());
+    }
+    if let Some(v) = msg.timestamp {
+        p = p.with_timestamp(v);
+    }
+    p
+}
+
+/// Publish `msg` and hand back the pending confirmation, so a caller can pipeline many
+/// publishes before waiting. `ch` must be a [`confirm_channel`].
+pub async fn publish(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    msg: &WireMessage,
+    mandatory: bool,
+) -> Result<PendingConfirm, TransportError> {
+    let confirm = ch
+        .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions { mandatory, immediate: false }, &msg.body, properties(msg))
+        .await?;
+    Ok(PendingConfirm { confirm, exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
+}
+
+/// A publish waiting for the broker's confirm.
+pub struct PendingConfirm {
+    confirm: lapin::PublisherConfirm,
+    exchange: String,
+    routing_key: String,
+}
+
+impl PendingConfirm {
+    /// Wait for the broker: `Ok` once it stored (or, not `mandatory`, accepted) the message.
+    pub async fn wait(self) -> Result<(), TransportError> {
+        match self.confirm.await? {
+            lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
+            lapin::Confirmation::Ack(Some(ret)) => Err(TransportError::Unroutable {
+                exchange: self.exchange,
+                routing_key: self.routing_key,
+                reply_text: ret.reply_text.as_str().to_owned(),
+            }),
+            lapin::Confirmation::Nack(_) => Err(TransportError::PublishNacked { exchange: self.exchange, routing_key: self.routing_key }),
+        }
+    }
+}
+
+/// Publish and wait for the confirm.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    msg: &WireMessage,
+    mandatory: bool,
+) -> Result<(), TransportError> {
+    publish(ch, exchange, routing_key, msg, mandatory).await?.wait().await
+}
+
+/// Refuse a delivery: republish it unchanged to the dead-letter exchange (routing key = the
+/// queue it came from) with `x-dead-letter-reason` and `x-dead-letter-detail`, wait for the
+/// confirm, then ack the original. Logs the refusal once.
+pub async fn dead_letter(ch: &Channel, names: &Names, queue: &str, d: &Delivery, reason: &str, detail: &str) -> Result<(), TransportError> {
+    tracing::warn!(queue, reason, detail, message.id = ?d.properties.message_id().as_ref().map(ShortString::as_str), "dead-lettering a message");
+    let mut props = d.properties.clone();
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(H_DEAD_LETTER_REASON.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(H_DEAD_LETTER_DETAIL.into(), AMQPValue::LongString(detail.into()));
+    props = props.with_headers(headers);
+    let exchange = names.dead_letter_exchange();
+    let confirm = ch.basic_publish(exchange.as_str().into(), queue.into(), BasicPublishOptions::default(), &d.data, props).await?;
+    PendingConfirm { confirm, exchange, routing_key: queue.to_owned() }.wait().await?;
+    d.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}
