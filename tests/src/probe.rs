@@ -1,0 +1,180 @@
+//! A participant for testing saga shapes: each step's behaviour (succeed, reject, fail
+//! transiently N times, answer slowly) comes from the saga's data, and every effect and undo
+//! is recorded in `probe.effects` in the order it committed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use participants_sdk::{Context, Handler, HandlerError, HandlerResult, Participant, ParticipantConfig};
+use sagas::definition::StepBuilder;
+use sagas::{Command, NoCommand, SagaId};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// What a probe step does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Behavior {
+    /// Succeed.
+    #[default]
+    Ok,
+    /// Refuse (code `probe_rejected`).
+    Reject,
+    /// Fail transiently for the first `n` attempts, then succeed.
+    Flaky {
+        /// Failing attempts.
+        n: u32,
+    },
+    /// Succeed after `ms` milliseconds.
+    Slow {
+        /// The delay.
+        ms: u64,
+    },
+}
+
+/// One step's plan: the command's behaviour and how often its undo fails first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepPlan {
+    /// The command.
+    #[serde(default)]
+    pub behavior: Behavior,
+    /// The undo fails transiently this many times first.
+    #[serde(default)]
+    pub undo_flaky: u32,
+}
+
+/// The data of a probe saga: a plan per step name (absent = succeed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Plans by step name.
+    #[serde(default)]
+    pub steps: BTreeMap<String, StepPlan>,
+    /// Payloads of the events received by wait steps.
+    #[serde(default)]
+    pub events: BTreeMap<String, serde_json::Value>,
+}
+
+impl Plan {
+    /// Set step `name`'s behaviour.
+    pub fn with(mut self, name: &str, behavior: Behavior) -> Self {
+        self.steps.entry(name.into()).or_default().behavior = behavior;
+        self
+    }
+
+    /// Make step `name`'s undo fail transiently `n` times first.
+    pub fn undo_flaky(mut self, name: &str, n: u32) -> Self {
+        self.steps.entry(name.into()).or_default().undo_flaky = n;
+        self
+    }
+
+    fn plan(&self, name: &str) -> StepPlan {
+        self.steps.get(name).cloned().unwrap_or_default()
+    }
+}
+
+/// The probe command.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Probe {
+    /// The step.
+    pub key: String,
+    /// What to do.
+    pub behavior: Behavior,
+}
+/// The probe's reply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Probed {
+    /// The step.
+    pub key: String,
+}
+impl Command for Probe {
+    const NAME: &'static str = "probe.do";
+    const PARTICIPANT: &'static str = "probe";
+    type Reply = Probed;
+}
+
+/// The probe's compensation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Undo {
+    /// The step.
+    pub key: String,
+    /// Fail transiently this many times first.
+    pub flaky: u32,
+}
+impl Command for Undo {
+    const NAME: &'static str = "probe.undo";
+    const PARTICIPANT: &'static str = "probe";
+    type Reply = ();
+}
+
+/// Configure `s` as probe step `name` (with an undo).
+pub fn step(s: StepBuilder<Plan, NoCommand>, name: &'static str) -> StepBuilder<Plan, Probe> {
+    s.invoke(move |d: &Plan| Probe { key: name.into(), behavior: d.plan(name).behavior })
+        .compensate(move |d: &Plan| Undo { key: name.into(), flaky: d.plan(name).undo_flaky })
+}
+
+struct ProbeService;
+
+impl Handler<Probe> for ProbeService {
+    async fn handle(&self, cx: &mut Context<'_>, cmd: Probe) -> HandlerResult<Probed> {
+        match cmd.behavior {
+            Behavior::Ok => {}
+            Behavior::Reject => return Err(HandlerError::reject("probe_rejected", format!("step {} refuses", cmd.key))),
+            Behavior::Flaky { n } if cx.attempt() <= n => {
+                return Err(HandlerError::Transient(anyhow::anyhow!("step {} fails attempt {}", cmd.key, cx.attempt())));
+            }
+            Behavior::Flaky { .. } => {}
+            Behavior::Slow { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+        }
+        record(cx, &cmd.key, "do").await?;
+        Ok(Probed { key: cmd.key })
+    }
+}
+
+impl Handler<Undo> for ProbeService {
+    async fn handle(&self, cx: &mut Context<'_>, cmd: Undo) -> HandlerResult<()> {
+        if cx.attempt() <= cmd.flaky {
+            return Err(HandlerError::Transient(anyhow::anyhow!("undo {} fails attempt {}", cmd.key, cx.attempt())));
+        }
+        record(cx, &cmd.key, "undo").await
+    }
+}
+
+async fn record(cx: &mut Context<'_>, key: &str, kind: &str) -> HandlerResult<()> {
+    let saga = cx.saga_id().0;
+    sqlx::query("INSERT INTO probe.effects (saga_id, key, kind, attempt) VALUES ($1, $2, $3, $4)")
+        .bind(saga)
+        .bind(key)
+        .bind(kind)
+        .bind(i32::try_from(cx.attempt()).unwrap_or(i32::MAX))
+        .execute(cx.tx())
+        .await?;
+    Ok(())
+}
+
+/// Create `probe.effects`.
+pub async fn setup(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(
+        "CREATE SCHEMA IF NOT EXISTS probe;
+         CREATE TABLE IF NOT EXISTS probe.effects (id bigserial PRIMARY KEY, saga_id uuid NOT NULL, key text NOT NULL, kind text NOT NULL, attempt int NOT NULL);",
+    )
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// The probe participant.
+pub fn participant(config: ParticipantConfig) -> Participant {
+    Participant::builder("probe")
+        .handle::<Probe>(ProbeService)
+        .compensate::<Undo>(ProbeService)
+        .config(config)
+        .build()
+        .expect("a valid participant")
+}
+
+/// A saga's effects, in commit order: `"a:do"`, `"a:undo"`, ...
+pub async fn effects(pool: &PgPool, saga: SagaId) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT key, kind FROM probe.effects WHERE saga_id = $1 ORDER BY id").bind(saga.0).fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(k, kind)| format!("{k}:{kind}")).collect())
+}

@@ -1,0 +1,362 @@
+//! The operator surface: every HTTP route and its errors, auth, metrics after sagas ran, the
+//! OpenAPI document, and the web page in headless Chromium.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use orchestrator::api::{ApiState, OPENAPI, app};
+use participants_sdk::ParticipantHandle;
+use sagas::{OnTimeout, Registry, RetryPolicy, SagaDefinition};
+use serde_json::{Value, json};
+use testkit::probe::{self, Behavior, Plan};
+use testkit::{TestEnv, wait};
+use tower::ServiceExt;
+
+const TOKEN: &str = "s3cret-token";
+
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    let pair =
+        SagaDefinition::<Plan>::builder("pair", 1).step("a", |s| probe::step(s, "a")).step("b", |s| probe::step(s, "b")).build().unwrap();
+    let slow = SagaDefinition::<Plan>::builder("slow", 1)
+        .step("a", |s| probe::step(s, "a").compensation_retry(RetryPolicy::fixed(Duration::from_millis(50), 2)))
+        .step("b", |s| probe::step(s, "b").timeout(Duration::from_secs(30), OnTimeout::Fail))
+        .build()
+        .unwrap();
+    let approval = SagaDefinition::<Plan>::builder("approval", 1)
+        .step("a", |s| probe::step(s, "a"))
+        .wait("approved", |w| w.event("approved"))
+        .build()
+        .unwrap();
+    for d in [pair.erased(), slow.erased(), approval.erased()] {
+        r.register(d).unwrap();
+    }
+    r
+}
+
+struct Api {
+    env: TestEnv,
+    node: orchestrator::OrchestratorHandle,
+    probe: ParticipantHandle,
+    router: axum::Router,
+}
+
+async fn api() -> Api {
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let mut cfg = env.config("api-node");
+    cfg.api_token = TOKEN.into();
+    let node = orchestrator::Orchestrator::connect(cfg, registry()).await.unwrap().start().await.unwrap();
+    let probe = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
+    let router = app(ApiState { engine: node.engine().clone(), token: Some(TOKEN.into()), amqp_url: env.amqp_url.clone() });
+    Api { env, node, probe, router }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value, axum::http::HeaderMap) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = match body {
+            Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b.to_string())).unwrap(),
+            None => req.body(Body::empty()).unwrap(),
+        };
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let bytes = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024).await.unwrap();
+        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, v, headers)
+    }
+
+    async fn ok(&self, method: Method, uri: &str, body: Option<Value>) -> Value {
+        let (s, v, _) = self.call(method, uri, Some(TOKEN), body, &[]).await;
+        assert!(s.is_success(), "{uri}: {s} {v}");
+        v
+    }
+
+    async fn err(&self, method: Method, uri: &str, body: Option<Value>, want: StatusCode, code: &str) {
+        let (s, v, _) = self.call(method, uri, Some(TOKEN), body, &[]).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (want, Some(code)), "{uri}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    async fn start(&self, def: &str, plan: &Plan) -> String {
+        let v = self.ok(Method::POST, "/sagas", Some(json!({"definition": def, "input": plan}))).await;
+        v["saga_id"].as_str().unwrap().to_owned()
+    }
+
+    async fn finish(self) {
+        self.probe.shutdown().await.unwrap();
+        self.node.shutdown().await.unwrap();
+        self.env.cleanup(&["probe"]).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_and_every_error_has_a_stable_code() {
+    let a = api().await;
+
+    // Auth: only health, ready and the page are open.
+    assert_eq!(a.call(Method::GET, "/health", None, None, &[]).await.0, StatusCode::OK);
+    assert_eq!(a.call(Method::GET, "/ready", None, None, &[]).await.0, StatusCode::OK);
+    let (s, page, _) = a.call(Method::GET, "/", None, None, &[]).await;
+    assert!(s.is_success() && page.as_str().is_some_and(|p| p.contains("<title>Sagaflow</title>")));
+    for (uri, token) in [("/sagas", None), ("/sagas", Some("wrong")), ("/metrics", None), ("/openapi.json", None)] {
+        let (s, v, h) = a.call(Method::GET, uri, token, None, &[]).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")), "{uri}");
+        assert_eq!(h.get(header::WWW_AUTHENTICATE).unwrap(), "Bearer");
+    }
+
+    // Start: 202, Location, idempotency key header.
+    let body = json!({"definition": "pair", "input": Plan::default()});
+    let (s, v, h) = a.call(Method::POST, "/sagas", Some(TOKEN), Some(body.clone()), &[("idempotency-key", "k-1")]).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let id = v["saga_id"].as_str().unwrap().to_owned();
+    assert_eq!(h.get(header::LOCATION).unwrap().to_str().unwrap(), format!("/sagas/{id}"));
+    assert_eq!(v["created"], true);
+    let (_, again, _) = a.call(Method::POST, "/sagas", Some(TOKEN), Some(body), &[("idempotency-key", "k-1")]).await;
+    assert_eq!((again["saga_id"].as_str(), again["created"].as_bool()), (Some(id.as_str()), Some(false)));
+    a.err(Method::POST, "/sagas", Some(json!({"definition": "pair"})), StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::POST, "/sagas", Some(json!({"definition": "nope", "input": {}})), StatusCode::BAD_REQUEST, "unknown_definition").await;
+    a.err(Method::POST, "/sagas", Some(json!({"definition": "pair", "input": {"steps": 3}})), StatusCode::BAD_REQUEST, "invalid_input")
+        .await;
+
+    // Wait, show, history.
+    let w = a.ok(Method::GET, &format!("/sagas/{id}/wait?timeout_ms=30000"), None).await;
+    assert_eq!((w["settled"].as_bool(), w["saga"]["status"].as_str()), (Some(true), Some("completed")));
+    let v = a.ok(Method::GET, &format!("/sagas/{id}"), None).await;
+    assert_eq!(v["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        (v["steps"][0]["name"].as_str(), v["steps"][0]["attempts"].as_u64(), v["steps"][0]["participant"].as_str()),
+        (Some("a"), Some(1), Some("probe"))
+    );
+    assert!(v["steps"][1]["finished_at"].as_u64() >= v["steps"][1]["started_at"].as_u64());
+    assert_eq!(v["decided_by"], "api-node");
+    assert!(v["state_bytes"].as_u64().unwrap() > 0 && v["history_len"].as_i64() == Some(3));
+    let h = a.ok(Method::GET, &format!("/sagas/{id}/history"), None).await;
+    assert_eq!(h["history"].as_array().unwrap().len(), 3);
+    a.err(Method::GET, "/sagas/not-a-uuid", None, StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::GET, &format!("/sagas/{}", uuid::Uuid::now_v7()), None, StatusCode::NOT_FOUND, "not_found").await;
+    a.err(Method::GET, &format!("/sagas/{}/history", uuid::Uuid::now_v7()), None, StatusCode::NOT_FOUND, "not_found").await;
+    a.err(Method::GET, "/nowhere", None, StatusCode::NOT_FOUND, "not_found").await;
+
+    // Events: delivered to a waiting saga; refused otherwise.
+    let waiting = a.start("approval", &Plan::default()).await;
+    wait::until(&a.env.pool, waiting.parse().unwrap(), Duration::from_secs(30), |s| s.steps[1].status == sagas::StepStatus::Waiting)
+        .await
+        .unwrap();
+    a.err(Method::POST, &format!("/sagas/{waiting}/events"), Some(json!({"payload": {}})), StatusCode::BAD_REQUEST, "invalid_request")
+        .await;
+    let v = a.ok(Method::POST, &format!("/sagas/{waiting}/events"), Some(json!({"event": "approved", "payload": {"by": "api"}}))).await;
+    assert_eq!(v["status"], "completed");
+    a.err(Method::POST, &format!("/sagas/{id}/events"), Some(json!({"event": "approved"})), StatusCode::CONFLICT, "conflict").await;
+
+    // Operator actions.
+    a.err(Method::POST, &format!("/sagas/{id}/abort"), None, StatusCode::CONFLICT, "conflict").await;
+    a.err(Method::POST, &format!("/sagas/{id}/resume"), None, StatusCode::CONFLICT, "conflict").await;
+    a.err(Method::POST, &format!("/sagas/{id}/explode"), None, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // abort a running saga: its done step is compensated
+    let running = a.start("slow", &Plan::default().with("b", Behavior::Slow { ms: 3000 })).await;
+    wait::until(&a.env.pool, running.parse().unwrap(), Duration::from_secs(30), |s| s.steps[1].status == sagas::StepStatus::Running)
+        .await
+        .unwrap();
+    let v = a.ok(Method::POST, &format!("/sagas/{running}/abort"), Some(json!({"reason": "customer cancelled"}))).await;
+    assert_eq!(v["failure"]["code"], "aborted");
+    let w = a.ok(Method::GET, &format!("/sagas/{running}/wait?timeout_ms=30000"), None).await;
+    assert_eq!(w["saga"]["status"], "compensated");
+    // a compensation that gives up stops the saga; retry, then skip it
+    let stuck = a.start("slow", &Plan::default().with("b", Behavior::Reject).undo_flaky("a", 100)).await;
+    let w = a.ok(Method::GET, &format!("/sagas/{stuck}/wait?timeout_ms=30000"), None).await;
+    assert_eq!((w["saga"]["status"].as_str(), w["saga"]["stop"]["code"].as_str()), (Some("stopped"), Some("compensation_failed")));
+    assert_eq!(w["saga"]["pending_compensations"], json!(["a"]));
+    let v = a.ok(Method::POST, &format!("/sagas/{stuck}/retry"), None).await;
+    assert_eq!(v["status"], "compensating");
+    let w = a.ok(Method::GET, &format!("/sagas/{stuck}/wait?timeout_ms=30000"), None).await;
+    assert_eq!(w["saga"]["stop"]["code"], "compensation_failed", "it fails again");
+    let v = a.ok(Method::POST, &format!("/sagas/{stuck}/skip"), None).await;
+    assert_eq!((v["status"].as_str(), v["steps"][0]["status"].as_str()), (Some("compensated"), Some("compensation_skipped")));
+
+    // List: filters and cursor pagination.
+    let all = a.ok(Method::GET, "/sagas?limit=500", None).await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 4);
+    let compensated = a.ok(Method::GET, "/sagas?status=compensated", None).await;
+    assert_eq!(compensated["items"].as_array().unwrap().len(), 2);
+    let by_def = a.ok(Method::GET, "/sagas?definition=approval", None).await;
+    assert_eq!(by_def["items"][0]["id"].as_str(), Some(waiting.as_str()));
+    let p1 = a.ok(Method::GET, "/sagas?limit=3", None).await;
+    let cursor = p1["next_cursor"].as_str().unwrap();
+    let p2 = a.ok(Method::GET, &format!("/sagas?limit=3&cursor={cursor}"), None).await;
+    let mut seen: Vec<&str> =
+        p1["items"].as_array().unwrap().iter().chain(p2["items"].as_array().unwrap()).map(|i| i["id"].as_str().unwrap()).collect();
+    assert!(p2["next_cursor"].is_null());
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "two pages, every saga once");
+    let future = u64::MAX / 2000;
+    assert!(a.ok(Method::GET, &format!("/sagas?since={future}"), None).await["items"].as_array().unwrap().is_empty());
+    a.err(Method::GET, "/sagas?status=bogus", None, StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::GET, "/sagas?limit=0", None, StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::GET, "/sagas?cursor=zzz", None, StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::GET, "/sagas?colour=red", None, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    // The definitions, and the contract.
+    let d = a.ok(Method::GET, "/definitions", None).await;
+    assert_eq!(d["definitions"].as_array().unwrap().len(), 3);
+    let served = a.ok(Method::GET, "/openapi.json", None).await;
+    let committed: Value = serde_json::from_str(OPENAPI).unwrap();
+    assert_eq!(served, committed);
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json")).unwrap()).unwrap();
+    assert_eq!(served, on_disk);
+    for path in [
+        "/health",
+        "/ready",
+        "/sagas",
+        "/sagas/{id}",
+        "/sagas/{id}/wait",
+        "/sagas/{id}/history",
+        "/sagas/{id}/events",
+        "/sagas/{id}/{action}",
+        "/definitions",
+        "/metrics",
+    ] {
+        assert!(committed["paths"].get(path).is_some(), "{path} is missing from docs/openapi.json");
+    }
+    a.finish().await;
+}
+
+fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let rest = rest.strip_prefix(labels)?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_ran() {
+    let a = api().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let plan =
+            if i % 3 == 0 { Plan::default().with("b", Behavior::Reject) } else { Plan::default().with("b", Behavior::Flaky { n: 1 }) };
+        ids.push(a.start("pair", &plan).await.parse().unwrap());
+    }
+    wait::all_settled(&a.env.pool, &ids, Duration::from_secs(60)).await.unwrap();
+    let (s, text, h) = a.call(Method::GET, "/metrics", Some(TOKEN), None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h.get(header::CONTENT_TYPE).unwrap().to_str().unwrap().starts_with("application/openmetrics-text"));
+    let text = text.as_str().unwrap();
+    let d = "{definition=\"pair\"}";
+    assert_eq!(metric(text, "sagaflow_sagas_started_total", d), Some(6.0), "{text}");
+    assert_eq!(metric(text, "sagaflow_sagas_completed_total", d), Some(4.0));
+    assert_eq!(metric(text, "sagaflow_sagas_compensated_total", d), Some(2.0));
+    assert_eq!(
+        metric(text, "sagaflow_step_retries_total", "{definition=\"pair\",step=\"b\"}"),
+        Some(4.0),
+        "the four flaky sagas retried b once"
+    );
+    assert_eq!(metric(text, "sagaflow_saga_duration_seconds_count", d), Some(6.0));
+    assert_eq!(metric(text, "sagaflow_step_duration_seconds_count", "{definition=\"pair\",step=\"a\"}"), Some(6.0));
+    assert_eq!(metric(text, "sagaflow_sagas_in_flight", ""), Some(0.0));
+    assert!(metric(text, "sagaflow_outbox_backlog", "").is_some());
+    assert_eq!(metric(text, "sagaflow_participant_consumers", "{participant=\"probe\"}"), Some(1.0), "the probe is consuming");
+    a.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_page_lists_sagas_shows_a_timeline_and_aborts_in_headless_chromium() {
+    let a = api().await;
+    let done = a.start("pair", &Plan::default()).await;
+    wait::settled(&a.env.pool, done.parse().unwrap(), Duration::from_secs(30)).await.unwrap();
+    let waiting = a.start("approval", &Plan::default()).await;
+    wait::until(&a.env.pool, waiting.parse().unwrap(), Duration::from_secs(30), |s| s.steps[1].status == sagas::StepStatus::Waiting)
+        .await
+        .unwrap();
+
+    let url = format!("http://{}/", a.node.api_addr().unwrap());
+    let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshot.png");
+    let _ = std::fs::remove_file(&shot);
+    let python =
+        std::env::var("SAGAFLOW_PYTHON").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/ci-venv/bin/python").into());
+    let out = tokio::process::Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/ui_test.py"))
+        .args([url.as_str(), TOKEN, waiting.as_str(), shot.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "browser test failed:\n{log}");
+    assert!(log.contains("ui: aborted"), "{log}");
+    assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 1000), "no screenshot at {}", shot.display());
+    let st = wait::settled(&a.env.pool, waiting.parse().unwrap(), Duration::from_secs(30)).await.unwrap();
+    assert_eq!(st.status, sagas::SagaStatus::Compensated, "the page's Abort button compensated the saga");
+    a.finish().await;
+}
+
+async fn cli(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
+    let out =
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sagaflow-node")).args(args).envs(env.node_env("cli")).output().await.unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_starts_shows_lists_waits_and_acts() {
+    let env = TestEnv::start().await.unwrap();
+    let mut registry = Registry::new();
+    registry.register(order_fulfilment::definition().unwrap().erased()).unwrap();
+    let node = env.orchestrator("n1", registry).await.unwrap();
+    order_fulfilment::setup(&env.pool, &["widget"], 100).await.unwrap();
+    let mut parts = Vec::new();
+    for name in order_fulfilment::PARTICIPANTS {
+        parts.push(
+            order_fulfilment::participant(name, env.participant_config()).unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap(),
+        );
+    }
+    let input = json!({"order_id": "cli-1", "sku": "widget", "quantity": 1, "amount_cents": 100, "destination": "unreachable"}).to_string();
+    let (code, out, err) =
+        cli(&env, &["start", "--definition", "order_fulfilment", "--input", &input, "--idempotency-key", "cli-1", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["saga_id"].as_str().unwrap().to_owned();
+
+    let (code, out, _) = cli(&env, &["wait", &id, "--timeout-s", "30"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("status      compensated") && out.contains("failure     no_carrier"), "{out}");
+    assert!(out.contains("charge_payment") && out.contains("compensated"), "a table of steps: {out}");
+    let (_, out, _) = cli(&env, &["show", &id, "--json"]).await;
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["status"].as_str(), v["steps"][2]["status"].as_str()), (Some("compensated"), Some("failed")));
+    let (_, out, _) = cli(&env, &["list"]).await;
+    assert!(out.lines().next().unwrap().starts_with("SAGA") && out.contains(&id), "{out}");
+    let (_, out, _) = cli(&env, &["list", "--status", "completed", "--json"]).await;
+    assert!(serde_json::from_str::<Value>(&out).unwrap()["items"].as_array().unwrap().is_empty());
+
+    // Refusals come back with their code and a non-zero exit.
+    let (code, _, err) = cli(&env, &["abort", &id]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("conflict:"), "{err}");
+    let (code, _, err) = cli(&env, &["signal", "not-an-id", "approved"]).await;
+    assert!(code != 0 && err.contains("invalid_request:"), "{err}");
+    let (code, _, err) = cli(&env, &["retry", &uuid::Uuid::now_v7().to_string()]).await;
+    assert!(code != 0 && err.contains("not_found:"), "{err}");
+    let (code, _, err) = cli(&env, &["start", "--definition", "order_fulfilment", "--input", "{oops"]).await;
+    assert!(code != 0 && err.contains("--input is not JSON"), "{err}");
+
+    for p in parts {
+        p.shutdown().await.unwrap();
+    }
+    node.shutdown().await.unwrap();
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}

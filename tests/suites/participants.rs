@@ -1,0 +1,217 @@
+//! The participants SDK against real RabbitMQ and PostgreSQL: dedupe, crash safety,
+//! dead-lettering, compensation retries.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use order_fulfilment::commands::ReserveStock;
+use participants_sdk::transport::{self, Names};
+use participants_sdk::{Participant, ParticipantHandle};
+use sagas::protocol::{DEFAULT_MAX_BODY_BYTES, ReplyOutcome, SagaRef, WireMessage, decode_reply, encode_command};
+use sagas::{CommandKind, MessageId, OutgoingCommand, Registry, SagaDefinition, SagaId, SagaStatus, StepIndex, Timestamp};
+use serde_json::json;
+use testkit::probe::{self, Behavior, Plan};
+use testkit::{TestEnv, wait};
+
+struct Rig {
+    env: TestEnv,
+    conn: Connection,
+    ch: Channel,
+    replies: String,
+    inventory: Option<ParticipantHandle>,
+}
+
+/// The inventory participant alone, and a queue to collect its replies.
+async fn rig(crash_first: bool) -> Rig {
+    let env = TestEnv::start().await.unwrap();
+    order_fulfilment::setup(&env.pool, &["widget"], 100).await.unwrap();
+    let crashed = Arc::new(AtomicBool::new(!crash_first));
+    let mut builder = Participant::builder("inventory")
+        .handle::<ReserveStock>(order_fulfilment::inventory::Inventory)
+        .compensate::<order_fulfilment::commands::ReleaseStock>(order_fulfilment::inventory::Inventory)
+        .config(env.participant_config());
+    if crash_first {
+        builder = builder.crash_after_commit(move |_| !crashed.swap(true, Ordering::SeqCst));
+    }
+    let inventory = builder.build().unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap();
+    let conn = env.amqp().await.unwrap();
+    let ch = transport::confirm_channel(&conn).await.unwrap();
+    let replies = format!("{}.test-replies", env.namespace);
+    ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    Rig { env, conn, ch, replies, inventory: Some(inventory) }
+}
+
+impl Rig {
+    fn command(&self, saga: SagaId, attempt: u32, quantity: i64) -> WireMessage {
+        let cmd = OutgoingCommand {
+            message_id: MessageId::for_command(saga, StepIndex(0), CommandKind::Invoke, attempt),
+            step: StepIndex(0),
+            step_name: "reserve_stock".into(),
+            kind: CommandKind::Invoke,
+            attempt,
+            participant: "inventory".into(),
+            command: "inventory.reserve_stock".into(),
+            body: json!({"order_id": format!("o-{saga}"), "sku": "widget", "quantity": quantity}),
+        };
+        encode_command(
+            &SagaRef { saga_id: saga, definition: "order_fulfilment".into(), version: 1 },
+            &cmd,
+            &self.replies,
+            None,
+            Timestamp(0),
+        )
+    }
+
+    async fn send(&self, msg: &WireMessage) {
+        let names = self.env.names();
+        transport::publish_confirmed(&self.ch, &names.commands_exchange(), "inventory", msg, true).await.unwrap();
+    }
+
+    /// Collect replies for `window`, stopping early once `want` arrived.
+    async fn replies(&self, want: usize, window: Duration) -> Vec<(String, ReplyOutcome)> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + window;
+        while tokio::time::Instant::now() < deadline && out.len() < want {
+            match self.ch.basic_get(self.replies.as_str().into(), BasicGetOptions::default()).await.unwrap() {
+                Some(m) => {
+                    let wire = transport::wire_from_delivery(&m.delivery);
+                    let r = decode_reply(&wire, DEFAULT_MAX_BODY_BYTES).unwrap();
+                    out.push((r.message_id.to_string(), r.reply.outcome));
+                    m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        out
+    }
+
+    async fn reservations(&self, saga: SagaId) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM example_inventory.reservations WHERE order_id = $1")
+            .bind(format!("o-{saga}"))
+            .fetch_one(&self.env.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn stock(&self) -> i64 {
+        sqlx::query_scalar("SELECT available FROM example_inventory.stock WHERE sku = 'widget'").fetch_one(&self.env.pool).await.unwrap()
+    }
+
+    async fn finish(mut self) {
+        self.inventory.take().unwrap().shutdown().await.unwrap();
+        self.conn.close(200, "done".into()).await.unwrap();
+        self.env.cleanup(&["inventory"]).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_delivered_twice_is_applied_once() {
+    let rig = rig(false).await;
+    let saga = SagaId::new();
+    let msg = rig.command(saga, 1, 3);
+    rig.send(&msg).await;
+    rig.send(&msg).await;
+    let replies = rig.replies(2, Duration::from_secs(20)).await;
+    assert_eq!(replies.len(), 2, "both deliveries are answered");
+    assert_eq!(replies[0], replies[1], "with the same reply (same id, same outcome)");
+    assert!(matches!(&replies[0].1, ReplyOutcome::Success { output } if output["reservation_id"].is_string()));
+    // A later attempt of the same step is answered from the record, not run again.
+    rig.send(&rig.command(saga, 2, 3)).await;
+    let third = rig.replies(1, Duration::from_secs(20)).await;
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].1, replies[0].1);
+    assert_ne!(third[0].0, replies[0].0, "a reply to another attempt has its own id");
+    assert_eq!(rig.reservations(saga).await, 1);
+    assert_eq!(rig.stock().await, 97, "the stock went down once");
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_commit_before_the_ack_yields_one_effect_and_one_reply() {
+    let rig = rig(true).await;
+    let saga = SagaId::new();
+    rig.send(&rig.command(saga, 1, 5)).await;
+    // The redelivery is answered from the inbox; the sweep also publishes the reply the crash
+    // left in the outbox. Both carry the same id, so the orchestrator applies one.
+    let replies = rig.replies(2, Duration::from_secs(20)).await;
+    assert!(!replies.is_empty(), "the command was answered after the crash");
+    let ids: std::collections::BTreeSet<&str> = replies.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), 1, "one reply, however often it was sent: {replies:?}");
+    assert!(replies.iter().all(|(_, o)| matches!(o, ReplyOutcome::Success { .. })));
+    assert_eq!(rig.reservations(saga).await, 1, "one effect");
+    assert_eq!(rig.stock().await, 95);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow_participant.outbox").fetch_one(&rig.env.pool).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the leftover reply was never sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_unknown_commands_are_dead_lettered_with_a_reason_and_the_consumer_keeps_going() {
+    let rig = rig(false).await;
+    let good = rig.command(SagaId::new(), 1, 1);
+    let mut malformed = rig.command(SagaId::new(), 1, 1);
+    malformed.body = b"{not json".to_vec();
+    let mut unknown = rig.command(SagaId::new(), 1, 1);
+    unknown.kind = Some("inventory.teleport".into());
+    let mut headless = rig.command(SagaId::new(), 1, 1);
+    headless.headers.clear();
+    let mut oversized = rig.command(SagaId::new(), 1, 1);
+    oversized.body = serde_json::to_vec(&json!({"pad": "x".repeat(DEFAULT_MAX_BODY_BYTES)})).unwrap();
+    for m in [&malformed, &unknown, &headless, &oversized, &good] {
+        rig.send(m).await;
+    }
+    let replies = rig.replies(1, Duration::from_secs(20)).await;
+    assert_eq!(replies.len(), 1, "the good command after the bad ones was handled");
+
+    let dlq = Names::dead_letter_queue(&rig.env.names().participant_queue("inventory"));
+    let reasons = wait::dead_letter_reasons(&rig.ch, &dlq, 4, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(reasons, ["invalid_headers", "malformed_body", "oversized", "unknown_command"]);
+    assert_eq!(rig.stock().await, 99, "only the good command took effect");
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_that_fails_transiently_is_retried_until_it_succeeds() {
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let def = SagaDefinition::<Plan>::builder("undo", 1)
+        .step("a", |s| probe::step(s, "a").compensation_retry(sagas::RetryPolicy::fixed(Duration::from_millis(100), 10)))
+        .step("b", |s| probe::step(s, "b"))
+        .build()
+        .unwrap();
+    let mut registry = Registry::new();
+    registry.register(def.erased()).unwrap();
+    let node = env.orchestrator("n1", registry).await.unwrap();
+    let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
+
+    let plan = Plan::default().with("b", Behavior::Reject).undo_flaky("a", 3);
+    let req = sagas::protocol::StartRequest {
+        definition: "undo".into(),
+        version: None,
+        input: serde_json::to_value(&plan).unwrap(),
+        idempotency_key: None,
+        saga_id: None,
+    };
+    let id = node.engine().start(&req, None).await.unwrap().saga_id;
+    let st = wait::settled(&env.pool, id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Compensated, "{st:?}");
+    assert_eq!(st.steps[0].compensation_attempts, 4, "three transient failures, then success");
+    assert_eq!(probe::effects(&env.pool, id).await.unwrap(), ["a:do", "a:undo"]);
+
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}

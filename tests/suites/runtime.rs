@@ -1,0 +1,582 @@
+//! The orchestrator runtime end to end, against real RabbitMQ and PostgreSQL.
+
+use std::time::Duration;
+
+use participants_sdk::ParticipantHandle;
+use participants_sdk::transport;
+use sagas::protocol::{HeaderValue, ReplyOutcome, SagaRef, StartRequest, TYPE_EVENT, TYPE_START, WireMessage, encode_reply};
+use sagas::{CommandKind, MessageId, OnDeadline, OnTimeout, Registry, SagaDefinition, SagaId, SagaStatus, StepIndex, StepStatus};
+use serde_json::json;
+use testkit::probe::{self, Behavior, Plan};
+use testkit::{Node, TestEnv, wait};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn order_registry() -> Registry {
+    let mut r = Registry::new();
+    r.register(order_fulfilment::definition().unwrap().erased()).unwrap();
+    r
+}
+
+async fn order_participants(env: &TestEnv) -> Vec<ParticipantHandle> {
+    order_fulfilment::setup(&env.pool, &["widget"], 1_000_000).await.unwrap();
+    let mut out = Vec::new();
+    for name in order_fulfilment::PARTICIPANTS {
+        out.push(
+            order_fulfilment::participant(name, env.participant_config()).unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap(),
+        );
+    }
+    out
+}
+
+async fn shutdown(participants: Vec<ParticipantHandle>) {
+    for p in participants {
+        p.shutdown().await.unwrap();
+    }
+}
+
+use testkit::orders::order;
+
+async fn count(env: &TestEnv, sql: &str, order_id: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).bind(order_id).fetch_one(&env.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_completes_and_a_refused_shipment_compensates_in_reverse_order() {
+    let env = TestEnv::start().await.unwrap();
+    let node = env.orchestrator("n1", order_registry()).await.unwrap();
+    let parts = order_participants(&env).await;
+
+    let ok = node.engine().start(&order("o-ok", "Main St 1", 0), None).await.unwrap().saga_id;
+    let bad = node.engine().start(&order("o-bad", order_fulfilment::UNREACHABLE, 0), None).await.unwrap().saga_id;
+    let states = wait::all_settled(&env.pool, &[ok, bad], WAIT).await.unwrap();
+    assert_eq!(states[0].status, SagaStatus::Completed, "{:?}", states[0]);
+    assert_eq!(states[1].status, SagaStatus::Compensated, "{:?}", states[1]);
+    assert_eq!(states[0].data["shipment_id"].as_str().map(|s| s.ends_with("/2/invoke")), Some(true));
+
+    // The participants' own records prove it.
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM example_inventory.reservations WHERE order_id = $1 AND released_at IS NULL", "o-ok").await,
+        1
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM example_payment.charges WHERE order_id = $1 AND refunded_at IS NULL", "o-ok").await, 1);
+    assert_eq!(count(&env, "SELECT count(*) FROM example_shipping.shipments WHERE order_id = $1", "o-ok").await, 1);
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM example_inventory.reservations WHERE order_id = $1 AND released_at IS NOT NULL", "o-bad").await,
+        1
+    );
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM example_payment.charges WHERE order_id = $1 AND refunded_at IS NOT NULL", "o-bad").await,
+        1
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM example_shipping.shipments WHERE order_id = $1", "o-bad").await, 0);
+    // step 2 (the charge) was undone before step 1 (the reservation)
+    let refunded_first: bool = sqlx::query_scalar(
+        "SELECT c.refunded_at < r.released_at FROM example_payment.charges c JOIN example_inventory.reservations r USING (order_id) WHERE order_id = 'o-bad'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(refunded_first, "the refund must come before the stock release");
+    let stock: i64 =
+        sqlx::query_scalar("SELECT available FROM example_inventory.stock WHERE sku = 'widget'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(stock, 1_000_000 - 1, "the compensated order's stock came back");
+    let failure = states[1].failure.as_ref().unwrap();
+    assert_eq!((failure.step.as_deref(), failure.code.as_str()), (Some("ship"), "no_carrier"));
+
+    // Every input is in the history, with the node that decided it.
+    let h = wait::history(&env.pool, bad).await.unwrap();
+    assert_eq!(h.first().map(|e| e.input_kind.as_str()), Some("start"));
+    assert!(h.iter().all(|e| e.node == "n1" && e.outcome == "applied"), "{h:?}");
+    assert_eq!(h.len(), 6, "start + 3 replies + 2 compensation replies: {h:?}");
+
+    shutdown(parts).await;
+    node.shutdown().await.unwrap();
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.outbox").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(outbox, 0, "the relay flushed the outbox");
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_retried_with_backoff_then_succeeds() {
+    let env = TestEnv::start().await.unwrap();
+    let node = env.orchestrator("n1", order_registry()).await.unwrap();
+    let parts = order_participants(&env).await;
+
+    let id = node.engine().start(&order("o-flaky", "Main St 1", 2), None).await.unwrap().saga_id;
+    let st = wait::settled(&env.pool, id, WAIT).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Completed);
+    let ship = &st.steps[2];
+    assert_eq!(ship.attempts, 3, "two transient failures, then success");
+    let h = wait::history(&env.pool, id).await.unwrap();
+    let retries = h.iter().filter(|e| e.input_kind == "timer" && e.input["timer"] == "retry").count();
+    assert_eq!(retries, 2, "each retry came from a durable timer: {h:?}");
+    assert_eq!(count(&env, "SELECT count(*) FROM example_shipping.shipments WHERE order_id = $1", "o-flaky").await, 1);
+
+    shutdown(parts).await;
+    node.shutdown().await.unwrap();
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+fn probe_registry(defs: Vec<SagaDefinition<Plan>>) -> Registry {
+    let mut r = Registry::new();
+    for d in defs {
+        r.register(d.erased()).unwrap();
+    }
+    r
+}
+
+async fn probe_env(defs: Vec<SagaDefinition<Plan>>) -> (TestEnv, orchestrator::OrchestratorHandle, ParticipantHandle) {
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let node = env.orchestrator("n1", probe_registry(defs)).await.unwrap();
+    let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
+    (env, node, p)
+}
+
+async fn start_probe(node: &orchestrator::OrchestratorHandle, def: &str, plan: &Plan) -> SagaId {
+    let req = StartRequest {
+        definition: def.into(),
+        version: None,
+        input: serde_json::to_value(plan).unwrap(),
+        idempotency_key: None,
+        saga_id: None,
+    };
+    node.engine().start(&req, None).await.unwrap().saga_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_compensates_and_an_escalation_does_not_fail_the_saga() {
+    let timeout = SagaDefinition::<Plan>::builder("timeout", 1)
+        .step("a", |s| probe::step(s, "a"))
+        .step("b", |s| probe::step(s, "b").timeout(Duration::from_millis(200), OnTimeout::Fail))
+        .build()
+        .unwrap();
+    let escalate = SagaDefinition::<Plan>::builder("escalate", 1)
+        .step("x", |s| probe::step(s, "x").timeout(Duration::from_millis(150), OnTimeout::Escalate))
+        .build()
+        .unwrap();
+    let (env, node, p) = probe_env(vec![timeout, escalate]).await;
+
+    let t = start_probe(&node, "timeout", &Plan::default().with("b", Behavior::Slow { ms: 1500 })).await;
+    let e = start_probe(&node, "escalate", &Plan::default().with("x", Behavior::Slow { ms: 700 })).await;
+    let states = wait::all_settled(&env.pool, &[t, e], WAIT).await.unwrap();
+
+    assert_eq!(states[0].status, SagaStatus::Compensated);
+    assert_eq!(states[0].failure.as_ref().unwrap().code, "step_timed_out");
+    // b may have run (it did, slowly), so it is compensated too; the participant runs a step's
+    // command and its compensation one after the other.
+    wait::until(&env.pool, t, WAIT, |_| true).await.unwrap();
+    assert_eq!(probe::effects(&env.pool, t).await.unwrap(), ["a:do", "b:do", "b:undo", "a:undo"]);
+
+    assert_eq!(states[1].status, SagaStatus::Completed, "an escalation only reports");
+    assert!(states[1].steps[0].escalated);
+    let h = wait::history(&env.pool, e).await.unwrap();
+    assert!(h.iter().any(|x| x.effects.to_string().contains("\"escalated\"")), "{h:?}");
+
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_completes_on_an_external_event_and_expires_on_its_deadline() {
+    let def = SagaDefinition::<Plan>::builder("approval", 1)
+        .step("a", |s| probe::step(s, "a"))
+        .wait("approved", |w| w.event("approved").deadline(Duration::from_millis(1500), OnDeadline::Fail))
+        .step("c", |s| probe::step(s, "c"))
+        .build()
+        .unwrap();
+    let (env, node, p) = probe_env(vec![def]).await;
+
+    let approved = start_probe(&node, "approval", &Plan::default()).await;
+    let expired = start_probe(&node, "approval", &Plan::default()).await;
+    wait::until(&env.pool, approved, WAIT, |s| s.steps[1].status == StepStatus::Waiting).await.unwrap();
+
+    // Deliver the event over AMQP, as any client would.
+    let conn = env.amqp().await.unwrap();
+    let ch = transport::confirm_channel(&conn).await.unwrap();
+    let msg = WireMessage {
+        message_id: Some(MessageId::new_random().to_string()),
+        kind: Some(TYPE_EVENT.into()),
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(&json!({"saga_id": approved, "event": "approved", "payload": {"by": "ops"}})).unwrap(),
+        ..WireMessage::default()
+    };
+    transport::publish_confirmed(&ch, "", &env.names().inbound_queue(), &msg, true).await.unwrap();
+
+    let states = wait::all_settled(&env.pool, &[approved, expired], WAIT).await.unwrap();
+    assert_eq!(states[0].status, SagaStatus::Completed, "{:?}", states[0]);
+    assert_eq!(states[0].steps[1].output, Some(json!({"by": "ops"})));
+    assert_eq!(probe::effects(&env.pool, approved).await.unwrap(), ["a:do", "c:do"]);
+    assert_eq!(states[1].status, SagaStatus::Compensated);
+    assert_eq!(states[1].failure.as_ref().unwrap().code, "wait_expired");
+    assert_eq!(probe::effects(&env.pool, expired).await.unwrap(), ["a:do", "a:undo"]);
+
+    conn.close(200, "done".into()).await.unwrap();
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_group_compensates_only_its_completed_branches_in_reverse_order() {
+    let def = SagaDefinition::<Plan>::builder("fanout", 1)
+        .parallel("group", |g| {
+            g.branch("p1", |s| probe::step(s, "p1")).branch("p2", |s| probe::step(s, "p2")).branch("p3", |s| probe::step(s, "p3"))
+        })
+        .build()
+        .unwrap();
+    let (env, node, p) = probe_env(vec![def]).await;
+
+    let plan = Plan::default().with("p2", Behavior::Reject).with("p3", Behavior::Slow { ms: 400 });
+    let id = start_probe(&node, "fanout", &plan).await;
+    let st = wait::settled(&env.pool, id, WAIT).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Compensated);
+    assert_eq!(st.steps[1].status, StepStatus::Failed);
+    // p3 was still running when p2 failed: the group waited for it, then undid p3 and p1.
+    assert_eq!(probe::effects(&env.pool, id).await.unwrap(), ["p1:do", "p3:do", "p3:undo", "p1:undo"]);
+
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_and_stale_replies_are_recorded_and_change_nothing() {
+    let def =
+        SagaDefinition::<Plan>::builder("pair", 1).step("a", |s| probe::step(s, "a")).step("b", |s| probe::step(s, "b")).build().unwrap();
+    let (env, node, p) = probe_env(vec![def]).await;
+    let id = start_probe(&node, "pair", &Plan::default()).await;
+    let before = wait::settled(&env.pool, id, WAIT).await.unwrap();
+    assert_eq!(before.status, SagaStatus::Completed);
+    let history_before = wait::history(&env.pool, id).await.unwrap().len();
+
+    // Rebuild the command of step a, attempt 1, as the participant received it.
+    let cmd_id = MessageId::for_command(id, StepIndex(0), CommandKind::Invoke, 1);
+    let saga = SagaRef { saga_id: id, definition: "pair".into(), version: 1 };
+    let inbound = sagas::protocol::InboundCommand {
+        message_id: cmd_id,
+        command: "probe.do".into(),
+        saga,
+        step: StepIndex(0),
+        step_name: "a".into(),
+        kind: CommandKind::Invoke,
+        attempt: 1,
+        reply_to: env.names().replies_queue(),
+        traceparent: None,
+        body: json!({}),
+    };
+    let conn = env.amqp().await.unwrap();
+    let ch = transport::confirm_channel(&conn).await.unwrap();
+    // 1. the very same reply again (same message id): dropped by the inbox
+    let same = encode_reply(&inbound, &ReplyOutcome::Success { output: json!({"key": "a"}) }, sagas::Timestamp(0));
+    transport::publish_confirmed(&ch, "", &env.names().replies_queue(), &same, true).await.unwrap();
+    // 2. a different reply to the same, finished attempt (a new id): recorded as a duplicate
+    let mut other =
+        encode_reply(&inbound, &ReplyOutcome::Rejected { code: "late".into(), message: "too late".into() }, sagas::Timestamp(0));
+    other.message_id = Some(MessageId::new_random().to_string());
+    transport::publish_confirmed(&ch, "", &env.names().replies_queue(), &other, true).await.unwrap();
+    // 3. a reply to an attempt that was never sent: stale
+    let mut stale = other.clone();
+    stale.message_id = Some(MessageId::new_random().to_string());
+    stale.headers.insert("x-saga-attempt".into(), HeaderValue::Int(7));
+    transport::publish_confirmed(&ch, "", &env.names().replies_queue(), &stale, true).await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let h = loop {
+        let h = wait::history(&env.pool, id).await.unwrap();
+        if h.len() >= history_before + 2 || tokio::time::Instant::now() > deadline {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let tail: Vec<&str> = h[history_before..].iter().map(|e| e.outcome.as_str()).collect();
+    assert_eq!(tail, ["duplicate", "stale"], "the same message twice leaves no trace; the others are recorded and dropped");
+    let after = orchestrator::store::load(&env.pool, id).await.unwrap().unwrap();
+    assert_eq!(after, before, "the state did not change");
+    assert_eq!(probe::effects(&env.pool, id).await.unwrap(), ["a:do", "b:do"]);
+
+    conn.close(200, "done".into()).await.unwrap();
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_starts_one_saga_from_rust_and_over_amqp() {
+    let env = TestEnv::start().await.unwrap();
+    let node = env.orchestrator("n1", order_registry()).await.unwrap();
+    let parts = order_participants(&env).await;
+
+    let mut req = order("o-key", "Main St 1", 0);
+    req.idempotency_key = Some("order-o-key".into());
+    let first = node.engine().start(&req, None).await.unwrap();
+    let second = node.engine().start(&req, None).await.unwrap();
+    assert!(first.created && !second.created);
+    assert_eq!(first.saga_id, second.saga_id);
+
+    // Over AMQP, twice, with the key in a header.
+    let conn = env.amqp().await.unwrap();
+    let ch = transport::confirm_channel(&conn).await.unwrap();
+    let mut start = order("o-amqp", "Main St 1", 0);
+    start.idempotency_key = None;
+    let mut msg = WireMessage {
+        message_id: Some(MessageId::new_random().to_string()),
+        kind: Some(TYPE_START.into()),
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(&start).unwrap(),
+        ..WireMessage::default()
+    };
+    msg.headers.insert("x-idempotency-key".into(), HeaderValue::Str("order-o-amqp".into()));
+    for _ in 0..2 {
+        transport::publish_confirmed(&ch, "", &env.names().inbound_queue(), &msg, true).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let settled: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status = 'completed'").fetch_one(&env.pool).await.unwrap();
+        if settled == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sagas did not complete");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(total, 2, "two keys, two sagas");
+    assert_eq!(count(&env, "SELECT count(*) FROM example_payment.charges WHERE order_id = $1", "o-amqp").await, 1);
+
+    conn.close(200, "done".into()).await.unwrap();
+    shutdown(parts).await;
+    node.shutdown().await.unwrap();
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+/// Starts `n` orders (every 5th refused by shipping) without running a node in this process.
+async fn start_orders(env: &TestEnv, n: u32) -> Vec<SagaId> {
+    let client = orchestrator::Orchestrator::connect(env.config("client"), order_registry()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 1..=n {
+        ids.push(client.engine().start(&testkit::orders::mixed("o", i, 5), None).await.unwrap().saga_id);
+    }
+    ids
+}
+
+/// Every order's participant records match its outcome exactly once.
+async fn check_effects_once(env: &TestEnv, n: u32) {
+    for i in 1..=n {
+        let id = format!("o-{i}");
+        let (res, rel, ch, refd, ship) = (
+            count(env, "SELECT count(*) FROM example_inventory.reservations WHERE order_id = $1", &id).await,
+            count(env, "SELECT count(*) FROM example_inventory.reservations WHERE order_id = $1 AND released_at IS NOT NULL", &id).await,
+            count(env, "SELECT count(*) FROM example_payment.charges WHERE order_id = $1", &id).await,
+            count(env, "SELECT count(*) FROM example_payment.charges WHERE order_id = $1 AND refunded_at IS NOT NULL", &id).await,
+            count(env, "SELECT count(*) FROM example_shipping.shipments WHERE order_id = $1", &id).await,
+        );
+        let expected = if i.is_multiple_of(5) { (1, 1, 1, 1, 0) } else { (1, 0, 1, 0, 1) };
+        assert_eq!((res, rel, ch, refd, ship), expected, "order {id}: (reserved, released, charged, refunded, shipped)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_flight_loses_nothing_and_applies_nothing_twice() {
+    let env = TestEnv::start().await.unwrap();
+    let exe = env!("CARGO_BIN_EXE_sagaflow-node");
+    let parts = order_participants(&env).await;
+    // The first node migrates; sagas start only once the schema exists.
+    let ids = start_orders(&env, 200).await;
+    let a = Node::spawn(exe, &env, "node-a").unwrap();
+    // Kill it while sagas are in flight.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status IN ('completed', 'compensated')")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        if done >= 30 {
+            assert!(done < 200, "the node finished before it could be killed; the test proves nothing");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node-a made no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.kill().await.unwrap();
+    let b = Node::spawn(exe, &env, "node-b").unwrap();
+    let states = wait::all_settled(&env.pool, &ids, Duration::from_secs(120)).await.unwrap();
+    let completed = states.iter().filter(|s| s.status == SagaStatus::Completed).count();
+    let compensated = states.iter().filter(|s| s.status == SagaStatus::Compensated).count();
+    assert_eq!((completed, compensated), (160, 40));
+    check_effects_once(&env, 200).await;
+    let nodes: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT node FROM sagaflow.history ORDER BY node").fetch_all(&env.pool).await.unwrap();
+    assert!(nodes.contains(&"node-a".to_owned()) && nodes.contains(&"node-b".to_owned()), "{nodes:?}");
+
+    assert!(b.terminate().await.unwrap(), "node-b exits cleanly on SIGTERM");
+    shutdown(parts).await;
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_the_load_and_every_saga_ends_correctly() {
+    let env = TestEnv::start().await.unwrap();
+    let exe = env!("CARGO_BIN_EXE_sagaflow-node");
+    let parts = order_participants(&env).await;
+    let ids = start_orders(&env, 100).await;
+    let a = Node::spawn(exe, &env, "node-a").unwrap();
+    let b = Node::spawn(exe, &env, "node-b").unwrap();
+    let states = wait::all_settled(&env.pool, &ids, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(states.iter().filter(|s| s.status == SagaStatus::Completed).count(), 80);
+    assert_eq!(states.iter().filter(|s| s.status == SagaStatus::Compensated).count(), 20);
+    check_effects_once(&env, 100).await;
+    let per_node: Vec<(String, i64)> =
+        sqlx::query_as("SELECT node, count(*) FROM sagaflow.history WHERE input_kind = 'reply' GROUP BY node ORDER BY node")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(per_node.len(), 2, "both nodes decided replies: {per_node:?}");
+    assert!(a.terminate().await.unwrap() && b.terminate().await.unwrap());
+    shutdown(parts).await;
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_200_sagas_with_every_fifth_failing() {
+    let env = TestEnv::start().await.unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagaflow-node"))
+        .args(["demo", "--sagas", "200", "--fail-every", "5"])
+        .envs(env.node_env("demo"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("demo: sagas=200 completed=160 compensated=40 stopped=0 elapsed_ms="), "{last}");
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_reach_listeners_on_the_events_exchange() {
+    let def =
+        SagaDefinition::<Plan>::builder("pair", 1).step("a", |s| probe::step(s, "a")).step("b", |s| probe::step(s, "b")).build().unwrap();
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let mut cfg = env.config("n1");
+    cfg.step_events = true;
+    let node = orchestrator::Orchestrator::connect(cfg, probe_registry(vec![def])).await.unwrap().start().await.unwrap();
+    let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
+    let conn = env.amqp().await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let listener = format!("{}.listener", env.namespace);
+    ch.queue_declare(
+        listener.as_str().into(),
+        lapin::options::QueueDeclareOptions { auto_delete: true, ..Default::default() },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        listener.as_str().into(),
+        env.names().events_exchange().as_str().into(),
+        "pair.#".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+
+    let id = start_probe(&node, "pair", &Plan::default()).await;
+    wait::settled(&env.pool, id, WAIT).await.unwrap();
+    let events = wait::drain(&ch, &listener, 6, Duration::from_secs(20)).await.unwrap();
+    let kinds: Vec<String> = events.iter().map(|d| d.properties.kind().as_ref().unwrap().as_str().to_owned()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "sagaflow.lifecycle.started",
+            "sagaflow.lifecycle.step_started",
+            "sagaflow.lifecycle.step_completed",
+            "sagaflow.lifecycle.step_started",
+            "sagaflow.lifecycle.step_completed",
+            "sagaflow.lifecycle.completed"
+        ]
+    );
+    let last: serde_json::Value = serde_json::from_slice(&events[5].data).unwrap();
+    assert_eq!(
+        (last["saga_id"].as_str(), last["definition"].as_str(), last["type"].as_str()),
+        (Some(id.to_string().as_str()), Some("pair"), Some("completed"))
+    );
+    assert_eq!(events[5].routing_key.as_str(), "pair.completed");
+
+    conn.close(200, "done".into()).await.unwrap();
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_command_is_a_failed_attempt_the_saga_sees() {
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let def = SagaDefinition::<Plan>::builder("nowhere", 1)
+        .step("a", |s| probe::step(s, "a").retry(sagas::RetryPolicy::fixed(Duration::from_millis(50), 3)))
+        .build()
+        .unwrap();
+    // No node declares the probe's queue and no probe runs: nothing is bound for it.
+    let mut cfg = env.config("n1");
+    cfg.declare_participant_queues = false;
+    let node = orchestrator::Orchestrator::connect(cfg, probe_registry(vec![def])).await.unwrap().start().await.unwrap();
+    let id = start_probe(&node, "nowhere", &Plan::default()).await;
+    let st = wait::settled(&env.pool, id, WAIT).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Compensated);
+    assert_eq!(st.steps[0].attempts, 3, "each attempt came back unroutable and was retried");
+    let failure = st.failure.unwrap();
+    assert_eq!(failure.code, "retries_exhausted");
+    assert!(failure.message.contains("unroutable"), "{}", failure.message);
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_of_an_unknown_version_is_left_untouched_and_its_reply_waits() {
+    let v1 = SagaDefinition::<Plan>::builder("versioned", 1).step("a", |s| probe::step(s, "a")).build().unwrap();
+    let v2 = SagaDefinition::<Plan>::builder("versioned", 2)
+        .step("a", |s| probe::step(s, "a"))
+        .step("b", |s| probe::step(s, "b"))
+        .build()
+        .unwrap();
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    // A client that knows v1 starts a saga; the only node running knows v2 alone.
+    let client = orchestrator::Orchestrator::connect(env.config("client"), probe_registry(vec![v1])).await.unwrap();
+    let req = StartRequest {
+        definition: "versioned".into(),
+        version: Some(1),
+        input: serde_json::to_value(Plan::default()).unwrap(),
+        idempotency_key: None,
+        saga_id: None,
+    };
+    let id = client.engine().start(&req, None).await.unwrap().saga_id;
+    let node = env.orchestrator("v2-only", probe_registry(vec![v2.clone()])).await.unwrap();
+    let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
+    // The command goes out (it was written at start); its reply cannot be decided here.
+    let before = wait::until(&env.pool, id, WAIT, |s| s.steps[0].attempts == 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let still = orchestrator::store::load(&env.pool, id).await.unwrap().unwrap();
+    assert_eq!(still, before, "the v2-only node left the v1 saga untouched");
+    assert!(wait::history(&env.pool, id).await.unwrap().iter().all(|h| h.node != "v2-only"));
+    // A node that knows v1 picks the waiting reply up and finishes the saga.
+    let mut both = Registry::new();
+    both.register(SagaDefinition::<Plan>::builder("versioned", 1).step("a", |s| probe::step(s, "a")).build().unwrap().erased()).unwrap();
+    both.register(v2.erased()).unwrap();
+    let node2 = env.orchestrator("v1-and-v2", both).await.unwrap();
+    let st = wait::settled(&env.pool, id, WAIT).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Completed);
+    assert_eq!(st.version, 1, "the saga stayed on its version");
+    assert_eq!(probe::effects(&env.pool, id).await.unwrap(), ["a:do"]);
+
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    node2.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
