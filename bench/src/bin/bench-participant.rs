@@ -1,0 +1,27 @@
+//! One benchmark participant as its own process: `bench-participant inventory|payment|shipping`,
+//! configured by `SAGAFLOW_AMQP_URL`, `SAGAFLOW_DATABASE_URL`, `SAGAFLOW_NAMESPACE`.
+
+use anyhow::Context as _;
+use participants_sdk::ParticipantConfig;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let name = std::env::args().nth(1).context("usage: bench-participant inventory|payment|shipping")?;
+    let amqp = std::env::var("SAGAFLOW_AMQP_URL").context("SAGAFLOW_AMQP_URL")?;
+    let db = std::env::var("SAGAFLOW_DATABASE_URL").context("SAGAFLOW_DATABASE_URL")?;
+    let mut config = ParticipantConfig { prefetch: 128, concurrency: 16, ..ParticipantConfig::default() };
+    if let Ok(ns) = std::env::var("SAGAFLOW_NAMESPACE") {
+        config.namespace = ns;
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&db).await.with_context(|| format!("PostgreSQL at {db}"))?;
+    let p = bench::saga::participant(&name, config)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    p.run(pool, &amqp, async move {
+        term.recv().await;
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Order fulfilment: reserve stock → charge the card → ship, with the stock released and the
+//! charge refunded when a later step fails.
+//!
+//! # Layout
+//! - [`definition`](mod@definition): the saga, in Rust code.
+//! - [`commands`]: the commands and replies, shared by the saga and the participants.
+//! - [`inventory`], [`payment`], [`shipping`]: the three participants, each with its own tables
+//!   (schemas `example_inventory`, `example_payment`, `example_shipping`).
+//!
+//! Shipping refuses destinations it cannot serve (`destination = "unreachable"`, code
+//! `no_carrier`) and fails transiently for the first `flaky_attempts` attempts of an order:
+//! the demo and the tests use these to make failures happen on purpose.
+
+pub mod commands;
+pub mod definition;
+pub mod inventory;
+pub mod payment;
+pub mod shipping;
+
+use participants_sdk::{Participant, ParticipantConfig};
+use sqlx::PgPool;
+
+pub use definition::{Order, definition};
+
+/// The destination shipping refuses.
+pub const UNREACHABLE: &str = "unreachable";
+
+/// Create the three participants' tables (idempotent) and stock `skus` with `available` units each.
+pub async fn setup(pool: &PgPool, skus: &[&str], available: i64) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(include_str!("schema.sql")).execute(&mut *tx).await?;
+    for sku in skus {
+        sqlx::query("INSERT INTO example_inventory.stock (sku, available) VALUES ($1, $2) ON CONFLICT (sku) DO UPDATE SET available = EXCLUDED.available")
+            .bind(sku)
+            .bind(available)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// The participant called `name` (`inventory`, `payment` or `shipping`).
+pub fn participant(name: &str, config: ParticipantConfig) -> Result<Participant, participants_sdk::Error> {
+    match name {
+        "inventory" => inventory::participant(config),
+        "payment" => payment::participant(config),
+        "shipping" => shipping::participant(config),
+        other => Err(participants_sdk::Error::Invalid(format!("no participant `{other}` in this example (inventory, payment, shipping)"))),
+    }
+}
+
+/// The three participant names.
+pub const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
+
+/// The `order-participant` command: run the participant named by the first argument until
+/// SIGTERM or Ctrl-C, configured by `SAGAFLOW_AMQP_URL`, `SAGAFLOW_DATABASE_URL` and
+/// `SAGAFLOW_NAMESPACE`.
+pub async fn participant_main() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let name = std::env::args().nth(1).context("usage: order-participant inventory|payment|shipping")?;
+    let amqp = std::env::var("SAGAFLOW_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let db = std::env::var("SAGAFLOW_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut config = ParticipantConfig::default();
+    if let Ok(ns) = std::env::var("SAGAFLOW_NAMESPACE") {
+        config.namespace = ns;
+    }
+    let participant = participant(&name, config)?;
+    // The services may be restarting when this process starts: keep trying for a while.
+    let started = std::time::Instant::now();
+    let handle = loop {
+        let attempt = async {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(8)
+                .connect(&db)
+                .await
+                .with_context(|| format!("connecting to PostgreSQL at {db}"))?;
+            setup(&pool, &[], 0).await.context("creating the example tables")?;
+            anyhow::Ok(participant.start(pool, &amqp).await?)
+        };
+        match attempt.await {
+            Ok(h) => break h,
+            Err(e) if started.elapsed() < std::time::Duration::from_secs(120) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot start yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    shutdown_signal().await;
+    handle.shutdown().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
