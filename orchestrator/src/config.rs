@@ -223,4 +223,48 @@ mod tests {
         let err = Config::load(Some("/nonexistent/sagaflow.toml"), []).unwrap_err().to_string();
         assert!(err.contains("cannot read"), "{err}");
     }
+
+    /// docs/configuration.md lists every key with its variable and default, and its example
+    /// file is a valid configuration.
+    #[test]
+    fn the_configuration_reference_matches_the_code() {
+        let doc = include_str!("../../docs/configuration.md");
+        let cell = |c: &str| c.trim().trim_matches('`').to_owned();
+        let rows: Vec<Vec<String>> = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("| key | env | default |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim_matches('|').split(" | ").map(cell).collect())
+            .collect();
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let fields: Vec<&String> = defaults.as_object().unwrap().keys().collect();
+        let keys: Vec<&String> = rows.iter().map(|r| &r[0]).collect();
+        let (mut fields_sorted, mut keys_sorted) = (fields.clone(), keys.clone());
+        fields_sorted.sort();
+        keys_sorted.sort();
+        assert_eq!(keys_sorted, fields_sorted, "every Config field has one row");
+        for r in &rows {
+            assert_eq!(r[1], format!("SAGAFLOW_{}", r[0].to_uppercase()), "variable of {}", r[0]);
+            let default = match &defaults[&r[0]] {
+                serde_json::Value::String(s) if s.is_empty() => {
+                    if r[0] == "node_id" {
+                        "<hostname>-<pid>".to_owned()
+                    } else {
+                        "empty".to_owned()
+                    }
+                }
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            assert_eq!(r[2], default, "default of {}", r[0]);
+        }
+        let example = doc.split("```toml\n").nth(1).and_then(|rest| rest.split("```").next()).expect("an example file");
+        let dir = std::env::temp_dir().join(format!("sagaflow-config-doc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sagaflow.toml");
+        std::fs::write(&file, example).unwrap();
+        let cfg = Config::load(Some(file.to_str().unwrap()), []).unwrap();
+        assert_eq!((cfg.namespace.as_str(), cfg.quorum_queues), ("shop", true));
+    }
 }

@@ -2,19 +2,15 @@
 //! events from clients. Each delivery is decoded (refused → dead letter with the reason),
 //! applied in one transaction, then acked.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use participants_sdk::transport::{self, Names};
 use sagas::protocol::{TYPE_EVENT, TYPE_START, decode_event, decode_reply, decode_start};
 use sagas::{Input, MessageId};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::intake::{Engine, Handled, StartError};
@@ -49,35 +45,16 @@ impl Consumer {
     pub(crate) async fn run(self, ch: Channel, queue: Queue, token: CancellationToken) -> anyhow::Result<()> {
         ch.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
         let name = self.queue_name(queue);
-        let mut deliveries =
-            ch.basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
-        let permits = Arc::new(Semaphore::new(self.concurrency));
-        let mut tasks = JoinSet::new();
-        let result = loop {
-            tokio::select! {
-                () = token.cancelled() => break Ok(()),
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Err(e) = done { tracing::error!(error = %e, "a delivery task panicked"); }
-                }
-                next = deliveries.next() => match next {
-                    Some(Ok(d)) => {
-                        let permit = Arc::clone(&permits).acquire_owned().await.expect("never closed");
-                        let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
-                        tasks.spawn(async move {
-                            this.handle(&ch, &name, queue, d).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) => break Err(e.into()),
-                    None => break Err(anyhow::anyhow!("the broker cancelled the consumer of {name}")),
-                },
-            }
-        };
-        while tasks.join_next().await.is_some() {}
+        let deliveries = ch.basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+        let result = transport::run_consumer(&ch, deliveries, self.concurrency, &token, |d| {
+            let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
+            async move { this.handle(&ch, &name, queue, d).await }
+        })
+        .await;
         if result.is_ok() {
             let _ = ch.close(200, "shutdown".into()).await;
         }
-        result
+        result.map_err(|e| anyhow::anyhow!("consuming {name}: {e}"))
     }
 
     fn queue_name(&self, queue: Queue) -> String {
@@ -93,7 +70,7 @@ impl Consumer {
             Queue::Inbound => self.inbound(&d).await,
         };
         let result = match verdict {
-            Verdict::Ack => d.ack(BasicAckOptions::default()).await.map(drop).map_err(anyhow::Error::from),
+            Verdict::Ack => transport::ack(&d).await.map_err(anyhow::Error::from),
             Verdict::DeadLetter(reason, detail) => {
                 self.engine.metrics().dead_lettered(queue_name, reason);
                 transport::dead_letter(ch, &self.names, queue_name, &d, reason, &detail).await.map_err(anyhow::Error::from)
@@ -101,7 +78,7 @@ impl Consumer {
             Verdict::Requeue(why) => {
                 tracing::warn!(queue = queue_name, "{why}; the message goes back to the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                d.nack(BasicNackOptions { requeue: true, multiple: false }).await.map(drop).map_err(anyhow::Error::from)
+                transport::requeue(&d).await.map_err(anyhow::Error::from)
             }
         };
         if let Err(e) = result {

@@ -148,6 +148,55 @@ fn us_to_ms(us: i64) -> u64 {
     u64::try_from(us / 1000).unwrap_or(0)
 }
 
+/// One definition version: whether this node serves it and how many sagas run on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionUse {
+    /// Definition name.
+    pub definition: String,
+    /// Definition version.
+    pub version: u32,
+    /// The registry of this node has it.
+    pub served: bool,
+    /// Its sagas that may still need it: every status but `completed` and `compensated`
+    /// (a `stopped` saga can be resumed or retried).
+    pub open: i64,
+    /// All its sagas in the database.
+    pub total: i64,
+}
+
+impl VersionUse {
+    /// No open saga needs it and a newer version of the same definition is served: a release
+    /// may leave it out of its registry.
+    pub fn retirable(&self, all: &[VersionUse]) -> bool {
+        self.open == 0 && all.iter().any(|v| v.definition == self.definition && v.version > self.version && v.served)
+    }
+}
+
+/// Every definition version the registry serves or the database holds sagas of, by name and
+/// version: what an upgrade needs to know before it drops a version (docs/versioning.md).
+pub async fn versions(pool: &PgPool, registry: &sagas::Registry) -> Result<Vec<VersionUse>, OpsError> {
+    let rows: Vec<(String, i32, i64, i64)> = sqlx::query_as(
+        "SELECT definition, version, count(*) FILTER (WHERE status NOT IN ('completed', 'compensated')), count(*)
+           FROM sagaflow.instances GROUP BY definition, version",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out: std::collections::BTreeMap<(String, u32), VersionUse> = registry
+        .iter()
+        .map(|d| {
+            let v = VersionUse { definition: d.name.clone(), version: d.version, served: true, open: 0, total: 0 };
+            ((d.name.clone(), d.version), v)
+        })
+        .collect();
+    for (definition, version, open, total) in rows {
+        let version = u32::try_from(version).unwrap_or(0);
+        let v = out.entry((definition.clone(), version)).or_insert(VersionUse { definition, version, served: false, open: 0, total: 0 });
+        v.open = open;
+        v.total = total;
+    }
+    Ok(out.into_values().collect())
+}
+
 /// Sagas matching `f`, newest first.
 pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
     if let Some(s) = &f.status

@@ -11,16 +11,13 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sagas::protocol::{InboundCommand, ReplyOutcome, WireMessage, decode_command, encode_reply};
 use sagas::{Command, CommandKind, Timestamp};
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -266,7 +263,7 @@ impl Participant {
         transport::declare_participant(&ch, &inner.names, &inner.name, opts).await?;
         ch.basic_qos(inner.config.prefetch, BasicQosOptions::default()).await?;
         let queue = inner.names.participant_queue(&inner.name);
-        let mut consumer = ch
+        let consumer = ch
             .basic_consume(
                 queue.as_str().into(),
                 format!("{}-{}", inner.name, std::process::id()).into(),
@@ -275,41 +272,38 @@ impl Participant {
             )
             .await?;
         tracing::info!(participant = %inner.name, queue, "consuming commands");
-        let permits = Arc::new(Semaphore::new(inner.config.concurrency));
-        let mut tasks = JoinSet::new();
-        let mut sweep = tokio::time::interval(inner.config.sweep_interval);
-        let result = loop {
-            tokio::select! {
-                () = token.cancelled() => break Ok(()),
-                _ = sweep.tick() => {
-                    if let Err(e) = self.sweep(pool, &ch).await {
-                        tracing::warn!(participant = %inner.name, error = %e, "could not republish leftover replies");
+        // Leftover replies are republished beside the consumer, on the same channel.
+        let sweeping = token.child_token();
+        let sweeper = {
+            let (this, ch, pool, stop) = (self.clone(), ch.clone(), pool.clone(), sweeping.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(this.inner.config.sweep_interval);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = tick.tick() => {
+                            if let Err(e) = this.sweep(&pool, &ch).await {
+                                tracing::warn!(participant = %this.inner.name, error = %e, "could not republish leftover replies");
+                            }
+                        }
                     }
                 }
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Err(e) = done { tracing::error!(participant = %inner.name, error = %e, "a command task panicked"); }
-                }
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let permit = Arc::clone(&permits).acquire_owned().await.expect("never closed");
-                        let (this, ch, pool) = (self.clone(), ch.clone(), pool.clone());
-                        tasks.spawn(async move {
-                            this.process(&pool, &ch, delivery).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) => break Err(Error::Amqp(e)),
-                    None => break Err(Error::Amqp(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended")))),
-                },
-            }
+            })
         };
-        // Finish what is in hand: each task commits, replies and acks, or leaves the command
-        // unacked for redelivery.
-        while tasks.join_next().await.is_some() {}
+        let result = transport::run_consumer(&ch, consumer, inner.config.concurrency, token, |delivery| {
+            let (this, ch, pool) = (self.clone(), ch.clone(), pool.clone());
+            async move { this.process(&pool, &ch, delivery).await }
+        })
+        .await;
+        // A sweep stuck on a dead connection must not hold the reconnect: stop it where it is
+        // (its transaction rolls back; what it published is sent again and deduped).
+        sweeping.cancel();
+        sweeper.abort();
+        let _ = sweeper.await;
         if result.is_ok() {
             let _ = ch.close(200, "shutdown".into()).await;
         }
-        result
+        result.map_err(Error::Amqp)
     }
 
     async fn process(&self, pool: &PgPool, ch: &Channel, d: Delivery) {
@@ -334,7 +328,7 @@ impl Participant {
             match self.execute(pool, reg, &cmd).await {
                 Ok(_) if inner.crash_after_commit.as_ref().is_some_and(|crash| crash(&cmd)) => {
                     tracing::warn!("fault injection: crashing after the commit, before the reply and the ack");
-                    let _ = d.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                    let _ = transport::requeue(&d).await;
                 }
                 Ok((id, reply)) => {
                     match transport::publish_confirmed(ch, "", &cmd.reply_to, &reply, true).await {
@@ -345,14 +339,14 @@ impl Participant {
                         }
                         Err(e) => tracing::warn!(error = %e, "reply not sent now; it stays in the outbox and is retried"),
                     }
-                    if let Err(e) = d.ack(BasicAckOptions::default()).await {
+                    if let Err(e) = transport::ack(&d).await {
                         tracing::warn!(error = %e, "ack failed; the command will be redelivered and answered from the inbox");
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "database unavailable; the command goes back to the queue");
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    let _ = d.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                    let _ = transport::requeue(&d).await;
                 }
             }
         }
@@ -363,7 +357,7 @@ impl Participant {
     async fn refuse(&self, ch: &Channel, queue: &str, d: &Delivery, reason: &str, detail: &str) {
         if let Err(e) = transport::dead_letter(ch, &self.inner.names, queue, d, reason, detail).await {
             tracing::error!(error = %e, reason, "could not dead-letter a message; it goes back to the queue");
-            let _ = d.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            let _ = transport::requeue(d).await;
         }
     }
 
@@ -454,4 +448,3 @@ impl Participant {
         Ok(())
     }
 }
-

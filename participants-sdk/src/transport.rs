@@ -3,16 +3,21 @@
 //! messages and [`WireMessage`], publishing with confirms, and dead-lettering with a reason.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use futures_util::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use sagas::protocol::{H_DEAD_LETTER_DETAIL, H_DEAD_LETTER_REASON, HeaderValue, WireMessage};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// The names of every AMQP object of one deployment, derived from its namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +103,78 @@ pub enum TransportError {
         /// The broker's explanation.
         reply_text: String,
     },
+    /// The broker did not answer within [`BROKER_WAIT`]: the connection is treated as lost.
+    #[error("no answer from the broker within {secs} s while waiting for {what}", secs = BROKER_WAIT.as_secs(), what = .0)]
+    NoAnswer(&'static str),
+}
+
+/// How long a wait on the broker (a publisher confirm, an ack) may take. A connection that
+/// died without closing cleanly can leave such a wait unanswered; bounding it keeps a handler
+/// from holding its slot, and the consumer loop from waiting on it, forever.
+pub const BROKER_WAIT: Duration = Duration::from_secs(30);
+
+/// `fut`, or [`TransportError::NoAnswer`] after [`BROKER_WAIT`].
+async fn within<T, E: Into<TransportError>>(what: &'static str, fut: impl Future<Output = Result<T, E>>) -> Result<T, TransportError> {
+    match tokio::time::timeout(BROKER_WAIT, fut).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(TransportError::NoAnswer(what)),
+    }
+}
+
+/// Ack `d` (bounded by [`BROKER_WAIT`]).
+pub async fn ack(d: &Delivery) -> Result<(), TransportError> {
+    within("an ack", d.ack(BasicAckOptions::default())).await.map(drop)
+}
+
+/// Nack `d` back to its queue for redelivery (bounded by [`BROKER_WAIT`]).
+pub async fn requeue(d: &Delivery) -> Result<(), TransportError> {
+    within("a nack", d.nack(BasicNackOptions { requeue: true, multiple: false })).await.map(drop)
+}
+
+/// Run `handle` for every delivery of `consumer`, at most `concurrency` at once, until `token`
+/// is cancelled (`Ok`) or the channel or the consumer fails (`Err`); then wait for the handlers
+/// still running. The channel's state is checked every second too, so a connection lost while
+/// every handler is busy is noticed. The orchestrator's consumers and the participants share it.
+pub async fn run_consumer<F, Fut>(
+    ch: &Channel,
+    mut consumer: lapin::Consumer,
+    concurrency: usize,
+    token: &CancellationToken,
+    handle: F,
+) -> Result<(), lapin::Error>
+where
+    F: Fn(Delivery) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let lost = |why: &'static str| lapin::Error::from(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, why));
+    let mut tasks = JoinSet::new();
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            () = token.cancelled() => break Ok(()),
+            _ = check.tick() => {
+                if !ch.status().connected() {
+                    break Err(lost("the channel to RabbitMQ is gone"));
+                }
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a delivery handler panicked; its message will be redelivered");
+                }
+            }
+            next = consumer.next(), if tasks.len() < concurrency => match next {
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle(delivery));
+                }
+                Some(Err(e)) => break Err(e),
+                None => break Err(lost("the broker cancelled the consumer")),
+            },
+        }
+    };
+    // Every wait on the broker is bounded, so this ends even on a dead connection.
+    while tasks.join_next().await.is_some() {}
+    result
 }
 
 /// How long one connection attempt (TCP, TLS and the AMQP handshake) may take: a peer that
@@ -265,9 +342,8 @@ pub async fn publish(
     msg: &WireMessage,
     mandatory: bool,
 ) -> Result<PendingConfirm, TransportError> {
-    let confirm = ch
-        .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions { mandatory, immediate: false }, &msg.body, properties(msg))
-        .await?;
+    let options = BasicPublishOptions { mandatory, immediate: false };
+    let confirm = within("a publish", ch.basic_publish(exchange.into(), routing_key.into(), options, &msg.body, properties(msg))).await?;
     Ok(PendingConfirm { confirm, exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
 }
 
@@ -281,7 +357,7 @@ pub struct PendingConfirm {
 impl PendingConfirm {
     /// Wait for the broker: `Ok` once it stored (or, not `mandatory`, accepted) the message.
     pub async fn wait(self) -> Result<(), TransportError> {
-        match self.confirm.await? {
+        match within("a publisher confirm", self.confirm).await? {
             lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
             lapin::Confirmation::Ack(Some(ret)) => Err(TransportError::Unroutable {
                 exchange: self.exchange,
@@ -315,8 +391,9 @@ pub async fn dead_letter(ch: &Channel, names: &Names, queue: &str, d: &Delivery,
     headers.insert(H_DEAD_LETTER_DETAIL.into(), AMQPValue::LongString(detail.into()));
     props = props.with_headers(headers);
     let exchange = names.dead_letter_exchange();
-    let confirm = ch.basic_publish(exchange.as_str().into(), queue.into(), BasicPublishOptions::default(), &d.data, props).await?;
+    let confirm =
+        within("a publish", ch.basic_publish(exchange.as_str().into(), queue.into(), BasicPublishOptions::default(), &d.data, props))
+            .await?;
     PendingConfirm { confirm, exchange, routing_key: queue.to_owned() }.wait().await?;
-    d.ack(BasicAckOptions::default()).await?;
-    Ok(())
+    ack(d).await
 }

@@ -580,3 +580,66 @@ async fn a_saga_of_an_unknown_version_is_left_untouched_and_its_reply_waits() {
     node2.shutdown().await.unwrap();
     env.cleanup(&["probe"]).await.unwrap();
 }
+
+/// docs/versioning.md step by step: sagas started on v1 finish on v1 after a release that adds
+/// v2 replaces the v1-only node; new sagas start on v2; `ops::versions` says when v1 can go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_rolls_out_while_old_sagas_finish_on_theirs() {
+    fn v1() -> SagaDefinition<Plan> {
+        SagaDefinition::<Plan>::builder("approval_flow", 1)
+            .step("a", |s| probe::step(s, "a"))
+            .wait("approved", |w| w.event("approved").deadline(Duration::from_secs(600), OnDeadline::Fail))
+            .build()
+            .unwrap()
+    }
+    fn v2() -> SagaDefinition<Plan> {
+        SagaDefinition::<Plan>::builder("approval_flow", 2)
+            .step("a", |s| probe::step(s, "a"))
+            .wait("approved", |w| w.event("approved").deadline(Duration::from_secs(600), OnDeadline::Fail))
+            .step("c", |s| probe::step(s, "c"))
+            .build()
+            .unwrap()
+    }
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
+
+    // Release 1 serves v1; two sagas start and wait for their approval.
+    let release1 = env.orchestrator("release-1", probe_registry(vec![v1()])).await.unwrap();
+    let early =
+        [start_probe(&release1, "approval_flow", &Plan::default()).await, start_probe(&release1, "approval_flow", &Plan::default()).await];
+    for id in early {
+        wait::until(&env.pool, id, WAIT, |s| s.steps[1].status == StepStatus::Waiting).await.unwrap();
+    }
+
+    // Release 2 serves v1 and v2 and replaces release 1; a new saga starts on v2.
+    let release2 = env.orchestrator("release-2", probe_registry(vec![v1(), v2()])).await.unwrap();
+    release1.shutdown().await.unwrap();
+    let late = start_probe(&release2, "approval_flow", &Plan::default()).await;
+    wait::until(&env.pool, late, WAIT, |s| s.steps[1].status == StepStatus::Waiting).await.unwrap();
+    let versions = orchestrator::ops::versions(&env.pool, release2.engine().registry()).await.unwrap();
+    let open: Vec<(u32, i64, bool)> = versions.iter().map(|v| (v.version, v.open, v.retirable(&versions))).collect();
+    assert_eq!(open, [(1, 2, false), (2, 1, false)], "v1 still has open sagas: it must stay");
+
+    // The approvals arrive: each saga finishes on the version it started on.
+    for id in early.iter().chain([&late]) {
+        let approve = sagas::Input::Event { name: "approved".into(), payload: json!({"by": "ops"}) };
+        orchestrator::ops::act(release2.engine(), *id, approve).await.unwrap();
+    }
+    let states = wait::all_settled(&env.pool, &[early[0], early[1], late], WAIT).await.unwrap();
+    for (st, version) in states.iter().zip([1, 1, 2]) {
+        assert_eq!((st.status, st.version), (SagaStatus::Completed, version), "{st:?}");
+    }
+    assert_eq!(probe::effects(&env.pool, early[0]).await.unwrap(), ["a:do"], "v1 has no step c");
+    assert_eq!(probe::effects(&env.pool, late).await.unwrap(), ["a:do", "c:do"]);
+    assert!(wait::history(&env.pool, early[1]).await.unwrap().iter().any(|h| h.node == "release-2"), "release 2 finished a v1 saga");
+
+    // Nothing needs v1 any more: the next release may drop it.
+    let versions = orchestrator::ops::versions(&env.pool, release2.engine().registry()).await.unwrap();
+    let open: Vec<(u32, i64, i64, bool)> = versions.iter().map(|v| (v.version, v.open, v.total, v.retirable(&versions))).collect();
+    assert_eq!(open, [(1, 0, 2, true), (2, 0, 1, false)]);
+
+    p.shutdown().await.unwrap();
+    release2.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}

@@ -39,6 +39,35 @@ pub async fn setup(pool: &PgPool, skus: &[&str], available: i64) -> Result<(), s
     tx.commit().await
 }
 
+/// Stock each `(sku, units)` pair unless that sku is already stocked (a restart keeps what was
+/// sold). For the `order-participant` command's `ORDER_EXAMPLE_STOCK`.
+pub async fn stock_if_absent(pool: &PgPool, stock: &[(String, i64)]) -> Result<(), sqlx::Error> {
+    for (sku, available) in stock {
+        sqlx::query("INSERT INTO example_inventory.stock (sku, available) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING")
+            .bind(sku)
+            .bind(available)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Parse `sku=units,sku=units` (the `ORDER_EXAMPLE_STOCK` variable).
+pub fn parse_stock(spec: &str) -> Result<Vec<(String, i64)>, String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (sku, units) = item.split_once('=').ok_or_else(|| format!("`{item}` is not `sku=units`"))?;
+            let units: i64 = units.trim().parse().map_err(|_| format!("`{item}`: units must be a whole number"))?;
+            if sku.trim().is_empty() || units < 0 {
+                return Err(format!("`{item}`: needs a sku and units >= 0"));
+            }
+            Ok((sku.trim().to_owned(), units))
+        })
+        .collect()
+}
+
 /// The participant called `name` (`inventory`, `payment` or `shipping`).
 pub fn participant(name: &str, config: ParticipantConfig) -> Result<Participant, participants_sdk::Error> {
     match name {
@@ -54,10 +83,14 @@ pub const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 
 /// The `order-participant` command: run the participant named by the first argument until
 /// SIGTERM or Ctrl-C, configured by `SAGAFLOW_AMQP_URL`, `SAGAFLOW_DATABASE_URL` and
-/// `SAGAFLOW_NAMESPACE`.
+/// `SAGAFLOW_NAMESPACE`. `ORDER_EXAMPLE_STOCK=sku=units,...` stocks skus that have no stock row yet.
 pub async fn participant_main() -> anyhow::Result<()> {
     use anyhow::Context as _;
     let name = std::env::args().nth(1).context("usage: order-participant inventory|payment|shipping")?;
+    let stock = match std::env::var("ORDER_EXAMPLE_STOCK") {
+        Ok(spec) => parse_stock(&spec).map_err(|e| anyhow::anyhow!("ORDER_EXAMPLE_STOCK: {e}"))?,
+        Err(_) => Vec::new(),
+    };
     let amqp = std::env::var("SAGAFLOW_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let db = std::env::var("SAGAFLOW_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let mut config = ParticipantConfig::default();
@@ -75,6 +108,7 @@ pub async fn participant_main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("connecting to PostgreSQL at {db}"))?;
             setup(&pool, &[], 0).await.context("creating the example tables")?;
+            stock_if_absent(&pool, &stock).await.context("stocking ORDER_EXAMPLE_STOCK")?;
             anyhow::Ok(participant.start(pool, &amqp).await?)
         };
         match attempt.await {
@@ -92,9 +126,28 @@ pub async fn participant_main() -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        tracing::warn!("cannot listen for SIGTERM; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_stock;
+
+    #[test]
+    fn stock_specs_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_stock("widget=10, gadget = 0,").unwrap(), [("widget".to_owned(), 10), ("gadget".to_owned(), 0)]);
+        assert!(parse_stock("").unwrap().is_empty());
+        assert!(parse_stock("widget").unwrap_err().contains("not `sku=units`"));
+        assert!(parse_stock("widget=many").unwrap_err().contains("whole number"));
+        assert!(parse_stock("=3").unwrap_err().contains("needs a sku"));
+        assert!(parse_stock("w=-1").unwrap_err().contains("units >= 0"));
     }
 }

@@ -49,6 +49,9 @@ pub(crate) enum Command {
     Skip(ops_cli::IdArgs),
     /// Resume a stopped saga.
     Resume(ops_cli::IdArgs),
+    /// Every definition version this binary serves or the database has sagas of, with how many
+    /// are still open: which versions a release may drop.
+    Versions(ops_cli::VersionsArgs),
 }
 
 /// Parse the arguments, run the command, and map the result to an exit code; `serve` serves

@@ -1,5 +1,5 @@
 //! The operator commands of the CLI (`start`, `show`, `list`, `wait`, `signal`, `abort`,
-//! `retry`, `skip`, `resume`): the same [`ops`](crate::ops) the HTTP API uses, against the
+//! `retry`, `skip`, `resume`, `versions`): the same [`ops`](crate::ops) the HTTP API uses, against the
 //! configured database, printed as tables or, with `--json`, as the API's JSON.
 
 use std::time::Duration;
@@ -97,6 +97,13 @@ pub(crate) struct AbortArgs {
     json: bool,
 }
 
+#[derive(clap::Args)]
+pub(crate) struct VersionsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn id(s: &str) -> Result<SagaId, OpsError> {
     s.parse().map_err(|_| OpsError::new("invalid_request", format!("`{s}` is not a saga id (a UUID)")))
 }
@@ -168,6 +175,30 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
         Command::Retry(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("retry", None)?)).await?, a.json),
         Command::Skip(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("skip", None)?)).await?, a.json),
         Command::Resume(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("resume", None)?)).await?, a.json),
+        Command::Versions(a) => {
+            let all = ops::versions(engine.pool(), engine.registry()).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(());
+            }
+            println!("{:<24}  {:>7}  {:<6}  {:>8}  {:>8}  NOTE", "DEFINITION", "VERSION", "SERVED", "OPEN", "TOTAL");
+            for v in &all {
+                let note = match (v.served, v.retirable(&all), v.open) {
+                    (false, _, n) if n > 0 => "open sagas wait for a node that serves this version",
+                    (true, true, _) => "no open sagas: a release may drop it",
+                    _ => "",
+                };
+                println!(
+                    "{:<24}  {:>7}  {:<6}  {:>8}  {:>8}  {note}",
+                    v.definition,
+                    v.version,
+                    if v.served { "yes" } else { "no" },
+                    v.open,
+                    v.total
+                );
+            }
+            return Ok(());
+        }
         Command::Serve | Command::Migrate | Command::Demo(_) => unreachable!("handled by the caller"),
     };
     print_view(&out.0, out.1)
