@@ -54,7 +54,7 @@ done
 completed=0 compensated=0 other=0
 for i in "${!ids[@]}"; do
     n=$((i + 1))
-    status="$(curl -fsS "$api/sagas/${ids[$i]}/wait?timeout_ms=60000" -H "Authorization: Bearer $SAGAFLOW_API_TOKEN" | jq -r .status)"
+    status="$(curl -fsS "$api/sagas/${ids[$i]}/wait?timeout_ms=60000" -H "Authorization: Bearer $SAGAFLOW_API_TOKEN" | jq -r .saga.status)"
     want=completed
     if [ $((n % 4)) -eq 0 ]; then want=compensated; fi
     case "$status" in

@@ -247,71 +247,61 @@ impl Engine {
     ) -> Result<Handled, sqlx::Error> {
         let trace_id = traceparent.and_then(|t| t.split('-').nth(1)).unwrap_or("");
         let span = tracing::info_span!("decide", saga.id = %st.id, saga.name = %def.name, input = input.kind(), trace.id = trace_id, node = %self.node);
-        self.decide_in_span(tx, def, st, traceparent, input, input_json, written).instrument(span).await
-    }
-
-    #[allow(clippy::too_many_arguments)] // the pieces of one decision, passed down once
-    async fn decide_in_span(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        def: &Definition,
-        st: &SagaState,
-        traceparent: Option<&str>,
-        input: &Input,
-        input_json: Value,
-        written: &mut Vec<Claimed>,
-    ) -> Result<Handled, sqlx::Error> {
-        let now = Timestamp::now();
-        let t = match decide(def, st, input, now) {
-            Ok(t) => t,
-            Err(e) => {
-                // Only an invariant break gets here (the state names another definition).
-                tracing::error!(saga.id = %st.id, error = %e, "decide refused the input");
-                return Ok(Handled::UnknownVersion { definition: st.definition.clone(), version: st.version });
+        async move {
+            let now = Timestamp::now();
+            let t = match decide(def, st, input, now) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Only an invariant break gets here (the state names another definition).
+                    tracing::error!(saga.id = %st.id, error = %e, "decide refused the input");
+                    return Ok(Handled::UnknownVersion { definition: st.definition.clone(), version: st.version });
+                }
+            };
+            let (outcome, detail) = match &t.outcome {
+                InputOutcome::Applied => ("applied", None),
+                InputOutcome::Ignored { reason, detail } => (reason.as_str(), Some(detail.clone())),
+                InputOutcome::Refused { reason } => ("refused", Some(reason.clone())),
+            };
+            let status = t.state.status;
+            let applied = t.outcome == InputOutcome::Applied;
+            let state_json = serde_json::to_value(&t.state).unwrap_or(Value::Null);
+            let state_bytes = state_json.to_string().len();
+            let (rows, schedule, cancel) = if applied { self.effects(def, &t.state, traceparent, &t.effects, now) } else { Default::default() };
+            let history = HistoryRow {
+                saga: st.id,
+                node: &self.node,
+                input_kind: input.kind(),
+                input: input_json,
+                outcome,
+                detail: detail.clone(),
+                status: status.as_str(),
+                effects: serde_json::to_value(&t.effects).unwrap_or(Value::Null),
+                state_bytes,
+            };
+            let ids = store::write_decision(tx, applied.then_some((&state_json, status.as_str())), history, &rows).await?;
+            if !schedule.is_empty() || !cancel.is_empty() {
+                store::set_timers(tx, st.id, &schedule, &cancel).await?;
             }
-        };
-        let (outcome, detail) = match &t.outcome {
-            InputOutcome::Applied => ("applied", None),
-            InputOutcome::Ignored { reason, detail } => (reason.as_str(), Some(detail.clone())),
-            InputOutcome::Refused { reason } => ("refused", Some(reason.clone())),
-        };
-        let status = t.state.status;
-        let applied = t.outcome == InputOutcome::Applied;
-        let state_json = serde_json::to_value(&t.state).unwrap_or(Value::Null);
-        let state_bytes = state_json.to_string().len();
-        let (rows, schedule, cancel) = if applied { self.effects(def, &t.state, traceparent, &t.effects, now) } else { Default::default() };
-        let history = HistoryRow {
-            saga: st.id,
-            node: &self.node,
-            input_kind: input.kind(),
-            input: input_json,
-            outcome,
-            detail: detail.clone(),
-            status: status.as_str(),
-            effects: serde_json::to_value(&t.effects).unwrap_or(Value::Null),
-            state_bytes,
-        };
-        let ids = store::write_decision(tx, applied.then_some((&state_json, status.as_str())), history, &rows).await?;
-        if !schedule.is_empty() || !cancel.is_empty() {
-            store::set_timers(tx, st.id, &schedule, &cancel).await?;
-        }
-        written.extend(ids.into_iter().zip(rows).map(|(id, r)| Claimed {
-            id,
-            saga: st.id,
-            exchange: r.exchange,
-            routing_key: r.routing_key,
-            mandatory: r.mandatory,
-            msg: r.msg,
-        }));
-        if applied {
-            self.metrics.record(def, input, &t.state, &t.effects, now.0);
-            if status.is_terminal() || status == SagaStatus::Stopped {
-                tracing::info!(saga.id = %st.id, saga.name = %def.name, status = status.as_str(), "saga settled");
+            written.extend(ids.into_iter().zip(rows).map(|(id, r)| Claimed {
+                id,
+                saga: st.id,
+                exchange: r.exchange,
+                routing_key: r.routing_key,
+                mandatory: r.mandatory,
+                msg: r.msg,
+            }));
+            if applied {
+                self.metrics.record(def, input, &t.state, &t.effects, now.0);
+                if status.is_terminal() || status == SagaStatus::Stopped {
+                    tracing::info!(saga.id = %st.id, saga.name = %def.name, status = status.as_str(), "saga settled");
+                }
+            } else {
+                tracing::info!(saga.id = %st.id, input = input.kind(), outcome, detail = detail.as_deref().unwrap_or(""), "input did not apply");
             }
-        } else {
-            tracing::info!(saga.id = %st.id, input = input.kind(), outcome, detail = detail.as_deref().unwrap_or(""), "input did not apply");
+            Ok(Handled::Decided { outcome: t.outcome, status })
         }
-        Ok(Handled::Decided { outcome: t.outcome, status })
+        .instrument(span)
+        .await
     }
 
     /// The outbox rows and timer changes of `effects` (no IO).

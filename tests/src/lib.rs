@@ -28,3 +28,8 @@ pub use proxy::Proxy;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/testing.md")]
 struct TestingGuideDoctests;
+
+/// docs/getting-started.md's saga and participant compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/getting-started.md")]
+struct GettingStartedDoctests;

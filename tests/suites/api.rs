@@ -9,6 +9,7 @@ use orchestrator::api::{ApiState, OPENAPI, app};
 use participants_sdk::ParticipantHandle;
 use sagas::{OnTimeout, Registry, RetryPolicy, SagaDefinition};
 use serde_json::{Value, json};
+use testkit::orders;
 use testkit::probe::{self, Behavior, Plan};
 use testkit::{TestEnv, wait};
 use tower::ServiceExt;
@@ -315,16 +316,8 @@ async fn cli(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_starts_shows_lists_waits_and_acts() {
     let env = TestEnv::start().await.unwrap();
-    let mut registry = Registry::new();
-    registry.register(order_fulfilment::definition().unwrap().erased()).unwrap();
-    let node = env.orchestrator("n1", registry).await.unwrap();
-    order_fulfilment::setup(&env.pool, &["widget"], 100).await.unwrap();
-    let mut parts = Vec::new();
-    for name in order_fulfilment::PARTICIPANTS {
-        parts.push(
-            order_fulfilment::participant(name, env.participant_config()).unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap(),
-        );
-    }
+    let node = env.orchestrator("n1", orders::registry()).await.unwrap();
+    let parts = orders::start_participants(&env, &env.amqp_url, &order_fulfilment::PARTICIPANTS, 100).await.unwrap();
     let input = json!({"order_id": "cli-1", "sku": "widget", "quantity": 1, "amount_cents": 100, "destination": "unreachable"}).to_string();
     let (code, out, err) =
         cli(&env, &["start", "--definition", "order_fulfilment", "--input", &input, "--idempotency-key", "cli-1", "--json"]).await;
@@ -354,9 +347,7 @@ async fn the_cli_starts_shows_lists_waits_and_acts() {
     let (code, _, err) = cli(&env, &["start", "--definition", "order_fulfilment", "--input", "{oops"]).await;
     assert!(code != 0 && err.contains("--input is not JSON"), "{err}");
 
-    for p in parts {
-        p.shutdown().await.unwrap();
-    }
+    orders::stop_participants(parts).await.unwrap();
     node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }

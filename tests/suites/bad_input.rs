@@ -9,8 +9,9 @@ use sagas::protocol::{
     DEFAULT_MAX_BODY_BYTES, HeaderValue, InboundCommand, ReplyOutcome, SagaRef, StartRequest, TYPE_EVENT, TYPE_START, WireMessage,
     encode_reply,
 };
-use sagas::{CommandKind, MessageId, Registry, SagaId, SagaStatus, StepIndex, Timestamp};
+use sagas::{CommandKind, MessageId, SagaId, SagaStatus, StepIndex, Timestamp};
 use serde_json::json;
+use testkit::orders;
 use testkit::{TestEnv, wait};
 
 fn order(i: u32) -> StartRequest {
@@ -46,16 +47,8 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_message_is_dead_lettered_with_its_reason_while_good_sagas_complete() {
     let env = TestEnv::start().await.unwrap();
-    let mut registry = Registry::new();
-    registry.register(order_fulfilment::definition().unwrap().erased()).unwrap();
-    let node = env.orchestrator("n1", registry).await.unwrap();
-    order_fulfilment::setup(&env.pool, &["widget"], 10_000).await.unwrap();
-    let mut parts = Vec::new();
-    for name in order_fulfilment::PARTICIPANTS {
-        parts.push(
-            order_fulfilment::participant(name, env.participant_config()).unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap(),
-        );
-    }
+    let node = env.orchestrator("n1", orders::registry()).await.unwrap();
+    let parts = orders::start_participants(&env, &env.amqp_url, &order_fulfilment::PARTICIPANTS, 10_000).await.unwrap();
     let names = env.names();
     let conn = env.amqp().await.unwrap();
     let ch = transport::confirm_channel(&conn).await.unwrap();
@@ -171,9 +164,7 @@ async fn every_bad_message_is_dead_lettered_with_its_reason_while_good_sagas_com
     let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 
     conn.close(200, "done".into()).await.unwrap();
-    for p in parts {
-        p.shutdown().await.unwrap();
-    }
+    orders::stop_participants(parts).await.unwrap();
     node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use sagas::{Registry, SagaStatus};
+use sagas::SagaStatus;
+use testkit::orders;
 use testkit::{Proxy, TestEnv, wait};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,16 +16,10 @@ async fn the_order_saga_runs_on_containers_and_survives_a_broker_restart() {
     // is the same address to them.
     let proxy = Proxy::start(containers.amqp_addr().await.unwrap()).await.unwrap();
     let amqp = proxy.url(&env.amqp_url);
-    let mut registry = Registry::new();
-    registry.register(order_fulfilment::definition().unwrap().erased()).unwrap();
     let mut cfg = env.config("n1");
     cfg.amqp_url = amqp.clone();
-    let node = orchestrator::Orchestrator::connect(cfg, registry).await.unwrap().start().await.unwrap();
-    order_fulfilment::setup(&env.pool, &["widget"], 1000).await.unwrap();
-    let mut parts = Vec::new();
-    for name in order_fulfilment::PARTICIPANTS {
-        parts.push(order_fulfilment::participant(name, env.participant_config()).unwrap().start(env.pool.clone(), &amqp).await.unwrap());
-    }
+    let node = orchestrator::Orchestrator::connect(cfg, orders::registry()).await.unwrap().start().await.unwrap();
+    let parts = orders::start_participants(&env, &amqp, &order_fulfilment::PARTICIPANTS, 1000).await.unwrap();
     let start = |i: u32| testkit::orders::mixed("c", i, 4);
     let mut ids = Vec::new();
     for i in 1..=20 {
@@ -47,9 +42,7 @@ async fn the_order_saga_runs_on_containers_and_survives_a_broker_restart() {
     let shipped: i64 = sqlx::query_scalar("SELECT count(*) FROM example_shipping.shipments").fetch_one(&env.pool).await.unwrap();
     assert_eq!(shipped, 30);
 
-    for p in parts {
-        p.shutdown().await.unwrap();
-    }
+    orders::stop_participants(parts).await.unwrap();
     node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }

@@ -173,7 +173,7 @@ trap 'for p in $(jobs -p); do kill -TERM "$p" 2>/dev/null || true; done; wait' E
 # In a background job, become the program so `kill $(jobs -p)` reaches it.
 run_bin() { if [[ $BASHPID != "$$" ]]; then exec "$@"; fi; "$@"; }
 # In the foreground, something that serves until stopped gets a few seconds, then SIGTERM.
-serve_briefly() { timeout --preserve-status -s TERM 6 "$@"; }
+serve_briefly() { timeout --preserve-status -s TERM 10 "$@"; }
 sagaflow() {
     if [[ ${1:-} == serve && $BASHPID == "$$" ]]; then serve_briefly "$DOCS_SAGAFLOW" "$@"; return; fi
     run_bin "$DOCS_SAGAFLOW" "$@"

@@ -215,3 +215,45 @@ async fn a_compensation_that_fails_transiently_is_retried_until_it_succeeds() {
     node.shutdown().await.unwrap();
     env.cleanup(&["probe"]).await.unwrap();
 }
+
+/// The broker connection drops while every handler slot is busy: the participant notices,
+/// reconnects, answers every command once, and still shuts down promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_while_every_handler_is_busy_is_noticed_and_nothing_is_lost() {
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let def = SagaDefinition::<Plan>::builder("busy", 1).step("a", |s| probe::step(s, "a")).build().unwrap();
+    let mut registry = Registry::new();
+    registry.register(def.erased()).unwrap();
+    let node = env.orchestrator("n1", registry).await.unwrap();
+    let broker = env.amqp_url.rsplit('@').next().and_then(|rest| rest.split('/').next()).expect("host:port in the AMQP URL");
+    let proxy = testkit::Proxy::start(broker).await.unwrap();
+    let config = participants_sdk::ParticipantConfig { concurrency: 2, ..env.participant_config() };
+    let p = probe::participant(config).start(env.pool.clone(), &proxy.url(&env.amqp_url)).await.unwrap();
+
+    let plan = Plan::default().with("a", Behavior::Slow { ms: 1500 });
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let req = sagas::protocol::StartRequest {
+            definition: "busy".into(),
+            version: None,
+            input: serde_json::to_value(&plan).unwrap(),
+            idempotency_key: None,
+            saga_id: None,
+        };
+        ids.push(node.engine().start(&req, None).await.unwrap().saga_id);
+    }
+    // Both slots are taken by slow handlers when the connection goes.
+    wait::until(&env.pool, ids[0], Duration::from_secs(30), |s| s.steps[0].attempts >= 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.cut();
+
+    let states = wait::all_settled(&env.pool, &ids, Duration::from_secs(90)).await.unwrap();
+    for (id, st) in ids.iter().zip(&states) {
+        assert_eq!(st.status, SagaStatus::Completed, "{st:?}");
+        assert_eq!(probe::effects(&env.pool, *id).await.unwrap(), ["a:do"], "applied once");
+    }
+    tokio::time::timeout(Duration::from_secs(60), p.shutdown()).await.expect("the participant shuts down").unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}

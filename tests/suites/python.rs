@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use sagas::{Registry, SagaStatus};
+use sagas::SagaStatus;
+use testkit::orders;
 use testkit::{TestEnv, wait};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -22,16 +23,8 @@ fn python() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_order_saga_runs_with_the_python_shipping_participant() {
     let env = TestEnv::start().await.unwrap();
-    let mut registry = Registry::new();
-    registry.register(order_fulfilment::definition().unwrap().erased()).unwrap();
-    let node = env.orchestrator("n1", registry).await.unwrap();
-    order_fulfilment::setup(&env.pool, &["widget"], 1000).await.unwrap();
-    let mut rust = Vec::new();
-    for name in ["inventory", "payment"] {
-        rust.push(
-            order_fulfilment::participant(name, env.participant_config()).unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap(),
-        );
-    }
+    let node = env.orchestrator("n1", orders::registry()).await.unwrap();
+    let rust = orders::start_participants(&env, &env.amqp_url, &["inventory", "payment"], 1000).await.unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/python-shipping/shipping.py");
     let mut py = tokio::process::Command::new(python())
         .arg(script)
@@ -72,9 +65,7 @@ async fn the_order_saga_runs_with_the_python_shipping_participant() {
     std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(10), py.wait()).await.expect("python participant did not stop").unwrap();
     assert!(status.success(), "python participant exited with {status}");
-    for p in rust {
-        p.shutdown().await.unwrap();
-    }
+    orders::stop_participants(rust).await.unwrap();
     node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }

@@ -13,29 +13,18 @@ use testkit::{Node, TestEnv, wait};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn order_registry() -> Registry {
-    let mut r = Registry::new();
-    r.register(order_fulfilment::definition().unwrap().erased()).unwrap();
-    r
+    orders::registry()
 }
 
 async fn order_participants(env: &TestEnv) -> Vec<ParticipantHandle> {
-    order_fulfilment::setup(&env.pool, &["widget"], 1_000_000).await.unwrap();
-    let mut out = Vec::new();
-    for name in order_fulfilment::PARTICIPANTS {
-        out.push(
-            order_fulfilment::participant(name, env.participant_config()).unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap(),
-        );
-    }
-    out
+    orders::start_participants(env, &env.amqp_url, &order_fulfilment::PARTICIPANTS, 1_000_000).await.unwrap()
 }
 
 async fn shutdown(participants: Vec<ParticipantHandle>) {
-    for p in participants {
-        p.shutdown().await.unwrap();
-    }
+    orders::stop_participants(participants).await.unwrap();
 }
 
-use testkit::orders::order;
+use testkit::orders::{self, order};
 
 async fn count(env: &TestEnv, sql: &str, order_id: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).bind(order_id).fetch_one(&env.pool).await.unwrap()
