@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use lapin::Channel;
+use participants_sdk::outbox::BatchDeleter;
 use participants_sdk::transport::{self, TransportError};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -13,13 +14,13 @@ use tokio::sync::mpsc;
 use sagas::{Input, Reply, SagaId};
 
 use crate::intake::Engine;
-use crate::store::{self, Claimed};
+use crate::store::Claimed;
 
 /// The current channel and the batching deleter.
 #[derive(Clone)]
 pub(crate) struct Publisher {
     channel: Arc<Mutex<Option<Channel>>>,
-    deletes: mpsc::UnboundedSender<i64>,
+    deletes: BatchDeleter,
     unroutable: mpsc::UnboundedSender<(SagaId, Reply)>,
 }
 
@@ -30,10 +31,9 @@ impl Publisher {
     /// A publisher without a channel yet; spawns the deleter. Run [`report_loop`] on the
     /// receiver it returns.
     pub(crate) fn new(pool: PgPool) -> (Self, UnroutableRx) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(delete_in_batches(pool, rx));
+        let deletes = BatchDeleter::spawn(pool, "sagaflow.outbox");
         let (utx, urx) = mpsc::unbounded_channel();
-        (Self { channel: Arc::default(), deletes: tx, unroutable: utx }, urx)
+        (Self { channel: Arc::default(), deletes, unroutable: utx }, urx)
     }
 
     /// Use `ch` (a confirm channel) from now on; `None` while disconnected.
@@ -55,11 +55,9 @@ impl Publisher {
         let mut failed = 0;
         for (r, p) in rows.iter().zip(pending) {
             match p.wait().await {
-                Ok(()) => {
-                    let _ = self.deletes.send(r.id);
-                }
+                Ok(()) => self.deletes.delete(r.id),
                 Err(TransportError::Unroutable { reply_text, .. }) => {
-                    let _ = self.deletes.send(r.id);
+                    self.deletes.delete(r.id);
                     if let Some(u) = crate::relay::unroutable_reply(r, &reply_text) {
                         let _ = self.unroutable.send(u);
                     }
@@ -79,23 +77,6 @@ pub(crate) async fn report_loop(engine: Engine, mut rx: UnroutableRx) {
             tracing::warn!(error = %e, saga.id = %saga, "could not record an unroutable command; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(std::time::Duration::from_secs(5));
-        }
-    }
-}
-
-/// Delete confirmed rows, many per statement.
-async fn delete_in_batches(pool: PgPool, mut rx: mpsc::UnboundedReceiver<i64>) {
-    while let Some(first) = rx.recv().await {
-        let mut ids = vec![first];
-        while ids.len() < 4096 {
-            match rx.try_recv() {
-                Ok(id) => ids.push(id),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = store::delete_outbox(&pool, &ids).await {
-            // The rows stay; a relay publishes them again later (consumers dedupe).
-            tracing::warn!(error = %e, rows = ids.len(), "could not delete published outbox rows");
         }
     }
 }

@@ -44,6 +44,7 @@
 //! ```
 
 pub mod handler;
+pub mod outbox;
 pub mod participant;
 mod store;
 pub mod transport;

@@ -3,7 +3,8 @@
 //! For each command: decode (refused → dead letter) → find the handler (none → dead letter)
 //! → in one transaction: answer from the inbox record if the step already has an outcome,
 //! else run the handler, record its outcome, write the reply to the outbox → commit →
-//! publish the reply with a confirm → delete it from the outbox → ack the command.
+//! publish the reply with a confirm → ack the command; the reply's outbox row is deleted in a
+//! batch with others (a crash before that republishes it; the orchestrator dedupes).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::handler::{Context, ErasedHandler, Handler, HandlerError, Typed};
+use crate::outbox::BatchDeleter;
 use crate::store;
 use crate::transport::{self, Names, QueueOptions};
 
@@ -210,7 +212,10 @@ impl Participant {
         let token = CancellationToken::new();
         let this = self.clone();
         let (url, t) = (amqp_url.to_owned(), token.clone());
-        let task = tokio::spawn(async move { this.serve(pool, &url, Some(conn), t).await });
+        let task = tokio::spawn(async move {
+            let deleter = BatchDeleter::spawn(pool.clone(), "sagaflow_participant.outbox");
+            this.serve(pool, &deleter, &url, Some(conn), t).await
+        });
         Ok(ParticipantHandle { token, task })
     }
 
@@ -222,7 +227,14 @@ impl Participant {
     }
 
     /// Consume until cancelled, reconnecting when the connection drops.
-    async fn serve(&self, pool: PgPool, url: &str, mut conn: Option<Connection>, token: CancellationToken) -> Result<(), Error> {
+    async fn serve(
+        &self,
+        pool: PgPool,
+        deleter: &BatchDeleter,
+        url: &str,
+        mut conn: Option<Connection>,
+        token: CancellationToken,
+    ) -> Result<(), Error> {
         let inner = &self.inner;
         loop {
             let c = match conn.take() {
@@ -242,7 +254,7 @@ impl Participant {
                     },
                 },
             };
-            match self.consume(&pool, &c, &token).await {
+            match self.consume(&pool, deleter, &c, &token).await {
                 Ok(()) => {
                     let _ = c.close(200, "shutdown".into()).await;
                     return Ok(());
@@ -256,7 +268,7 @@ impl Participant {
     }
 
     /// One connection's life: returns `Ok` on shutdown, `Err` when the connection failed.
-    async fn consume(&self, pool: &PgPool, conn: &Connection, token: &CancellationToken) -> Result<(), Error> {
+    async fn consume(&self, pool: &PgPool, deleter: &BatchDeleter, conn: &Connection, token: &CancellationToken) -> Result<(), Error> {
         let inner = &self.inner;
         let ch = transport::confirm_channel(conn).await?;
         let opts = QueueOptions { quorum: inner.config.quorum_queues };
@@ -291,8 +303,8 @@ impl Participant {
             })
         };
         let result = transport::run_consumer(&ch, consumer, inner.config.concurrency, token, |delivery| {
-            let (this, ch, pool) = (self.clone(), ch.clone(), pool.clone());
-            async move { this.process(&pool, &ch, delivery).await }
+            let (this, ch, pool, deleter) = (self.clone(), ch.clone(), pool.clone(), deleter.clone());
+            async move { this.process(&pool, &deleter, &ch, delivery).await }
         })
         .await;
         // A sweep stuck on a dead connection must not hold the reconnect: stop it where it is
@@ -306,7 +318,7 @@ impl Participant {
         result.map_err(Error::Amqp)
     }
 
-    async fn process(&self, pool: &PgPool, ch: &Channel, d: Delivery) {
+    async fn process(&self, pool: &PgPool, deleter: &BatchDeleter, ch: &Channel, d: Delivery) {
         let inner = &self.inner;
         let queue = inner.names.participant_queue(&inner.name);
         let msg = transport::wire_from_delivery(&d);
@@ -332,11 +344,7 @@ impl Participant {
                 }
                 Ok((id, reply)) => {
                     match transport::publish_confirmed(ch, "", &cmd.reply_to, &reply, true).await {
-                        Ok(()) => {
-                            if let Err(e) = store::delete(pool, id).await {
-                                tracing::warn!(error = %e, "reply sent but not deleted from the outbox; it will be sent again");
-                            }
-                        }
+                        Ok(()) => deleter.delete(id),
                         Err(e) => tracing::warn!(error = %e, "reply not sent now; it stays in the outbox and is retried"),
                     }
                     if let Err(e) = transport::ack(&d).await {
@@ -362,69 +370,69 @@ impl Participant {
     }
 
     /// Run `cmd` once in effect; returns the outbox row and the reply to send.
+    ///
+    /// One transaction on the common path: lock the step, read what was recorded, run the
+    /// handler on the same transaction, record its outcome and enqueue the reply in one
+    /// statement, commit. A refusal rolls the handler's writes back and records the refusal in
+    /// a second transaction (another delivery of the step may run in between: whichever outcome
+    /// is recorded first is the step's, and the other delivery answers from it); a transient
+    /// failure records nothing (the orchestrator retries).
     async fn execute(&self, pool: &PgPool, reg: &Registered, cmd: &InboundCommand) -> Result<(i64, WireMessage), sqlx::Error> {
         let name = &self.inner.name;
+        let mut refusal: Option<ReplyOutcome> = None;
         loop {
             let mut tx = pool.begin().await?;
             // A step's command and its compensation never run at the same time here: a
             // compensation waits for a slow command to finish, and a command that arrives
             // after its compensation is refused without running.
             store::lock_step(&mut tx, name, cmd).await?;
-            if cmd.kind == CommandKind::Invoke && store::compensated(&mut tx, name, cmd).await? {
+            let prior = store::prior(&mut tx, name, cmd).await?;
+            if cmd.kind == CommandKind::Invoke && prior.compensated {
                 tracing::info!("the step was already compensated; refusing the late command");
                 let outcome = ReplyOutcome::Rejected {
                     code: "already_compensated".into(),
                     message: "this step was compensated before the command arrived".into(),
                 };
-                let reply = encode_reply(cmd, &outcome, Timestamp::now());
-                let id = store::enqueue(&mut tx, name, &cmd.reply_to, &reply).await?;
-                tx.commit().await?;
-                return Ok((id, reply));
+                return enqueue_only(tx, name, cmd, &outcome).await;
             }
-            let outcome = match store::recorded(&mut tx, name, cmd).await? {
-                Some(outcome) => {
-                    tracing::info!("already handled; answering from the inbox");
-                    outcome
-                }
+            if let Some(outcome) = prior.outcome {
+                tracing::info!("already handled; answering from the inbox");
+                return enqueue_only(tx, name, cmd, &outcome).await;
+            }
+            let outcome = match refusal.take() {
+                Some(outcome) => outcome,
                 None => {
-                    let mut sp = sqlx::Connection::begin(&mut *tx).await?;
                     let result = {
-                        let mut cx = Context { tx: &mut sp, cmd };
+                        let mut cx = Context { tx: &mut tx, cmd };
                         reg.handler.call(&mut cx, cmd.body.clone()).await
                     };
-                    let outcome = match result {
-                        Ok(output) => {
-                            sp.commit().await?;
-                            ReplyOutcome::Success { output }
-                        }
+                    match result {
+                        Ok(output) => ReplyOutcome::Success { output },
                         Err(HandlerError::Reject { code, message }) => {
-                            sp.rollback().await?;
+                            // Undo the handler's writes; record the refusal on a clean transaction.
+                            tx.rollback().await?;
                             tracing::info!(code, message, "rejected");
-                            ReplyOutcome::Rejected { code, message }
+                            refusal = Some(ReplyOutcome::Rejected { code, message });
+                            continue;
                         }
                         Err(HandlerError::Transient(e)) => {
-                            drop(sp);
                             tx.rollback().await?;
                             tracing::warn!(error = %format!("{e:#}"), "transient failure; the orchestrator retries");
-                            let reply = encode_reply(cmd, &ReplyOutcome::TransientFailure { message: format!("{e:#}") }, Timestamp::now());
-                            let mut tx = pool.begin().await?;
-                            let id = store::enqueue(&mut tx, name, &cmd.reply_to, &reply).await?;
-                            tx.commit().await?;
-                            return Ok((id, reply));
+                            let outcome = ReplyOutcome::TransientFailure { message: format!("{e:#}") };
+                            return enqueue_only(pool.begin().await?, name, cmd, &outcome).await;
                         }
-                    };
-                    if !store::record(&mut tx, name, cmd, &outcome).await? {
-                        // Another delivery of this step committed first: undo ours, answer from its record.
-                        tx.rollback().await?;
-                        continue;
                     }
-                    outcome
                 }
             };
             let reply = encode_reply(cmd, &outcome, Timestamp::now());
-            let id = store::enqueue(&mut tx, name, &cmd.reply_to, &reply).await?;
-            tx.commit().await?;
-            return Ok((id, reply));
+            match store::record_and_enqueue(&mut tx, name, cmd, &outcome, &cmd.reply_to, &reply).await? {
+                Some(id) => {
+                    tx.commit().await?;
+                    return Ok((id, reply));
+                }
+                // Another delivery of this step committed first: undo ours, answer from its record.
+                None => tx.rollback().await?,
+            }
         }
     }
 
@@ -447,4 +455,17 @@ impl Participant {
         }
         Ok(())
     }
+}
+
+/// Enqueue the reply for `outcome` without recording it, and commit.
+async fn enqueue_only(
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    participant: &str,
+    cmd: &InboundCommand,
+    outcome: &ReplyOutcome,
+) -> Result<(i64, WireMessage), sqlx::Error> {
+    let reply = encode_reply(cmd, outcome, Timestamp::now());
+    let id = store::enqueue(&mut tx, participant, &cmd.reply_to, &reply).await?;
+    tx.commit().await?;
+    Ok((id, reply))
 }

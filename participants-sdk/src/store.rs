@@ -36,50 +36,56 @@ pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
-/// The final outcome recorded for `cmd`'s step, if any.
-pub(crate) async fn recorded(tx: &mut PgConnection, participant: &str, cmd: &InboundCommand) -> Result<Option<ReplyOutcome>, sqlx::Error> {
-    let row =
-        sqlx::query("SELECT outcome FROM sagaflow_participant.inbox WHERE participant = $1 AND saga_id = $2 AND step = $3 AND kind = $4")
-            .bind(participant)
-            .bind(cmd.saga.saga_id.0)
-            .bind(step_i32(cmd))
-            .bind(cmd.kind.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some(row) = row else { return Ok(None) };
-    let v: Value = row.try_get(0)?;
-    serde_json::from_value(v).map(Some).map_err(|e| sqlx::Error::Decode(e.into()))
-}
-
 /// Serialize the command and the compensation of one step in this participant.
 pub(crate) async fn lock_step(tx: &mut PgConnection, participant: &str, cmd: &InboundCommand) -> Result<(), sqlx::Error> {
     let key = format!("{participant}/{}/{}", cmd.saga.saga_id, cmd.step.0);
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").bind(key).execute(&mut *tx).await.map(drop)
 }
 
-/// Whether `cmd`'s step has a recorded compensation.
-pub(crate) async fn compensated(tx: &mut PgConnection, participant: &str, cmd: &InboundCommand) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM sagaflow_participant.inbox WHERE participant = $1 AND saga_id = $2 AND step = $3 AND kind = 'compensate')",
+/// What this participant already recorded for `cmd`'s step, read after [`lock_step`].
+pub(crate) struct Prior {
+    /// The final outcome recorded for this command's kind (invoke or compensate), if any.
+    pub(crate) outcome: Option<ReplyOutcome>,
+    /// The step has a recorded compensation.
+    pub(crate) compensated: bool,
+}
+
+/// Read [`Prior`] in one round trip. Call it after [`lock_step`], in its own statement: a
+/// statement's snapshot is taken when it starts, so reading in the locking statement could miss
+/// what the previous lock holder committed.
+pub(crate) async fn prior(tx: &mut PgConnection, participant: &str, cmd: &InboundCommand) -> Result<Prior, sqlx::Error> {
+    let (outcome, compensated): (Option<Value>, bool) = sqlx::query_as(
+        "SELECT (SELECT outcome FROM sagaflow_participant.inbox WHERE participant = $1 AND saga_id = $2 AND step = $3 AND kind = $4),
+                EXISTS (SELECT 1 FROM sagaflow_participant.inbox WHERE participant = $1 AND saga_id = $2 AND step = $3 AND kind = 'compensate')",
     )
     .bind(participant)
     .bind(cmd.saga.saga_id.0)
     .bind(step_i32(cmd))
+    .bind(cmd.kind.as_str())
     .fetch_one(&mut *tx)
-    .await
+    .await?;
+    let outcome = outcome.map(serde_json::from_value).transpose().map_err(|e| sqlx::Error::Decode(e.into()))?;
+    Ok(Prior { outcome, compensated })
 }
 
-/// Record `outcome` for `cmd`'s step. `false` when another delivery recorded one first (the
-/// caller rolls back and answers from that record).
-pub(crate) async fn record(
+/// Record `outcome` for `cmd`'s step and put `reply` in the outbox, in one statement; returns
+/// the outbox row id, or `None` when another delivery recorded an outcome first (nothing is
+/// written; the caller rolls back and answers from that record).
+pub(crate) async fn record_and_enqueue(
     tx: &mut PgConnection,
     participant: &str,
     cmd: &InboundCommand,
     outcome: &ReplyOutcome,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome) VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT DO NOTHING",
+    routing_key: &str,
+    reply: &WireMessage,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH recorded AS (
+             INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1
+         )
+         INSERT INTO sagaflow_participant.outbox (participant, routing_key, envelope, body)
+         SELECT $1, $7, $8, $9 WHERE EXISTS (SELECT 1 FROM recorded) RETURNING id",
     )
     .bind(participant)
     .bind(cmd.saga.saga_id.0)
@@ -87,9 +93,11 @@ pub(crate) async fn record(
     .bind(cmd.kind.as_str())
     .bind(cmd.message_id.0)
     .bind(serde_json::to_value(outcome).unwrap_or(Value::Null))
-    .execute(&mut *tx)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .bind(routing_key)
+    .bind(serde_json::to_value(reply).unwrap_or(Value::Null))
+    .bind(&reply.body)
+    .fetch_optional(&mut *tx)
+    .await
 }
 
 /// Put a reply in the outbox; returns its row id.
@@ -103,11 +111,6 @@ pub(crate) async fn enqueue(tx: &mut PgConnection, participant: &str, routing_ke
     .bind(&msg.body)
     .fetch_one(&mut *tx)
     .await
-}
-
-/// Delete a reply the broker confirmed.
-pub(crate) async fn delete(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM sagaflow_participant.outbox WHERE id = $1").bind(id).execute(pool).await.map(drop)
 }
 
 /// A reply left in the outbox.

@@ -178,3 +178,14 @@ pub async fn effects(pool: &PgPool, saga: SagaId) -> Result<Vec<String>, sqlx::E
         sqlx::query_as("SELECT key, kind FROM probe.effects WHERE saga_id = $1 ORDER BY id").bind(saga.0).fetch_all(pool).await?;
     Ok(rows.into_iter().map(|(k, kind)| format!("{k}:{kind}")).collect())
 }
+
+/// A start request for probe definition `definition` (its newest version) with `plan`.
+pub fn start_request(definition: &str, plan: &Plan) -> sagas::protocol::StartRequest {
+    sagas::protocol::StartRequest {
+        definition: definition.into(),
+        version: None,
+        input: serde_json::to_value(plan).expect("a plan encodes"),
+        idempotency_key: None,
+        saga_id: None,
+    }
+}

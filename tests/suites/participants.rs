@@ -49,15 +49,25 @@ async fn rig(crash_first: bool) -> Rig {
 
 impl Rig {
     fn command(&self, saga: SagaId, attempt: u32, quantity: i64) -> WireMessage {
+        let body = json!({"order_id": format!("o-{saga}"), "sku": "widget", "quantity": quantity});
+        self.message(saga, CommandKind::Invoke, "inventory.reserve_stock", body, attempt)
+    }
+
+    /// The compensation of step 0 (`inventory.release_stock`).
+    fn compensation(&self, saga: SagaId) -> WireMessage {
+        self.message(saga, CommandKind::Compensate, "inventory.release_stock", json!({"order_id": format!("o-{saga}")}), 1)
+    }
+
+    fn message(&self, saga: SagaId, kind: CommandKind, command: &str, body: serde_json::Value, attempt: u32) -> WireMessage {
         let cmd = OutgoingCommand {
-            message_id: MessageId::for_command(saga, StepIndex(0), CommandKind::Invoke, attempt),
+            message_id: MessageId::for_command(saga, StepIndex(0), kind, attempt),
             step: StepIndex(0),
             step_name: "reserve_stock".into(),
-            kind: CommandKind::Invoke,
+            kind,
             attempt,
             participant: "inventory".into(),
-            command: "inventory.reserve_stock".into(),
-            body: json!({"order_id": format!("o-{saga}"), "sku": "widget", "quantity": quantity}),
+            command: command.into(),
+            body,
         };
         encode_command(
             &SagaRef { saga_id: saga, definition: "order_fulfilment".into(), version: 1 },
@@ -198,13 +208,7 @@ async fn a_compensation_that_fails_transiently_is_retried_until_it_succeeds() {
     let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
 
     let plan = Plan::default().with("b", Behavior::Reject).undo_flaky("a", 3);
-    let req = sagas::protocol::StartRequest {
-        definition: "undo".into(),
-        version: None,
-        input: serde_json::to_value(&plan).unwrap(),
-        idempotency_key: None,
-        saga_id: None,
-    };
+    let req = probe::start_request("undo", &plan);
     let id = node.engine().start(&req, None).await.unwrap().saga_id;
     let st = wait::settled(&env.pool, id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(st.status, SagaStatus::Compensated, "{st:?}");
@@ -234,14 +238,7 @@ async fn a_connection_lost_while_every_handler_is_busy_is_noticed_and_nothing_is
     let plan = Plan::default().with("a", Behavior::Slow { ms: 1500 });
     let mut ids = Vec::new();
     for _ in 0..6 {
-        let req = sagas::protocol::StartRequest {
-            definition: "busy".into(),
-            version: None,
-            input: serde_json::to_value(&plan).unwrap(),
-            idempotency_key: None,
-            saga_id: None,
-        };
-        ids.push(node.engine().start(&req, None).await.unwrap().saga_id);
+        ids.push(node.engine().start(&probe::start_request("busy", &plan), None).await.unwrap().saga_id);
     }
     // Both slots are taken by slow handlers when the connection goes.
     wait::until(&env.pool, ids[0], Duration::from_secs(30), |s| s.steps[0].attempts >= 1).await.unwrap();
@@ -256,4 +253,35 @@ async fn a_connection_lost_while_every_handler_is_busy_is_noticed_and_nothing_is
     tokio::time::timeout(Duration::from_secs(60), p.shutdown()).await.expect("the participant shuts down").unwrap();
     node.shutdown().await.unwrap();
     env.cleanup(&["probe"]).await.unwrap();
+}
+
+/// A compensation can overtake its command (the saga timed out and compensated while the
+/// command sat in a queue): the compensation undoes nothing, and the command, arriving late, is
+/// refused `already_compensated` without running. A refusal is recorded like any outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_arriving_after_its_compensation_is_refused_and_refusals_are_recorded() {
+    let rig = rig(false).await;
+    let late = SagaId::new();
+    rig.send(&rig.compensation(late)).await;
+    let undone = rig.replies(1, Duration::from_secs(20)).await;
+    assert!(matches!(&undone[..], [(_, ReplyOutcome::Success { .. })]), "{undone:?}");
+    rig.send(&rig.command(late, 1, 3)).await;
+    let refused = rig.replies(1, Duration::from_secs(20)).await;
+    assert!(matches!(&refused[..], [(_, ReplyOutcome::Rejected { code, .. })] if code == "already_compensated"), "{refused:?}");
+    assert_eq!((rig.reservations(late).await, rig.stock().await), (0, 100), "the late command did not run");
+
+    // A business refusal: recorded, and a redelivery is answered from the record.
+    let greedy = SagaId::new();
+    rig.send(&rig.command(greedy, 1, 1000)).await;
+    let mut replies = rig.replies(1, Duration::from_secs(20)).await;
+    // Once that reply is out the refusal is recorded: a later attempt that could succeed is
+    // answered from the record instead of running.
+    rig.send(&rig.command(greedy, 2, 1)).await;
+    replies.extend(rig.replies(1, Duration::from_secs(20)).await);
+    assert_eq!(replies.len(), 2);
+    for (_, outcome) in &replies {
+        assert!(matches!(outcome, ReplyOutcome::Rejected { code, .. } if code == "out_of_stock"), "{outcome:?}");
+    }
+    assert_eq!((rig.reservations(greedy).await, rig.stock().await), (0, 100), "the second attempt was answered, not run");
+    rig.finish().await;
 }

@@ -124,14 +124,7 @@ async fn probe_env(defs: Vec<SagaDefinition<Plan>>) -> (TestEnv, orchestrator::O
 }
 
 async fn start_probe(node: &orchestrator::OrchestratorHandle, def: &str, plan: &Plan) -> SagaId {
-    let req = StartRequest {
-        definition: def.into(),
-        version: None,
-        input: serde_json::to_value(plan).unwrap(),
-        idempotency_key: None,
-        saga_id: None,
-    };
-    node.engine().start(&req, None).await.unwrap().saga_id
+    node.engine().start(&probe::start_request(def, plan), None).await.unwrap().saga_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,13 +531,7 @@ async fn a_saga_of_an_unknown_version_is_left_untouched_and_its_reply_waits() {
     probe::setup(&env.pool).await.unwrap();
     // A client that knows v1 starts a saga; the only node running knows v2 alone.
     let client = orchestrator::Orchestrator::connect(env.config("client"), probe_registry(vec![v1])).await.unwrap();
-    let req = StartRequest {
-        definition: "versioned".into(),
-        version: Some(1),
-        input: serde_json::to_value(Plan::default()).unwrap(),
-        idempotency_key: None,
-        saga_id: None,
-    };
+    let req = StartRequest { version: Some(1), ..probe::start_request("versioned", &Plan::default()) };
     let id = client.engine().start(&req, None).await.unwrap().saga_id;
     let node = env.orchestrator("v2-only", probe_registry(vec![v2.clone()])).await.unwrap();
     let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();

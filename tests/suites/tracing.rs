@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagas::protocol::StartRequest;
 use sagas::{Registry, SagaDefinition};
 use testkit::probe::{self, Plan};
 use testkit::{TestEnv, wait};
@@ -56,13 +55,7 @@ async fn one_saga_is_one_trace_across_orchestrator_and_participants() {
     let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let req = StartRequest {
-        definition: "pair".into(),
-        version: None,
-        input: serde_json::to_value(Plan::default()).unwrap(),
-        idempotency_key: None,
-        saga_id: None,
-    };
+    let req = probe::start_request("pair", &Plan::default());
     let id = node.engine().start(&req, Some(&format!("00-{trace}-00f067aa0ba902b7-01"))).await.unwrap().saga_id;
     let other = node.engine().start(&req, None).await.unwrap().saga_id;
     wait::all_settled(&env.pool, &[id, other], Duration::from_secs(30)).await.unwrap();
