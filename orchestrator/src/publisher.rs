@@ -45,16 +45,11 @@ impl Publisher {
     /// published and stay for the relays.
     pub(crate) async fn publish(&self, rows: Vec<Claimed>) -> Result<(), usize> {
         let Some(ch) = self.channel.lock().expect("not poisoned").clone() else { return Err(rows.len()) };
-        let mut pending = Vec::with_capacity(rows.len());
-        for r in &rows {
-            match transport::publish(&ch, &r.exchange, &r.routing_key, &r.msg, r.mandatory).await {
-                Ok(p) => pending.push(p),
-                Err(_) => return Err(rows.len()),
-            }
-        }
+        let batch: Vec<_> = rows.iter().map(|r| (r.exchange.as_str(), r.routing_key.as_str(), &r.msg, r.mandatory)).collect();
+        let results = transport::publish_batch(&ch, batch).await;
         let mut failed = 0;
-        for (r, p) in rows.iter().zip(pending) {
-            match p.wait().await {
+        for (r, result) in rows.iter().zip(results) {
+            match result {
                 Ok(()) => self.deletes.delete(r.id),
                 Err(TransportError::Unroutable { reply_text, .. }) => {
                     self.deletes.delete(r.id);

@@ -55,16 +55,14 @@ pub(crate) async fn relay_once(engine: &Engine, ch: &Channel, limit: i64, min_ag
         tx.rollback().await?;
         return Ok(0);
     }
-    // Pipeline: publish everything, then wait for the confirms.
-    let mut pending = Vec::with_capacity(rows.len());
-    for r in &rows {
-        pending.push(transport::publish(ch, &r.exchange, &r.routing_key, &r.msg, r.mandatory).await?);
-    }
+    let batch: Vec<_> = rows.iter().map(|r| (r.exchange.as_str(), r.routing_key.as_str(), &r.msg, r.mandatory)).collect();
+    let results = transport::publish_batch(ch, batch).await;
     let mut unroutable = Vec::new();
-    for (r, p) in rows.iter().zip(pending) {
-        match p.wait().await {
+    for (r, result) in rows.iter().zip(results) {
+        match result {
             Ok(()) => {}
             Err(TransportError::Unroutable { reply_text, .. }) => unroutable.push((r, reply_text)),
+            // Nothing is deleted: the rows go back to the outbox with the rollback.
             Err(e) => return Err(e.into()),
         }
     }

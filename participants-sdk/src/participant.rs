@@ -441,9 +441,11 @@ impl Participant {
         let age = i64::try_from(self.inner.config.sweep_interval.as_millis()).unwrap_or(i64::MAX);
         let mut tx = pool.begin().await?;
         let pending = store::claim_stale(&mut tx, &self.inner.name, age, 100).await?;
+        let batch: Vec<(&str, &str, &WireMessage, bool)> = pending.iter().map(|p| ("", p.routing_key.as_str(), &p.msg, true)).collect();
+        let results = transport::publish_batch(ch, batch).await;
         let mut sent = Vec::new();
-        for p in &pending {
-            match transport::publish_confirmed(ch, "", &p.routing_key, &p.msg, true).await {
+        for (p, result) in pending.iter().zip(results) {
+            match result {
                 Ok(()) => sent.push(p.id),
                 Err(e) => tracing::warn!(error = %e, "leftover reply not sent; retrying later"),
             }

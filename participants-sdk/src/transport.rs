@@ -369,6 +369,31 @@ impl PendingConfirm {
     }
 }
 
+/// Publish `messages` (exchange, routing key, message, mandatory) pipelined, then wait for the
+/// confirms: one result per message, in order. Once the broker leaves a confirm unanswered
+/// ([`TransportError::NoAnswer`]), the rest are not waited for and fail the same way, so a dead
+/// connection costs one [`BROKER_WAIT`], not one per message.
+pub async fn publish_batch(ch: &Channel, messages: Vec<(&str, &str, &WireMessage, bool)>) -> Vec<Result<(), TransportError>> {
+    let mut pending = Vec::new();
+    let mut gone = false;
+    for (exchange, routing_key, msg, mandatory) in messages {
+        let p = if gone { Err(TransportError::NoAnswer("a publish")) } else { publish(ch, exchange, routing_key, msg, mandatory).await };
+        gone = matches!(p, Err(TransportError::NoAnswer(_)));
+        pending.push(p);
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for p in pending {
+        let r = match p {
+            _ if gone => Err(TransportError::NoAnswer("a publisher confirm")),
+            Ok(p) => p.wait().await,
+            Err(e) => Err(e),
+        };
+        gone = matches!(r, Err(TransportError::NoAnswer(_)));
+        out.push(r);
+    }
+    out
+}
+
 /// Publish and wait for the confirm.
 pub async fn publish_confirmed(
     ch: &Channel,

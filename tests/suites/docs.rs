@@ -3,7 +3,7 @@
 //! a command counts as run by CI when `.ci/run` or `compose/smoke.sh` runs the same program with
 //! (at least) the same flags, so CI may use smaller numbers than a long benchmark.
 //!
-//! Here `sagaflow` and `order-parts` are this build's binaries (`sagaflow-node`,
+//! Here `sagaflow` and `order-participant` are this build's binaries (`sagaflow-node`,
 //! `testkit-order-participant`), `cargo run -p orchestrator --` is `sagaflow`, `cargo build` of
 //! those binaries is a no-op (`cargo test` built them), `python` is `SAGAFLOW_PYTHON`, and the
 //! variables point at this test's database and namespace. A command in the foreground that
@@ -244,8 +244,8 @@ async fn every_command_in_the_docs_runs() {
             .env("DOCS_SAGAFLOW", env!("CARGO_BIN_EXE_sagaflow-node"))
             .env("DOCS_ORDER_PARTICIPANT", env!("CARGO_BIN_EXE_testkit-order-participant"))
             .env("SAGAFLOW_PYTHON", python())
-            .env("SAGAFLOW_API_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn");
+        // The test's database and namespace; the API on a free port.
         for (k, v) in env.node_env("docs") {
             cmd.env(k, v);
         }
