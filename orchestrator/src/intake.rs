@@ -14,6 +14,9 @@ use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 use crate::store::{self, Claimed, HistoryRow, OutboxRow};
 
+/// How far a due timer of a definition version this node does not have is pushed back.
+const UNKNOWN_VERSION_TIMER_DELAY_MS: u64 = 30_000;
+
 /// What happened to an input.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Handled {
@@ -202,6 +205,10 @@ impl Engine {
         let handled = self.decide_locked(&mut tx, locked, &Input::Timer(timer), &mut written).await?;
         if matches!(handled, Handled::UnknownVersion { .. }) {
             tx.rollback().await?;
+            // Not due again for a while: a node that has the version may fire it meanwhile, and
+            // this node neither re-reads it every poll nor lets such timers crowd out the others.
+            let later = Timestamp::now().plus_ms(UNKNOWN_VERSION_TIMER_DELAY_MS);
+            store::postpone_timer(&self.pool, id, key, later).await?;
         } else {
             tx.commit().await?;
             self.publish_written(written).await;

@@ -224,6 +224,17 @@ pub(crate) async fn take_timer(tx: &mut PgConnection, saga: SagaId, key: &str) -
     v.map(|v| serde_json::from_value(v).map_err(|e| sqlx::Error::Decode(e.into()))).transpose()
 }
 
+/// Make a timer due at `due` instead (it stays otherwise as it is).
+pub(crate) async fn postpone_timer(pool: &PgPool, saga: SagaId, key: &str, due: Timestamp) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE sagaflow.timers SET due_ms = $3 WHERE saga_id = $1 AND key = $2")
+        .bind(saga.0)
+        .bind(key)
+        .bind(i64::try_from(due.0).unwrap_or(i64::MAX))
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
 /// Timers due by `now_ms`: `(saga, key)`.
 pub(crate) async fn due_timers(pool: &PgPool, now_ms: i64, limit: i64) -> Result<Vec<(SagaId, String)>, sqlx::Error> {
     let rows: Vec<(uuid::Uuid, String)> =

@@ -621,3 +621,37 @@ async fn a_new_version_rolls_out_while_old_sagas_finish_on_theirs() {
     release2.shutdown().await.unwrap();
     env.cleanup(&["probe"]).await.unwrap();
 }
+
+/// A due timer of a version no running node has is pushed back, not re-read on every poll
+/// (and so cannot crowd out the timers this node can fire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_timer_of_an_unknown_version_is_postponed() {
+    let timed = SagaDefinition::<Plan>::builder("timed", 1)
+        .wait("approval", |w| w.event("approved").deadline(Duration::from_millis(200), OnDeadline::Fail))
+        .build()
+        .unwrap();
+    let other = SagaDefinition::<Plan>::builder("other", 1).step("a", |s| probe::step(s, "a")).build().unwrap();
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let client = orchestrator::Orchestrator::connect(env.config("client"), probe_registry(vec![timed])).await.unwrap();
+    let id = client.engine().start(&probe::start_request("timed", &Plan::default()), None).await.unwrap().saga_id;
+    let node = env.orchestrator("without-timed", probe_registry(vec![other])).await.unwrap();
+
+    // The deadline passes on a node that cannot decide for this saga.
+    let due = || async {
+        let due: i64 =
+            sqlx::query_scalar("SELECT due_ms FROM sagaflow.timers WHERE saga_id = $1").bind(id.0).fetch_one(&env.pool).await.unwrap();
+        u64::try_from(due).unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while due().await < sagas::Timestamp::now().0 + 10_000 {
+        assert!(tokio::time::Instant::now() < deadline, "the timer was not postponed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let st = orchestrator::store::load(&env.pool, id).await.unwrap().unwrap();
+    assert_eq!(st.status, SagaStatus::Running, "the saga is left as it was");
+    assert!(wait::history(&env.pool, id).await.unwrap().iter().all(|h| h.node != "without-timed"));
+
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
