@@ -45,6 +45,9 @@ pub struct Config {
     /// `step_retrying`, `step_failed`, `step_skipped`, `step_compensated`), not only the saga-level
     /// ones. They cost an outbox row and a message each; the history has them anyway. Default false.
     pub step_events: bool,
+    /// Delete sagas that finished (completed or compensated) more than this many days ago, with
+    /// their history, and inbox entries as old; 0 keeps everything. Default 0.
+    pub retention_days: u32,
     /// Address of the HTTP API, web page and `/metrics`; empty to serve none. Default `127.0.0.1:8080`.
     pub api_addr: String,
     /// Bearer token every API route but `/health` and `/ready` requires. Required when
@@ -71,6 +74,7 @@ impl Default for Config {
             database_max_connections: 16,
             connect_timeout_s: 60,
             step_events: false,
+            retention_days: 0,
             api_addr: "127.0.0.1:8080".into(),
             api_token: String::new(),
         }

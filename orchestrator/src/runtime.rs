@@ -139,6 +139,8 @@ impl Orchestrator {
         let cfg = &self.config;
         let timers =
             tokio::spawn(timers::run(self.engine.clone(), Duration::from_millis(cfg.timer_poll_ms), cfg.timer_batch, intake.clone()));
+        let retention =
+            (cfg.retention_days > 0).then(|| tokio::spawn(retention(self.engine.pool().clone(), cfg.retention_days, intake.clone())));
         let mut conn = Some(first);
         loop {
             let c = match conn.take() {
@@ -231,7 +233,46 @@ impl Orchestrator {
             }
         }
         let _ = timers.await;
+        if let Some(r) = retention {
+            let _ = r.await;
+        }
         Ok(())
+    }
+}
+
+/// How often a node deletes what is past `retention_days` (and once when it starts).
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
+/// Delete finished sagas and inbox entries older than `days`, in batches, until `token` is
+/// cancelled. Every node runs it; the batches skip rows another node is deleting.
+async fn retention(pool: sqlx::PgPool, days: u32, token: CancellationToken) {
+    loop {
+        let mut total = store::Pruned::default();
+        loop {
+            match store::prune(&pool, days, 1000).await {
+                Ok(p) => {
+                    total.sagas += p.sagas;
+                    total.inbox += p.inbox;
+                    if p.sagas < 1000 && p.inbox < 1000 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention: database error; trying again later");
+                    break;
+                }
+            }
+            if token.is_cancelled() {
+                return;
+            }
+        }
+        if total != store::Pruned::default() {
+            tracing::info!(sagas = total.sagas, inbox = total.inbox, days, "retention: deleted finished sagas and old inbox entries");
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(RETENTION_EVERY) => {}
+        }
     }
 }
 

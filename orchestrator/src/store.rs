@@ -11,13 +11,13 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr};
 
 /// The embedded migrations, recorded in `sagaflow._sqlx_migrations`.
 pub fn migrator() -> Migrator {
-    let migrations = vec![Migration::new(
-        1,
-        Cow::Borrowed("initial"),
-        MigrationType::Simple,
-        AssertSqlSafe(include_str!("../migrations/0001_initial.sql")).into_sql_str(),
-        false,
-    )];
+    let migration = |version, name, sql: &'static str| {
+        Migration::new(version, Cow::Borrowed(name), MigrationType::Simple, AssertSqlSafe(sql).into_sql_str(), false)
+    };
+    let migrations = vec![
+        migration(1, "initial", include_str!("../migrations/0001_initial.sql")),
+        migration(2, "retention", include_str!("../migrations/0002_retention.sql")),
+    ];
     let mut m = Migrator::with_migrations(migrations);
     m.create_schema("sagaflow");
     m.dangerous_set_table_name("sagaflow._sqlx_migrations");
@@ -233,6 +233,51 @@ pub(crate) async fn postpone_timer(pool: &PgPool, saga: SagaId, key: &str, due: 
         .execute(pool)
         .await
         .map(drop)
+}
+
+/// What one retention round removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Completed or compensated sagas (with their history and timers).
+    pub sagas: u64,
+    /// Inbox entries (ids of messages already applied).
+    pub inbox: u64,
+}
+
+/// Delete what is older than `days`: sagas that finished (`completed` or `compensated`) before
+/// then, with their history, and inbox entries received before then, at most `batch` sagas
+/// and `batch` inbox rows. Running, compensating and stopped sagas are never touched. An old
+/// message that arrives again after its inbox entry is gone is still recognised by `decide`
+/// (as a duplicate or stale input of the saga, or as addressed to no saga).
+pub async fn prune(pool: &PgPool, days: u32, batch: i64) -> Result<Pruned, sqlx::Error> {
+    let sagas: i64 = sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM sagaflow.instances WHERE id IN (
+                 SELECT id FROM sagaflow.instances
+                  WHERE status IN ('completed', 'compensated') AND updated_at < now() - make_interval(days => $1)
+                  ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING id
+         ), history AS (
+             DELETE FROM sagaflow.history WHERE saga_id IN (SELECT id FROM gone)
+         ), timers AS (
+             DELETE FROM sagaflow.timers WHERE saga_id IN (SELECT id FROM gone)
+         )
+         SELECT count(*) FROM gone",
+    )
+    .bind(i32::try_from(days).unwrap_or(i32::MAX))
+    .bind(batch)
+    .fetch_one(pool)
+    .await?;
+    let inbox = sqlx::query(
+        "DELETE FROM sagaflow.inbox WHERE message_id IN (
+             SELECT message_id FROM sagaflow.inbox WHERE received_at < now() - make_interval(days => $1) LIMIT $2)",
+    )
+    .bind(i32::try_from(days).unwrap_or(i32::MAX))
+    .bind(batch)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(Pruned { sagas: u64::try_from(sagas).unwrap_or(0), inbox })
 }
 
 /// Timers due by `now_ms`: `(saga, key)`.

@@ -655,3 +655,52 @@ async fn a_due_timer_of_an_unknown_version_is_postponed() {
     node.shutdown().await.unwrap();
     env.cleanup(&["probe"]).await.unwrap();
 }
+
+/// With `retention_days`, a node deletes sagas that finished before then (with their history)
+/// and inbox entries as old; running sagas are untouched and carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_finished_sagas_and_keeps_running_ones() {
+    let quick = SagaDefinition::<Plan>::builder("quick", 1).step("a", |s| probe::step(s, "a")).build().unwrap();
+    let waiting = SagaDefinition::<Plan>::builder("waiting", 1)
+        .step("a", |s| probe::step(s, "a"))
+        .wait("approval", |w| w.event("approved").deadline(Duration::from_secs(3600), OnDeadline::Fail))
+        .build()
+        .unwrap();
+    let (env, node, p) = probe_env(vec![quick.clone(), waiting.clone()]).await;
+    let done = [start_probe(&node, "quick", &Plan::default()).await, start_probe(&node, "quick", &Plan::default()).await];
+    wait::all_settled(&env.pool, &done, WAIT).await.unwrap();
+    let open = start_probe(&node, "waiting", &Plan::default()).await;
+    wait::until(&env.pool, open, WAIT, |s| s.steps[1].status == StepStatus::Waiting).await.unwrap();
+    node.shutdown().await.unwrap();
+
+    // Everything so far happened 40 days ago.
+    sqlx::query("UPDATE sagaflow.instances SET updated_at = now() - interval '40 days'").execute(&env.pool).await.unwrap();
+    sqlx::query("UPDATE sagaflow.inbox SET received_at = now() - interval '40 days'").execute(&env.pool).await.unwrap();
+    let count = |sql: &'static str| {
+        let pool = env.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+    };
+    assert_eq!(count("SELECT count(*) FROM sagaflow.instances").await, 3);
+    assert!(count("SELECT count(*) FROM sagaflow.inbox").await > 0);
+
+    // A node keeping 30 days prunes when it starts.
+    let mut cfg = env.config("pruner");
+    cfg.retention_days = 30;
+    let pruner = orchestrator::Orchestrator::connect(cfg, probe_registry(vec![quick, waiting])).await.unwrap().start().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count("SELECT count(*) FROM sagaflow.instances").await > 1 || count("SELECT count(*) FROM sagaflow.inbox").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "retention did not run");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT DISTINCT saga_id FROM sagaflow.history").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(left, [open.0], "only the running saga's history is left");
+
+    // The running saga is whole: its event completes it.
+    let approve = sagas::Input::Event { name: "approved".into(), payload: json!({}) };
+    orchestrator::ops::act(pruner.engine(), open, approve).await.unwrap();
+    assert_eq!(wait::settled(&env.pool, open, WAIT).await.unwrap().status, SagaStatus::Completed);
+
+    p.shutdown().await.unwrap();
+    pruner.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
