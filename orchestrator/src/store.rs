@@ -248,7 +248,8 @@ pub struct Pruned {
 /// then, with their history, and inbox entries received before then, at most `batch` sagas
 /// and `batch` inbox rows. Running, compensating and stopped sagas are never touched. An old
 /// message that arrives again after its inbox entry is gone is still recognised by `decide`
-/// (as a duplicate or stale input of the saga, or as addressed to no saga).
+/// as a duplicate or stale input of its saga, or dead-lettered (`unknown_saga`) when the saga
+/// is gone too.
 pub async fn prune(pool: &PgPool, days: u32, batch: i64) -> Result<Pruned, sqlx::Error> {
     let sagas: i64 = sqlx::query_scalar(
         "WITH gone AS (
