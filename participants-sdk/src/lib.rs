@@ -50,5 +50,5 @@ mod store;
 pub mod transport;
 
 pub use handler::{Context, Handler, HandlerError, HandlerResult};
-pub use participant::{Error, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle};
+pub use participant::{Error, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, shutdown_signal};
 pub use store::ensure_schema;

@@ -219,7 +219,7 @@ impl Participant {
         Ok(ParticipantHandle { token, task })
     }
 
-    /// Run until `shutdown` completes.
+    /// Run until `shutdown` completes (for a service: [`shutdown_signal`]).
     pub async fn run(&self, pool: PgPool, amqp_url: &str, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let handle = self.start(pool, amqp_url).await?;
         shutdown.await;
@@ -470,4 +470,19 @@ async fn enqueue_only(
     let id = store::enqueue(&mut tx, participant, &cmd.reply_to, &reply).await?;
     tx.commit().await?;
     Ok((id, reply))
+}
+
+/// Completes on SIGTERM or Ctrl-C: what a service process waits for before it shuts down
+/// (`participant.run(pool, url, shutdown_signal())`). Where SIGTERM cannot be listened for, it
+/// says so and waits for Ctrl-C alone.
+pub async fn shutdown_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        tracing::warn!("cannot listen for SIGTERM; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -18,10 +18,6 @@ async fn main() -> anyhow::Result<()> {
     }
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&db).await.with_context(|| format!("PostgreSQL at {db}"))?;
     let p = bench::saga::participant(&name, config)?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    p.run(pool, &amqp, async move {
-        term.recv().await;
-    })
-    .await?;
+    p.run(pool, &amqp, participants_sdk::shutdown_signal()).await?;
     Ok(())
 }

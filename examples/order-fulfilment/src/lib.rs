@@ -120,21 +120,9 @@ pub async fn participant_main() -> anyhow::Result<()> {
             Err(e) => return Err(e),
         }
     };
-    shutdown_signal().await;
+    participants_sdk::shutdown_signal().await;
     handle.shutdown().await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-        tracing::warn!("cannot listen for SIGTERM; stopping on Ctrl-C only");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 #[cfg(test)]

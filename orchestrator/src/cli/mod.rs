@@ -93,7 +93,11 @@ async fn run(cli: Cli, registry: fn() -> anyhow::Result<Registry>) -> anyhow::Re
         Command::Serve => {
             let node = Orchestrator::connect(config, registry()?).await?;
             tracing::info!("serving");
-            node.run(shutdown_signal()).await
+            node.run(async {
+                participants_sdk::shutdown_signal().await;
+                tracing::info!("shutting down");
+            })
+            .await
         }
         Command::Migrate => {
             let pool = crate::runtime::connect_pool(&config.database_url, 2, config.connect_timeout()).await?;
@@ -111,13 +115,4 @@ pub fn registry() -> anyhow::Result<Registry> {
     let mut r = Registry::new();
     r.register(order_fulfilment::definition()?.erased())?;
     Ok(r)
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }
