@@ -109,13 +109,7 @@ impl Cluster {
         let ch = conn.create_channel().await?;
         let names = env.names();
         let q = format!("{}.bench-outcomes", env.namespace);
-        ch.exchange_declare(
-            names.events_exchange().as_str().into(),
-            lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
+        participants_sdk::transport::declare_exchange(&ch, &names.events_exchange(), lapin::ExchangeKind::Topic).await?;
         ch.queue_declare(q.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default()).await?;
         for ev in ["completed", "compensated", "stopped"] {
             let key = format!("{}.{ev}", saga::NAME);

@@ -299,7 +299,7 @@ impl Engine {
             }));
             if applied {
                 self.metrics.record(def, input, &t.state, &t.effects, now.0);
-                if status.is_terminal() || status == SagaStatus::Stopped {
+                if status.is_settled() {
                     tracing::info!(saga.id = %st.id, saga.name = %def.name, status = status.as_str(), "saga settled");
                 }
             } else {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sagas::{Input, InputOutcome, OperatorCommand, SagaId, SagaState, SagaStatus, StepAction, Timestamp};
+use sagas::{Input, InputOutcome, OperatorCommand, SagaId, SagaState, StepAction};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
@@ -329,10 +329,11 @@ fn view(engine: &Engine, st: &SagaState, decided_by: String, state_bytes: usize,
 pub async fn wait(engine: &Engine, id: SagaId, timeout: Duration) -> Result<(SagaView, bool), OpsError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let v = get(engine, id).await?;
-        let settled = matches!(v.status.as_str(), "completed" | "compensated" | "stopped");
+        // Poll the state alone; build the full view (history count, step names) once.
+        let st = store::load(engine.pool(), id).await?.ok_or_else(|| OpsError::new("not_found", format!("no saga {id}")))?;
+        let settled = st.status.is_settled();
         if settled || tokio::time::Instant::now() >= deadline {
-            return Ok((v, settled));
+            return Ok((get(engine, id).await?, settled));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -371,14 +372,4 @@ pub async fn history(pool: &PgPool, id: SagaId) -> Result<Vec<store::HistoryEntr
         return Err(OpsError::new("not_found", format!("no saga {id}")));
     }
     Ok(h)
-}
-
-/// Whether `status` is settled.
-pub fn settled(status: SagaStatus) -> bool {
-    status.is_terminal() || status == SagaStatus::Stopped
-}
-
-/// Milliseconds since the epoch, for callers that print times.
-pub fn now_ms() -> Timestamp {
-    sagas::Timestamp::now()
 }

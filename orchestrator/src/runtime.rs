@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable};
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
 use participants_sdk::transport::{self, Names, QueueOptions};
 use sagas::{Registry, SagaId, SagaState};
@@ -121,9 +119,8 @@ impl Orchestrator {
 
     async fn declare(&self, conn: &Connection) -> Result<(), lapin::Error> {
         let ch = conn.create_channel().await?;
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        ch.exchange_declare(self.names.commands_exchange().as_str().into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
-        ch.exchange_declare(self.names.events_exchange().as_str().into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+        transport::declare_exchange(&ch, &self.names.commands_exchange(), ExchangeKind::Direct).await?;
+        transport::declare_exchange(&ch, &self.names.events_exchange(), ExchangeKind::Topic).await?;
         let opts = QueueOptions { quorum: self.config.quorum_queues };
         transport::declare_queue(&ch, &self.names, &self.names.replies_queue(), opts).await?;
         transport::declare_queue(&ch, &self.names, &self.names.inbound_queue(), opts).await?;
@@ -310,7 +307,7 @@ pub async fn wait_settled(pool: &PgPool, id: SagaId, timeout: Duration) -> anyho
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let st = store::load(pool, id).await?.with_context(|| format!("no saga {id}"))?;
-        if st.status.is_terminal() || st.status == sagas::SagaStatus::Stopped {
+        if st.status.is_settled() {
             return Ok(st);
         }
         if tokio::time::Instant::now() >= deadline {

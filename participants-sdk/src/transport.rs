@@ -216,17 +216,17 @@ pub struct QueueOptions {
     pub quorum: bool,
 }
 
+/// Declare a durable exchange (idempotent; every exchange of the protocol is durable).
+pub async fn declare_exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    ch.exchange_declare(name.into(), kind, durable, FieldTable::default()).await
+}
+
 /// Declare the dead-letter exchange, `queue` with its dead-letter arguments, and its
 /// dead-letter queue. Idempotent.
 pub async fn declare_queue(ch: &Channel, names: &Names, queue: &str, opts: QueueOptions) -> Result<(), lapin::Error> {
     let dlx = names.dead_letter_exchange();
-    ch.exchange_declare(
-        dlx.as_str().into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await?;
+    declare_exchange(ch, &dlx, ExchangeKind::Direct).await?;
     let queue_args = |dead_letter: bool| {
         let mut args = FieldTable::default();
         if opts.quorum {
@@ -249,13 +249,7 @@ pub async fn declare_queue(ch: &Channel, names: &Names, queue: &str, opts: Queue
 /// Declare a participant's queue and bind it to the commands exchange.
 pub async fn declare_participant(ch: &Channel, names: &Names, participant: &str, opts: QueueOptions) -> Result<(), lapin::Error> {
     let exchange = names.commands_exchange();
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await?;
+    declare_exchange(ch, &exchange, ExchangeKind::Direct).await?;
     let queue = names.participant_queue(participant);
     declare_queue(ch, names, &queue, opts).await?;
     ch.queue_bind(queue.as_str().into(), exchange.as_str().into(), participant.into(), QueueBindOptions::default(), FieldTable::default())

@@ -30,6 +30,12 @@ impl SagaStatus {
         matches!(self, Self::Completed | Self::Compensated)
     }
 
+    /// Terminal, or `stopped` for an operator: nothing more happens on its own, so a caller
+    /// waiting for an outcome can stop waiting.
+    pub fn is_settled(self) -> bool {
+        self.is_terminal() || self == Self::Stopped
+    }
+
     /// The wire / database name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -12,10 +12,6 @@ use testkit::{Node, TestEnv, wait};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn order_registry() -> Registry {
-    orders::registry()
-}
-
 async fn order_participants(env: &TestEnv) -> Vec<ParticipantHandle> {
     orders::start_participants(env, &env.amqp_url, &order_fulfilment::PARTICIPANTS, 1_000_000).await.unwrap()
 }
@@ -33,7 +29,7 @@ async fn count(env: &TestEnv, sql: &str, order_id: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_completes_and_a_refused_shipment_compensates_in_reverse_order() {
     let env = TestEnv::start().await.unwrap();
-    let node = env.orchestrator("n1", order_registry()).await.unwrap();
+    let node = env.orchestrator("n1", orders::registry()).await.unwrap();
     let parts = order_participants(&env).await;
 
     let ok = node.engine().start(&order("o-ok", "Main St 1", 0), None).await.unwrap().saga_id;
@@ -89,7 +85,7 @@ async fn an_order_completes_and_a_refused_shipment_compensates_in_reverse_order(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_failure_is_retried_with_backoff_then_succeeds() {
     let env = TestEnv::start().await.unwrap();
-    let node = env.orchestrator("n1", order_registry()).await.unwrap();
+    let node = env.orchestrator("n1", orders::registry()).await.unwrap();
     let parts = order_participants(&env).await;
 
     let id = node.engine().start(&order("o-flaky", "Main St 1", 2), None).await.unwrap().saga_id;
@@ -290,7 +286,7 @@ async fn duplicate_and_stale_replies_are_recorded_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_idempotency_key_starts_one_saga_from_rust_and_over_amqp() {
     let env = TestEnv::start().await.unwrap();
-    let node = env.orchestrator("n1", order_registry()).await.unwrap();
+    let node = env.orchestrator("n1", orders::registry()).await.unwrap();
     let parts = order_participants(&env).await;
 
     let mut req = order("o-key", "Main St 1", 0);
@@ -339,7 +335,7 @@ async fn the_same_idempotency_key_starts_one_saga_from_rust_and_over_amqp() {
 
 /// Starts `n` orders (every 5th refused by shipping) without running a node in this process.
 async fn start_orders(env: &TestEnv, n: u32) -> Vec<SagaId> {
-    let client = orchestrator::Orchestrator::connect(env.config("client"), order_registry()).await.unwrap();
+    let client = orchestrator::Orchestrator::connect(env.config("client"), orders::registry()).await.unwrap();
     let mut ids = Vec::new();
     for i in 1..=n {
         ids.push(client.engine().start(&testkit::orders::mixed("o", i, 5), None).await.unwrap().saga_id);

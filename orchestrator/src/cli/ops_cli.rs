@@ -142,7 +142,7 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
                 println!("{}", serde_json::to_string_pretty(&page)?);
             } else {
                 println!("{:<36}  {:<24}  {:<12}  {:>15}", "SAGA", "DEFINITION", "STATUS", "AGE");
-                let now = ops::now_ms().0;
+                let now = sagas::Timestamp::now().0;
                 for s in &page.items {
                     println!(
                         "{:<36}  {:<24}  {:<12}  {:>15}",
