@@ -22,8 +22,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Unacked replies the broker may send ahead. Default 64.
     pub prefetch: u16,
-    /// Inputs handled at once per consumer. Default 32.
+    /// Transactions at once per consumer (each applies one input, or a batch of replies).
+    /// Default 32.
     pub concurrency: usize,
+    /// Most replies applied in one transaction: the replies that arrived while every
+    /// transaction slot was busy are applied together. Default 32.
+    pub batch_max: usize,
     /// Declare quorum queues instead of classic ones. Default false.
     pub quorum_queues: bool,
     /// Declare every participant's queue at start, so commands wait for a participant that is
@@ -65,6 +69,7 @@ impl Default for Config {
             max_body_bytes: sagas::protocol::DEFAULT_MAX_BODY_BYTES,
             prefetch: 64,
             concurrency: 32,
+            batch_max: 32,
             quorum_queues: false,
             declare_participant_queues: true,
             relay_batch: 256,
@@ -132,6 +137,7 @@ impl Config {
         for (name, v) in [
             ("prefetch", u64::from(self.prefetch)),
             ("concurrency", self.concurrency as u64),
+            ("batch_max", self.batch_max as u64),
             ("relay_batch", u64::from(self.relay_batch)),
             ("timer_batch", u64::from(self.timer_batch)),
             ("relay_poll_ms", self.relay_poll_ms),

@@ -29,6 +29,7 @@ pub(crate) struct Consumer {
     pub(crate) max_body: usize,
     pub(crate) prefetch: u16,
     pub(crate) concurrency: usize,
+    pub(crate) batch_max: usize,
 }
 
 /// What to do with a delivery after handling it.
@@ -46,11 +47,29 @@ impl Consumer {
         ch.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
         let name = self.queue_name(queue);
         let deliveries = ch.basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
-        let result = transport::run_consumer(&ch, deliveries, self.concurrency, &token, |d| {
-            let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
-            async move { this.handle(&ch, &name, queue, d).await }
-        })
-        .await;
+        let result = match queue {
+            // Replies are applied in batches: one transaction for what arrived together.
+            Queue::Replies => {
+                transport::run_batch_consumer(&ch, deliveries, self.batch_max, self.concurrency, &token, |batch| {
+                    let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
+                    async move {
+                        let settled = this.replies(batch).await;
+                        this.settle(&ch, &name, settled).await;
+                    }
+                })
+                .await
+            }
+            Queue::Inbound => {
+                transport::run_consumer(&ch, deliveries, self.concurrency, &token, |d| {
+                    let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
+                    async move {
+                        let verdict = this.inbound(&d).await;
+                        this.settle(&ch, &name, vec![(d, verdict)]).await;
+                    }
+                })
+                .await
+            }
+        };
         if result.is_ok() {
             let _ = ch.close(200, "shutdown".into()).await;
         }
@@ -64,38 +83,48 @@ impl Consumer {
         }
     }
 
-    async fn handle(&self, ch: &Channel, queue_name: &str, queue: Queue, d: Delivery) {
-        let verdict = match queue {
-            Queue::Replies => self.reply(&d).await,
-            Queue::Inbound => self.inbound(&d).await,
-        };
-        let result = match verdict {
-            Verdict::Ack => transport::ack(&d).await.map_err(anyhow::Error::from),
-            Verdict::DeadLetter(reason, detail) => {
-                self.engine.metrics().dead_lettered(queue_name, reason);
-                transport::dead_letter(ch, &self.names, queue_name, &d, reason, &detail).await.map_err(anyhow::Error::from)
+    /// Ack, dead-letter or requeue each delivery as its verdict says; when any goes back to
+    /// the queue, first pause (the database is away, or no node here knows a version).
+    async fn settle(&self, ch: &Channel, queue_name: &str, settled: Vec<(Delivery, Verdict)>) {
+        let requeued = settled.iter().filter(|(_, v)| matches!(v, Verdict::Requeue(_))).count();
+        if let Some((_, Verdict::Requeue(why))) = settled.iter().find(|(_, v)| matches!(v, Verdict::Requeue(_))) {
+            tracing::warn!(queue = queue_name, messages = requeued, "{why}; the messages go back to the queue");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for (d, verdict) in settled {
+            let result = match verdict {
+                Verdict::Ack => transport::ack(&d).await.map_err(anyhow::Error::from),
+                Verdict::DeadLetter(reason, detail) => {
+                    self.engine.metrics().dead_lettered(queue_name, reason);
+                    transport::dead_letter(ch, &self.names, queue_name, &d, reason, &detail).await.map_err(anyhow::Error::from)
+                }
+                Verdict::Requeue(_) => transport::requeue(&d).await.map_err(anyhow::Error::from),
+            };
+            if let Err(e) = result {
+                tracing::warn!(queue = queue_name, error = %e, "could not settle a delivery; the broker will redeliver it");
             }
-            Verdict::Requeue(why) => {
-                tracing::warn!(queue = queue_name, "{why}; the message goes back to the queue");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                transport::requeue(&d).await.map_err(anyhow::Error::from)
-            }
-        };
-        if let Err(e) = result {
-            tracing::warn!(queue = queue_name, error = %e, "could not settle a delivery; the broker will redeliver it");
         }
     }
 
-    async fn reply(&self, d: &Delivery) -> Verdict {
-        let msg = transport::wire_from_delivery(d);
-        let r = match decode_reply(&msg, self.max_body) {
-            Ok(r) => r,
-            Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
-        };
-        match self.engine.apply(r.saga_id, &Input::Reply(r.reply), Some(r.message_id)).await {
-            Ok(h) => self.verdict(h, r.saga_id),
-            Err(e) => Verdict::Requeue(format!("database error: {e}")),
+    /// Decode the replies of `batch` (refused → dead letter) and apply them together.
+    async fn replies(&self, batch: Vec<Delivery>) -> Vec<(Delivery, Verdict)> {
+        tracing::debug!(replies = batch.len(), "applying a batch of replies");
+        let mut settled = Vec::with_capacity(batch.len());
+        let mut decoded = Vec::with_capacity(batch.len());
+        for d in batch {
+            match decode_reply(&transport::wire_from_delivery(&d), self.max_body) {
+                Ok(r) => decoded.push((d, r.saga_id, Input::Reply(r.reply), r.message_id)),
+                Err(e) => settled.push((d, Verdict::DeadLetter(e.code(), e.to_string()))),
+            }
         }
+        let inputs: Vec<_> = decoded.iter().map(|(_, saga, input, m)| (*saga, input, Some(*m))).collect();
+        let handled = self.engine.apply_batch(&inputs).await;
+        drop(inputs);
+        match handled {
+            Ok(hs) => settled.extend(decoded.into_iter().zip(hs).map(|((d, saga, ..), h)| (d, self.verdict(h, saga)))),
+            Err(e) => settled.extend(decoded.into_iter().map(|(d, ..)| (d, Verdict::Requeue(format!("database error: {e}"))))),
+        }
+        settled
     }
 
     async fn inbound(&self, d: &Delivery) -> Verdict {

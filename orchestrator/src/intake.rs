@@ -1,6 +1,7 @@
 //! One transaction per input: inbox dedupe → lock the instance → `sagas::decide` → state +
 //! history + outbox + timers → commit. The caller acks the message after this returns.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use participants_sdk::transport::Names;
@@ -8,11 +9,10 @@ use sagas::protocol::{LifecycleEvent, SagaRef, StartRequest, encode_command, enc
 use sagas::{Definition, Effect, Input, InputOutcome, MessageId, Registry, SagaId, SagaState, SagaStatus, Timestamp, decide};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
-use crate::store::{self, Claimed, HistoryRow, OutboxRow};
+use crate::store::{self, Claimed, DecisionRows, HistoryRow, OutboxRow};
 
 /// How far a due timer of a definition version this node does not have is pushed back.
 const UNKNOWN_VERSION_TIMER_DELAY_MS: u64 = 30_000;
@@ -95,6 +95,14 @@ pub struct Started {
     pub created: bool,
 }
 
+/// One decision, ready to write.
+struct Decided {
+    rows: DecisionRows,
+    schedule: Vec<(sagas::TimerKey, Timestamp)>,
+    cancel: Vec<sagas::TimerKey>,
+    handled: Handled,
+}
+
 /// Applies inputs to sagas. Shared by the consumers, the timers, the relay and the client.
 #[derive(Clone)]
 pub struct Engine {
@@ -151,9 +159,11 @@ impl Engine {
             tx.rollback().await?;
             return Ok(Started { saga_id: existing, created: false });
         }
-        let mut written = Vec::new();
         let start = json!({"type": "start", "input": req.input});
-        self.decide_and_write(&mut tx, def, &state, Some(&traceparent), &Input::Start, start, &mut written).await?;
+        let written = match self.decide(def, &state, Some(&traceparent), &Input::Start, start) {
+            Ok(d) => self.write(&mut tx, vec![d], &[]).await?.0,
+            Err(_) => Vec::new(),
+        };
         tx.commit().await?;
         tracing::info!(saga.id = %id, saga.name = %def.name, "saga started");
         self.publish_written(written).await;
@@ -162,31 +172,75 @@ impl Engine {
 
     /// Apply `input` to saga `id`. `inbox` is the id of the message that carried it, for dedupe.
     pub async fn apply(&self, id: SagaId, input: &Input, inbox: Option<MessageId>) -> Result<Handled, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let locked = match inbox {
-            Some(m) => match store::lock_marking(&mut tx, id, m.0).await? {
-                store::Marked::Fresh(l) => Some(*l),
-                store::Marked::Duplicate => {
-                    tx.rollback().await?;
-                    return Ok(Handled::Duplicate);
-                }
-                store::Marked::Missing => None,
-            },
-            None => store::lock(&mut tx, id, false).await?,
-        };
-        let Some(locked) = locked else {
-            tx.rollback().await?;
-            return Ok(Handled::UnknownSaga);
-        };
-        let mut written = Vec::new();
-        let handled = self.decide_locked(&mut tx, locked, input, &mut written).await?;
-        if matches!(handled, Handled::UnknownVersion { .. } | Handled::Invalid { .. }) {
-            tx.rollback().await?;
-        } else {
-            tx.commit().await?;
-            self.publish_written(written).await;
+        let mut handled = self.apply_batch(&[(id, input, inbox)]).await?;
+        Ok(handled.pop().expect("one result per input"))
+    }
+
+    /// Apply several inputs, each `(saga, input, id of the message that carried it)`, in as few
+    /// transactions as they allow: one for all the inputs of distinct sagas, and one more for
+    /// each further input of a saga already in it (a saga's inputs apply in the order given).
+    /// Returns what happened to each, in order. Each input is decided as if alone: a duplicate,
+    /// an unknown saga or an invalid input does not hold up the others.
+    pub async fn apply_batch(&self, inputs: &[(SagaId, &Input, Option<MessageId>)]) -> Result<Vec<Handled>, sqlx::Error> {
+        let mut results: Vec<Option<Handled>> = vec![None; inputs.len()];
+        let mut pending: Vec<usize> = (0..inputs.len()).collect();
+        while !pending.is_empty() {
+            let mut seen = HashSet::with_capacity(pending.len());
+            let (round, rest): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| seen.insert(inputs[i].0));
+            self.apply_round(inputs, &round, &mut results).await?;
+            pending = rest;
         }
-        Ok(handled)
+        Ok(results.into_iter().map(|h| h.expect("every input is handled in some round")).collect())
+    }
+
+    /// One transaction for the inputs `round` of `inputs` (distinct sagas).
+    async fn apply_round(
+        &self,
+        inputs: &[(SagaId, &Input, Option<MessageId>)],
+        round: &[usize],
+        results: &mut [Option<Handled>],
+    ) -> Result<(), sqlx::Error> {
+        let mut ids: Vec<uuid::Uuid> = round.iter().map(|&i| inputs[i].0.0).collect();
+        ids.sort_unstable();
+        let mut marks: Vec<(uuid::Uuid, SagaId)> = round.iter().filter_map(|&i| inputs[i].2.map(|m| (m.0, inputs[i].0))).collect();
+        marks.sort_unstable_by_key(|(m, _)| *m);
+        let mut tx = self.pool.begin().await?;
+        let mut locked = store::lock_batch(&mut tx, &ids, &marks).await?;
+        let (mut decided, mut at, mut unmark) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in round {
+            let (id, input, inbox) = inputs[i];
+            let Some(l) = locked.sagas.remove(&id) else {
+                results[i] = Some(Handled::UnknownSaga);
+                continue;
+            };
+            if let Some(m) = inbox
+                && !locked.fresh.contains(&m.0)
+            {
+                results[i] = Some(Handled::Duplicate);
+                continue;
+            }
+            match self.decide_locked(l, input) {
+                Ok(d) => {
+                    decided.push(d);
+                    at.push(i);
+                }
+                Err(h) => {
+                    // Nothing of it is written; its message id is not kept either.
+                    unmark.extend(inbox.map(|m| m.0));
+                    results[i] = Some(h);
+                }
+            }
+        }
+        if decided.is_empty() {
+            return tx.rollback().await;
+        }
+        let (written, handled) = self.write(&mut tx, decided, &unmark).await?;
+        tx.commit().await?;
+        for (i, h) in at.into_iter().zip(handled) {
+            results[i] = Some(h);
+        }
+        self.publish_written(written).await;
+        Ok(())
     }
 
     /// Fire timer `key` of saga `id` if it is still there and no other node holds the saga.
@@ -201,114 +255,139 @@ impl Engine {
             tx.rollback().await?;
             return Ok(Handled::Skipped);
         };
-        let mut written = Vec::new();
-        let handled = self.decide_locked(&mut tx, locked, &Input::Timer(timer), &mut written).await?;
-        if matches!(handled, Handled::UnknownVersion { .. }) {
-            tx.rollback().await?;
-            // Not due again for a while: a node that has the version may fire it meanwhile, and
-            // this node neither re-reads it every poll nor lets such timers crowd out the others.
-            let later = Timestamp::now().plus_ms(UNKNOWN_VERSION_TIMER_DELAY_MS);
-            store::postpone_timer(&self.pool, id, key, later).await?;
-        } else {
-            tx.commit().await?;
-            self.publish_written(written).await;
+        match self.decide_locked(locked, &Input::Timer(timer)) {
+            Ok(d) => {
+                let (written, mut handled) = self.write(&mut tx, vec![d], &[]).await?;
+                tx.commit().await?;
+                self.publish_written(written).await;
+                Ok(handled.pop().expect("one decision"))
+            }
+            Err(h) => {
+                tx.rollback().await?;
+                if matches!(h, Handled::UnknownVersion { .. }) {
+                    // Not due again for a while: a node that has the version may fire it
+                    // meanwhile, and this node neither re-reads it every poll nor lets such
+                    // timers crowd out the others.
+                    let later = Timestamp::now().plus_ms(UNKNOWN_VERSION_TIMER_DELAY_MS);
+                    store::postpone_timer(&self.pool, id, key, later).await?;
+                }
+                Ok(h)
+            }
         }
-        Ok(handled)
     }
 
-    async fn decide_locked(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        locked: store::Locked,
-        input: &Input,
-        written: &mut Vec<Claimed>,
-    ) -> Result<Handled, sqlx::Error> {
+    /// Decide `input` on a locked saga; `Err` for an input nothing may be written for (the
+    /// saga's version is unknown here, or the input names a step the definition lacks).
+    fn decide_locked(&self, locked: store::Locked, input: &Input) -> Result<Decided, Handled> {
         let st = &locked.state;
         let Some(def) = self.registry.get(&st.definition, st.version) else {
             tracing::error!(
                 saga.id = %st.id, saga.name = %st.definition, version = st.version,
                 "this node does not know the saga's definition version; leaving the saga untouched until a node that does handles it"
             );
-            return Ok(Handled::UnknownVersion { definition: st.definition.clone(), version: st.version });
+            return Err(Handled::UnknownVersion { definition: st.definition.clone(), version: st.version });
         };
         if let Input::Reply(r) = input
             && def.step(r.step).is_none()
         {
             let detail = format!("`{}` version {} has no step {}", def.name, def.version, r.step.0);
-            return Ok(Handled::Invalid { code: "unknown_step", detail });
+            return Err(Handled::Invalid { code: "unknown_step", detail });
         }
         let input_json = serde_json::to_value(input).unwrap_or(Value::Null);
-        self.decide_and_write(tx, def, st, locked.traceparent.as_deref(), input, input_json, written).await
+        self.decide(def, st, locked.traceparent.as_deref(), input, input_json)
     }
 
-    #[allow(clippy::too_many_arguments)] // the pieces of one decision, passed down once
-    async fn decide_and_write(
+    /// Run `decide` and turn its transition into the rows to write (no IO).
+    fn decide(
         &self,
-        tx: &mut sqlx::PgConnection,
         def: &Definition,
         st: &SagaState,
         traceparent: Option<&str>,
         input: &Input,
         input_json: Value,
-        written: &mut Vec<Claimed>,
-    ) -> Result<Handled, sqlx::Error> {
+    ) -> Result<Decided, Handled> {
         let trace_id = traceparent.and_then(|t| t.split('-').nth(1)).unwrap_or("");
         let span = tracing::info_span!("decide", saga.id = %st.id, saga.name = %def.name, input = input.kind(), trace.id = trace_id, node = %self.node);
-        async move {
-            let now = Timestamp::now();
-            let t = match decide(def, st, input, now) {
-                Ok(t) => t,
-                Err(e) => {
-                    // Only an invariant break gets here (the state names another definition).
-                    tracing::error!(saga.id = %st.id, error = %e, "decide refused the input");
-                    return Ok(Handled::UnknownVersion { definition: st.definition.clone(), version: st.version });
-                }
-            };
-            let (outcome, detail) = match &t.outcome {
-                InputOutcome::Applied => ("applied", None),
-                InputOutcome::Ignored { reason, detail } => (reason.as_str(), Some(detail.clone())),
-                InputOutcome::Refused { reason } => ("refused", Some(reason.clone())),
-            };
-            let status = t.state.status;
-            let applied = t.outcome == InputOutcome::Applied;
-            let state_json = serde_json::to_value(&t.state).unwrap_or(Value::Null);
-            let state_bytes = state_json.to_string().len();
-            let (rows, schedule, cancel) = if applied { self.effects(def, &t.state, traceparent, &t.effects, now) } else { Default::default() };
-            let history = HistoryRow {
-                saga: st.id,
-                node: &self.node,
-                input_kind: input.kind(),
-                input: input_json,
-                outcome,
-                detail: detail.clone(),
-                status: status.as_str(),
-                effects: serde_json::to_value(&t.effects).unwrap_or(Value::Null),
-                state_bytes,
-            };
-            let ids = store::write_decision(tx, applied.then_some((&state_json, status.as_str())), history, &rows).await?;
-            if !schedule.is_empty() || !cancel.is_empty() {
-                store::set_timers(tx, st.id, &schedule, &cancel).await?;
+        let _entered = span.enter();
+        let now = Timestamp::now();
+        let t = match decide(def, st, input, now) {
+            Ok(t) => t,
+            Err(e) => {
+                // Only an invariant break gets here (the state names another definition).
+                tracing::error!(saga.id = %st.id, error = %e, "decide refused the input");
+                return Err(Handled::UnknownVersion { definition: st.definition.clone(), version: st.version });
             }
-            written.extend(ids.into_iter().zip(rows).map(|(id, r)| Claimed {
-                id,
-                saga: st.id,
-                exchange: r.exchange,
-                routing_key: r.routing_key,
-                mandatory: r.mandatory,
-                msg: r.msg,
-            }));
-            if applied {
-                self.metrics.record(def, input, &t.state, &t.effects, now.0);
-                if status.is_settled() {
-                    tracing::info!(saga.id = %st.id, saga.name = %def.name, status = status.as_str(), "saga settled");
-                }
-            } else {
-                tracing::info!(saga.id = %st.id, input = input.kind(), outcome, detail = detail.as_deref().unwrap_or(""), "input did not apply");
+        };
+        let (outcome, detail) = match &t.outcome {
+            InputOutcome::Applied => ("applied", None),
+            InputOutcome::Ignored { reason, detail } => (reason.as_str(), Some(detail.clone())),
+            InputOutcome::Refused { reason } => ("refused", Some(reason.clone())),
+        };
+        let status = t.state.status;
+        let applied = t.outcome == InputOutcome::Applied;
+        let state_json = serde_json::to_value(&t.state).unwrap_or(Value::Null);
+        let state_bytes = state_json.to_string().len();
+        let (outbox, schedule, cancel) =
+            if applied { self.effects(def, &t.state, traceparent, &t.effects, now) } else { Default::default() };
+        let history = HistoryRow {
+            saga: st.id,
+            input_kind: input.kind(),
+            input: input_json,
+            outcome,
+            detail: detail.clone(),
+            status: status.as_str(),
+            effects: serde_json::to_value(&t.effects).unwrap_or(Value::Null),
+            state_bytes,
+        };
+        if applied {
+            self.metrics.record(def, input, &t.state, &t.effects, now.0);
+            if status.is_settled() {
+                tracing::info!(saga.id = %st.id, saga.name = %def.name, status = status.as_str(), "saga settled");
             }
-            Ok(Handled::Decided { outcome: t.outcome, status })
+        } else {
+            tracing::info!(saga.id = %st.id, input = input.kind(), outcome, detail = detail.as_deref().unwrap_or(""), "input did not apply");
         }
-        .instrument(span)
-        .await
+        Ok(Decided {
+            rows: DecisionRows { applied: applied.then(|| (state_json, status.as_str())), history, outbox },
+            schedule,
+            cancel,
+            handled: Handled::Decided { outcome: t.outcome, status },
+        })
+    }
+
+    /// Write `decided` (and drop the inbox entries `unmark`) on `tx`; returns the outbox rows
+    /// to publish after the commit (none when the relays will) and what each decision did.
+    async fn write(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        decided: Vec<Decided>,
+        unmark: &[uuid::Uuid],
+    ) -> Result<(Vec<Claimed>, Vec<Handled>), sqlx::Error> {
+        let mut rows = Vec::with_capacity(decided.len());
+        let mut handled = Vec::with_capacity(decided.len());
+        for d in decided {
+            if !d.schedule.is_empty() || !d.cancel.is_empty() {
+                store::set_timers(tx, d.rows.history.saga, &d.schedule, &d.cancel).await?;
+            }
+            rows.push(d.rows);
+            handled.push(d.handled);
+        }
+        // A writer without a channel (a client) cannot publish: the relays hear of the rows
+        // when they commit, and there is nothing to publish here.
+        let wake = !self.publisher.has_channel();
+        let ids = store::write_decisions(tx, &self.node, &rows, unmark, wake).await?;
+        if wake {
+            return Ok((Vec::new(), handled));
+        }
+        let mut ids = ids.into_iter();
+        let mut written = Vec::new();
+        for d in rows {
+            let saga = d.history.saga;
+            for (r, id) in d.outbox.into_iter().zip(ids.by_ref()) {
+                written.push(Claimed { id, saga, exchange: r.exchange, routing_key: r.routing_key, mandatory: r.mandatory, msg: r.msg });
+            }
+        }
+        Ok((written, handled))
     }
 
     /// The outbox rows and timer changes of `effects` (no IO).

@@ -41,6 +41,12 @@ impl Publisher {
         *self.channel.lock().expect("not poisoned") = ch;
     }
 
+    /// Whether this node has a channel to publish on (a client without one leaves its rows
+    /// to the relays).
+    pub(crate) fn has_channel(&self) -> bool {
+        self.channel.lock().expect("not poisoned").is_some()
+    }
+
     /// Publish `rows` (pipelined, then wait for the confirms). `Err(n)`: `n` rows were not
     /// published and stay for the relays.
     pub(crate) async fn publish(&self, rows: Vec<Claimed>) -> Result<(), usize> {

@@ -14,7 +14,7 @@ use lapin::{Connection, ExchangeKind};
 use participants_sdk::transport::{self, Names, QueueOptions};
 use sagas::{Registry, SagaId, SagaState};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +42,16 @@ pub struct OrchestratorHandle {
 
 /// Connect a pool to `url`, retrying for up to `timeout`.
 pub async fn connect_pool(url: &str, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
-    let connect = || async { PgPoolOptions::new().max_connections(max_connections).connect(url).await };
+    let options: PgConnectOptions = url.parse().with_context(|| format!("database_url {}", redact(url)))?;
+    // The statements are prepared once per connection. A generic plan chosen while the tables
+    // were small (a new deployment, or statistics that autovacuum has not refreshed) would
+    // keep scanning whole tables as they grow; a plan made for each execution stays on the
+    // indexes.
+    let options = options.options([("plan_cache_mode", "force_custom_plan")]);
+    // No ping before each use: it would cost a round trip per transaction, and a connection
+    // that died shows as an error of the statement, which every caller handles anyway.
+    let connect =
+        || async { PgPoolOptions::new().max_connections(max_connections).test_before_acquire(false).connect_with(options.clone()).await };
     connect
         .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(5)).with_total_delay(Some(timeout)).without_max_times())
         .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)))
@@ -164,6 +173,7 @@ impl Orchestrator {
                 max_body: cfg.max_body_bytes,
                 prefetch: cfg.prefetch,
                 concurrency: cfg.concurrency,
+                batch_max: cfg.batch_max,
             };
             let channels = async {
                 Ok::<_, lapin::Error>((

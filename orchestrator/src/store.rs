@@ -2,6 +2,7 @@
 //! makes inside one transaction per input.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 
 use sagas::protocol::WireMessage;
 use sagas::{SagaId, SagaState, TimerKey, Timestamp};
@@ -48,32 +49,52 @@ pub(crate) async fn lock(tx: &mut PgConnection, id: SagaId, skip_locked: bool) -
     Ok(Some(Locked { state, traceparent: row.try_get(1)? }))
 }
 
-/// What [`lock_marking`] found.
-pub(crate) enum Marked {
-    /// No such saga.
-    Missing,
-    /// The message id was already recorded.
-    Duplicate,
-    /// New message; the instance, locked.
-    Fresh(Box<Locked>),
+/// What [`lock_batch`] found.
+pub(crate) struct LockedBatch {
+    /// The instances that exist, locked, by id.
+    pub(crate) sagas: HashMap<SagaId, Locked>,
+    /// The message ids recorded now (the others were applied before, or their saga is missing).
+    pub(crate) fresh: HashSet<uuid::Uuid>,
 }
 
-/// Record message id `inbox` and lock the instance, in one round trip.
-pub(crate) async fn lock_marking(tx: &mut PgConnection, id: SagaId, inbox: uuid::Uuid) -> Result<Marked, sqlx::Error> {
-    let row = sqlx::query(
-        "WITH ins AS (INSERT INTO sagaflow.inbox (message_id, saga_id) VALUES ($2, $1) ON CONFLICT DO NOTHING RETURNING 1)
-         SELECT state, traceparent, EXISTS (SELECT 1 FROM ins) AS fresh FROM sagaflow.instances WHERE id = $1 FOR UPDATE",
+/// Lock the instances `ids` (in id order, so batches on several nodes never deadlock) and record
+/// the message ids `inbox` (`(message, saga)`) of those that exist, in one round trip. The
+/// inbox rows are inserted after the locks are held, so a concurrent delivery of the same
+/// message either committed before (its id is not fresh here) or waits for this transaction.
+pub(crate) async fn lock_batch(
+    tx: &mut PgConnection,
+    ids: &[uuid::Uuid],
+    inbox: &[(uuid::Uuid, SagaId)],
+) -> Result<LockedBatch, sqlx::Error> {
+    let messages: Vec<uuid::Uuid> = inbox.iter().map(|(m, _)| *m).collect();
+    let owners: Vec<uuid::Uuid> = inbox.iter().map(|(_, s)| s.0).collect();
+    let rows = sqlx::query(
+        "WITH locked AS (
+             SELECT id, state, traceparent FROM sagaflow.instances WHERE id = ANY($1) ORDER BY id FOR UPDATE
+         ), ins AS (
+             INSERT INTO sagaflow.inbox (message_id, saga_id)
+             SELECT m, s FROM UNNEST($2::uuid[], $3::uuid[]) AS u(m, s) WHERE EXISTS (SELECT 1 FROM locked WHERE locked.id = u.s)
+             ON CONFLICT DO NOTHING RETURNING message_id
+         )
+         SELECT id, state, traceparent, NULL::uuid AS fresh FROM locked
+         UNION ALL SELECT NULL, NULL, NULL, message_id FROM ins",
     )
-    .bind(id.0)
-    .bind(inbox)
-    .fetch_optional(&mut *tx)
+    .bind(ids)
+    .bind(&messages)
+    .bind(&owners)
+    .fetch_all(&mut *tx)
     .await?;
-    let Some(row) = row else { return Ok(Marked::Missing) };
-    if !row.try_get::<bool, _>(2)? {
-        return Ok(Marked::Duplicate);
+    let mut batch = LockedBatch { sagas: HashMap::with_capacity(ids.len()), fresh: HashSet::with_capacity(inbox.len()) };
+    for row in rows {
+        if let Some(m) = row.try_get::<Option<uuid::Uuid>, _>(3)? {
+            batch.fresh.insert(m);
+            continue;
+        }
+        let id: uuid::Uuid = row.try_get(0)?;
+        let state: SagaState = serde_json::from_value(row.try_get(1)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
+        batch.sagas.insert(SagaId(id), Locked { state, traceparent: row.try_get(2)? });
     }
-    let state: SagaState = serde_json::from_value(row.try_get(0)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
-    Ok(Marked::Fresh(Box::new(Locked { state, traceparent: row.try_get(1)? })))
+    Ok(batch)
 }
 
 /// Insert a new instance; `Err(existing id)` when its idempotency key is taken.
@@ -110,51 +131,103 @@ pub(crate) async fn insert_instance(
     Ok(Err(SagaId(existing.unwrap_or(state.id.0))))
 }
 
-/// Everything one decision writes but timers, in one round trip: the new state (when it
-/// applied), the history row, and the outbox rows; returns the outbox row ids in `rows` order.
-pub(crate) async fn write_decision(
+/// What one decision writes but timers.
+pub(crate) struct DecisionRows {
+    /// The new state and status, when the input applied.
+    pub(crate) applied: Option<(Value, &'static str)>,
+    /// Its history row.
+    pub(crate) history: HistoryRow,
+    /// The messages to publish.
+    pub(crate) outbox: Vec<OutboxRow>,
+}
+
+/// Everything the decisions of one transaction write but timers, in one round trip: the new
+/// states, the history rows and the outbox rows, and the removal of the inbox entries in
+/// `unmark` (messages recorded by [`lock_batch`] that turned out not to apply). With
+/// `wake_relays`, the relays are notified when the transaction commits (for a writer that
+/// cannot publish the rows itself). Returns the outbox row ids, in the order of the decisions
+/// and their rows.
+pub(crate) async fn write_decisions(
     tx: &mut PgConnection,
-    applied: Option<(&Value, &str)>,
-    h: HistoryRow<'_>,
-    rows: &[OutboxRow],
+    node: &str,
+    decisions: &[DecisionRows],
+    unmark: &[uuid::Uuid],
+    wake_relays: bool,
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let input_bytes = h.input.to_string().len();
-    let exchanges: Vec<&str> = rows.iter().map(|r| r.exchange.as_str()).collect();
-    let keys: Vec<&str> = rows.iter().map(|r| r.routing_key.as_str()).collect();
-    let mandatory: Vec<bool> = rows.iter().map(|r| r.mandatory).collect();
-    let envelopes: Vec<Value> = rows.iter().map(|r| serde_json::to_value(&r.msg).unwrap_or(Value::Null)).collect();
-    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.msg.body.as_slice()).collect();
-    let (state, status) = applied.map_or((None, None), |(s, st)| (Some(s), Some(st)));
+    let (mut upd_ids, mut upd_states, mut upd_status) = (Vec::new(), Vec::new(), Vec::new());
+    let n = decisions.len();
+    let (mut h_saga, mut h_kind, mut h_input, mut h_outcome) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut h_detail, mut h_status, mut h_effects) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut h_input_bytes, mut h_state_bytes) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut o_saga, mut o_exchange, mut o_key, mut o_mandatory, mut o_envelope, mut o_body) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for d in decisions {
+        let h = &d.history;
+        if let Some((state, status)) = &d.applied {
+            upd_ids.push(h.saga.0);
+            upd_states.push(state);
+            upd_status.push(*status);
+        }
+        h_saga.push(h.saga.0);
+        h_kind.push(h.input_kind);
+        h_input_bytes.push(i32::try_from(h.input.to_string().len()).unwrap_or(i32::MAX));
+        h_input.push(&h.input);
+        h_outcome.push(h.outcome);
+        h_detail.push(h.detail.as_deref());
+        h_status.push(h.status);
+        h_effects.push(&h.effects);
+        h_state_bytes.push(i32::try_from(h.state_bytes).unwrap_or(i32::MAX));
+        for r in &d.outbox {
+            o_saga.push(h.saga.0);
+            o_exchange.push(r.exchange.as_str());
+            o_key.push(r.routing_key.as_str());
+            o_mandatory.push(r.mandatory);
+            o_envelope.push(serde_json::to_value(&r.msg).unwrap_or(Value::Null));
+            o_body.push(r.msg.body.as_slice());
+        }
+    }
     sqlx::query_scalar(
         "WITH upd AS (
-            UPDATE sagaflow.instances SET state = $2, status = $3, updated_at = now(), decided_by = $4 WHERE id = $1 AND $2::jsonb IS NOT NULL
+            UPDATE sagaflow.instances i SET state = u.state, status = u.status, updated_at = now(), decided_by = $1
+            FROM UNNEST($2::uuid[], $3::jsonb[], $4::text[]) AS u(id, state, status) WHERE i.id = u.id
          ), h AS (
             INSERT INTO sagaflow.history (saga_id, node, input_kind, input, outcome, detail, status, effects, input_bytes, state_bytes)
-            VALUES ($1, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+            SELECT s, $1, k, i, o, d, st, e, ib, sb
+            FROM UNNEST($5::uuid[], $6::text[], $7::jsonb[], $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::int4[], $13::int4[])
+                 AS x(s, k, i, o, d, st, e, ib, sb)
          ), o AS (
             INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body)
-            SELECT $1, * FROM UNNEST($13::text[], $14::text[], $15::bool[], $16::jsonb[], $17::bytea[])
+            SELECT * FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::jsonb[], $19::bytea[])
             RETURNING id
+         ), gone AS (
+            DELETE FROM sagaflow.inbox WHERE message_id = ANY($20)
+         ), wake AS (
+            SELECT pg_notify('sagaflow_outbox', '') WHERE $21 AND EXISTS (SELECT 1 FROM o)
          )
-         SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM o",
+         SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM o WHERE (SELECT count(*) FROM wake) >= 0",
     )
-    .bind(h.saga.0)
-    .bind(state)
-    .bind(status)
-    .bind(h.node)
-    .bind(h.input_kind)
-    .bind(&h.input)
-    .bind(h.outcome)
-    .bind(h.detail)
-    .bind(h.status)
-    .bind(&h.effects)
-    .bind(i32::try_from(input_bytes).unwrap_or(i32::MAX))
-    .bind(i32::try_from(h.state_bytes).unwrap_or(i32::MAX))
-    .bind(&exchanges)
-    .bind(&keys)
-    .bind(&mandatory)
-    .bind(&envelopes)
-    .bind(&bodies)
+    .bind(node)
+    .bind(&upd_ids)
+    .bind(&upd_states)
+    .bind(&upd_status)
+    .bind(&h_saga)
+    .bind(&h_kind)
+    .bind(&h_input)
+    .bind(&h_outcome)
+    .bind(&h_detail)
+    .bind(&h_status)
+    .bind(&h_effects)
+    .bind(&h_input_bytes)
+    .bind(&h_state_bytes)
+    .bind(&o_saga)
+    .bind(&o_exchange)
+    .bind(&o_key)
+    .bind(&o_mandatory)
+    .bind(&o_envelope)
+    .bind(&o_body)
+    .bind(unmark)
+    .bind(wake_relays)
     .fetch_one(&mut *tx)
     .await
 }
@@ -164,15 +237,14 @@ pub(crate) async fn notify_relays(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify('sagaflow_outbox', '')").execute(pool).await.map(drop)
 }
 
-/// One history row.
-pub(crate) struct HistoryRow<'a> {
+/// One history row (the node is the writer's).
+pub(crate) struct HistoryRow {
     pub(crate) saga: SagaId,
-    pub(crate) node: &'a str,
-    pub(crate) input_kind: &'a str,
+    pub(crate) input_kind: &'static str,
     pub(crate) input: Value,
-    pub(crate) outcome: &'a str,
+    pub(crate) outcome: &'static str,
     pub(crate) detail: Option<String>,
-    pub(crate) status: &'a str,
+    pub(crate) status: &'static str,
     pub(crate) effects: Value,
     pub(crate) state_bytes: usize,
 }

@@ -6,7 +6,7 @@
 //! publish the reply with a confirm → ack the command; the reply's outbox row is deleted in a
 //! batch with others (a crash before that republishes it; the orchestrator dedupes).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -34,8 +34,12 @@ pub struct ParticipantConfig {
     pub namespace: String,
     /// Unacked commands the broker may send ahead. Default 32.
     pub prefetch: u16,
-    /// Commands handled at once. Default 16.
+    /// Transactions at once (each runs one command, or a batch of them). Default 16.
     pub concurrency: usize,
+    /// Most commands run in one transaction: the commands that arrived while every
+    /// transaction slot was busy run together, each handler inside its own savepoint. 1 runs
+    /// every command in its own transaction. Default 32.
+    pub batch_max: usize,
     /// Largest command body accepted; larger ones are dead-lettered. Default 1 MiB.
     pub max_body_bytes: usize,
     /// Declare quorum queues (must match the orchestrator). Default false.
@@ -52,6 +56,7 @@ impl Default for ParticipantConfig {
             namespace: "sagaflow".into(),
             prefetch: 32,
             concurrency: 16,
+            batch_max: 32,
             max_body_bytes: sagas::protocol::DEFAULT_MAX_BODY_BYTES,
             quorum_queues: false,
             connect_timeout: Duration::from_secs(60),
@@ -135,8 +140,8 @@ impl ParticipantBuilder {
         if self.handlers.is_empty() {
             problems.push("no handlers".into());
         }
-        if self.config.prefetch == 0 || self.config.concurrency == 0 {
-            problems.push("prefetch and concurrency must be at least 1".into());
+        if self.config.prefetch == 0 || self.config.concurrency == 0 || self.config.batch_max == 0 {
+            problems.push("prefetch, concurrency and batch_max must be at least 1".into());
         }
         if !problems.is_empty() {
             return Err(Error::Invalid(format!("participant `{}`: {}", self.name, problems.join("; "))));
@@ -302,9 +307,9 @@ impl Participant {
                 }
             })
         };
-        let result = transport::run_consumer(&ch, consumer, inner.config.concurrency, token, |delivery| {
+        let result = transport::run_batch_consumer(&ch, consumer, inner.config.batch_max, inner.config.concurrency, token, |batch| {
             let (this, ch, pool, deleter) = (self.clone(), ch.clone(), pool.clone(), deleter.clone());
-            async move { this.process(&pool, &deleter, &ch, delivery).await }
+            async move { this.process(&pool, &deleter, &ch, batch).await }
         })
         .await;
         // A sweep stuck on a dead connection must not hold the reconnect: stop it where it is
@@ -318,48 +323,111 @@ impl Participant {
         result.map_err(Error::Amqp)
     }
 
-    async fn process(&self, pool: &PgPool, deleter: &BatchDeleter, ch: &Channel, d: Delivery) {
+    /// Handle one batch of deliveries: refuse what cannot be handled, run the commands (in one
+    /// transaction when there are several), publish the replies, ack.
+    async fn process(&self, pool: &PgPool, deleter: &BatchDeleter, ch: &Channel, batch: Vec<Delivery>) {
+        let queue = self.inner.names.participant_queue(&self.inner.name);
+        tracing::debug!(participant = %self.inner.name, commands = batch.len(), "handling a batch of commands");
+        let mut valid = Vec::with_capacity(batch.len());
+        for d in batch {
+            match self.check(&d) {
+                Ok((cmd, reg)) => valid.push((d, cmd, reg)),
+                Err((code, detail)) => self.refuse(ch, &queue, &d, code, &detail).await,
+            }
+        }
+        // One command per step in a transaction: another of the same step (its compensation, a
+        // redelivery) runs after it, on its own.
+        let mut steps = HashSet::with_capacity(valid.len());
+        let (first, later): (Vec<_>, Vec<_>) = valid.into_iter().partition(|(_, c, _)| steps.insert((c.saga.saga_id, c.step)));
+        if first.len() > 1 {
+            let cmds: Vec<(&Registered, &InboundCommand)> = first.iter().map(|(_, c, r)| (*r, c)).collect();
+            match self.execute_batch(pool, &cmds).await {
+                Ok(Some(replies)) => {
+                    drop(cmds);
+                    let done = first.into_iter().map(|(d, c, _)| (d, c)).zip(replies).collect();
+                    self.finish(ch, deleter, done).await;
+                }
+                failed => {
+                    drop(cmds);
+                    match failed {
+                        Err(e) => {
+                            tracing::info!(participant = %self.inner.name, error = %e, "a batch of commands failed; running them one by one")
+                        }
+                        _ => {
+                            tracing::info!(participant = %self.inner.name, "another delivery recorded a step of this batch first; running them one by one")
+                        }
+                    }
+                    futures_util::future::join_all(first.into_iter().map(|(d, c, r)| self.process_one(pool, deleter, ch, d, c, r))).await;
+                }
+            }
+        } else {
+            for (d, c, r) in first {
+                self.process_one(pool, deleter, ch, d, c, r).await;
+            }
+        }
+        for (d, c, r) in later {
+            self.process_one(pool, deleter, ch, d, c, r).await;
+        }
+    }
+
+    /// Decode `d` and find its handler; `Err((reason, detail))` for a dead letter.
+    fn check(&self, d: &Delivery) -> Result<(InboundCommand, &Registered), (&'static str, String)> {
         let inner = &self.inner;
-        let queue = inner.names.participant_queue(&inner.name);
-        let msg = transport::wire_from_delivery(&d);
-        let cmd = match decode_command(&msg, inner.config.max_body_bytes) {
-            Ok(cmd) => cmd,
-            Err(e) => return self.refuse(ch, &queue, &d, e.code(), &e.to_string()).await,
-        };
+        let cmd = decode_command(&transport::wire_from_delivery(d), inner.config.max_body_bytes).map_err(|e| (e.code(), e.to_string()))?;
         let Some(reg) = inner.handlers.get(&cmd.command) else {
-            let detail = format!("participant `{}` has no handler for `{}`", inner.name, cmd.command);
-            return self.refuse(ch, &queue, &d, "unknown_command", &detail).await;
+            return Err(("unknown_command", format!("participant `{}` has no handler for `{}`", inner.name, cmd.command)));
         };
         if reg.kind != cmd.kind {
             let detail = format!("`{}` is registered as {} but arrived as {}", cmd.command, reg.kind.as_str(), cmd.kind.as_str());
-            return self.refuse(ch, &queue, &d, "unknown_command", &detail).await;
+            return Err(("unknown_command", detail));
         }
+        Ok((cmd, reg))
+    }
+
+    /// The span of one command's handling.
+    fn span(&self, cmd: &InboundCommand) -> tracing::Span {
         let trace_id = cmd.traceparent.as_deref().and_then(|t| t.split('-').nth(1)).unwrap_or("");
-        let span = tracing::info_span!("command", participant = %inner.name, saga.id = %cmd.saga.saga_id, step.name = %cmd.step_name, kind = cmd.kind.as_str(), attempt = cmd.attempt, message.id = %cmd.message_id, trace.id = trace_id);
-        async {
-            match self.execute(pool, reg, &cmd).await {
-                Ok(_) if inner.crash_after_commit.as_ref().is_some_and(|crash| crash(&cmd)) => {
-                    tracing::warn!("fault injection: crashing after the commit, before the reply and the ack");
-                    let _ = transport::requeue(&d).await;
-                }
-                Ok((id, reply)) => {
-                    match transport::publish_confirmed(ch, "", &cmd.reply_to, &reply, true).await {
-                        Ok(()) => deleter.delete(id),
-                        Err(e) => tracing::warn!(error = %e, "reply not sent now; it stays in the outbox and is retried"),
-                    }
-                    if let Err(e) = transport::ack(&d).await {
-                        tracing::warn!(error = %e, "ack failed; the command will be redelivered and answered from the inbox");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "database unavailable; the command goes back to the queue");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    let _ = transport::requeue(&d).await;
-                }
+        tracing::info_span!("command", participant = %self.inner.name, saga.id = %cmd.saga.saga_id, step.name = %cmd.step_name, kind = cmd.kind.as_str(), attempt = cmd.attempt, message.id = %cmd.message_id, trace.id = trace_id)
+    }
+
+    /// Handle one command in its own transaction.
+    async fn process_one(&self, pool: &PgPool, deleter: &BatchDeleter, ch: &Channel, d: Delivery, cmd: InboundCommand, reg: &Registered) {
+        let result = self.execute(pool, reg, &cmd).instrument(self.span(&cmd)).await;
+        match result {
+            Ok(reply) => self.finish(ch, deleter, vec![((d, cmd), reply)]).await,
+            Err(e) => {
+                self.span(&cmd).in_scope(|| tracing::warn!(error = %e, "database unavailable; the command goes back to the queue"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = transport::requeue(&d).await;
             }
         }
-        .instrument(span)
-        .await;
+    }
+
+    /// After the commit: publish the replies (pipelined, with confirms), then ack the commands.
+    /// A reply not confirmed now stays in the outbox for the sweep.
+    async fn finish(&self, ch: &Channel, deleter: &BatchDeleter, done: Vec<((Delivery, InboundCommand), (i64, WireMessage))>) {
+        let mut sent = Vec::with_capacity(done.len());
+        for ((d, cmd), reply) in done {
+            if self.inner.crash_after_commit.as_ref().is_some_and(|crash| crash(&cmd)) {
+                tracing::warn!(message.id = %cmd.message_id, "fault injection: crashing after the commit, before the reply and the ack");
+                let _ = transport::requeue(&d).await;
+                continue;
+            }
+            sent.push((d, cmd, reply));
+        }
+        let batch = sent.iter().map(|(_, cmd, (_, reply))| ("", cmd.reply_to.as_str(), reply, true)).collect();
+        let results = transport::publish_batch(ch, batch).await;
+        for ((d, cmd, (id, _)), result) in sent.into_iter().zip(results) {
+            match result {
+                Ok(()) => deleter.delete(id),
+                Err(e) => {
+                    tracing::warn!(message.id = %cmd.message_id, error = %e, "reply not sent now; it stays in the outbox and is retried")
+                }
+            }
+            if let Err(e) = transport::ack(&d).await {
+                tracing::warn!(message.id = %cmd.message_id, error = %e, "ack failed; the command will be redelivered and answered from the inbox");
+            }
+        }
     }
 
     async fn refuse(&self, ch: &Channel, queue: &str, d: &Delivery, reason: &str, detail: &str) {
@@ -385,18 +453,9 @@ impl Participant {
             // A step's command and its compensation never run at the same time here: a
             // compensation waits for a slow command to finish, and a command that arrives
             // after its compensation is refused without running.
-            store::lock_step(&mut tx, name, cmd).await?;
-            let prior = store::prior(&mut tx, name, cmd).await?;
-            if cmd.kind == CommandKind::Invoke && prior.compensated {
-                tracing::info!("the step was already compensated; refusing the late command");
-                let outcome = ReplyOutcome::Rejected {
-                    code: "already_compensated".into(),
-                    message: "this step was compensated before the command arrived".into(),
-                };
-                return enqueue_only(tx, name, cmd, &outcome).await;
-            }
-            if let Some(outcome) = prior.outcome {
-                tracing::info!("already handled; answering from the inbox");
+            store::lock_steps(&mut tx, name, &[cmd]).await?;
+            let prior = store::priors(&mut tx, name, &[cmd]).await?.pop().expect("one prior per command");
+            if let Some(outcome) = answer_from(cmd, prior) {
                 return enqueue_only(tx, name, cmd, &outcome).await;
             }
             let outcome = match refusal.take() {
@@ -425,15 +484,80 @@ impl Participant {
                 }
             };
             let reply = encode_reply(cmd, &outcome, Timestamp::now());
-            match store::record_and_enqueue(&mut tx, name, cmd, &outcome, &cmd.reply_to, &reply).await? {
-                Some(id) => {
+            let row = store::ReplyRow { cmd, record: Some(&outcome), reply: &reply };
+            match store::write_replies(&mut tx, name, &[row]).await? {
+                Some(ids) => {
                     tx.commit().await?;
-                    return Ok((id, reply));
+                    return Ok((ids[0], reply));
                 }
                 // Another delivery of this step committed first: undo ours, answer from its record.
                 None => tx.rollback().await?,
             }
         }
+    }
+
+    /// Run several commands (of distinct steps) in one transaction: lock their steps, read what
+    /// was recorded, run each handler that has to run inside a savepoint (a refusal or a
+    /// transient failure rolls back to it, undoing that handler's writes only), record the
+    /// outcomes and enqueue the replies in one statement, commit. `Ok(None)` when another
+    /// delivery recorded one of the steps first (nothing was written).
+    async fn execute_batch(
+        &self,
+        pool: &PgPool,
+        cmds: &[(&Registered, &InboundCommand)],
+    ) -> Result<Option<Vec<(i64, WireMessage)>>, sqlx::Error> {
+        let name = &self.inner.name;
+        let all: Vec<&InboundCommand> = cmds.iter().map(|(_, c)| *c).collect();
+        let mut tx = pool.begin().await?;
+        store::lock_steps(&mut tx, name, &all).await?;
+        let priors = store::priors(&mut tx, name, &all).await?;
+        let mut outcomes = Vec::with_capacity(cmds.len());
+        let mut savepoint = false;
+        for ((reg, cmd), prior) in cmds.iter().zip(priors) {
+            let span = self.span(cmd);
+            if let Some(outcome) = span.in_scope(|| answer_from(cmd, prior)) {
+                outcomes.push((outcome, false));
+                continue;
+            }
+            let set = if savepoint { "RELEASE SAVEPOINT handler; SAVEPOINT handler" } else { "SAVEPOINT handler" };
+            sqlx::raw_sql(set).execute(&mut *tx).await?;
+            savepoint = true;
+            let result = {
+                let mut cx = Context { tx: &mut tx, cmd };
+                reg.handler.call(&mut cx, cmd.body.clone()).instrument(span.clone()).await
+            };
+            let (outcome, record) = match result {
+                Ok(output) => (ReplyOutcome::Success { output }, true),
+                Err(HandlerError::Reject { code, message }) => {
+                    span.in_scope(|| tracing::info!(code, message, "rejected"));
+                    (ReplyOutcome::Rejected { code, message }, true)
+                }
+                Err(HandlerError::Transient(e)) => {
+                    span.in_scope(|| tracing::warn!(error = %format!("{e:#}"), "transient failure; the orchestrator retries"));
+                    (ReplyOutcome::TransientFailure { message: format!("{e:#}") }, false)
+                }
+            };
+            if !matches!(outcome, ReplyOutcome::Success { .. }) {
+                // Undo this handler's writes only.
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT handler").execute(&mut *tx).await?;
+            }
+            outcomes.push((outcome, record));
+        }
+        let now = Timestamp::now();
+        let replies: Vec<WireMessage> = all.iter().zip(&outcomes).map(|(cmd, (o, _))| encode_reply(cmd, o, now)).collect();
+        let rows: Vec<store::ReplyRow<'_>> = all
+            .iter()
+            .zip(&outcomes)
+            .zip(&replies)
+            .map(|((cmd, (o, record)), reply)| store::ReplyRow { cmd, record: record.then_some(o), reply })
+            .collect();
+        let Some(ids) = store::write_replies(&mut tx, name, &rows).await? else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        drop(rows);
+        tx.commit().await?;
+        Ok(Some(ids.into_iter().zip(replies).collect()))
     }
 
     /// Republish replies a crash left in the outbox.
@@ -459,6 +583,21 @@ impl Participant {
     }
 }
 
+/// The answer a command gets without running, from what its step already recorded: the
+/// recorded outcome, or a refusal for a command that arrives after its compensation.
+fn answer_from(cmd: &InboundCommand, prior: store::Prior) -> Option<ReplyOutcome> {
+    if cmd.kind == CommandKind::Invoke && prior.compensated {
+        tracing::info!("the step was already compensated; refusing the late command");
+        return Some(ReplyOutcome::Rejected {
+            code: "already_compensated".into(),
+            message: "this step was compensated before the command arrived".into(),
+        });
+    }
+    let outcome = prior.outcome?;
+    tracing::info!("already handled; answering from the inbox");
+    Some(outcome)
+}
+
 /// Enqueue the reply for `outcome` without recording it, and commit.
 async fn enqueue_only(
     mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
@@ -467,8 +606,9 @@ async fn enqueue_only(
     outcome: &ReplyOutcome,
 ) -> Result<(i64, WireMessage), sqlx::Error> {
     let reply = encode_reply(cmd, outcome, Timestamp::now());
-    let id = store::enqueue(&mut tx, participant, &cmd.reply_to, &reply).await?;
+    let ids = store::write_replies(&mut tx, participant, &[store::ReplyRow { cmd, record: None, reply: &reply }]).await?;
     tx.commit().await?;
+    let id = ids.and_then(|ids| ids.first().copied()).ok_or_else(|| sqlx::Error::Protocol("the reply was not enqueued".into()))?;
     Ok((id, reply))
 }
 

@@ -36,13 +36,20 @@ pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
-/// Serialize the command and the compensation of one step in this participant.
-pub(crate) async fn lock_step(tx: &mut PgConnection, participant: &str, cmd: &InboundCommand) -> Result<(), sqlx::Error> {
-    let key = format!("{participant}/{}/{}", cmd.saga.saga_id, cmd.step.0);
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").bind(key).execute(&mut *tx).await.map(drop)
+/// Serialize the command and the compensation of one step in this participant, for each of
+/// `cmds`; the locks are taken in one order (of their keys) so concurrent batches never deadlock
+/// on them.
+pub(crate) async fn lock_steps(tx: &mut PgConnection, participant: &str, cmds: &[&InboundCommand]) -> Result<(), sqlx::Error> {
+    let mut keys: Vec<String> = cmds.iter().map(|c| format!("{participant}/{}/{}", c.saga.saga_id, c.step.0)).collect();
+    keys.sort_unstable();
+    sqlx::query("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM UNNEST($1::text[]) AS k")
+        .bind(keys)
+        .execute(&mut *tx)
+        .await
+        .map(drop)
 }
 
-/// What this participant already recorded for `cmd`'s step, read after [`lock_step`].
+/// What this participant already recorded for a command's step, read after [`lock_steps`].
 pub(crate) struct Prior {
     /// The final outcome recorded for this command's kind (invoke or compensate), if any.
     pub(crate) outcome: Option<ReplyOutcome>,
@@ -50,67 +57,83 @@ pub(crate) struct Prior {
     pub(crate) compensated: bool,
 }
 
-/// Read [`Prior`] in one round trip. Call it after [`lock_step`], in its own statement: a
-/// statement's snapshot is taken when it starts, so reading in the locking statement could miss
-/// what the previous lock holder committed.
-pub(crate) async fn prior(tx: &mut PgConnection, participant: &str, cmd: &InboundCommand) -> Result<Prior, sqlx::Error> {
-    let (outcome, compensated): (Option<Value>, bool) = sqlx::query_as(
-        "SELECT (SELECT outcome FROM sagaflow_participant.inbox WHERE participant = $1 AND saga_id = $2 AND step = $3 AND kind = $4),
-                EXISTS (SELECT 1 FROM sagaflow_participant.inbox WHERE participant = $1 AND saga_id = $2 AND step = $3 AND kind = 'compensate')",
+/// Read the [`Prior`] of each of `cmds`, in order, in one round trip. Call it after
+/// [`lock_steps`], in its own statement: a statement's snapshot is taken when it starts, so
+/// reading in the locking statement could miss what the previous lock holder committed.
+pub(crate) async fn priors(tx: &mut PgConnection, participant: &str, cmds: &[&InboundCommand]) -> Result<Vec<Prior>, sqlx::Error> {
+    let sagas: Vec<uuid::Uuid> = cmds.iter().map(|c| c.saga.saga_id.0).collect();
+    let steps: Vec<i32> = cmds.iter().map(|c| step_i32(c)).collect();
+    let kinds: Vec<&str> = cmds.iter().map(|c| c.kind.as_str()).collect();
+    let rows: Vec<(Option<Value>, bool)> = sqlx::query_as(
+        "SELECT (SELECT outcome FROM sagaflow_participant.inbox x WHERE x.participant = $1 AND x.saga_id = u.s AND x.step = u.st AND x.kind = u.k),
+                EXISTS (SELECT 1 FROM sagaflow_participant.inbox x
+                        WHERE x.participant = $1 AND x.saga_id = u.s AND x.step = u.st AND x.kind = 'compensate')
+         FROM UNNEST($2::uuid[], $3::int4[], $4::text[]) WITH ORDINALITY AS u(s, st, k, n) ORDER BY n",
     )
     .bind(participant)
-    .bind(cmd.saga.saga_id.0)
-    .bind(step_i32(cmd))
-    .bind(cmd.kind.as_str())
-    .fetch_one(&mut *tx)
+    .bind(&sagas)
+    .bind(&steps)
+    .bind(&kinds)
+    .fetch_all(&mut *tx)
     .await?;
-    let outcome = outcome.map(serde_json::from_value).transpose().map_err(|e| sqlx::Error::Decode(e.into()))?;
-    Ok(Prior { outcome, compensated })
+    rows.into_iter()
+        .map(|(outcome, compensated)| {
+            let outcome = outcome.map(serde_json::from_value).transpose().map_err(|e| sqlx::Error::Decode(e.into()))?;
+            Ok(Prior { outcome, compensated })
+        })
+        .collect()
 }
 
-/// Record `outcome` for `cmd`'s step and put `reply` in the outbox, in one statement; returns
-/// the outbox row id, or `None` when another delivery recorded an outcome first (nothing is
-/// written; the caller rolls back and answers from that record).
-pub(crate) async fn record_and_enqueue(
+/// A reply to put in the outbox, and the step outcome to record with it (`None`: an answer
+/// from an earlier record, or a transient failure, which is not recorded).
+pub(crate) struct ReplyRow<'a> {
+    pub(crate) cmd: &'a InboundCommand,
+    pub(crate) record: Option<&'a ReplyOutcome>,
+    pub(crate) reply: &'a WireMessage,
+}
+
+/// Record the outcomes and put the replies of `rows` in the outbox, in one statement; returns
+/// the outbox row ids in `rows` order, or `None` when another delivery recorded one of these
+/// steps first (nothing is enqueued; the caller rolls back and answers from that record).
+pub(crate) async fn write_replies(
     tx: &mut PgConnection,
     participant: &str,
-    cmd: &InboundCommand,
-    outcome: &ReplyOutcome,
-    routing_key: &str,
-    reply: &WireMessage,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    rows: &[ReplyRow<'_>],
+) -> Result<Option<Vec<i64>>, sqlx::Error> {
+    let recorded: Vec<&ReplyRow<'_>> = rows.iter().filter(|r| r.record.is_some()).collect();
+    let sagas: Vec<uuid::Uuid> = recorded.iter().map(|r| r.cmd.saga.saga_id.0).collect();
+    let steps: Vec<i32> = recorded.iter().map(|r| step_i32(r.cmd)).collect();
+    let kinds: Vec<&str> = recorded.iter().map(|r| r.cmd.kind.as_str()).collect();
+    let commands: Vec<uuid::Uuid> = recorded.iter().map(|r| r.cmd.message_id.0).collect();
+    let outcomes: Vec<Value> = recorded.iter().map(|r| serde_json::to_value(r.record).unwrap_or(Value::Null)).collect();
+    let keys: Vec<&str> = rows.iter().map(|r| r.cmd.reply_to.as_str()).collect();
+    let envelopes: Vec<Value> = rows.iter().map(|r| serde_json::to_value(r.reply).unwrap_or(Value::Null)).collect();
+    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.reply.body.as_slice()).collect();
+    let (ids, count): (Vec<i64>, i64) = sqlx::query_as(
         "WITH recorded AS (
              INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1
+             SELECT $1, * FROM UNNEST($2::uuid[], $3::int4[], $4::text[], $5::uuid[], $6::jsonb[])
+             ON CONFLICT DO NOTHING RETURNING 1
+         ), n AS (SELECT count(*) AS n FROM recorded), enqueued AS (
+             INSERT INTO sagaflow_participant.outbox (participant, routing_key, envelope, body)
+             SELECT $1, * FROM UNNEST($7::text[], $8::jsonb[], $9::bytea[]) WHERE (SELECT n FROM n) = $10
+             RETURNING id
          )
-         INSERT INTO sagaflow_participant.outbox (participant, routing_key, envelope, body)
-         SELECT $1, $7, $8, $9 WHERE EXISTS (SELECT 1 FROM recorded) RETURNING id",
+         SELECT COALESCE((SELECT array_agg(id ORDER BY id) FROM enqueued), '{}'), (SELECT n FROM n)",
     )
     .bind(participant)
-    .bind(cmd.saga.saga_id.0)
-    .bind(step_i32(cmd))
-    .bind(cmd.kind.as_str())
-    .bind(cmd.message_id.0)
-    .bind(serde_json::to_value(outcome).unwrap_or(Value::Null))
-    .bind(routing_key)
-    .bind(serde_json::to_value(reply).unwrap_or(Value::Null))
-    .bind(&reply.body)
-    .fetch_optional(&mut *tx)
-    .await
-}
-
-/// Put a reply in the outbox; returns its row id.
-pub(crate) async fn enqueue(tx: &mut PgConnection, participant: &str, routing_key: &str, msg: &WireMessage) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO sagaflow_participant.outbox (participant, routing_key, envelope, body) VALUES ($1, $2, $3, $4) RETURNING id",
-    )
-    .bind(participant)
-    .bind(routing_key)
-    .bind(serde_json::to_value(msg).unwrap_or(Value::Null))
-    .bind(&msg.body)
+    .bind(&sagas)
+    .bind(&steps)
+    .bind(&kinds)
+    .bind(&commands)
+    .bind(&outcomes)
+    .bind(&keys)
+    .bind(&envelopes)
+    .bind(&bodies)
+    .bind(i64::try_from(recorded.len()).unwrap_or(i64::MAX))
     .fetch_one(&mut *tx)
-    .await
+    .await?;
+    Ok((usize::try_from(count).ok() == Some(recorded.len())).then_some(ids))
 }
 
 /// A reply left in the outbox.

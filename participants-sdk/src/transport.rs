@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -137,13 +137,31 @@ pub async fn requeue(d: &Delivery) -> Result<(), TransportError> {
 /// every handler is busy is noticed. The orchestrator's consumers and the participants share it.
 pub async fn run_consumer<F, Fut>(
     ch: &Channel,
-    mut consumer: lapin::Consumer,
+    consumer: lapin::Consumer,
     concurrency: usize,
     token: &CancellationToken,
     handle: F,
 ) -> Result<(), lapin::Error>
 where
     F: Fn(Delivery) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    run_batch_consumer(ch, consumer, 1, concurrency, token, |mut batch| handle(batch.pop().expect("a batch is never empty"))).await
+}
+
+/// [`run_consumer`] for handlers of several deliveries at once: each batch holds the deliveries
+/// that had arrived when a handler slot was free, up to `max_batch` (so batches are of one
+/// while the consumer keeps up, and grow under load), and `concurrency` counts batches.
+pub async fn run_batch_consumer<F, Fut>(
+    ch: &Channel,
+    mut consumer: lapin::Consumer,
+    max_batch: usize,
+    concurrency: usize,
+    token: &CancellationToken,
+    handle: F,
+) -> Result<(), lapin::Error>
+where
+    F: Fn(Vec<Delivery>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let lost = |why: &'static str| lapin::Error::from(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, why));
@@ -160,12 +178,29 @@ where
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done {
-                    tracing::error!(error = %e, "a delivery handler panicked; its message will be redelivered");
+                    tracing::error!(error = %e, "a delivery handler panicked; its messages will be redelivered");
                 }
             }
             next = consumer.next(), if tasks.len() < concurrency => match next {
-                Some(Ok(delivery)) => {
-                    tasks.spawn(handle(delivery));
+                Some(Ok(first)) => {
+                    let mut batch = vec![first];
+                    let mut ended = None;
+                    // What has arrived already joins the batch.
+                    while batch.len() < max_batch {
+                        match consumer.next().now_or_never() {
+                            Some(Some(Ok(d))) => batch.push(d),
+                            Some(Some(Err(e))) => ended = Some(e),
+                            Some(None) => ended = Some(lost("the broker cancelled the consumer")),
+                            None => break,
+                        }
+                        if ended.is_some() {
+                            break;
+                        }
+                    }
+                    tasks.spawn(handle(batch));
+                    if let Some(e) = ended {
+                        break Err(e);
+                    }
                 }
                 Some(Err(e)) => break Err(e),
                 None => break Err(lost("the broker cancelled the consumer")),

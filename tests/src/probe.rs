@@ -30,6 +30,8 @@ pub enum Behavior {
         /// The delay.
         ms: u64,
     },
+    /// Record the effect, then refuse (code `probe_rejected`): the refusal must undo the write.
+    WriteThenReject,
 }
 
 /// One step's plan: the command's behaviour and how often its undo fails first.
@@ -124,6 +126,10 @@ impl Handler<Probe> for ProbeService {
             }
             Behavior::Flaky { .. } => {}
             Behavior::Slow { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Behavior::WriteThenReject => {
+                record(cx, &cmd.key, "do").await?;
+                return Err(HandlerError::reject("probe_rejected", format!("step {} refuses after writing", cmd.key)));
+            }
         }
         record(cx, &cmd.key, "do").await?;
         Ok(Probed { key: cmd.key })

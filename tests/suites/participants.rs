@@ -285,3 +285,99 @@ async fn a_command_arriving_after_its_compensation_is_refused_and_refusals_are_r
     assert_eq!((rig.reservations(greedy).await, rig.stock().await), (0, 100), "the second attempt was answered, not run");
     rig.finish().await;
 }
+
+/// Commands that arrive while every transaction slot is busy run as one batch, each handler in
+/// its own savepoint: a refusal undoes only its own handler's writes and is recorded, a transient
+/// failure is answered and not recorded, a second command of a step already in the batch (a
+/// redelivery, a compensation overtaking its command) runs after the batch, and every command
+/// gets its reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_commands_runs_each_once_and_a_refusal_undoes_only_its_own_writes() {
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let config = participants_sdk::ParticipantConfig { concurrency: 1, ..env.participant_config() };
+    let p = probe::participant(config).start(env.pool.clone(), &env.amqp_url).await.unwrap();
+    let conn = env.amqp().await.unwrap();
+    let ch = transport::confirm_channel(&conn).await.unwrap();
+    let replies = format!("{}.test-replies", env.namespace);
+    ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    let probe_cmd = |saga: SagaId, kind: CommandKind, attempt: u32, behavior: Behavior| {
+        let (command, body) = match kind {
+            CommandKind::Invoke => ("probe.do", json!({"key": "a", "behavior": behavior})),
+            CommandKind::Compensate => ("probe.undo", json!({"key": "a", "flaky": 0})),
+        };
+        let cmd = OutgoingCommand {
+            message_id: MessageId::for_command(saga, StepIndex(0), kind, attempt),
+            step: StepIndex(0),
+            step_name: "a".into(),
+            kind,
+            attempt,
+            participant: "probe".into(),
+            command: command.into(),
+            body,
+        };
+        encode_command(&SagaRef { saga_id: saga, definition: "batch".into(), version: 1 }, &cmd, &replies, None, Timestamp(0))
+    };
+    let send = |msg: WireMessage| {
+        let (ch, exchange) = (ch.clone(), env.names().commands_exchange());
+        async move { transport::publish_confirmed(&ch, &exchange, "probe", &msg, true).await.unwrap() }
+    };
+    let [slow, ok, refused, flaky, twice, undone] = std::array::from_fn(|_| SagaId::new());
+    // The slow command holds the only slot while the others arrive.
+    send(probe_cmd(slow, CommandKind::Invoke, 1, Behavior::Slow { ms: 1500 })).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(probe_cmd(ok, CommandKind::Invoke, 1, Behavior::Ok)).await;
+    send(probe_cmd(refused, CommandKind::Invoke, 1, Behavior::WriteThenReject)).await;
+    send(probe_cmd(flaky, CommandKind::Invoke, 1, Behavior::Flaky { n: 1 })).await;
+    send(probe_cmd(twice, CommandKind::Invoke, 1, Behavior::Ok)).await;
+    send(probe_cmd(twice, CommandKind::Invoke, 1, Behavior::Ok)).await;
+    send(probe_cmd(undone, CommandKind::Compensate, 1, Behavior::Ok)).await;
+    send(probe_cmd(undone, CommandKind::Invoke, 1, Behavior::Ok)).await;
+
+    let mut got: Vec<(SagaId, String)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < 8 && tokio::time::Instant::now() < deadline {
+        match ch.basic_get(replies.as_str().into(), BasicGetOptions::default()).await.unwrap() {
+            Some(m) => {
+                let r = decode_reply(&transport::wire_from_delivery(&m.delivery), DEFAULT_MAX_BODY_BYTES).unwrap();
+                let outcome = match r.reply.outcome {
+                    ReplyOutcome::Success { .. } => format!("{}:success", r.reply.kind.as_str()),
+                    ReplyOutcome::Rejected { code, .. } => format!("{}:rejected:{code}", r.reply.kind.as_str()),
+                    ReplyOutcome::TransientFailure { .. } => format!("{}:transient", r.reply.kind.as_str()),
+                };
+                got.push((r.saga_id, outcome));
+                m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let of = |saga: SagaId| got.iter().filter(|(s, _)| *s == saga).map(|(_, o)| o.as_str()).collect::<Vec<_>>();
+    assert_eq!(got.len(), 8, "every command is answered: {got:?}");
+    assert_eq!(of(slow), ["invoke:success"]);
+    assert_eq!(of(ok), ["invoke:success"]);
+    assert_eq!(of(refused), ["invoke:rejected:probe_rejected"]);
+    assert_eq!(of(flaky), ["invoke:transient"]);
+    assert_eq!(of(twice), ["invoke:success", "invoke:success"], "the redelivery is answered from the record");
+    assert_eq!(of(undone), ["compensate:success", "invoke:rejected:already_compensated"]);
+
+    // Effects: once each; the refused handler's write is gone, the late command never ran.
+    for (saga, want) in [(slow, &["a:do"][..]), (ok, &["a:do"]), (refused, &[]), (flaky, &[]), (twice, &["a:do"]), (undone, &["a:undo"])] {
+        assert_eq!(probe::effects(&env.pool, saga).await.unwrap(), want, "saga {saga}");
+    }
+    // The commands that arrived together were recorded by one transaction (`now()` is the
+    // transaction's start); the transient failure was not recorded.
+    let (rows, transactions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT recorded_at) FROM sagaflow_participant.inbox WHERE participant = 'probe' AND saga_id = ANY($1)",
+    )
+    .bind([ok.0, refused.0, flaky.0, twice.0])
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, transactions), (3, 1), "ok, refused and twice are recorded, by one transaction; the transient failure is not");
+
+    conn.close(200, "done".into()).await.unwrap();
+    p.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}

@@ -700,3 +700,74 @@ async fn retention_deletes_old_finished_sagas_and_keeps_running_ones() {
     pruner.shutdown().await.unwrap();
     env.cleanup(&["probe"]).await.unwrap();
 }
+
+/// Replies applied as one batch are each decided as if alone: distinct sagas share a
+/// transaction, a saga's further inputs go to the next one in order, and a duplicate, an unknown
+/// saga or an invalid reply neither holds up the others nor leaves its message id behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_replies_is_applied_input_by_input() {
+    use orchestrator::Handled;
+    use sagas::{IgnoreReason, Input, InputOutcome, Reply};
+
+    let env = TestEnv::start().await.unwrap();
+    let def =
+        SagaDefinition::<Plan>::builder("pair", 1).step("a", |s| probe::step(s, "a")).step("b", |s| probe::step(s, "b")).build().unwrap();
+    // A client: it writes sagas and their commands, and no node publishes or consumes here.
+    let client = orchestrator::Orchestrator::connect(env.config("client"), probe_registry(vec![def])).await.unwrap();
+    let engine = client.engine();
+    let x = engine.start(&probe::start_request("pair", &Plan::default()), None).await.unwrap().saga_id;
+    let y = engine.start(&probe::start_request("pair", &Plan::default()), None).await.unwrap().saga_id;
+    let reply = |saga: SagaId, step: u32, outcome: ReplyOutcome| {
+        Input::Reply(Reply {
+            in_reply_to: MessageId::for_command(saga, StepIndex(step), CommandKind::Invoke, 1),
+            step: StepIndex(step),
+            kind: CommandKind::Invoke,
+            attempt: 1,
+            outcome,
+        })
+    };
+    let done = || ReplyOutcome::Success { output: json!({"key": "a"}) };
+    let (x_done, x_other) = (reply(x, 0, done()), reply(x, 0, ReplyOutcome::Rejected { code: "late".into(), message: "late".into() }));
+    let (y_done, y_bad) = (reply(y, 0, done()), reply(y, 9, done()));
+    let [m1, m2, m3, m4, m5] = std::array::from_fn(|_| MessageId::new_random());
+    let nobody = SagaId::new();
+    let inputs = [
+        (x, &x_done, Some(m1)),
+        (y, &y_bad, Some(m5)),
+        (nobody, &y_done, Some(m4)),
+        (x, &x_done, Some(m1)),
+        (y, &y_done, Some(m2)),
+        (x, &x_other, Some(m3)),
+    ];
+    let handled = engine.apply_batch(&inputs).await.unwrap();
+
+    let running = |h: &Handled| matches!(h, Handled::Decided { outcome: InputOutcome::Applied, status: SagaStatus::Running });
+    assert!(running(&handled[0]), "{handled:?}");
+    assert!(matches!(&handled[1], Handled::Invalid { code: "unknown_step", .. }), "{handled:?}");
+    assert_eq!(handled[2], Handled::UnknownSaga);
+    assert_eq!(handled[3], Handled::Duplicate, "the same message again, after the first applied");
+    assert!(running(&handled[4]), "y's good reply applies after its bad one: {handled:?}");
+    assert!(
+        matches!(&handled[5], Handled::Decided { outcome: InputOutcome::Ignored { reason: IgnoreReason::Duplicate, .. }, .. }),
+        "another reply to x's finished attempt is recorded as a duplicate: {handled:?}"
+    );
+    for id in [x, y] {
+        let st = orchestrator::store::load(&env.pool, id).await.unwrap().unwrap();
+        assert_eq!((st.steps[0].status, st.steps[1].status), (StepStatus::Completed, StepStatus::Running), "{st:?}");
+    }
+    let outcomes = |id: SagaId| {
+        let pool = env.pool.clone();
+        async move { wait::history(&pool, id).await.unwrap().into_iter().map(|e| e.outcome).collect::<Vec<_>>() }
+    };
+    assert_eq!(outcomes(x).await, ["applied", "applied", "duplicate"]);
+    assert_eq!(outcomes(y).await, ["applied", "applied"]);
+    let kept: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT message_id FROM sagaflow.inbox WHERE message_id = ANY($1) ORDER BY message_id")
+        .bind([m1.0, m2.0, m3.0, m4.0, m5.0])
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    let mut want = vec![m1.0, m2.0, m3.0];
+    want.sort_unstable();
+    assert_eq!(kept, want, "only the ids of applied messages are kept");
+    env.cleanup(&["probe"]).await.unwrap();
+}

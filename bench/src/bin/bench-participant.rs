@@ -8,6 +8,7 @@ use participants_sdk::ParticipantConfig;
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
         .init();
     let name = std::env::args().nth(1).context("usage: bench-participant inventory|payment|shipping")?;
     let amqp = std::env::var("SAGAFLOW_AMQP_URL").context("SAGAFLOW_AMQP_URL")?;
@@ -16,7 +17,12 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(ns) = std::env::var("SAGAFLOW_NAMESPACE") {
         config.namespace = ns;
     }
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&db).await.with_context(|| format!("PostgreSQL at {db}"))?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .test_before_acquire(false)
+        .connect(&db)
+        .await
+        .with_context(|| format!("PostgreSQL at {db}"))?;
     let p = bench::saga::participant(&name, config)?;
     p.run(pool, &amqp, participants_sdk::shutdown_signal()).await?;
     Ok(())
