@@ -1,5 +1,7 @@
-//! One transaction per input: inbox dedupe → lock the instance → `sagas::decide` → state +
-//! history + outbox + timers → commit. The caller acks the message after this returns.
+//! Inputs applied in transactions: inbox dedupe → lock the instances → `sagas::decide` for each
+//! input → states + history + outbox + timers → commit. One transaction holds one input, or a
+//! batch of replies of distinct sagas ([`Engine::apply_batch`]). The caller acks the messages
+//! after this returns.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -6,8 +6,8 @@
 //!   [`start`](Orchestrator::start) (topology, consumers, relay, timers) and a graceful
 //!   shutdown; reconnects to RabbitMQ.
 //! - `consumers`: the reply and inbound queues: decode (refused → dead letter) → intake → ack.
-//! - [`intake`]: one transaction per input: inbox dedupe → lock → `sagas::decide` → state,
-//!   history, outbox, timers → commit. Also starts sagas ([`Engine::start`]).
+//! - [`intake`]: a transaction per input, or per batch of replies: inbox dedupe → lock →
+//!   `sagas::decide` → state, history, outbox, timers → commit. Also starts sagas ([`Engine::start`]).
 //! - `publisher`: publishes a decision's messages right after its commit, deletes them once confirmed.
 //! - `relay`: the outbox relay for what was not published that way: LISTEN/NOTIFY, `SKIP LOCKED`,
 //!   publish with confirms, delete.

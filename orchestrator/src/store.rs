@@ -1,5 +1,5 @@
 //! The PostgreSQL store (schema `sagaflow`): migrations, and the reads and writes the runtime
-//! makes inside one transaction per input.
+//! makes inside the transaction of an input or of a batch of replies.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};

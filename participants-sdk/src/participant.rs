@@ -4,7 +4,8 @@
 //! → in one transaction: answer from the inbox record if the step already has an outcome,
 //! else run the handler, record its outcome, write the reply to the outbox → commit →
 //! publish the reply with a confirm → ack the command; the reply's outbox row is deleted in a
-//! batch with others (a crash before that republishes it; the orchestrator dedupes).
+//! batch with others (a crash before that republishes it; the orchestrator dedupes). Commands
+//! that arrive together share that transaction, each handler in its own savepoint.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
