@@ -20,13 +20,14 @@ pub struct Config {
     pub node_id: String,
     /// Largest message body accepted; larger ones are dead-lettered. Default 1048576.
     pub max_body_bytes: usize,
-    /// Unacked replies the broker may send ahead. Default 64.
+    /// Unacked messages the broker may send ahead per consumer; replies that arrived together
+    /// are applied together, so this bounds the batches too. Default 512.
     pub prefetch: u16,
     /// Transactions at once per consumer (each applies one input, or a batch of replies).
-    /// Default 32.
+    /// Default 8.
     pub concurrency: usize,
     /// Most replies applied in one transaction: the replies that arrived while every
-    /// transaction slot was busy are applied together. Default 32.
+    /// transaction slot was busy are applied together. Default 128.
     pub batch_max: usize,
     /// Declare quorum queues instead of classic ones. Default false.
     pub quorum_queues: bool,
@@ -67,9 +68,9 @@ impl Default for Config {
             namespace: "sagaflow".into(),
             node_id: String::new(),
             max_body_bytes: sagas::protocol::DEFAULT_MAX_BODY_BYTES,
-            prefetch: 64,
-            concurrency: 32,
-            batch_max: 32,
+            prefetch: 512,
+            concurrency: 8,
+            batch_max: 128,
             quorum_queues: false,
             declare_participant_queues: true,
             relay_batch: 256,

@@ -98,11 +98,14 @@ pub struct Started {
 }
 
 /// One decision, ready to write.
-struct Decided {
+struct Decided<'r> {
+    def: &'r Definition,
     rows: DecisionRows,
-    schedule: Vec<(sagas::TimerKey, Timestamp)>,
-    cancel: Vec<sagas::TimerKey>,
     handled: Handled,
+    /// The state after the input, what it did and when: for the metrics once committed.
+    state: SagaState,
+    effects: Vec<Effect>,
+    now: Timestamp,
 }
 
 /// Applies inputs to sagas. Shared by the consumers, the timers, the relay and the client.
@@ -156,17 +159,27 @@ impl Engine {
         let id = req.saga_id.unwrap_or_default();
         let state = SagaState::new(def, id, req.input.clone(), Timestamp::now());
         let traceparent = traceparent.map_or_else(|| new_traceparent(id), str::to_owned);
-        let mut tx = self.pool.begin().await?;
-        if let Err(existing) = store::insert_instance(&mut tx, &state, req.idempotency_key.as_deref(), &traceparent, &self.node).await? {
-            tx.rollback().await?;
-            return Ok(Started { saga_id: existing, created: false });
-        }
         let start = json!({"type": "start", "input": req.input});
-        let written = match self.decide(def, &state, Some(&traceparent), &Input::Start, start) {
-            Ok(d) => self.write(&mut tx, vec![d], &[]).await?.0,
-            Err(_) => Vec::new(),
+        let mut d = self.decide(def, &state, Some(&traceparent), &Input::Start, start).map_err(|h| StartError::InvalidInput {
+            definition: def.name.clone(),
+            reason: format!("the definition cannot start: {h:?}"),
+        })?;
+        // One statement: the instance, its history, its first messages and timers, or nothing
+        // when the id or the idempotency key is taken.
+        let new = store::NewInstance {
+            definition: &def.name,
+            version: def.version,
+            idempotency_key: req.idempotency_key.as_deref(),
+            traceparent: &traceparent,
         };
-        tx.commit().await?;
+        let Some(written) = self.write(&self.pool, std::slice::from_mut(&mut d), Some(new), &[]).await? else {
+            let existing = match req.idempotency_key.as_deref() {
+                Some(key) => store::by_idempotency_key(&self.pool, key).await?.unwrap_or(id),
+                None => id,
+            };
+            return Ok(Started { saga_id: existing, created: false });
+        };
+        self.committed(&d, &Input::Start);
         tracing::info!(saga.id = %id, saga.name = %def.name, "saga started");
         self.publish_written(written).await;
         Ok(Started { saga_id: id, created: true })
@@ -236,10 +249,11 @@ impl Engine {
         if decided.is_empty() {
             return tx.rollback().await;
         }
-        let (written, handled) = self.write(&mut tx, decided, &unmark).await?;
+        let written = self.write(&mut *tx, &mut decided, None, &unmark).await?.unwrap_or_default();
         tx.commit().await?;
-        for (i, h) in at.into_iter().zip(handled) {
-            results[i] = Some(h);
+        for (i, d) in at.into_iter().zip(decided) {
+            self.committed(&d, inputs[i].1);
+            results[i] = Some(d.handled);
         }
         self.publish_written(written).await;
         Ok(())
@@ -257,12 +271,14 @@ impl Engine {
             tx.rollback().await?;
             return Ok(Handled::Skipped);
         };
-        match self.decide_locked(locked, &Input::Timer(timer)) {
-            Ok(d) => {
-                let (written, mut handled) = self.write(&mut tx, vec![d], &[]).await?;
+        let input = Input::Timer(timer);
+        match self.decide_locked(locked, &input) {
+            Ok(mut d) => {
+                let written = self.write(&mut *tx, std::slice::from_mut(&mut d), None, &[]).await?.unwrap_or_default();
                 tx.commit().await?;
+                self.committed(&d, &input);
                 self.publish_written(written).await;
-                Ok(handled.pop().expect("one decision"))
+                Ok(d.handled)
             }
             Err(h) => {
                 tx.rollback().await?;
@@ -280,7 +296,7 @@ impl Engine {
 
     /// Decide `input` on a locked saga; `Err` for an input nothing may be written for (the
     /// saga's version is unknown here, or the input names a step the definition lacks).
-    fn decide_locked(&self, locked: store::Locked, input: &Input) -> Result<Decided, Handled> {
+    fn decide_locked(&self, locked: store::Locked, input: &Input) -> Result<Decided<'_>, Handled> {
         let st = &locked.state;
         let Some(def) = self.registry.get(&st.definition, st.version) else {
             tracing::error!(
@@ -300,14 +316,14 @@ impl Engine {
     }
 
     /// Run `decide` and turn its transition into the rows to write (no IO).
-    fn decide(
+    fn decide<'r>(
         &self,
-        def: &Definition,
+        def: &'r Definition,
         st: &SagaState,
         traceparent: Option<&str>,
         input: &Input,
         input_json: Value,
-    ) -> Result<Decided, Handled> {
+    ) -> Result<Decided<'r>, Handled> {
         let trace_id = traceparent.and_then(|t| t.split('-').nth(1)).unwrap_or("");
         let span = tracing::info_span!("decide", saga.id = %st.id, saga.name = %def.name, input = input.kind(), trace.id = trace_id, node = %self.node);
         let _entered = span.enter();
@@ -341,55 +357,58 @@ impl Engine {
             effects: serde_json::to_value(&t.effects).unwrap_or(Value::Null),
             state_bytes,
         };
-        if applied {
-            self.metrics.record(def, input, &t.state, &t.effects, now.0);
-            if status.is_settled() {
-                tracing::info!(saga.id = %st.id, saga.name = %def.name, status = status.as_str(), "saga settled");
-            }
-        } else {
+        if !applied {
             tracing::info!(saga.id = %st.id, input = input.kind(), outcome, detail = detail.as_deref().unwrap_or(""), "input did not apply");
         }
         Ok(Decided {
-            rows: DecisionRows { applied: applied.then(|| (state_json, status.as_str())), history, outbox },
-            schedule,
-            cancel,
+            def,
+            rows: DecisionRows { applied: applied.then(|| (state_json, status.as_str())), history, outbox, schedule, cancel },
             handled: Handled::Decided { outcome: t.outcome, status },
+            state: t.state,
+            effects: t.effects,
+            now,
         })
     }
 
-    /// Write `decided` (and drop the inbox entries `unmark`) on `tx`; returns the outbox rows
-    /// to publish after the commit (none when the relays will) and what each decision did.
-    async fn write(
+    /// Write `decided` (and drop the inbox entries `unmark`) in one statement on `ex`, with
+    /// `new` the instance the single decision starts; returns the outbox rows to publish after
+    /// the commit (none when the relays will), or `None` when `new`'s id or idempotency key is
+    /// taken (nothing was written).
+    async fn write<'c>(
         &self,
-        tx: &mut sqlx::PgConnection,
-        decided: Vec<Decided>,
+        ex: impl sqlx::PgExecutor<'c>,
+        decided: &mut [Decided<'_>],
+        new: Option<store::NewInstance<'_>>,
         unmark: &[uuid::Uuid],
-    ) -> Result<(Vec<Claimed>, Vec<Handled>), sqlx::Error> {
-        let mut rows = Vec::with_capacity(decided.len());
-        let mut handled = Vec::with_capacity(decided.len());
-        for d in decided {
-            if !d.schedule.is_empty() || !d.cancel.is_empty() {
-                store::set_timers(tx, d.rows.history.saga, &d.schedule, &d.cancel).await?;
-            }
-            rows.push(d.rows);
-            handled.push(d.handled);
-        }
+    ) -> Result<Option<Vec<Claimed>>, sqlx::Error> {
         // A writer without a channel (a client) cannot publish: the relays hear of the rows
         // when they commit, and there is nothing to publish here.
         let wake = !self.publisher.has_channel();
-        let ids = store::write_decisions(tx, &self.node, &rows, unmark, wake).await?;
+        let rows: Vec<&DecisionRows> = decided.iter().map(|d| &d.rows).collect();
+        let Some(ids) = store::write_decisions(ex, &self.node, &rows, new, unmark, wake).await? else { return Ok(None) };
         if wake {
-            return Ok((Vec::new(), handled));
+            return Ok(Some(Vec::new()));
         }
         let mut ids = ids.into_iter();
         let mut written = Vec::new();
-        for d in rows {
-            let saga = d.history.saga;
-            for (r, id) in d.outbox.into_iter().zip(ids.by_ref()) {
+        for d in decided {
+            let saga = d.rows.history.saga;
+            for (r, id) in std::mem::take(&mut d.rows.outbox).into_iter().zip(ids.by_ref()) {
                 written.push(Claimed { id, saga, exchange: r.exchange, routing_key: r.routing_key, mandatory: r.mandatory, msg: r.msg });
             }
         }
-        Ok((written, handled))
+        Ok(Some(written))
+    }
+
+    /// After the commit of `d` (the decision on `input`): the metrics, and a line when the saga settled.
+    fn committed(&self, d: &Decided<'_>, input: &Input) {
+        if !matches!(d.handled, Handled::Decided { outcome: InputOutcome::Applied, .. }) {
+            return;
+        }
+        self.metrics.record(d.def, input, &d.state, &d.effects, d.now.0);
+        if d.state.status.is_settled() {
+            tracing::info!(saga.id = %d.state.id, saga.name = %d.def.name, status = d.state.status.as_str(), "saga settled");
+        }
     }
 
     /// The outbox rows and timer changes of `effects` (no IO).
@@ -431,14 +450,14 @@ impl Engine {
         (outbox, schedule, cancel)
     }
 
-    /// Publish what a committed decision wrote, now, instead of waiting for a relay; what
-    /// cannot be published now stays in the outbox for the relays (woken by NOTIFY).
+    /// Hand what a committed decision wrote to this node's publisher, instead of waiting for a
+    /// relay; what it cannot take stays in the outbox for the relays (woken by NOTIFY).
     async fn publish_written(&self, written: Vec<Claimed>) {
         if written.is_empty() {
             return;
         }
-        if let Err(rows) = self.publisher.publish(written).await {
-            tracing::debug!(rows, "publishing after the commit failed; the relays will");
+        if let Err(rows) = self.publisher.publish(written) {
+            tracing::debug!(rows, "the rows were not handed to the publisher; the relays will publish them");
             if let Err(e) = store::notify_relays(&self.pool).await {
                 tracing::warn!(error = %e, "cannot wake the relays; their poll will find the rows");
             }

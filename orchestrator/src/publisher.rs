@@ -1,7 +1,10 @@
-//! Publishing right after the commit: a decision's outbox rows are published on this node's
-//! confirm channel as soon as its transaction committed, and deleted in batches once the
-//! broker confirmed them. The relay remains for what this path could not publish (no channel,
-//! a failure, a crash in between): rows stay in the outbox until someone published them.
+//! Publishing right after the commit: a decision's outbox rows are handed to this node's
+//! publisher as soon as its transaction committed, so the input's delivery can be acked without
+//! waiting for the broker. A background task publishes what it was handed on the node's confirm
+//! channel (the rows of many decisions in one pipelined batch, a few batches at once) and
+//! deletes the rows in batches once the broker confirmed them. The relay remains for what this
+//! path could not publish (no channel, a full queue, a failure, a crash in between): rows stay
+//! in the outbox until someone published them.
 
 use std::sync::{Arc, Mutex};
 
@@ -10,30 +13,40 @@ use participants_sdk::outbox::BatchDeleter;
 use participants_sdk::transport::{self, TransportError};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use sagas::{Input, Reply, SagaId};
 
 use crate::intake::Engine;
-use crate::store::Claimed;
+use crate::store::{self, Claimed};
 
-/// The current channel and the batching deleter.
+/// Decisions' rows waiting for the background task; beyond this, rows are left to the relays.
+const QUEUE: usize = 4096;
+/// Most rows in one pipelined batch.
+const MAX_BATCH: usize = 1024;
+/// Batches waiting for their confirms at once.
+const IN_FLIGHT: usize = 4;
+
+/// The current channel and the queue of the background task.
 #[derive(Clone)]
 pub(crate) struct Publisher {
     channel: Arc<Mutex<Option<Channel>>>,
-    deletes: BatchDeleter,
-    unroutable: mpsc::UnboundedSender<(SagaId, Reply)>,
+    queue: mpsc::Sender<Vec<Claimed>>,
 }
 
 /// Unroutable commands, to be applied as failed attempts by [`report_loop`].
 pub(crate) type UnroutableRx = mpsc::UnboundedReceiver<(SagaId, Reply)>;
 
 impl Publisher {
-    /// A publisher without a channel yet; spawns the deleter. Run [`report_loop`] on the
-    /// receiver it returns.
+    /// A publisher without a channel yet; spawns the background task and the deleter. Run
+    /// [`report_loop`] on the receiver it returns.
     pub(crate) fn new(pool: PgPool) -> (Self, UnroutableRx) {
-        let deletes = BatchDeleter::spawn(pool, "sagaflow.outbox");
+        let deletes = BatchDeleter::spawn(pool.clone(), "sagaflow.outbox");
         let (utx, urx) = mpsc::unbounded_channel();
-        (Self { channel: Arc::default(), deletes, unroutable: utx }, urx)
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let channel: Arc<Mutex<Option<Channel>>> = Arc::default();
+        tokio::spawn(run(Arc::clone(&channel), rx, Shared { pool, deletes, unroutable: utx }));
+        (Self { channel, queue }, urx)
     }
 
     /// Use `ch` (a confirm channel) from now on; `None` while disconnected.
@@ -47,26 +60,74 @@ impl Publisher {
         self.channel.lock().expect("not poisoned").is_some()
     }
 
-    /// Publish `rows` (pipelined, then wait for the confirms). `Err(n)`: `n` rows were not
-    /// published and stay for the relays.
-    pub(crate) async fn publish(&self, rows: Vec<Claimed>) -> Result<(), usize> {
-        let Some(ch) = self.channel.lock().expect("not poisoned").clone() else { return Err(rows.len()) };
-        let batch: Vec<_> = rows.iter().map(|r| (r.exchange.as_str(), r.routing_key.as_str(), &r.msg, r.mandatory)).collect();
-        let results = transport::publish_batch(&ch, batch).await;
-        let mut failed = 0;
-        for (r, result) in rows.iter().zip(results) {
-            match result {
-                Ok(()) => self.deletes.delete(r.id),
-                Err(TransportError::Unroutable { reply_text, .. }) => {
-                    self.deletes.delete(r.id);
-                    if let Some(u) = crate::relay::unroutable_reply(r, &reply_text) {
-                        let _ = self.unroutable.send(u);
-                    }
-                }
-                Err(_) => failed += 1,
+    /// Hand committed `rows` to the background task. `Err(n)`: the `n` rows cannot be taken now
+    /// (no channel, the queue is full) and stay for the relays.
+    pub(crate) fn publish(&self, rows: Vec<Claimed>) -> Result<(), usize> {
+        if !self.has_channel() {
+            return Err(rows.len());
+        }
+        self.queue.try_send(rows).map_err(|e| e.into_inner().len())
+    }
+}
+
+/// What the publishing tasks share.
+#[derive(Clone)]
+struct Shared {
+    pool: PgPool,
+    deletes: BatchDeleter,
+    unroutable: mpsc::UnboundedSender<(SagaId, Reply)>,
+}
+
+/// Take what was handed over, as one batch per free slot, until every handle is gone.
+async fn run(channel: Arc<Mutex<Option<Channel>>>, mut rx: mpsc::Receiver<Vec<Claimed>>, shared: Shared) {
+    let mut in_flight = JoinSet::new();
+    loop {
+        // Wait for a free slot first, so that rows handed over meanwhile go out together.
+        while in_flight.len() >= IN_FLIGHT {
+            in_flight.join_next().await;
+        }
+        let Some(mut rows) = rx.recv().await else { break };
+        while rows.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => rows.extend(more),
+                Err(_) => break,
             }
         }
-        if failed > 0 { Err(failed) } else { Ok(()) }
+        let ch = channel.lock().expect("not poisoned").clone();
+        in_flight.spawn(publish_rows(ch, rows, shared.clone()));
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Publish `rows` (pipelined, then wait for the confirms) and delete what the broker took; wake
+/// the relays for the rest.
+async fn publish_rows(ch: Option<Channel>, rows: Vec<Claimed>, shared: Shared) {
+    let failed = match ch {
+        None => rows.len(),
+        Some(ch) => {
+            let batch: Vec<_> = rows.iter().map(|r| (r.exchange.as_str(), r.routing_key.as_str(), &r.msg, r.mandatory)).collect();
+            let results = transport::publish_batch(&ch, batch).await;
+            let mut failed = 0;
+            for (r, result) in rows.iter().zip(results) {
+                match result {
+                    Ok(()) => shared.deletes.delete(r.id),
+                    Err(TransportError::Unroutable { reply_text, .. }) => {
+                        shared.deletes.delete(r.id);
+                        if let Some(u) = crate::relay::unroutable_reply(r, &reply_text) {
+                            let _ = shared.unroutable.send(u);
+                        }
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            failed
+        }
+    };
+    if failed > 0 {
+        tracing::debug!(rows = failed, "publishing after the commit failed; the relays will");
+        if let Err(e) = store::notify_relays(&shared.pool).await {
+            tracing::warn!(error = %e, "cannot wake the relays; their poll will find the rows");
+        }
     }
 }
 

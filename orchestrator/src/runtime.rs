@@ -47,7 +47,7 @@ pub async fn connect_pool(url: &str, max_connections: u32, timeout: Duration) ->
     // were small (a new deployment, or statistics that autovacuum has not refreshed) would
     // keep scanning whole tables as they grow; a plan made for each execution stays on the
     // indexes.
-    let options = options.options([("plan_cache_mode", "force_custom_plan")]);
+    let options = options.options([("enable_seqscan", "off")]);
     // No ping before each use: it would cost a round trip per transaction, and a connection
     // that died shows as an error of the statement, which every caller handles anyway.
     let connect =

@@ -97,41 +97,22 @@ pub(crate) async fn lock_batch(
     Ok(batch)
 }
 
-/// Insert a new instance; `Err(existing id)` when its idempotency key is taken.
-pub(crate) async fn insert_instance(
-    tx: &mut PgConnection,
-    state: &SagaState,
-    idempotency_key: Option<&str>,
-    traceparent: &str,
-    node: &str,
-) -> Result<Result<(), SagaId>, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-    )
-    .bind(state.id.0)
-    .bind(&state.definition)
-    .bind(i32::try_from(state.version).unwrap_or(i32::MAX))
-    .bind(state.status.as_str())
-    .bind(serde_json::to_value(state).unwrap_or(Value::Null))
-    .bind(idempotency_key)
-    .bind(traceparent)
-    .bind(node)
-    .execute(&mut *tx)
-    .await?;
-    if inserted.rows_affected() == 1 {
-        return Ok(Ok(()));
-    }
-    let existing: Option<uuid::Uuid> = match idempotency_key {
-        Some(key) => {
-            sqlx::query_scalar("SELECT id FROM sagaflow.instances WHERE idempotency_key = $1").bind(key).fetch_optional(&mut *tx).await?
-        }
-        None => None,
-    };
-    Ok(Err(SagaId(existing.unwrap_or(state.id.0))))
+/// The id of the saga started with idempotency key `key`, if any.
+pub(crate) async fn by_idempotency_key(pool: &PgPool, key: &str) -> Result<Option<SagaId>, sqlx::Error> {
+    let id: Option<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM sagaflow.instances WHERE idempotency_key = $1").bind(key).fetch_optional(pool).await?;
+    Ok(id.map(SagaId))
 }
 
-/// What one decision writes but timers.
+/// A saga to create with its first decision (whose state it takes).
+pub(crate) struct NewInstance<'a> {
+    pub(crate) definition: &'a str,
+    pub(crate) version: u32,
+    pub(crate) idempotency_key: Option<&'a str>,
+    pub(crate) traceparent: &'a str,
+}
+
+/// What one decision writes.
 pub(crate) struct DecisionRows {
     /// The new state and status, when the input applied.
     pub(crate) applied: Option<(Value, &'static str)>,
@@ -139,35 +120,49 @@ pub(crate) struct DecisionRows {
     pub(crate) history: HistoryRow,
     /// The messages to publish.
     pub(crate) outbox: Vec<OutboxRow>,
+    /// Timers to schedule (or move).
+    pub(crate) schedule: Vec<(TimerKey, Timestamp)>,
+    /// Timers to cancel.
+    pub(crate) cancel: Vec<TimerKey>,
 }
 
-/// Everything the decisions of one transaction write but timers, in one round trip: the new
-/// states, the history rows and the outbox rows, and the removal of the inbox entries in
-/// `unmark` (messages recorded by [`lock_batch`] that turned out not to apply). With
-/// `wake_relays`, the relays are notified when the transaction commits (for a writer that
-/// cannot publish the rows itself). Returns the outbox row ids, in the order of the decisions
-/// and their rows.
-pub(crate) async fn write_decisions(
-    tx: &mut PgConnection,
+/// Everything `decisions` write, in one statement: the new states, the history rows, the
+/// outbox rows and the timers, and the removal of the inbox entries in `unmark` (messages
+/// recorded by [`lock_batch`] that turned out not to apply). With `new`, the one decision
+/// starts a saga: its instance is inserted with the decision's state, and nothing is written
+/// (`None`) when the id or the idempotency key is taken; being one statement, this needs no
+/// transaction around it. With `wake_relays`, the relays are notified when the rows commit
+/// (for a writer that cannot publish them itself). Returns the outbox row ids, in the order of
+/// the decisions and their rows.
+pub(crate) async fn write_decisions<'c>(
+    ex: impl sqlx::PgExecutor<'c>,
     node: &str,
-    decisions: &[DecisionRows],
+    decisions: &[&DecisionRows],
+    new: Option<NewInstance<'_>>,
     unmark: &[uuid::Uuid],
     wake_relays: bool,
-) -> Result<Vec<i64>, sqlx::Error> {
-    let (mut upd_ids, mut upd_states, mut upd_status) = (Vec::new(), Vec::new(), Vec::new());
+) -> Result<Option<Vec<i64>>, sqlx::Error> {
     let n = decisions.len();
+    let (mut upd_ids, mut upd_states, mut upd_status) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut h_saga, mut h_kind, mut h_input, mut h_outcome) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut h_detail, mut h_status, mut h_effects) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut h_input_bytes, mut h_state_bytes) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut o_saga, mut o_exchange, mut o_key, mut o_mandatory, mut o_envelope, mut o_body) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut c_saga, mut c_key) = (Vec::new(), Vec::new());
+    let (mut t_saga, mut t_key, mut t_timer, mut t_due) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut created = None;
     for d in decisions {
         let h = &d.history;
-        if let Some((state, status)) = &d.applied {
-            upd_ids.push(h.saga.0);
-            upd_states.push(state);
-            upd_status.push(*status);
+        match (&d.applied, &new) {
+            (Some((state, status)), Some(_)) => created = Some((h.saga.0, state, *status)),
+            (Some((state, status)), None) => {
+                upd_ids.push(h.saga.0);
+                upd_states.push(state);
+                upd_status.push(*status);
+            }
+            (None, _) => {}
         }
         h_saga.push(h.saga.0);
         h_kind.push(h.input_kind);
@@ -186,9 +181,42 @@ pub(crate) async fn write_decisions(
             o_envelope.push(serde_json::to_value(&r.msg).unwrap_or(Value::Null));
             o_body.push(r.msg.body.as_slice());
         }
+        // A timer scheduled again is moved by the upsert; one statement may not also delete it.
+        let mut scheduled: Vec<(String, &TimerKey, Timestamp)> = Vec::with_capacity(d.schedule.len());
+        for (k, due) in &d.schedule {
+            let id = k.id();
+            scheduled.retain(|(other, ..)| *other != id);
+            scheduled.push((id, k, *due));
+        }
+        for k in &d.cancel {
+            let id = k.id();
+            if !scheduled.iter().any(|(s, ..)| *s == id) && !c_key.iter().zip(&c_saga).any(|(c, s)| *c == id && *s == h.saga.0) {
+                c_saga.push(h.saga.0);
+                c_key.push(id);
+            }
+        }
+        for (id, k, due) in scheduled {
+            t_saga.push(h.saga.0);
+            t_key.push(id);
+            t_timer.push(serde_json::to_value(k).unwrap_or(Value::Null));
+            t_due.push(i64::try_from(due.0).unwrap_or(i64::MAX));
+        }
     }
-    sqlx::query_scalar(
-        "WITH upd AS (
+    if new.is_some() && created.is_none() {
+        return Err(sqlx::Error::Protocol("a new saga is written with the applied decision that starts it".into()));
+    }
+    let (new_id, new_state, new_status) = created.map_or((None, None, None), |(id, state, status)| (Some(id), Some(state), Some(status)));
+    let (new_def, new_version, new_key, new_trace) = new.as_ref().map_or((None, None, None, None), |n| {
+        (Some(n.definition), Some(i32::try_from(n.version).unwrap_or(i32::MAX)), n.idempotency_key, Some(n.traceparent))
+    });
+    let (ok, ids): (bool, Vec<i64>) = sqlx::query_as(
+        "WITH ins AS (
+            INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by)
+            SELECT $21, $22, $23, $24, $25, $26, $27, $1 WHERE $21::uuid IS NOT NULL
+            ON CONFLICT DO NOTHING RETURNING id
+         ), go AS (
+            SELECT $21::uuid IS NULL OR EXISTS (SELECT 1 FROM ins) AS ok
+         ), upd AS (
             UPDATE sagaflow.instances i SET state = u.state, status = u.status, updated_at = now(), decided_by = $1
             FROM UNNEST($2::uuid[], $3::jsonb[], $4::text[]) AS u(id, state, status) WHERE i.id = u.id
          ), h AS (
@@ -196,16 +224,24 @@ pub(crate) async fn write_decisions(
             SELECT s, $1, k, i, o, d, st, e, ib, sb
             FROM UNNEST($5::uuid[], $6::text[], $7::jsonb[], $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::int4[], $13::int4[])
                  AS x(s, k, i, o, d, st, e, ib, sb)
+            WHERE (SELECT ok FROM go)
          ), o AS (
             INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body)
-            SELECT * FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::jsonb[], $19::bytea[])
+            SELECT * FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::jsonb[], $19::bytea[]) WHERE (SELECT ok FROM go)
             RETURNING id
          ), gone AS (
             DELETE FROM sagaflow.inbox WHERE message_id = ANY($20)
+         ), cancelled AS (
+            DELETE FROM sagaflow.timers t USING UNNEST($28::uuid[], $29::text[]) AS c(s, k)
+            WHERE t.saga_id = c.s AND t.key = c.k AND (SELECT ok FROM go)
+         ), scheduled AS (
+            INSERT INTO sagaflow.timers (saga_id, key, timer, due_ms)
+            SELECT * FROM UNNEST($30::uuid[], $31::text[], $32::jsonb[], $33::int8[]) WHERE (SELECT ok FROM go)
+            ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, due_ms = EXCLUDED.due_ms
          ), wake AS (
-            SELECT pg_notify('sagaflow_outbox', '') WHERE $21 AND EXISTS (SELECT 1 FROM o)
+            SELECT pg_notify('sagaflow_outbox', '') WHERE $34 AND EXISTS (SELECT 1 FROM o)
          )
-         SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM o WHERE (SELECT count(*) FROM wake) >= 0",
+         SELECT (SELECT ok FROM go), COALESCE((SELECT array_agg(id ORDER BY id) FROM o), '{}') FROM (SELECT count(*) FROM wake) AS w",
     )
     .bind(node)
     .bind(&upd_ids)
@@ -227,9 +263,23 @@ pub(crate) async fn write_decisions(
     .bind(&o_envelope)
     .bind(&o_body)
     .bind(unmark)
+    .bind(new_id)
+    .bind(new_def)
+    .bind(new_version)
+    .bind(new_status)
+    .bind(new_state)
+    .bind(new_key)
+    .bind(new_trace)
+    .bind(&c_saga)
+    .bind(&c_key)
+    .bind(&t_saga)
+    .bind(&t_key)
+    .bind(&t_timer)
+    .bind(&t_due)
     .bind(wake_relays)
-    .fetch_one(&mut *tx)
-    .await
+    .fetch_one(ex)
+    .await?;
+    Ok(ok.then_some(ids))
 }
 
 /// Wake the relays (when this node could not publish what it wrote).
@@ -255,35 +305,6 @@ pub(crate) struct OutboxRow {
     pub(crate) routing_key: String,
     pub(crate) mandatory: bool,
     pub(crate) msg: WireMessage,
-}
-
-/// Schedule (or move) timers and cancel others.
-pub(crate) async fn set_timers(
-    tx: &mut PgConnection,
-    saga: SagaId,
-    schedule: &[(TimerKey, Timestamp)],
-    cancel: &[TimerKey],
-) -> Result<(), sqlx::Error> {
-    if !cancel.is_empty() {
-        let keys: Vec<String> = cancel.iter().map(TimerKey::id).collect();
-        sqlx::query("DELETE FROM sagaflow.timers WHERE saga_id = $1 AND key = ANY($2)").bind(saga.0).bind(&keys).execute(&mut *tx).await?;
-    }
-    if !schedule.is_empty() {
-        let keys: Vec<String> = schedule.iter().map(|(k, _)| k.id()).collect();
-        let timers: Vec<Value> = schedule.iter().map(|(k, _)| serde_json::to_value(k).unwrap_or(Value::Null)).collect();
-        let due: Vec<i64> = schedule.iter().map(|(_, d)| i64::try_from(d.0).unwrap_or(i64::MAX)).collect();
-        sqlx::query(
-            "INSERT INTO sagaflow.timers (saga_id, key, timer, due_ms) SELECT $1, * FROM UNNEST($2::text[], $3::jsonb[], $4::int8[])
-             ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, due_ms = EXCLUDED.due_ms",
-        )
-        .bind(saga.0)
-        .bind(&keys)
-        .bind(&timers)
-        .bind(&due)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(())
 }
 
 /// Delete a timer that is firing; `None` when another node fired or cancelled it first.

@@ -33,13 +33,14 @@ use crate::transport::{self, Names, QueueOptions};
 pub struct ParticipantConfig {
     /// Namespace of the AMQP names; must match the orchestrator's. Default `sagaflow`.
     pub namespace: String,
-    /// Unacked commands the broker may send ahead. Default 32.
+    /// Unacked commands the broker may send ahead; commands that arrived together run together,
+    /// so this bounds the batches too. Default 256.
     pub prefetch: u16,
-    /// Transactions at once (each runs one command, or a batch of them). Default 16.
+    /// Transactions at once (each runs one command, or a batch of them). Default 8.
     pub concurrency: usize,
     /// Most commands run in one transaction: the commands that arrived while every
     /// transaction slot was busy run together, each handler inside its own savepoint. 1 runs
-    /// every command in its own transaction. Default 32.
+    /// every command in its own transaction. Default 64.
     pub batch_max: usize,
     /// Largest command body accepted; larger ones are dead-lettered. Default 1 MiB.
     pub max_body_bytes: usize,
@@ -55,9 +56,9 @@ impl Default for ParticipantConfig {
     fn default() -> Self {
         Self {
             namespace: "sagaflow".into(),
-            prefetch: 32,
-            concurrency: 16,
-            batch_max: 32,
+            prefetch: 256,
+            concurrency: 8,
+            batch_max: 64,
             max_body_bytes: sagas::protocol::DEFAULT_MAX_BODY_BYTES,
             quorum_queues: false,
             connect_timeout: Duration::from_secs(60),
@@ -138,6 +139,9 @@ impl ParticipantBuilder {
     /// Check and build.
     pub fn build(self) -> Result<Participant, Error> {
         let mut problems = self.problems;
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+            problems.push("the name must be non-empty ASCII letters, digits, `_`, `-` or `.`".into());
+        }
         if self.handlers.is_empty() {
             problems.push("no handlers".into());
         }
@@ -450,11 +454,10 @@ impl Participant {
         let name = &self.inner.name;
         let mut refusal: Option<ReplyOutcome> = None;
         loop {
-            let mut tx = pool.begin().await?;
             // A step's command and its compensation never run at the same time here: a
             // compensation waits for a slow command to finish, and a command that arrives
             // after its compensation is refused without running.
-            store::lock_steps(&mut tx, name, &[cmd]).await?;
+            let mut tx = store::begin_locked(pool, name, &[cmd]).await?;
             let prior = store::priors(&mut tx, name, &[cmd]).await?.pop().expect("one prior per command");
             if let Some(outcome) = answer_from(cmd, prior) {
                 return enqueue_only(tx, name, cmd, &outcome).await;
@@ -509,8 +512,7 @@ impl Participant {
     ) -> Result<Option<Vec<(i64, WireMessage)>>, sqlx::Error> {
         let name = &self.inner.name;
         let all: Vec<&InboundCommand> = cmds.iter().map(|(_, c)| *c).collect();
-        let mut tx = pool.begin().await?;
-        store::lock_steps(&mut tx, name, &all).await?;
+        let mut tx = store::begin_locked(pool, name, &all).await?;
         let priors = store::priors(&mut tx, name, &all).await?;
         let mut outcomes = Vec::with_capacity(cmds.len());
         let mut savepoint = false;
@@ -625,5 +627,46 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Noop;
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Ping;
+    impl Command for Ping {
+        const NAME: &'static str = "svc.ping";
+        const PARTICIPANT: &'static str = "svc";
+        type Reply = ();
+    }
+    impl Handler<Ping> for Noop {
+        async fn handle(&self, _cx: &mut Context<'_>, _cmd: Ping) -> crate::HandlerResult<()> {
+            Ok(())
+        }
+    }
+
+    fn problems(b: ParticipantBuilder) -> String {
+        match b.build() {
+            Err(Error::Invalid(p)) => p,
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => String::new(),
+        }
+    }
+
+    #[test]
+    fn the_builder_names_every_problem() {
+        assert_eq!(problems(Participant::builder("svc").handle::<Ping>(Noop)), "");
+        let p = problems(Participant::builder("svc").handle::<Ping>(Noop).handle::<Ping>(Noop));
+        assert!(p.contains("`svc.ping` is registered twice"), "{p}");
+        let p = problems(Participant::builder("other").handle::<Ping>(Noop));
+        assert!(p.contains("belongs to participant `svc`, not `other`"), "{p}");
+        let p = problems(Participant::builder("s'vc"));
+        assert!(p.contains("the name must be") && p.contains("no handlers"), "{p}");
+        let config = ParticipantConfig { batch_max: 0, ..ParticipantConfig::default() };
+        let p = problems(Participant::builder("svc").handle::<Ping>(Noop).config(config));
+        assert!(p.contains("batch_max must be at least 1"), "{p}");
     }
 }

@@ -36,20 +36,24 @@ pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
-/// Serialize the command and the compensation of one step in this participant, for each of
-/// `cmds`; the locks are taken in one order (of their keys) so concurrent batches never deadlock
-/// on them.
-pub(crate) async fn lock_steps(tx: &mut PgConnection, participant: &str, cmds: &[&InboundCommand]) -> Result<(), sqlx::Error> {
-    let mut keys: Vec<String> = cmds.iter().map(|c| format!("{participant}/{}/{}", c.saga.saga_id, c.step.0)).collect();
+/// Begin a transaction that holds, for each of `cmds`, the lock that serializes the command
+/// and the compensation of its step in this participant, in one round trip (the locks are taken
+/// by the `BEGIN` statement itself). The locks are taken in one order (of their keys), so
+/// concurrent batches never deadlock on them. `participant` is a checked name (letters,
+/// digits, `_`, `-`, `.`), so the keys are safe literals.
+pub(crate) async fn begin_locked(
+    pool: &PgPool,
+    participant: &str,
+    cmds: &[&InboundCommand],
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut keys: Vec<String> = cmds.iter().map(|c| format!("'{participant}/{}/{}'", c.saga.saga_id, c.step.0)).collect();
     keys.sort_unstable();
-    sqlx::query("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM UNNEST($1::text[]) AS k")
-        .bind(keys)
-        .execute(&mut *tx)
-        .await
-        .map(drop)
+    let sql =
+        format!("BEGIN; SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest(ARRAY[{}]::text[]) AS k", keys.join(","));
+    pool.begin_with(sqlx::AssertSqlSafe(sql)).await
 }
 
-/// What this participant already recorded for a command's step, read after [`lock_steps`].
+/// What this participant already recorded for a command's step, read after [`begin_locked`].
 pub(crate) struct Prior {
     /// The final outcome recorded for this command's kind (invoke or compensate), if any.
     pub(crate) outcome: Option<ReplyOutcome>,
@@ -58,7 +62,7 @@ pub(crate) struct Prior {
 }
 
 /// Read the [`Prior`] of each of `cmds`, in order, in one round trip. Call it after
-/// [`lock_steps`], in its own statement: a statement's snapshot is taken when it starts, so
+/// [`begin_locked`], in its own statement: a statement's snapshot is taken when it starts, so
 /// reading in the locking statement could miss what the previous lock holder committed.
 pub(crate) async fn priors(tx: &mut PgConnection, participant: &str, cmds: &[&InboundCommand]) -> Result<Vec<Prior>, sqlx::Error> {
     let sagas: Vec<uuid::Uuid> = cmds.iter().map(|c| c.saga.saga_id.0).collect();

@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let name = std::env::args().nth(1).context("usage: bench-participant inventory|payment|shipping")?;
     let amqp = std::env::var("SAGAFLOW_AMQP_URL").context("SAGAFLOW_AMQP_URL")?;
     let db = std::env::var("SAGAFLOW_DATABASE_URL").context("SAGAFLOW_DATABASE_URL")?;
-    let mut config = ParticipantConfig { prefetch: 128, concurrency: 16, ..ParticipantConfig::default() };
+    let mut config = ParticipantConfig::default();
     if let Ok(ns) = std::env::var("SAGAFLOW_NAMESPACE") {
         config.namespace = ns;
     }
