@@ -54,12 +54,15 @@ pub type HandlerResult<T> = Result<T, HandlerError>;
 pub struct Context<'c> {
     pub(crate) tx: &'c mut PgConnection,
     pub(crate) cmd: &'c InboundCommand,
+    /// The handler asked for the transaction (so a refusal may have writes to undo).
+    pub(crate) touched: bool,
 }
 
 impl Context<'_> {
     /// The open transaction: business writes made here commit together with the inbox record
     /// and the reply, or not at all.
     pub fn tx(&mut self) -> &mut PgConnection {
+        self.touched = true;
         self.tx
     }
 

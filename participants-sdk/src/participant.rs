@@ -5,7 +5,7 @@
 //! else run the handler, record its outcome, write the reply to the outbox → commit →
 //! publish the reply with a confirm → ack the command; the reply's outbox row is deleted in a
 //! batch with others (a crash before that republishes it; the orchestrator dedupes). Commands
-//! that arrive together share that transaction, each handler in its own savepoint.
+//! that arrive together share that transaction (a failing handler undoes only its own writes).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -39,8 +39,8 @@ pub struct ParticipantConfig {
     /// Transactions at once (each runs one command, or a batch of them). Default 8.
     pub concurrency: usize,
     /// Most commands run in one transaction: the commands that arrived while every
-    /// transaction slot was busy run together, each handler inside its own savepoint. 1 runs
-    /// every command in its own transaction. Default 64.
+    /// transaction slot was busy run together (a failing handler undoes only its own writes).
+    /// 1 runs every command in its own transaction. Default 64.
     pub batch_max: usize,
     /// Largest command body accepted; larger ones are dead-lettered. Default 1 MiB.
     pub max_body_bytes: usize,
@@ -346,14 +346,17 @@ impl Participant {
         let (first, later): (Vec<_>, Vec<_>) = valid.into_iter().partition(|(_, c, _)| steps.insert((c.saga.saga_id, c.step)));
         if first.len() > 1 {
             let cmds: Vec<(&Registered, &InboundCommand)> = first.iter().map(|(_, c, r)| (*r, c)).collect();
-            match self.execute_batch(pool, &cmds).await {
-                Ok(Some(replies)) => {
-                    drop(cmds);
+            let mut run = self.execute_batch(pool, &cmds, false).await;
+            if matches!(run, Ok(BatchRun::NeedsSavepoints)) {
+                run = self.execute_batch(pool, &cmds, true).await;
+            }
+            drop(cmds);
+            match run {
+                Ok(BatchRun::Done(replies)) => {
                     let done = first.into_iter().map(|(d, c, _)| (d, c)).zip(replies).collect();
                     self.finish(ch, deleter, done).await;
                 }
                 failed => {
-                    drop(cmds);
                     match failed {
                         Err(e) => {
                             tracing::info!(participant = %self.inner.name, error = %e, "a batch of commands failed; running them one by one")
@@ -466,7 +469,7 @@ impl Participant {
                 Some(outcome) => outcome,
                 None => {
                     let result = {
-                        let mut cx = Context { tx: &mut tx, cmd };
+                        let mut cx = Context { tx: &mut tx, cmd, touched: false };
                         reg.handler.call(&mut cx, cmd.body.clone()).await
                     };
                     match result {
@@ -501,15 +504,18 @@ impl Participant {
     }
 
     /// Run several commands (of distinct steps) in one transaction: lock their steps, read what
-    /// was recorded, run each handler that has to run inside a savepoint (a refusal or a
-    /// transient failure rolls back to it, undoing that handler's writes only), record the
-    /// outcomes and enqueue the replies in one statement, commit. `Ok(None)` when another
-    /// delivery recorded one of the steps first (nothing was written).
+    /// was recorded, run each handler that has to run, record the outcomes and enqueue the
+    /// replies in one statement, commit. With `savepoints`, each handler runs inside a savepoint
+    /// (a refusal or a transient failure rolls back to it, undoing that handler's writes only);
+    /// without, a failing handler that used the transaction ends the run
+    /// ([`BatchRun::NeedsSavepoints`]; nothing was written), and one that did not has nothing to
+    /// undo. Savepoints cost a round trip per handler, so the first run goes without.
     async fn execute_batch(
         &self,
         pool: &PgPool,
         cmds: &[(&Registered, &InboundCommand)],
-    ) -> Result<Option<Vec<(i64, WireMessage)>>, sqlx::Error> {
+        savepoints: bool,
+    ) -> Result<BatchRun, sqlx::Error> {
         let name = &self.inner.name;
         let all: Vec<&InboundCommand> = cmds.iter().map(|(_, c)| *c).collect();
         let mut tx = store::begin_locked(pool, name, &all).await?;
@@ -522,13 +528,21 @@ impl Participant {
                 outcomes.push((outcome, false));
                 continue;
             }
-            let set = if savepoint { "RELEASE SAVEPOINT handler; SAVEPOINT handler" } else { "SAVEPOINT handler" };
-            sqlx::raw_sql(set).execute(&mut *tx).await?;
-            savepoint = true;
-            let result = {
-                let mut cx = Context { tx: &mut tx, cmd };
-                reg.handler.call(&mut cx, cmd.body.clone()).instrument(span.clone()).await
+            if savepoints {
+                let set = if savepoint { "RELEASE SAVEPOINT handler; SAVEPOINT handler" } else { "SAVEPOINT handler" };
+                sqlx::raw_sql(set).execute(&mut *tx).await?;
+                savepoint = true;
+            }
+            let (result, touched) = {
+                let mut cx = Context { tx: &mut tx, cmd, touched: false };
+                let result = reg.handler.call(&mut cx, cmd.body.clone()).instrument(span.clone()).await;
+                (result, cx.touched)
             };
+            if result.is_err() && touched && !savepoints {
+                // Its writes cannot be undone alone: run the batch again, with savepoints.
+                tx.rollback().await?;
+                return Ok(BatchRun::NeedsSavepoints);
+            }
             let (outcome, record) = match result {
                 Ok(output) => (ReplyOutcome::Success { output }, true),
                 Err(HandlerError::Reject { code, message }) => {
@@ -540,7 +554,7 @@ impl Participant {
                     (ReplyOutcome::TransientFailure { message: format!("{e:#}") }, false)
                 }
             };
-            if !matches!(outcome, ReplyOutcome::Success { .. }) {
+            if savepoint && !matches!(outcome, ReplyOutcome::Success { .. }) {
                 // Undo this handler's writes only.
                 sqlx::raw_sql("ROLLBACK TO SAVEPOINT handler").execute(&mut *tx).await?;
             }
@@ -556,11 +570,11 @@ impl Participant {
             .collect();
         let Some(ids) = store::write_replies(&mut tx, name, &rows).await? else {
             tx.rollback().await?;
-            return Ok(None);
+            return Ok(BatchRun::Conflict);
         };
         drop(rows);
         tx.commit().await?;
-        Ok(Some(ids.into_iter().zip(replies).collect()))
+        Ok(BatchRun::Done(ids.into_iter().zip(replies).collect()))
     }
 
     /// Republish replies a crash left in the outbox.
@@ -584,6 +598,17 @@ impl Participant {
         }
         Ok(())
     }
+}
+
+/// How a run of [`Participant::execute_batch`] ended.
+enum BatchRun {
+    /// Committed: each command's outbox row and reply, in order.
+    Done(Vec<(i64, WireMessage)>),
+    /// Another delivery recorded one of the steps first; nothing was written.
+    Conflict,
+    /// A handler that used the transaction failed, and there was no savepoint to undo its
+    /// writes alone; nothing was written.
+    NeedsSavepoints,
 }
 
 /// The answer a command gets without running, from what its step already recorded: the
