@@ -209,76 +209,113 @@ pub(crate) async fn write_decisions<'c>(
     let (new_def, new_version, new_key, new_trace) = new.as_ref().map_or((None, None, None, None), |n| {
         (Some(n.definition), Some(i32::try_from(n.version).unwrap_or(i32::MAX)), n.idempotency_key, Some(n.traceparent))
     });
-    let (ok, ids): (bool, Vec<i64>) = sqlx::query_as(
-        "WITH ins AS (
-            INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by)
-            SELECT $21, $22, $23, $24, $25, $26, $27, $1 WHERE $21::uuid IS NOT NULL
-            ON CONFLICT DO NOTHING RETURNING id
-         ), go AS (
-            SELECT $21::uuid IS NULL OR EXISTS (SELECT 1 FROM ins) AS ok
-         ), upd AS (
-            UPDATE sagaflow.instances i SET state = u.state, status = u.status, updated_at = now(), decided_by = $1
-            FROM UNNEST($2::uuid[], $3::jsonb[], $4::text[]) AS u(id, state, status) WHERE i.id = u.id
-         ), h AS (
+    // Only the parts this write needs: every part costs PostgreSQL executor work even when it
+    // has no rows. (All parameters are bound either way; the statement text picks the prepared
+    // statement, and there are few variants.)
+    let gate = if new.is_some() { "(SELECT ok FROM go)" } else { "true" };
+    let mut parts: Vec<String> = Vec::new();
+    if new.is_some() {
+        parts.push(
+            "ins AS (
+                INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by)
+                SELECT $21, $22, $23, $24, $25, $26, $27, $1 WHERE $21::uuid IS NOT NULL
+                ON CONFLICT DO NOTHING RETURNING id
+             ), go AS (SELECT EXISTS (SELECT 1 FROM ins) AS ok)"
+                .into(),
+        );
+    }
+    if !upd_ids.is_empty() {
+        parts.push(
+            "upd AS (
+                UPDATE sagaflow.instances i SET state = u.state, status = u.status, updated_at = now(), decided_by = $1
+                FROM UNNEST($2::uuid[], $3::jsonb[], $4::text[]) AS u(id, state, status) WHERE i.id = u.id
+             )"
+            .into(),
+        );
+    }
+    parts.push(format!(
+        "h AS (
             INSERT INTO sagaflow.history (saga_id, node, input_kind, input, outcome, detail, status, effects, input_bytes, state_bytes)
             SELECT s, $1, k, i, o, d, st, e, ib, sb
             FROM UNNEST($5::uuid[], $6::text[], $7::jsonb[], $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::int4[], $13::int4[])
                  AS x(s, k, i, o, d, st, e, ib, sb)
-            WHERE (SELECT ok FROM go)
-         ), o AS (
-            INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body)
-            SELECT * FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::jsonb[], $19::bytea[]) WHERE (SELECT ok FROM go)
-            RETURNING id
-         ), gone AS (
-            DELETE FROM sagaflow.inbox WHERE message_id = ANY($20)
-         ), cancelled AS (
-            DELETE FROM sagaflow.timers t USING UNNEST($28::uuid[], $29::text[]) AS c(s, k)
-            WHERE t.saga_id = c.s AND t.key = c.k AND (SELECT ok FROM go)
-         ), scheduled AS (
-            INSERT INTO sagaflow.timers (saga_id, key, timer, due_ms)
-            SELECT * FROM UNNEST($30::uuid[], $31::text[], $32::jsonb[], $33::int8[]) WHERE (SELECT ok FROM go)
-            ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, due_ms = EXCLUDED.due_ms
-         ), wake AS (
-            SELECT pg_notify('sagaflow_outbox', '') WHERE $34 AND EXISTS (SELECT 1 FROM o)
-         )
-         SELECT (SELECT ok FROM go), COALESCE((SELECT array_agg(id ORDER BY id) FROM o), '{}') FROM (SELECT count(*) FROM wake) AS w",
-    )
-    .bind(node)
-    .bind(&upd_ids)
-    .bind(&upd_states)
-    .bind(&upd_status)
-    .bind(&h_saga)
-    .bind(&h_kind)
-    .bind(&h_input)
-    .bind(&h_outcome)
-    .bind(&h_detail)
-    .bind(&h_status)
-    .bind(&h_effects)
-    .bind(&h_input_bytes)
-    .bind(&h_state_bytes)
-    .bind(&o_saga)
-    .bind(&o_exchange)
-    .bind(&o_key)
-    .bind(&o_mandatory)
-    .bind(&o_envelope)
-    .bind(&o_body)
-    .bind(unmark)
-    .bind(new_id)
-    .bind(new_def)
-    .bind(new_version)
-    .bind(new_status)
-    .bind(new_state)
-    .bind(new_key)
-    .bind(new_trace)
-    .bind(&c_saga)
-    .bind(&c_key)
-    .bind(&t_saga)
-    .bind(&t_key)
-    .bind(&t_timer)
-    .bind(&t_due)
-    .bind(wake_relays)
-    .fetch_one(ex)
-    .await?;
+            WHERE {gate}
+         )"
+    ));
+    if !o_saga.is_empty() {
+        parts.push(format!(
+            "o AS (
+                INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body)
+                SELECT * FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::jsonb[], $19::bytea[]) WHERE {gate}
+                RETURNING id
+             )"
+        ));
+        if wake_relays {
+            parts.push("wake AS (SELECT pg_notify('sagaflow_outbox', '') WHERE $34 AND EXISTS (SELECT 1 FROM o))".into());
+        }
+    }
+    if !unmark.is_empty() {
+        parts.push("gone AS (DELETE FROM sagaflow.inbox WHERE message_id = ANY($20))".into());
+    }
+    if !c_saga.is_empty() {
+        parts.push(format!(
+            "cancelled AS (
+                DELETE FROM sagaflow.timers t USING UNNEST($28::uuid[], $29::text[]) AS c(s, k)
+                WHERE t.saga_id = c.s AND t.key = c.k AND {gate}
+             )"
+        ));
+    }
+    if !t_saga.is_empty() {
+        parts.push(format!(
+            "scheduled AS (
+                INSERT INTO sagaflow.timers (saga_id, key, timer, due_ms)
+                SELECT * FROM UNNEST($30::uuid[], $31::text[], $32::jsonb[], $33::int8[]) WHERE {gate}
+                ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, due_ms = EXCLUDED.due_ms
+             )"
+        ));
+    }
+    let ids = if o_saga.is_empty() { "'{}'::int8[]" } else { "COALESCE((SELECT array_agg(id ORDER BY id) FROM o), '{}')" };
+    // `wake` is not a write, so it runs only when the query reads it.
+    let from = if o_saga.is_empty() || !wake_relays { "" } else { " FROM (SELECT count(*) FROM wake) AS w" };
+    let ok = if new.is_some() { "(SELECT ok FROM go)" } else { "true" };
+    let sql = format!("WITH {} SELECT {ok}, {ids}{from}", parts.join(", "));
+    let (ok, ids): (bool, Vec<i64>) = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(node)
+        .bind(&upd_ids)
+        .bind(&upd_states)
+        .bind(&upd_status)
+        .bind(&h_saga)
+        .bind(&h_kind)
+        .bind(&h_input)
+        .bind(&h_outcome)
+        .bind(&h_detail)
+        .bind(&h_status)
+        .bind(&h_effects)
+        .bind(&h_input_bytes)
+        .bind(&h_state_bytes)
+        .bind(&o_saga)
+        .bind(&o_exchange)
+        .bind(&o_key)
+        .bind(&o_mandatory)
+        .bind(&o_envelope)
+        .bind(&o_body)
+        .bind(unmark)
+        .bind(new_id)
+        .bind(new_def)
+        .bind(new_version)
+        .bind(new_status)
+        .bind(new_state)
+        .bind(new_key)
+        .bind(new_trace)
+        .bind(&c_saga)
+        .bind(&c_key)
+        .bind(&t_saga)
+        .bind(&t_key)
+        .bind(&t_timer)
+        .bind(&t_due)
+        .bind(wake_relays)
+        .fetch_one(ex)
+        .await?;
     Ok(ok.then_some(ids))
 }
 
