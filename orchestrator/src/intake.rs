@@ -200,8 +200,18 @@ impl Engine {
         let mut results: Vec<Option<Handled>> = vec![None; inputs.len()];
         let mut pending: Vec<usize> = (0..inputs.len()).collect();
         while !pending.is_empty() {
-            let mut seen = HashSet::with_capacity(pending.len());
-            let (round, rest): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| seen.insert(inputs[i].0));
+            // A saga, and a message id, at most once per transaction.
+            let (mut sagas, mut messages) = (HashSet::with_capacity(pending.len()), HashSet::with_capacity(pending.len()));
+            let (round, rest): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| {
+                let (saga, _, message) = inputs[i];
+                let now = !sagas.contains(&saga) && !message.is_some_and(|m| messages.contains(&m));
+                // A deferred input holds back its saga's later inputs too.
+                sagas.insert(saga);
+                if now {
+                    messages.extend(message);
+                }
+                now
+            });
             self.apply_round(inputs, &round, &mut results).await?;
             pending = rest;
         }

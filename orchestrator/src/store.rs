@@ -58,8 +58,8 @@ pub(crate) struct LockedBatch {
 }
 
 /// Lock the instances `ids` (in id order, so batches on several nodes never deadlock) and record
-/// the message ids `inbox` (`(message, saga)`) of those that exist, in one round trip. The
-/// inbox rows are inserted after the locks are held, so a concurrent delivery of the same
+/// the message ids `inbox` (`(message, saga)`) of those that exist, in one round trip. A
+/// message's id is inserted once its saga's lock is held, so a concurrent delivery of the same
 /// message either committed before (its id is not fresh here) or waits for this transaction.
 pub(crate) async fn lock_batch(
     tx: &mut PgConnection,

@@ -733,6 +733,9 @@ async fn a_batch_of_replies_is_applied_input_by_input() {
     let nobody = SagaId::new();
     let inputs = [
         (x, &x_done, Some(m1)),
+        // The same message id for another saga: it waits for the next transaction (and finds
+        // the id taken), and y's later inputs wait behind it.
+        (y, &y_done, Some(m1)),
         (y, &y_bad, Some(m5)),
         (nobody, &y_done, Some(m4)),
         (x, &x_done, Some(m1)),
@@ -743,12 +746,13 @@ async fn a_batch_of_replies_is_applied_input_by_input() {
 
     let running = |h: &Handled| matches!(h, Handled::Decided { outcome: InputOutcome::Applied, status: SagaStatus::Running });
     assert!(running(&handled[0]), "{handled:?}");
-    assert!(matches!(&handled[1], Handled::Invalid { code: "unknown_step", .. }), "{handled:?}");
-    assert_eq!(handled[2], Handled::UnknownSaga);
-    assert_eq!(handled[3], Handled::Duplicate, "the same message again, after the first applied");
-    assert!(running(&handled[4]), "y's good reply applies after its bad one: {handled:?}");
+    assert_eq!(handled[1], Handled::Duplicate, "a message id applies once, whichever saga it names");
+    assert!(matches!(&handled[2], Handled::Invalid { code: "unknown_step", .. }), "{handled:?}");
+    assert_eq!(handled[3], Handled::UnknownSaga);
+    assert_eq!(handled[4], Handled::Duplicate, "the same message again, after the first applied");
+    assert!(running(&handled[5]), "y's good reply applies after its bad one: {handled:?}");
     assert!(
-        matches!(&handled[5], Handled::Decided { outcome: InputOutcome::Ignored { reason: IgnoreReason::Duplicate, .. }, .. }),
+        matches!(&handled[6], Handled::Decided { outcome: InputOutcome::Ignored { reason: IgnoreReason::Duplicate, .. }, .. }),
         "another reply to x's finished attempt is recorded as a duplicate: {handled:?}"
     );
     for id in [x, y] {
