@@ -83,25 +83,30 @@ impl Consumer {
         }
     }
 
-    /// Ack, dead-letter or requeue each delivery as its verdict says; when any goes back to
-    /// the queue, first pause (the database is away, or no node here knows a version).
+    /// Ack, dead-letter or requeue each delivery as its verdict says. What goes back to the
+    /// queue goes last, after a pause (the database is away, or no node here knows a version),
+    /// so it does not hold up the others.
     async fn settle(&self, ch: &Channel, queue_name: &str, settled: Vec<(Delivery, Verdict)>) {
-        let requeued = settled.iter().filter(|(_, v)| matches!(v, Verdict::Requeue(_))).count();
-        if let Some((_, Verdict::Requeue(why))) = settled.iter().find(|(_, v)| matches!(v, Verdict::Requeue(_))) {
-            tracing::warn!(queue = queue_name, messages = requeued, "{why}; the messages go back to the queue");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        for (d, verdict) in settled {
+        let (requeue, settle): (Vec<_>, Vec<_>) = settled.into_iter().partition(|(_, v)| matches!(v, Verdict::Requeue(_)));
+        for (d, verdict) in settle {
             let result = match verdict {
-                Verdict::Ack => transport::ack(&d).await.map_err(anyhow::Error::from),
                 Verdict::DeadLetter(reason, detail) => {
                     self.engine.metrics().dead_lettered(queue_name, reason);
-                    transport::dead_letter(ch, &self.names, queue_name, &d, reason, &detail).await.map_err(anyhow::Error::from)
+                    transport::dead_letter(ch, &self.names, queue_name, &d, reason, &detail).await
                 }
-                Verdict::Requeue(_) => transport::requeue(&d).await.map_err(anyhow::Error::from),
+                // `Ack`: what goes back to the queue was set apart above.
+                _ => transport::ack(&d).await,
             };
             if let Err(e) = result {
                 tracing::warn!(queue = queue_name, error = %e, "could not settle a delivery; the broker will redeliver it");
+            }
+        }
+        let Some((_, Verdict::Requeue(why))) = requeue.first() else { return };
+        tracing::warn!(queue = queue_name, messages = requeue.len(), "{why}; the messages go back to the queue");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (d, _) in requeue {
+            if let Err(e) = transport::requeue(&d).await {
+                tracing::warn!(queue = queue_name, error = %e, "could not requeue a delivery; the broker will redeliver it");
             }
         }
     }
