@@ -226,9 +226,11 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
     }
     let elapsed = started.elapsed();
 
-    // Let the last replies and lifecycle events drain, then check everything.
+    // Let the last replies and lifecycle events drain, then check everything. A publisher or
+    // relay caught on a connection that died without closing waits up to `BROKER_WAIT` (30 s)
+    // before it gives the rows back, so the drain may take longer than that.
     let mut outbox_left = 0;
-    for _ in 0..100 {
+    for _ in 0..300 {
         outbox_left = count(&pool, "SELECT count(*) FROM sagaflow.outbox").await
             + count(&pool, "SELECT count(*) FROM sagaflow_participant.outbox").await;
         if outbox_left == 0 {
