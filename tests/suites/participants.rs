@@ -11,18 +11,22 @@ use lapin::{Channel, Connection};
 use order_fulfilment::commands::ReserveStock;
 use participants_sdk::transport::{self, Names};
 use participants_sdk::{Participant, ParticipantHandle};
-use sagas::protocol::{DEFAULT_MAX_BODY_BYTES, ReplyOutcome, SagaRef, WireMessage, decode_reply, encode_command};
+use sagas::protocol::{DEFAULT_MAX_BODY_BYTES, InboundReply, ReplyOutcome, SagaRef, WireMessage, decode_reply, encode_command};
 use sagas::{CommandKind, MessageId, OutgoingCommand, Registry, SagaDefinition, SagaId, SagaStatus, StepIndex, Timestamp};
 use serde_json::json;
 use testkit::probe::{self, Behavior, Plan};
 use testkit::{TestEnv, wait};
 
+/// One running participant, a channel to send it commands, and a queue to collect its replies.
 struct Rig {
     env: TestEnv,
     conn: Connection,
     ch: Channel,
     replies: String,
-    inventory: Option<ParticipantHandle>,
+    /// The participant's name, and the name of the step its commands are for.
+    participant: &'static str,
+    step_name: &'static str,
+    handle: Option<ParticipantHandle>,
 }
 
 /// The inventory participant alone, and a queue to collect its replies.
@@ -38,16 +42,21 @@ async fn rig(crash_first: bool) -> Rig {
         builder = builder.crash_after_commit(move |_| !crashed.swap(true, Ordering::SeqCst));
     }
     let inventory = builder.build().unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap();
-    let conn = env.amqp().await.unwrap();
-    let ch = transport::confirm_channel(&conn).await.unwrap();
-    let replies = format!("{}.test-replies", env.namespace);
-    ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
-        .await
-        .unwrap();
-    Rig { env, conn, ch, replies, inventory: Some(inventory) }
+    Rig::attach(env, "inventory", "reserve_stock", inventory).await
 }
 
 impl Rig {
+    /// Connect to `participant` (running as `handle`) and declare the replies queue.
+    async fn attach(env: TestEnv, participant: &'static str, step_name: &'static str, handle: ParticipantHandle) -> Rig {
+        let conn = env.amqp().await.unwrap();
+        let ch = transport::confirm_channel(&conn).await.unwrap();
+        let replies = format!("{}.test-replies", env.namespace);
+        ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        Rig { env, conn, ch, replies, participant, step_name, handle: Some(handle) }
+    }
+
     fn command(&self, saga: SagaId, attempt: u32, quantity: i64) -> WireMessage {
         let body = json!({"order_id": format!("o-{saga}"), "sku": "widget", "quantity": quantity});
         self.message(saga, CommandKind::Invoke, "inventory.reserve_stock", body, attempt)
@@ -62,10 +71,10 @@ impl Rig {
         let cmd = OutgoingCommand {
             message_id: MessageId::for_command(saga, StepIndex(0), kind, attempt),
             step: StepIndex(0),
-            step_name: "reserve_stock".into(),
+            step_name: self.step_name.into(),
             kind,
             attempt,
-            participant: "inventory".into(),
+            participant: self.participant.into(),
             command: command.into(),
             body,
         };
@@ -80,19 +89,23 @@ impl Rig {
 
     async fn send(&self, msg: &WireMessage) {
         let names = self.env.names();
-        transport::publish_confirmed(&self.ch, &names.commands_exchange(), "inventory", msg, true).await.unwrap();
+        transport::publish_confirmed(&self.ch, &names.commands_exchange(), self.participant, msg, true).await.unwrap();
     }
 
     /// Collect replies for `window`, stopping early once `want` arrived.
     async fn replies(&self, want: usize, window: Duration) -> Vec<(String, ReplyOutcome)> {
+        self.decoded_replies(want, window).await.into_iter().map(|r| (r.message_id.to_string(), r.reply.outcome)).collect()
+    }
+
+    /// The replies as decoded, for `window`, stopping early once `want` arrived.
+    async fn decoded_replies(&self, want: usize, window: Duration) -> Vec<InboundReply> {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + window;
         while tokio::time::Instant::now() < deadline && out.len() < want {
             match self.ch.basic_get(self.replies.as_str().into(), BasicGetOptions::default()).await.unwrap() {
                 Some(m) => {
                     let wire = transport::wire_from_delivery(&m.delivery);
-                    let r = decode_reply(&wire, DEFAULT_MAX_BODY_BYTES).unwrap();
-                    out.push((r.message_id.to_string(), r.reply.outcome));
+                    out.push(decode_reply(&wire, DEFAULT_MAX_BODY_BYTES).unwrap());
                     m.delivery.ack(BasicAckOptions::default()).await.unwrap();
                 }
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -114,9 +127,9 @@ impl Rig {
     }
 
     async fn finish(mut self) {
-        self.inventory.take().unwrap().shutdown().await.unwrap();
+        self.handle.take().unwrap().shutdown().await.unwrap();
         self.conn.close(200, "done".into()).await.unwrap();
-        self.env.cleanup(&["inventory"]).await.unwrap();
+        self.env.cleanup(&[self.participant]).await.unwrap();
     }
 }
 
@@ -286,8 +299,8 @@ async fn a_command_arriving_after_its_compensation_is_refused_and_refusals_are_r
     rig.finish().await;
 }
 
-/// Commands that arrive while every transaction slot is busy run as one batch, each handler in
-/// its own savepoint: a refusal undoes only its own handler's writes and is recorded, a transient
+/// Commands that arrive while every transaction slot is busy run as one batch: a refusal undoes
+/// only its own handler's writes (the batch runs again with savepoints) and is recorded, a transient
 /// failure is answered and not recorded, a second command of a step already in the batch (a
 /// redelivery, a compensation overtaking its command) runs after the batch, and every command
 /// gets its reply.
@@ -297,62 +310,37 @@ async fn a_batch_of_commands_runs_each_once_and_a_refusal_undoes_only_its_own_wr
     probe::setup(&env.pool).await.unwrap();
     let config = participants_sdk::ParticipantConfig { concurrency: 1, ..env.participant_config() };
     let p = probe::participant(config).start(env.pool.clone(), &env.amqp_url).await.unwrap();
-    let conn = env.amqp().await.unwrap();
-    let ch = transport::confirm_channel(&conn).await.unwrap();
-    let replies = format!("{}.test-replies", env.namespace);
-    ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
-        .await
-        .unwrap();
-    let probe_cmd = |saga: SagaId, kind: CommandKind, attempt: u32, behavior: Behavior| {
-        let (command, body) = match kind {
-            CommandKind::Invoke => ("probe.do", json!({"key": "a", "behavior": behavior})),
-            CommandKind::Compensate => ("probe.undo", json!({"key": "a", "flaky": 0})),
-        };
-        let cmd = OutgoingCommand {
-            message_id: MessageId::for_command(saga, StepIndex(0), kind, attempt),
-            step: StepIndex(0),
-            step_name: "a".into(),
-            kind,
-            attempt,
-            participant: "probe".into(),
-            command: command.into(),
-            body,
-        };
-        encode_command(&SagaRef { saga_id: saga, definition: "batch".into(), version: 1 }, &cmd, &replies, None, Timestamp(0))
-    };
-    let send = |msg: WireMessage| {
-        let (ch, exchange) = (ch.clone(), env.names().commands_exchange());
-        async move { transport::publish_confirmed(&ch, &exchange, "probe", &msg, true).await.unwrap() }
+    let rig = Rig::attach(env, "probe", "a", p).await;
+    let probe_cmd = |saga: SagaId, kind: CommandKind, behavior: Behavior| match kind {
+        CommandKind::Invoke => rig.message(saga, kind, "probe.do", json!({"key": "a", "behavior": behavior}), 1),
+        CommandKind::Compensate => rig.message(saga, kind, "probe.undo", json!({"key": "a", "flaky": 0}), 1),
     };
     let [slow, ok, refused, flaky, twice, undone] = std::array::from_fn(|_| SagaId::new());
     // The slow command holds the only slot while the others arrive.
-    send(probe_cmd(slow, CommandKind::Invoke, 1, Behavior::Slow { ms: 1500 })).await;
+    rig.send(&probe_cmd(slow, CommandKind::Invoke, Behavior::Slow { ms: 1500 })).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    send(probe_cmd(ok, CommandKind::Invoke, 1, Behavior::Ok)).await;
-    send(probe_cmd(refused, CommandKind::Invoke, 1, Behavior::WriteThenReject)).await;
-    send(probe_cmd(flaky, CommandKind::Invoke, 1, Behavior::Flaky { n: 1 })).await;
-    send(probe_cmd(twice, CommandKind::Invoke, 1, Behavior::Ok)).await;
-    send(probe_cmd(twice, CommandKind::Invoke, 1, Behavior::Ok)).await;
-    send(probe_cmd(undone, CommandKind::Compensate, 1, Behavior::Ok)).await;
-    send(probe_cmd(undone, CommandKind::Invoke, 1, Behavior::Ok)).await;
+    rig.send(&probe_cmd(ok, CommandKind::Invoke, Behavior::Ok)).await;
+    rig.send(&probe_cmd(refused, CommandKind::Invoke, Behavior::WriteThenReject)).await;
+    rig.send(&probe_cmd(flaky, CommandKind::Invoke, Behavior::Flaky { n: 1 })).await;
+    rig.send(&probe_cmd(twice, CommandKind::Invoke, Behavior::Ok)).await;
+    rig.send(&probe_cmd(twice, CommandKind::Invoke, Behavior::Ok)).await;
+    rig.send(&probe_cmd(undone, CommandKind::Compensate, Behavior::Ok)).await;
+    rig.send(&probe_cmd(undone, CommandKind::Invoke, Behavior::Ok)).await;
 
-    let mut got: Vec<(SagaId, String)> = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while got.len() < 8 && tokio::time::Instant::now() < deadline {
-        match ch.basic_get(replies.as_str().into(), BasicGetOptions::default()).await.unwrap() {
-            Some(m) => {
-                let r = decode_reply(&transport::wire_from_delivery(&m.delivery), DEFAULT_MAX_BODY_BYTES).unwrap();
-                let outcome = match r.reply.outcome {
-                    ReplyOutcome::Success { .. } => format!("{}:success", r.reply.kind.as_str()),
-                    ReplyOutcome::Rejected { code, .. } => format!("{}:rejected:{code}", r.reply.kind.as_str()),
-                    ReplyOutcome::TransientFailure { .. } => format!("{}:transient", r.reply.kind.as_str()),
-                };
-                got.push((r.saga_id, outcome));
-                m.delivery.ack(BasicAckOptions::default()).await.unwrap();
-            }
-            None => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    let got: Vec<(SagaId, String)> = rig
+        .decoded_replies(8, Duration::from_secs(30))
+        .await
+        .into_iter()
+        .map(|r| {
+            let kind = r.reply.kind.as_str();
+            let outcome = match r.reply.outcome {
+                ReplyOutcome::Success { .. } => format!("{kind}:success"),
+                ReplyOutcome::Rejected { code, .. } => format!("{kind}:rejected:{code}"),
+                ReplyOutcome::TransientFailure { .. } => format!("{kind}:transient"),
+            };
+            (r.saga_id, outcome)
+        })
+        .collect();
     let of = |saga: SagaId| got.iter().filter(|(s, _)| *s == saga).map(|(_, o)| o.as_str()).collect::<Vec<_>>();
     assert_eq!(got.len(), 8, "every command is answered: {got:?}");
     assert_eq!(of(slow), ["invoke:success"]);
@@ -364,7 +352,7 @@ async fn a_batch_of_commands_runs_each_once_and_a_refusal_undoes_only_its_own_wr
 
     // Effects: once each; the refused handler's write is gone, the late command never ran.
     for (saga, want) in [(slow, &["a:do"][..]), (ok, &["a:do"]), (refused, &[]), (flaky, &[]), (twice, &["a:do"]), (undone, &["a:undo"])] {
-        assert_eq!(probe::effects(&env.pool, saga).await.unwrap(), want, "saga {saga}");
+        assert_eq!(probe::effects(&rig.env.pool, saga).await.unwrap(), want, "saga {saga}");
     }
     // The commands that arrived together were recorded by one transaction (`now()` is the
     // transaction's start); the transient failure was not recorded.
@@ -372,12 +360,10 @@ async fn a_batch_of_commands_runs_each_once_and_a_refusal_undoes_only_its_own_wr
         "SELECT count(*), count(DISTINCT recorded_at) FROM sagaflow_participant.inbox WHERE participant = 'probe' AND saga_id = ANY($1)",
     )
     .bind([ok.0, refused.0, flaky.0, twice.0])
-    .fetch_one(&env.pool)
+    .fetch_one(&rig.env.pool)
     .await
     .unwrap();
     assert_eq!((rows, transactions), (3, 1), "ok, refused and twice are recorded, by one transaction; the transient failure is not");
 
-    conn.close(200, "done".into()).await.unwrap();
-    p.shutdown().await.unwrap();
-    env.cleanup(&["probe"]).await.unwrap();
+    rig.finish().await;
 }
