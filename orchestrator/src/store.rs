@@ -190,7 +190,7 @@ pub(crate) async fn write_decisions<'c>(
         }
         for k in &d.cancel {
             let id = k.id();
-            if !scheduled.iter().any(|(s, ..)| *s == id) && !c_key.iter().zip(&c_saga).any(|(c, s)| *c == id && *s == h.saga.0) {
+            if !scheduled.iter().any(|(s, ..)| *s == id) {
                 c_saga.push(h.saga.0);
                 c_key.push(id);
             }
