@@ -28,7 +28,7 @@ struct Args {
     /// `ok`, `fail20`, or `both`.
     #[arg(long, default_value = "both")]
     variant: String,
-    /// `throughput`, `latency`, or `all`.
+    /// `throughput`, `latency`, `floor` (RabbitMQ alone, see `bench::floor`), or `all`.
     #[arg(long, default_value = "all")]
     measure: String,
     /// Orchestrator node counts to run the throughput measure with, e.g. `1,2,4`.
@@ -64,9 +64,17 @@ struct Cluster {
     nodes: Vec<Node>,
     participants: Vec<Node>,
     engine: orchestrator::Engine,
+    client: orchestrator::ClientHandle,
     waiters: Waiters,
     listener: tokio::task::JoinHandle<()>,
     _conn: lapin::Connection,
+}
+
+/// RabbitMQ and PostgreSQL: `SAGAFLOW_TEST_AMQP_URL` / `SAGAFLOW_TEST_DATABASE_URL`, else the
+/// local defaults.
+fn services() -> (String, String) {
+    testkit::env::service_urls()
+        .unwrap_or_else(|| ("amqp://guest:guest@127.0.0.1:5672/%2f".into(), "postgres://postgres@127.0.0.1:5432/postgres".into()))
 }
 
 fn sibling(name: &str) -> anyhow::Result<String> {
@@ -78,10 +86,10 @@ fn sibling(name: &str) -> anyhow::Result<String> {
 
 impl Cluster {
     async fn start(nodes: usize) -> anyhow::Result<Self> {
-        let (amqp, db) = testkit::env::service_urls()
-            .unwrap_or_else(|| ("amqp://guest:guest@127.0.0.1:5672/%2f".into(), "postgres://postgres@127.0.0.1:5432/postgres".into()));
+        let (amqp, db) = services();
         let env = TestEnv::on_services(amqp, db).await?;
-        let client = orchestrator::Orchestrator::connect(env.config("client"), saga::registry()?).await?;
+        // The client publishes its starts itself, as a service embedding the Rust API would.
+        let client = orchestrator::Orchestrator::connect(env.config("client"), saga::registry()?).await?.client().await?;
         participants_sdk::ensure_schema(&env.pool).await?;
         let engine = client.engine().clone();
         let mut vars = env.node_env("x");
@@ -141,7 +149,7 @@ impl Cluster {
                 }
             }
         });
-        let cluster = Self { env, nodes: ns, participants: ps, engine, waiters, listener, _conn: conn };
+        let cluster = Self { env, nodes: ns, participants: ps, engine, client, waiters, listener, _conn: conn };
         // Warm up (connections, prepared statements) and make sure every process is consuming.
         let warm: Vec<_> = (0..20).map(|i| cluster.run_one(1_000_000 + i, false)).collect();
         for w in warm {
@@ -221,6 +229,7 @@ impl Cluster {
             let _ = n.terminate().await;
         }
         self.listener.abort();
+        self.client.shutdown().await?;
         self.env.cleanup(&saga::PARTICIPANTS).await
     }
 }
@@ -335,6 +344,73 @@ async fn sustain(args: &Args) -> anyhow::Result<()> {
     cluster.stop().await
 }
 
+/// Messages RabbitMQ delivers per `ok` saga: three commands, three replies and the outcome event
+/// (the `started` event is published too, to an exchange no queue of the benchmark listens on).
+const HOPS_PER_SAGA: u8 = 7;
+
+/// Durable commits in sequence per `ok` saga: the start, then for each step the participant's
+/// record and the orchestrator's decision on the reply.
+const COMMITS_PER_SAGA: u8 = 7;
+
+/// The floors (`bench::floor`): the saga's messages through RabbitMQ alone, as many chains and
+/// as many in flight as a throughput run and then one at a time, and a durable step
+/// transaction on PostgreSQL alone; then the least a saga's start to outcome can take here.
+async fn floor(args: &Args) -> anyhow::Result<()> {
+    let (amqp, db) = services();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db).await.context("connecting to PostgreSQL")?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (mut thr, mut lat, mut db_lat) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=args.runs {
+        let f = bench::floor::messaging(&amqp, args.sagas, args.concurrency, HOPS_PER_SAGA).await?;
+        let per_chain = |s: f64| s * 1000.0 / args.sagas as f64;
+        let (rabbit_ms, client_ms) = (per_chain(f.rabbitmq_cpu_s), per_chain(f.client_cpu_s));
+        println!(
+            "order-saga-3 measure=floor-messaging run={run} in_flight={} hops={HOPS_PER_SAGA} chains_per_s={:.1} rabbitmq_cpu_ms_per_chain={rabbit_ms:.3} client_cpu_ms_per_chain={client_ms:.3}",
+            args.concurrency, f.chains_per_s
+        );
+        thr.push((f.chains_per_s, rabbit_ms, client_ms));
+        let one = bench::floor::messaging(&amqp, args.latency_sagas, 1, HOPS_PER_SAGA).await?;
+        let (p50, p99) = (percentile(&one.chain_times, 50.0), percentile(&one.chain_times, 99.0));
+        println!(
+            "order-saga-3 measure=floor-messaging run={run} in_flight=1 hops={HOPS_PER_SAGA} chain_p50_ms={p50:.2} chain_p99_ms={p99:.2}"
+        );
+        lat.push((p50, p99));
+        let txs = bench::floor::step_transactions(&pool, args.latency_sagas).await?;
+        let (t50, t99) = (percentile(&txs, 50.0), percentile(&txs, 99.0));
+        let mean = txs.iter().copied().map(ms).sum::<f64>() / txs.len().max(1) as f64;
+        println!(
+            "order-saga-3 measure=floor-postgresql run={run} step_tx_p50_ms={t50:.3} step_tx_p99_ms={t99:.3} step_tx_mean_ms={mean:.3}"
+        );
+        db_lat.push((t50, t99));
+    }
+    let rabbit_ms = median(thr.iter().map(|r| r.1).collect());
+    println!(
+        "order-saga-3 measure=floor-messaging in_flight={} hops={HOPS_PER_SAGA} chains_per_s={:.1} rabbitmq_cpu_ms_per_chain={rabbit_ms:.3} client_cpu_ms_per_chain={:.3} rabbitmq_alone_on_all_cores_chains_per_s={:.0}",
+        args.concurrency,
+        median(thr.iter().map(|r| r.0).collect()),
+        median(thr.iter().map(|r| r.2).collect()),
+        cores * 1000.0 / rabbit_ms
+    );
+    let (chain50, tx50) = (median(lat.iter().map(|r| r.0).collect()), median(db_lat.iter().map(|r| r.0).collect()));
+    println!(
+        "order-saga-3 measure=floor-messaging in_flight=1 hops={HOPS_PER_SAGA} chain_p50_ms={chain50:.2} chain_p99_ms={:.2}",
+        median(lat.iter().map(|r| r.1).collect())
+    );
+    println!(
+        "order-saga-3 measure=floor-postgresql step_tx_p50_ms={tx50:.3} step_tx_p99_ms={:.3}",
+        median(db_lat.iter().map(|r| r.1).collect())
+    );
+    // A saga's start and each reply is a durable decision, and each command a durable record:
+    // seven commits, each before the message that follows it, plus the seven messages.
+    println!(
+        "order-saga-3 measure=floor latency_p50_ms={:.2} (the {HOPS_PER_SAGA} messages in sequence, {chain50:.2} ms, and {COMMITS_PER_SAGA} step transactions of {tx50:.3} ms)",
+        chain50 + f64::from(COMMITS_PER_SAGA) * tx50
+    );
+    pool.close().await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -350,13 +426,16 @@ async fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("--variant {other}: expected ok, fail20 or both"),
     };
     let measures: Vec<&str> = match args.measure.as_str() {
-        "all" => vec!["throughput", "latency"],
-        m @ ("throughput" | "latency") => vec![m],
-        other => anyhow::bail!("--measure {other}: expected throughput, latency or all"),
+        "all" => vec!["throughput", "latency", "floor"],
+        m @ ("throughput" | "latency" | "floor") => vec![m],
+        other => anyhow::bail!("--measure {other}: expected throughput, latency, floor or all"),
     };
+    if measures.contains(&"floor") {
+        floor(&args).await?;
+    }
     let mut all_correct = true;
     for variant in &variants {
-        for kind in &measures {
+        for kind in measures.iter().filter(|m| **m != "floor") {
             let node_counts = if *kind == "throughput" { args.nodes.clone() } else { vec![1] };
             for nodes in node_counts {
                 let mut runs = Vec::new();

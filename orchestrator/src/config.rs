@@ -23,11 +23,10 @@ pub struct Config {
     /// Unacked messages the broker may send ahead per consumer; replies that arrived together
     /// are applied together, so this bounds the batches too. Default 512.
     pub prefetch: u16,
-    /// Transactions at once per consumer (each applies one input, or a batch of replies).
-    /// Default 8.
+    /// Inputs (or batches of replies) applied at once per consumer. Default 8.
     pub concurrency: usize,
-    /// Most replies applied in one transaction: the replies that arrived while every
-    /// transaction slot was busy are applied together. Default 128.
+    /// Most replies applied together (one read, one write): the replies that arrived while
+    /// every slot was busy. Default 128.
     pub batch_max: usize,
     /// Declare quorum queues instead of classic ones. Default false.
     pub quorum_queues: bool,

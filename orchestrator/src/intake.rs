@@ -1,7 +1,8 @@
-//! Inputs applied in transactions: inbox dedupe → lock the instances → `sagas::decide` for each
-//! input → states + history + outbox + timers → commit. One transaction holds one input, or a
-//! batch of replies of distinct sagas ([`Engine::apply_batch`]). The caller acks the messages
-//! after this returns.
+//! Inputs applied to sagas: read the instances and the inbox → `sagas::decide` for each input
+//! → one statement writes the states, history, outbox, timers and inbox entries of the sagas
+//! still as they were read, and the others are decided again ([`Engine::apply_batch`]; one
+//! input, or a batch of replies of distinct sagas). Starts are one statement; timers fire under
+//! a row lock. The caller acks the messages after this returns.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -172,7 +173,7 @@ impl Engine {
             idempotency_key: req.idempotency_key.as_deref(),
             traceparent: &traceparent,
         };
-        let Some(written) = self.write(&self.pool, std::slice::from_mut(&mut d), Some(new), &[]).await? else {
+        let Some((written, _)) = self.write(&self.pool, std::slice::from_mut(&mut d), Some(new), None).await? else {
             let existing = match req.idempotency_key.as_deref() {
                 Some(key) => store::by_idempotency_key(&self.pool, key).await?.unwrap_or(id),
                 None => id,
@@ -200,9 +201,9 @@ impl Engine {
         let mut results: Vec<Option<Handled>> = vec![None; inputs.len()];
         let mut pending: Vec<usize> = (0..inputs.len()).collect();
         while !pending.is_empty() {
-            // A saga, and a message id, at most once per transaction.
+            // A saga, and a message id, at most once per round.
             let (mut sagas, mut messages) = (HashSet::with_capacity(pending.len()), HashSet::with_capacity(pending.len()));
-            let (round, rest): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| {
+            let (round, mut rest): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| {
                 let (saga, _, message) = inputs[i];
                 let now = !sagas.contains(&saga) && !message.is_some_and(|m| messages.contains(&m));
                 // A deferred input holds back its saga's later inputs too.
@@ -212,61 +213,75 @@ impl Engine {
                 }
                 now
             });
-            self.apply_round(inputs, &round, &mut results).await?;
+            // Inputs whose saga changed since it was read go again, before their saga's later ones.
+            rest.extend(self.apply_round(inputs, &round, &mut results).await?);
+            rest.sort_unstable();
             pending = rest;
         }
         Ok(results.into_iter().map(|h| h.expect("every input is handled in some round")).collect())
     }
 
-    /// One transaction for the inputs `round` of `inputs` (distinct sagas).
+    /// The inputs `round` of `inputs` (distinct sagas) in two statements and no transaction
+    /// around them: read the sagas and which message ids were applied before, decide, then write
+    /// every decision whose saga is still as it was read (see [`store::Guard`]). Returns the
+    /// inputs whose saga another writer changed in between, to be decided again.
     async fn apply_round(
         &self,
         inputs: &[(SagaId, &Input, Option<MessageId>)],
         round: &[usize],
         results: &mut [Option<Handled>],
-    ) -> Result<(), sqlx::Error> {
-        let mut ids: Vec<uuid::Uuid> = round.iter().map(|&i| inputs[i].0.0).collect();
-        ids.sort_unstable();
-        let mut marks: Vec<(uuid::Uuid, SagaId)> = round.iter().filter_map(|&i| inputs[i].2.map(|m| (m.0, inputs[i].0))).collect();
-        marks.sort_unstable_by_key(|(m, _)| *m);
-        let mut tx = self.pool.begin().await?;
-        let mut locked = store::lock_batch(&mut tx, &ids, &marks).await?;
-        let (mut decided, mut at, mut unmark) = (Vec::new(), Vec::new(), Vec::new());
+    ) -> Result<Vec<usize>, sqlx::Error> {
+        let ids: Vec<uuid::Uuid> = round.iter().map(|&i| inputs[i].0.0).collect();
+        let messages: Vec<uuid::Uuid> = round.iter().filter_map(|&i| inputs[i].2.map(|m| m.0)).collect();
+        let mut read = store::read_batch(&self.pool, &ids, &messages).await?;
+        let (mut decided, mut at) = (Vec::new(), Vec::new());
+        let mut guard = store::Guard { versions: Vec::new(), marks: Vec::new() };
         for &i in round {
             let (id, input, inbox) = inputs[i];
-            let Some(l) = locked.sagas.remove(&id) else {
+            let Some((saga, version)) = read.sagas.remove(&id) else {
                 results[i] = Some(Handled::UnknownSaga);
                 continue;
             };
-            if let Some(m) = inbox
-                && !locked.fresh.contains(&m.0)
-            {
+            if inbox.is_some_and(|m| read.seen.contains(&m.0)) {
                 results[i] = Some(Handled::Duplicate);
                 continue;
             }
-            match self.decide_locked(l, input) {
+            // `Err`: nothing of it is written, its message id is not kept either.
+            match self.decide_on(saga, input) {
                 Ok(d) => {
+                    guard.versions.push((id.0, version));
+                    guard.marks.extend(inbox.map(|m| (m.0, id.0)));
                     decided.push(d);
                     at.push(i);
                 }
-                Err(h) => {
-                    // Nothing of it is written; its message id is not kept either.
-                    unmark.extend(inbox.map(|m| m.0));
-                    results[i] = Some(h);
-                }
+                Err(h) => results[i] = Some(h),
             }
         }
         if decided.is_empty() {
-            return tx.rollback().await;
+            return Ok(Vec::new());
         }
-        let written = self.write(&mut *tx, &mut decided, None, &unmark).await?.unwrap_or_default();
-        tx.commit().await?;
+        // Message ids are recorded in one order, as the sagas are locked in one: writes on
+        // several nodes that share an id wait for each other instead of deadlocking.
+        guard.marks.sort_unstable();
+        let (written, wrote) = self.write(&self.pool, &mut decided, None, Some(&guard)).await?.unwrap_or_default();
+        let mut again = Vec::new();
         for (i, d) in at.into_iter().zip(decided) {
-            self.committed(&d, inputs[i].1);
-            results[i] = Some(d.handled);
+            let saga = inputs[i].0.0;
+            if wrote.written.contains(&saga) {
+                self.committed(&d, inputs[i].1);
+                results[i] = Some(d.handled);
+            } else if wrote.locked.contains(&saga) {
+                // Another delivery of the same message was applied meanwhile.
+                results[i] = Some(Handled::Duplicate);
+            } else {
+                again.push(i);
+            }
+        }
+        if !again.is_empty() {
+            tracing::debug!(inputs = again.len(), "sagas changed since they were read; deciding again");
         }
         self.publish_written(written).await;
-        Ok(())
+        Ok(again)
     }
 
     /// Fire timer `key` of saga `id` if it is still there and no other node holds the saga.
@@ -282,9 +297,9 @@ impl Engine {
             return Ok(Handled::Skipped);
         };
         let input = Input::Timer(timer);
-        match self.decide_locked(locked, &input) {
+        match self.decide_on(locked, &input) {
             Ok(mut d) => {
-                let written = self.write(&mut *tx, std::slice::from_mut(&mut d), None, &[]).await?.unwrap_or_default();
+                let (written, _) = self.write(&mut *tx, std::slice::from_mut(&mut d), None, None).await?.unwrap_or_default();
                 tx.commit().await?;
                 self.committed(&d, &input);
                 self.publish_written(written).await;
@@ -304,10 +319,10 @@ impl Engine {
         }
     }
 
-    /// Decide `input` on a locked saga; `Err` for an input nothing may be written for (the
+    /// Decide `input` on the saga as read; `Err` for an input nothing may be written for (the
     /// saga's version is unknown here, or the input names a step the definition lacks).
-    fn decide_locked(&self, locked: store::Locked, input: &Input) -> Result<Decided<'_>, Handled> {
-        let st = &locked.state;
+    fn decide_on(&self, saga: store::Instance, input: &Input) -> Result<Decided<'_>, Handled> {
+        let st = &saga.state;
         let Some(def) = self.registry.get(&st.definition, st.version) else {
             tracing::error!(
                 saga.id = %st.id, saga.name = %st.definition, version = st.version,
@@ -322,7 +337,7 @@ impl Engine {
             return Err(Handled::Invalid { code: "unknown_step", detail });
         }
         let input_json = serde_json::to_value(input).unwrap_or(Value::Null);
-        self.decide(def, st, locked.traceparent.as_deref(), input, input_json)
+        self.decide(def, st, saga.traceparent.as_deref(), input, input_json)
     }
 
     /// Run `decide` and turn its transition into the rows to write (no IO).
@@ -380,34 +395,37 @@ impl Engine {
         })
     }
 
-    /// Write `decided` (and drop the inbox entries `unmark`) in one statement on `ex`, with
-    /// `new` the instance the single decision starts; returns the outbox rows to publish after
-    /// the commit (none when the relays will), or `None` when `new`'s id or idempotency key is
+    /// Write `decided` in one statement on `ex` (see [`store::write_decisions`] for `new` and
+    /// `guard`); returns the outbox rows to publish after the commit (none when the relays
+    /// will) and what the statement wrote, or `None` when `new`'s id or idempotency key is
     /// taken (nothing was written).
     async fn write<'c>(
         &self,
         ex: impl sqlx::PgExecutor<'c>,
         decided: &mut [Decided<'_>],
         new: Option<store::NewInstance<'_>>,
-        unmark: &[uuid::Uuid],
-    ) -> Result<Option<Vec<Claimed>>, sqlx::Error> {
+        guard: Option<&store::Guard>,
+    ) -> Result<Option<(Vec<Claimed>, store::Wrote)>, sqlx::Error> {
         // A writer without a channel (a client) cannot publish: the relays hear of the rows
         // when they commit, and there is nothing to publish here.
         let wake = !self.publisher.has_channel();
         let rows: Vec<&DecisionRows> = decided.iter().map(|d| &d.rows).collect();
-        let Some(ids) = store::write_decisions(ex, &self.node, &rows, new, unmark, wake).await? else { return Ok(None) };
+        let Some(mut wrote) = store::write_decisions(ex, &self.node, &rows, new, guard, wake).await? else { return Ok(None) };
         if wake {
-            return Ok(Some(Vec::new()));
+            return Ok(Some((Vec::new(), wrote)));
         }
-        let mut ids = ids.into_iter();
+        let mut ids = std::mem::take(&mut wrote.outbox).into_iter();
         let mut written = Vec::new();
         for d in decided {
             let saga = d.rows.history.saga;
+            if guard.is_some() && !wrote.written.contains(&saga.0) {
+                continue;
+            }
             for (r, id) in std::mem::take(&mut d.rows.outbox).into_iter().zip(ids.by_ref()) {
                 written.push(Claimed { id, saga, exchange: r.exchange, routing_key: r.routing_key, mandatory: r.mandatory, msg: r.msg });
             }
         }
-        Ok(Some(written))
+        Ok(Some((written, wrote)))
     }
 
     /// After the commit of `d` (the decision on `input`): the metrics, and a line when the saga settled.

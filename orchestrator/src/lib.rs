@@ -35,4 +35,4 @@ mod timers;
 
 pub use config::Config;
 pub use intake::{Engine, Handled, StartError, Started};
-pub use runtime::{Orchestrator, OrchestratorHandle, wait_settled};
+pub use runtime::{ClientHandle, Orchestrator, OrchestratorHandle, wait_settled};

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use lapin::Channel;
 use participants_sdk::outbox::BatchDeleter;
-use participants_sdk::transport::{self, TransportError};
+use participants_sdk::transport::TransportError;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -105,8 +105,7 @@ async fn publish_rows(ch: Option<Channel>, rows: Vec<Claimed>, shared: Shared) {
     let failed = match ch {
         None => rows.len(),
         Some(ch) => {
-            let batch: Vec<_> = rows.iter().map(|r| (r.exchange.as_str(), r.routing_key.as_str(), &r.msg, r.mandatory)).collect();
-            let results = transport::publish_batch(&ch, batch).await;
+            let results = crate::relay::publish_claimed(&ch, &rows).await;
             let mut failed = 0;
             for (r, result) in rows.iter().zip(results) {
                 match result {

@@ -55,8 +55,7 @@ pub(crate) async fn relay_once(engine: &Engine, ch: &Channel, limit: i64, min_ag
         tx.rollback().await?;
         return Ok(0);
     }
-    let batch: Vec<_> = rows.iter().map(|r| (r.exchange.as_str(), r.routing_key.as_str(), &r.msg, r.mandatory)).collect();
-    let results = transport::publish_batch(ch, batch).await;
+    let results = publish_claimed(ch, &rows).await;
     let mut unroutable = Vec::new();
     for (r, result) in rows.iter().zip(results) {
         match result {
@@ -71,6 +70,12 @@ pub(crate) async fn relay_once(engine: &Engine, ch: &Channel, limit: i64, min_ag
     tx.commit().await?;
     report_unroutable(engine, unroutable).await?;
     Ok(rows.len())
+}
+
+/// Publish outbox `rows` pipelined, then wait for the confirms: one result per row, in order.
+pub(crate) async fn publish_claimed(ch: &Channel, rows: &[Claimed]) -> Vec<Result<(), TransportError>> {
+    let batch: Vec<_> = rows.iter().map(|r| (r.exchange.as_str(), r.routing_key.as_str(), &r.msg, r.mandatory)).collect();
+    transport::publish_batch(ch, batch).await
 }
 
 /// A command that reached no queue is a failed attempt the saga sees (and retries under the

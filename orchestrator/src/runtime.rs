@@ -2,7 +2,8 @@
 //! `CancellationToken`. [`Orchestrator::start`] returns a handle whose `shutdown` stops
 //! consuming, lets in-flight inputs finish, flushes the outbox and closes the connections.
 //! When RabbitMQ goes away the AMQP loops are restarted on a new connection; the database
-//! pool reconnects on its own.
+//! pool reconnects on its own. [`Orchestrator::client`] runs a client instead: no consumers,
+//! only a connection on which it publishes what its engine wrote.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,6 +29,15 @@ pub struct Orchestrator {
     config: Config,
     engine: Engine,
     names: Names,
+}
+
+/// A client: what its [`Engine`] writes (starts, events, operator actions) it publishes itself,
+/// right after the commit, instead of waking the nodes' relays. It consumes nothing; the nodes
+/// apply the replies. See [`Orchestrator::client`].
+pub struct ClientHandle {
+    engine: Engine,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// A running node.
@@ -80,16 +90,81 @@ impl Orchestrator {
 
     /// Connect to RabbitMQ, declare the topology and run in the background.
     pub async fn start(self) -> anyhow::Result<OrchestratorHandle> {
-        let conn = transport::connect(&self.config.amqp_url, self.config.connect_timeout())
-            .await
-            .with_context(|| format!("connecting to RabbitMQ at {}", redact(&self.config.amqp_url)))?;
-        self.declare(&conn).await.context("declaring the AMQP topology")?;
+        let conn = self.connect_declared().await?;
         let (intake, relay) = (CancellationToken::new(), CancellationToken::new());
         let engine = self.engine.clone();
         let (api_addr, api) = self.serve_api(intake.clone()).await?;
         let (i, r) = (intake.clone(), relay.clone());
         let task = tokio::spawn(async move { self.supervise(conn, i, r).await });
         Ok(OrchestratorHandle { engine, api_addr, api, intake, relay, task })
+    }
+
+    /// Run as a client, not a node: connect to RabbitMQ and publish what the engine writes
+    /// right after its commit (one round trip to the broker instead of a notification, a relay's
+    /// transaction and a publish), on a connection kept open and reopened when lost. While it
+    /// is lost, and for what is still unpublished when the client stops, the nodes' relays
+    /// publish the rows: nothing written is lost.
+    pub async fn client(self) -> anyhow::Result<ClientHandle> {
+        let (conn, ch) = self.open_publisher().await?;
+        self.engine.publisher.set_channel(Some(ch.clone()));
+        let stop = CancellationToken::new();
+        let (engine, token) = (self.engine.clone(), stop.clone());
+        let task = tokio::spawn(async move { self.keep_publishing(conn, ch, token).await });
+        Ok(ClientHandle { engine, stop, task })
+    }
+
+    /// Connect to RabbitMQ (retrying for up to `connect_timeout`) and declare the topology.
+    async fn connect_declared(&self) -> anyhow::Result<Connection> {
+        let conn = transport::connect(&self.config.amqp_url, self.config.connect_timeout())
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {}", redact(&self.config.amqp_url)))?;
+        self.declare(&conn).await.context("declaring the AMQP topology")?;
+        Ok(conn)
+    }
+
+    /// Connect, declare the topology, open a confirm channel.
+    async fn open_publisher(&self) -> anyhow::Result<(Connection, lapin::Channel)> {
+        let conn = self.connect_declared().await?;
+        let ch = transport::confirm_channel(&conn).await.context("opening a channel")?;
+        Ok((conn, ch))
+    }
+
+    /// The client's connection: watch it, reopen it when lost, close it on `stop`.
+    async fn keep_publishing(self, conn: Connection, ch: lapin::Channel, stop: CancellationToken) {
+        let mut current = Some((conn, ch));
+        loop {
+            let (conn, ch) = match current.take() {
+                Some(c) => c,
+                None => tokio::select! {
+                    () = stop.cancelled() => return,
+                    c = self.open_publisher() => match c {
+                        Ok((conn, ch)) => {
+                            tracing::info!("reconnected to RabbitMQ; publishing again");
+                            self.engine.publisher.set_channel(Some(ch.clone()));
+                            (conn, ch)
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot reconnect to RabbitMQ; the relays publish meanwhile");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    },
+                },
+            };
+            while conn.status().connected() && ch.status().connected() {
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        self.engine.publisher.set_channel(None);
+                        let _ = conn.close(200, "shutdown".into()).await;
+                        return;
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            self.engine.publisher.set_channel(None);
+            tracing::warn!("lost RabbitMQ; the relays publish until the client reconnects");
+            let _ = conn.close(200, "reconnecting".into()).await;
+        }
     }
 
     /// Run until `shutdown` completes, then shut down gracefully.
@@ -282,6 +357,19 @@ async fn retention(pool: sqlx::PgPool, days: u32, token: CancellationToken) {
             () = token.cancelled() => return,
             () = tokio::time::sleep(RETENTION_EVERY) => {}
         }
+    }
+}
+
+impl ClientHandle {
+    /// The engine, to start sagas and send events from Rust.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Stop publishing and close the connection; rows not yet published stay for the relays.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await.context("the client task panicked")
     }
 }
 

@@ -30,14 +30,14 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     migrator().run(pool).await
 }
 
-/// An instance row, locked.
-pub(crate) struct Locked {
+/// An instance row as read: its state and trace context.
+pub(crate) struct Instance {
     pub(crate) state: SagaState,
     pub(crate) traceparent: Option<String>,
 }
 
-/// Lock the instance row. `None` when there is no such saga.
-pub(crate) async fn lock(tx: &mut PgConnection, id: SagaId, skip_locked: bool) -> Result<Option<Locked>, sqlx::Error> {
+/// Lock the instance row and read it. `None` when there is no such saga.
+pub(crate) async fn lock(tx: &mut PgConnection, id: SagaId, skip_locked: bool) -> Result<Option<Instance>, sqlx::Error> {
     let sql = if skip_locked {
         "SELECT state, traceparent FROM sagaflow.instances WHERE id = $1 FOR UPDATE SKIP LOCKED"
     } else {
@@ -46,55 +46,61 @@ pub(crate) async fn lock(tx: &mut PgConnection, id: SagaId, skip_locked: bool) -
     let Some(row) = sqlx::query(sql).bind(id.0).fetch_optional(&mut *tx).await? else { return Ok(None) };
     let state: Value = row.try_get(0)?;
     let state: SagaState = serde_json::from_value(state).map_err(|e| sqlx::Error::Decode(e.into()))?;
-    Ok(Some(Locked { state, traceparent: row.try_get(1)? }))
+    Ok(Some(Instance { state, traceparent: row.try_get(1)? }))
 }
 
-/// What [`lock_batch`] found.
-pub(crate) struct LockedBatch {
-    /// The instances that exist, locked, by id.
-    pub(crate) sagas: HashMap<SagaId, Locked>,
-    /// The message ids recorded now (the others were applied before, or their saga is missing).
-    pub(crate) fresh: HashSet<uuid::Uuid>,
+/// What [`read_batch`] found.
+pub(crate) struct ReadBatch {
+    /// The instances that exist, by id, with the row version each was read at.
+    pub(crate) sagas: HashMap<SagaId, (Instance, i64)>,
+    /// The message ids applied before.
+    pub(crate) seen: HashSet<uuid::Uuid>,
 }
 
-/// Lock the instances `ids` (in id order, so batches on several nodes never deadlock) and record
-/// the message ids `inbox` (`(message, saga)`) of those that exist, in one round trip. A
-/// message's id is inserted once its saga's lock is held, so a concurrent delivery of the same
-/// message either committed before (its id is not fresh here) or waits for this transaction.
-pub(crate) async fn lock_batch(
-    tx: &mut PgConnection,
-    ids: &[uuid::Uuid],
-    inbox: &[(uuid::Uuid, SagaId)],
-) -> Result<LockedBatch, sqlx::Error> {
-    let messages: Vec<uuid::Uuid> = inbox.iter().map(|(m, _)| *m).collect();
-    let owners: Vec<uuid::Uuid> = inbox.iter().map(|(_, s)| s.0).collect();
+/// Read the instances `ids` and which of the message ids `messages` were applied before, in
+/// one statement (one snapshot), without locking anything: a write after it names each saga's
+/// row version in its [`Guard`] and writes only the sagas still at it.
+pub(crate) async fn read_batch(pool: &PgPool, ids: &[uuid::Uuid], messages: &[uuid::Uuid]) -> Result<ReadBatch, sqlx::Error> {
     let rows = sqlx::query(
-        "WITH locked AS (
-             SELECT id, state, traceparent FROM sagaflow.instances WHERE id = ANY($1) ORDER BY id FOR UPDATE
-         ), ins AS (
-             INSERT INTO sagaflow.inbox (message_id, saga_id)
-             SELECT m, s FROM UNNEST($2::uuid[], $3::uuid[]) AS u(m, s) WHERE EXISTS (SELECT 1 FROM locked WHERE locked.id = u.s)
-             ON CONFLICT DO NOTHING RETURNING message_id
-         )
-         SELECT id, state, traceparent, NULL::uuid AS fresh FROM locked
-         UNION ALL SELECT NULL, NULL, NULL, message_id FROM ins",
+        "SELECT id, state, traceparent, xmin::text::int8 AS row_version, NULL::uuid AS seen FROM sagaflow.instances WHERE id = ANY($1)
+         UNION ALL SELECT NULL, NULL, NULL, NULL, message_id FROM sagaflow.inbox WHERE message_id = ANY($2)",
     )
     .bind(ids)
-    .bind(&messages)
-    .bind(&owners)
-    .fetch_all(&mut *tx)
+    .bind(messages)
+    .fetch_all(pool)
     .await?;
-    let mut batch = LockedBatch { sagas: HashMap::with_capacity(ids.len()), fresh: HashSet::with_capacity(inbox.len()) };
+    let mut batch = ReadBatch { sagas: HashMap::with_capacity(ids.len()), seen: HashSet::new() };
     for row in rows {
-        if let Some(m) = row.try_get::<Option<uuid::Uuid>, _>(3)? {
-            batch.fresh.insert(m);
+        if let Some(m) = row.try_get::<Option<uuid::Uuid>, _>(4)? {
+            batch.seen.insert(m);
             continue;
         }
         let id: uuid::Uuid = row.try_get(0)?;
         let state: SagaState = serde_json::from_value(row.try_get(1)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
-        batch.sagas.insert(SagaId(id), Locked { state, traceparent: row.try_get(2)? });
+        batch.sagas.insert(SagaId(id), (Instance { state, traceparent: row.try_get(2)? }, row.try_get(3)?));
     }
     Ok(batch)
+}
+
+/// The condition of a write after [`read_batch`]: each decision's saga is written only if its
+/// row is still at the version it was read at (`xmin`: any other write of the row changes it),
+/// and together with the ids of the messages that carried its input.
+pub(crate) struct Guard {
+    /// `(saga, row version)`, one per decision.
+    pub(crate) versions: Vec<(uuid::Uuid, i64)>,
+    /// `(message, saga)`: the ids to record in the inbox.
+    pub(crate) marks: Vec<(uuid::Uuid, uuid::Uuid)>,
+}
+
+/// What [`write_decisions`] wrote.
+#[derive(Default)]
+pub(crate) struct Wrote {
+    /// The outbox row ids, in the order of the decisions written and their rows.
+    pub(crate) outbox: Vec<i64>,
+    /// With a [`Guard`]: the sagas still at their version, locked by the write ...
+    pub(crate) locked: HashSet<uuid::Uuid>,
+    /// ... and of those, the ones written (the others' message id was recorded meanwhile).
+    pub(crate) written: HashSet<uuid::Uuid>,
 }
 
 /// The id of the saga started with idempotency key `key`, if any.
@@ -127,21 +133,22 @@ pub(crate) struct DecisionRows {
 }
 
 /// Everything `decisions` write, in one statement: the new states, the history rows, the
-/// outbox rows and the timers, and the removal of the inbox entries in `unmark` (messages
-/// recorded by [`lock_batch`] that turned out not to apply). With `new`, the one decision
-/// starts a saga: its instance is inserted with the decision's state, and nothing is written
-/// (`None`) when the id or the idempotency key is taken; being one statement, this needs no
-/// transaction around it. With `wake_relays`, the relays are notified when the rows commit
-/// (for a writer that cannot publish them itself). Returns the outbox row ids, in the order of
-/// the decisions and their rows.
+/// outbox rows and the timers. With `new`, the one decision starts a saga: its instance is
+/// inserted with the decision's state, and nothing is written (`None`) when the id or the
+/// idempotency key is taken. With `guard`, each decision is written only if its saga is still
+/// at the version it was decided on and its message id was not recorded meanwhile (see
+/// [`Guard`]); the sagas are locked in id order, so writes on several nodes never deadlock.
+/// Being one statement, neither needs a transaction around it. Without either, the caller
+/// holds the sagas' locks. With `wake_relays`, the relays are notified when the rows commit
+/// (for a writer that cannot publish them itself).
 pub(crate) async fn write_decisions<'c>(
     ex: impl sqlx::PgExecutor<'c>,
     node: &str,
     decisions: &[&DecisionRows],
     new: Option<NewInstance<'_>>,
-    unmark: &[uuid::Uuid],
+    guard: Option<&Guard>,
     wake_relays: bool,
-) -> Result<Option<Vec<i64>>, sqlx::Error> {
+) -> Result<Option<Wrote>, sqlx::Error> {
     let n = decisions.len();
     let (mut upd_ids, mut upd_states, mut upd_status) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut h_saga, mut h_kind, mut h_input, mut h_outcome) =
@@ -209,29 +216,52 @@ pub(crate) async fn write_decisions<'c>(
     let (new_def, new_version, new_key, new_trace) = new.as_ref().map_or((None, None, None, None), |n| {
         (Some(n.definition), Some(i32::try_from(n.version).unwrap_or(i32::MAX)), n.idempotency_key, Some(n.traceparent))
     });
+    let (g_saga, g_version): (Vec<uuid::Uuid>, Vec<i64>) = guard.map(|g| g.versions.iter().copied().unzip()).unwrap_or_default();
+    let (m_message, m_saga): (Vec<uuid::Uuid>, Vec<uuid::Uuid>) = guard.map(|g| g.marks.iter().copied().unzip()).unwrap_or_default();
     // Only the parts this write needs: every part costs PostgreSQL executor work even when it
     // has no rows. (All parameters are bound either way; the statement text picks the prepared
     // statement, and there are few variants.)
-    let gate = if new.is_some() { "(SELECT ok FROM go)" } else { "true" };
+    let gate = |saga: &str| match (&new, guard) {
+        (Some(_), _) => "(SELECT ok FROM go)".to_owned(),
+        (None, Some(_)) => format!("{saga} IN (SELECT id FROM ok)"),
+        (None, None) => "true".to_owned(),
+    };
     let mut parts: Vec<String> = Vec::new();
+    if guard.is_some() {
+        parts.push(
+            "cas AS (
+                SELECT i.id FROM sagaflow.instances i JOIN UNNEST($34::uuid[], $35::int8[]) AS g(id, v) ON i.id = g.id
+                WHERE i.xmin::text::int8 = g.v ORDER BY i.id FOR UPDATE OF i
+             ), marked AS (
+                INSERT INTO sagaflow.inbox (message_id, saga_id)
+                SELECT m, s FROM UNNEST($36::uuid[], $37::uuid[]) AS u(m, s) WHERE u.s IN (SELECT id FROM cas)
+                ON CONFLICT DO NOTHING RETURNING message_id
+             ), ok AS (
+                SELECT c.id FROM cas c WHERE NOT EXISTS (
+                    SELECT 1 FROM UNNEST($36::uuid[], $37::uuid[]) AS u(m, s)
+                    WHERE u.s = c.id AND u.m NOT IN (SELECT message_id FROM marked))
+             )"
+            .into(),
+        );
+    }
     if new.is_some() {
         parts.push(
             "ins AS (
                 INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by)
-                SELECT $21, $22, $23, $24, $25, $26, $27, $1 WHERE $21::uuid IS NOT NULL
+                SELECT $20, $21, $22, $23, $24, $25, $26, $1 WHERE $20::uuid IS NOT NULL
                 ON CONFLICT DO NOTHING RETURNING id
              ), go AS (SELECT EXISTS (SELECT 1 FROM ins) AS ok)"
                 .into(),
         );
     }
     if !upd_ids.is_empty() {
-        parts.push(
+        parts.push(format!(
             "upd AS (
                 UPDATE sagaflow.instances i SET state = u.state, status = u.status, updated_at = now(), decided_by = $1
-                FROM UNNEST($2::uuid[], $3::jsonb[], $4::text[]) AS u(id, state, status) WHERE i.id = u.id
-             )"
-            .into(),
-        );
+                FROM UNNEST($2::uuid[], $3::jsonb[], $4::text[]) AS u(id, state, status) WHERE i.id = u.id AND {}
+             )",
+            gate("u.id")
+        ));
     }
     parts.push(format!(
         "h AS (
@@ -239,47 +269,54 @@ pub(crate) async fn write_decisions<'c>(
             SELECT s, $1, k, i, o, d, st, e, ib, sb
             FROM UNNEST($5::uuid[], $6::text[], $7::jsonb[], $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::int4[], $13::int4[])
                  AS x(s, k, i, o, d, st, e, ib, sb)
-            WHERE {gate}
-         )"
+            WHERE {}
+         )",
+        gate("x.s")
     ));
     if !o_saga.is_empty() {
         parts.push(format!(
             "o AS (
                 INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body)
-                SELECT * FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::jsonb[], $19::bytea[]) WHERE {gate}
+                SELECT * FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::jsonb[], $19::bytea[])
+                    AS x(s, ex, k, m, env, b) WHERE {}
                 RETURNING id
-             )"
+             )",
+            gate("x.s")
         ));
         if wake_relays {
-            parts.push("wake AS (SELECT pg_notify('sagaflow_outbox', '') WHERE $34 AND EXISTS (SELECT 1 FROM o))".into());
+            parts.push("wake AS (SELECT pg_notify('sagaflow_outbox', '') WHERE $33 AND EXISTS (SELECT 1 FROM o))".into());
         }
-    }
-    if !unmark.is_empty() {
-        parts.push("gone AS (DELETE FROM sagaflow.inbox WHERE message_id = ANY($20))".into());
     }
     if !c_saga.is_empty() {
         parts.push(format!(
             "cancelled AS (
-                DELETE FROM sagaflow.timers t USING UNNEST($28::uuid[], $29::text[]) AS c(s, k)
-                WHERE t.saga_id = c.s AND t.key = c.k AND {gate}
-             )"
+                DELETE FROM sagaflow.timers t USING UNNEST($27::uuid[], $28::text[]) AS c(s, k)
+                WHERE t.saga_id = c.s AND t.key = c.k AND {}
+             )",
+            gate("c.s")
         ));
     }
     if !t_saga.is_empty() {
         parts.push(format!(
             "scheduled AS (
                 INSERT INTO sagaflow.timers (saga_id, key, timer, due_ms)
-                SELECT * FROM UNNEST($30::uuid[], $31::text[], $32::jsonb[], $33::int8[]) WHERE {gate}
+                SELECT * FROM UNNEST($29::uuid[], $30::text[], $31::jsonb[], $32::int8[]) AS x(s, k, t, d) WHERE {}
                 ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, due_ms = EXCLUDED.due_ms
-             )"
+             )",
+            gate("x.s")
         ));
     }
     let ids = if o_saga.is_empty() { "'{}'::int8[]" } else { "COALESCE((SELECT array_agg(id ORDER BY id) FROM o), '{}')" };
     // `wake` is not a write, so it runs only when the query reads it.
     let from = if o_saga.is_empty() || !wake_relays { "" } else { " FROM (SELECT count(*) FROM wake) AS w" };
     let ok = if new.is_some() { "(SELECT ok FROM go)" } else { "true" };
-    let sql = format!("WITH {} SELECT {ok}, {ids}{from}", parts.join(", "));
-    let (ok, ids): (bool, Vec<i64>) = sqlx::query_as(AssertSqlSafe(sql))
+    let guarded = if guard.is_some() {
+        "COALESCE((SELECT array_agg(id) FROM cas), '{}'), COALESCE((SELECT array_agg(id) FROM ok), '{}')"
+    } else {
+        "'{}'::uuid[], '{}'::uuid[]"
+    };
+    let sql = format!("WITH {} SELECT {ok}, {ids}, {guarded}{from}", parts.join(", "));
+    let (ok, outbox, locked, written): (bool, Vec<i64>, Vec<uuid::Uuid>, Vec<uuid::Uuid>) = sqlx::query_as(AssertSqlSafe(sql))
         .bind(node)
         .bind(&upd_ids)
         .bind(&upd_states)
@@ -299,7 +336,6 @@ pub(crate) async fn write_decisions<'c>(
         .bind(&o_mandatory)
         .bind(&o_envelope)
         .bind(&o_body)
-        .bind(unmark)
         .bind(new_id)
         .bind(new_def)
         .bind(new_version)
@@ -314,9 +350,13 @@ pub(crate) async fn write_decisions<'c>(
         .bind(&t_timer)
         .bind(&t_due)
         .bind(wake_relays)
+        .bind(&g_saga)
+        .bind(&g_version)
+        .bind(&m_message)
+        .bind(&m_saga)
         .fetch_one(ex)
         .await?;
-    Ok(ok.then_some(ids))
+    Ok(ok.then(|| Wrote { outbox, locked: locked.into_iter().collect(), written: written.into_iter().collect() }))
 }
 
 /// Wake the relays (when this node could not publish what it wrote).

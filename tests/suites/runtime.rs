@@ -495,6 +495,53 @@ async fn lifecycle_events_reach_listeners_on_the_events_exchange() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_publishes_what_it_starts_itself_and_a_node_finishes_the_saga() {
+    let env = TestEnv::start().await.unwrap();
+    // A client and no node: no relay runs, so only the client can publish the first command.
+    let client = orchestrator::Orchestrator::connect(env.config("client"), orders::registry()).await.unwrap().client().await.unwrap();
+    let id = client.engine().start(&order("o-client", "Main St 1", 0), None).await.unwrap().saga_id;
+    let conn = env.amqp().await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let queue = env.names().participant_queue("inventory");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let q = ch
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.outbox").fetch_one(&env.pool).await.unwrap();
+        // The command waits in inventory's queue, and the client deleted the rows the broker confirmed.
+        if q.message_count() == 1 && outbox == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "queued: {}, outbox rows: {outbox}", q.message_count());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A node and the participants take it from there.
+    let node = env.orchestrator("n1", orders::registry()).await.unwrap();
+    let parts = order_participants(&env).await;
+    let st = wait::settled(&env.pool, id, WAIT).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Completed, "{st:?}");
+    assert_eq!(count(&env, "SELECT count(*) FROM example_inventory.reservations WHERE order_id = $1", "o-client").await, 1);
+
+    // A stopped client's engine still writes; the nodes' relays publish for it.
+    client.shutdown().await.unwrap();
+    let later = orchestrator::Orchestrator::connect(env.config("client"), orders::registry()).await.unwrap();
+    let id = later.engine().start(&order("o-after", "Main St 1", 0), None).await.unwrap().saga_id;
+    assert_eq!(wait::settled(&env.pool, id, WAIT).await.unwrap().status, SagaStatus::Completed);
+
+    conn.close(200, "done".into()).await.unwrap();
+    shutdown(parts).await;
+    node.shutdown().await.unwrap();
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_command_is_a_failed_attempt_the_saga_sees() {
     let env = TestEnv::start().await.unwrap();
     probe::setup(&env.pool).await.unwrap();
@@ -698,6 +745,52 @@ async fn retention_deletes_old_finished_sagas_and_keeps_running_ones() {
 
     p.shutdown().await.unwrap();
     pruner.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
+
+/// Two writers (as two nodes would be) race sixteen deliveries at one saga: eight replies to the
+/// same attempt, each delivered twice. Each writer reads without a lock and writes only if the
+/// saga is still as it read it, so exactly one reply applies, every other is decided on the
+/// state that one left, and no message id applies twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_inputs_to_one_saga_are_each_decided_on_the_latest_state() {
+    use orchestrator::Handled;
+    use sagas::{Input, InputOutcome, Reply};
+
+    let env = TestEnv::start().await.unwrap();
+    let def = || SagaDefinition::<Plan>::builder("pair", 1).step("a", |s| probe::step(s, "a")).step("b", |s| probe::step(s, "b")).build();
+    let one = orchestrator::Orchestrator::connect(env.config("one"), probe_registry(vec![def().unwrap()])).await.unwrap();
+    let two = orchestrator::Orchestrator::connect(env.config("two"), probe_registry(vec![def().unwrap()])).await.unwrap();
+    let x = one.engine().start(&probe::start_request("pair", &Plan::default()), None).await.unwrap().saga_id;
+    let reply = Input::Reply(Reply {
+        in_reply_to: MessageId::for_command(x, StepIndex(0), CommandKind::Invoke, 1),
+        step: StepIndex(0),
+        kind: CommandKind::Invoke,
+        attempt: 1,
+        outcome: ReplyOutcome::Success { output: json!({"key": "a"}) },
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..8 {
+        let m = MessageId::new_random();
+        for copy in 0..2 {
+            let engine = if (k + copy) % 2 == 0 { one.engine().clone() } else { two.engine().clone() };
+            let input = reply.clone();
+            tasks.spawn(async move { engine.apply(x, &input, Some(m)).await.unwrap() });
+        }
+    }
+    let handled = tasks.join_all().await;
+    let applied = handled.iter().filter(|h| matches!(h, Handled::Decided { outcome: InputOutcome::Applied, .. })).count();
+    let decided = handled.iter().filter(|h| matches!(h, Handled::Decided { .. })).count();
+    let dropped = handled.iter().filter(|h| **h == Handled::Duplicate).count();
+    assert_eq!((applied, decided, dropped), (1, 8, 8), "{handled:?}");
+    let outcomes: Vec<String> = wait::history(&env.pool, x).await.unwrap().into_iter().skip(1).map(|e| e.outcome).collect();
+    assert_eq!(outcomes.iter().filter(|o| *o == "applied").count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| *o == "duplicate").count(), 7, "{outcomes:?}");
+    let st = orchestrator::store::load(&env.pool, x).await.unwrap().unwrap();
+    assert_eq!((st.steps[0].status, st.steps[1].status), (StepStatus::Completed, StepStatus::Running), "{st:?}");
+    // No node runs: the outbox holds every command written, step a's and one of step b's.
+    let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.outbox WHERE mandatory").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(commands, 2);
     env.cleanup(&["probe"]).await.unwrap();
 }
 
