@@ -1,16 +1,22 @@
 //! The orchestrator's two queues: replies from participants, and start requests and external
 //! events from clients. Each delivery is decoded (refused → dead letter with the reason),
-//! applied in one transaction, then acked.
+//! applied (its decision committed), then acked.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use futures_util::future::Shared;
 
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use participants_sdk::transport::{self, Names};
-use sagas::protocol::{TYPE_EVENT, TYPE_START, decode_event, decode_reply, decode_start};
-use sagas::{Input, MessageId};
+use sagas::protocol::{H_SAGA_ID, TYPE_EVENT, TYPE_START, decode_event, decode_reply, decode_start};
+use sagas::{Input, MessageId, SagaId};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::intake::{Engine, Handled, StartError};
@@ -48,12 +54,15 @@ impl Consumer {
         let name = self.queue_name(queue);
         let deliveries = ch.basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
         let result = match queue {
-            // Replies are applied in batches: one transaction for what arrived together.
+            // Replies are applied in batches: one read and one write for what arrived together.
             Queue::Replies => {
+                let order = InOrder::default();
                 transport::run_batch_consumer(&ch, deliveries, self.batch_max, self.concurrency, &token, |batch| {
                     let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
+                    // A reply without a readable saga id waits for nothing: it is dead-lettered.
+                    let turn = order.take_turn(batch.iter().filter_map(saga_of));
                     async move {
-                        let settled = this.replies(batch).await;
+                        let settled = this.replies(batch, turn).await;
                         this.settle(&ch, &name, settled).await;
                     }
                 })
@@ -111,8 +120,9 @@ impl Consumer {
         }
     }
 
-    /// Decode the replies of `batch` (refused → dead letter) and apply them together.
-    async fn replies(&self, batch: Vec<Delivery>) -> Vec<(Delivery, Verdict)> {
+    /// Decode the replies of `batch` (refused → dead letter) and apply them together, once the
+    /// batches before it with replies of the same sagas are applied (`turn`).
+    async fn replies(&self, batch: Vec<Delivery>, mut turn: Turn) -> Vec<(Delivery, Verdict)> {
         tracing::debug!(replies = batch.len(), "applying a batch of replies");
         let mut settled = Vec::with_capacity(batch.len());
         let mut decoded = Vec::with_capacity(batch.len());
@@ -123,8 +133,9 @@ impl Consumer {
             }
         }
         let inputs: Vec<_> = decoded.iter().map(|(_, saga, input, m)| (*saga, input, Some(*m))).collect();
+        turn.wait().await;
         let handled = self.engine.apply_batch(&inputs).await;
-        drop(inputs);
+        drop((inputs, turn));
         match handled {
             Ok(hs) => settled.extend(decoded.into_iter().zip(hs).map(|((d, saga, ..), h)| (d, self.verdict(h, saga)))),
             Err(e) => settled.extend(decoded.into_iter().map(|(d, ..)| (d, Verdict::Requeue(format!("database error: {e}"))))),
@@ -171,5 +182,108 @@ impl Consumer {
                 Verdict::Requeue(format!("saga {saga} is on `{definition}` version {version}, which this node does not know"))
             }
         }
+    }
+}
+
+/// The replies of one saga are applied in the order they arrived on this node (a parallel group's
+/// branches completed in that order, and compensate in the reverse): a batch takes its turn when
+/// it is formed, in delivery order, and waits for the batches before it that hold replies of the
+/// same sagas. Batches of other sagas run side by side.
+#[derive(Clone, Default)]
+struct InOrder(Arc<Mutex<Turns>>);
+
+#[derive(Default)]
+struct Turns {
+    next: u64,
+    /// For each saga with a batch in flight, the latest such batch and when it is done.
+    last: HashMap<SagaId, (u64, Shared<oneshot::Receiver<()>>)>,
+}
+
+impl InOrder {
+    /// The turn of a batch of replies of `sagas` (call in delivery order).
+    fn take_turn(&self, sagas: impl IntoIterator<Item = SagaId>) -> Turn {
+        let (done, rx) = oneshot::channel();
+        let rx = rx.shared();
+        let mut turns = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        turns.next += 1;
+        let seq = turns.next;
+        let (mut mine, mut before) = (Vec::new(), Vec::new());
+        for saga in sagas {
+            match turns.last.insert(saga, (seq, rx.clone())) {
+                Some((s, _)) if s == seq => continue,
+                Some((_, prev)) => before.push(prev),
+                None => {}
+            }
+            mine.push(saga);
+        }
+        drop(turns);
+        Turn { order: self.clone(), seq, sagas: mine, before, done: Some(done) }
+    }
+}
+
+/// A batch's place in [`InOrder`]; dropping it lets the batches after it go.
+struct Turn {
+    order: InOrder,
+    seq: u64,
+    sagas: Vec<SagaId>,
+    before: Vec<Shared<oneshot::Receiver<()>>>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// Wait until the batches before this one with replies of the same sagas are done.
+    async fn wait(&mut self) {
+        // A batch that ended without signalling (it panicked) is done too.
+        while let Some(prev) = self.before.last() {
+            let _ = prev.clone().await;
+            self.before.pop();
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut turns = self.order.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for saga in &self.sagas {
+            if turns.last.get(saga).is_some_and(|(s, _)| *s == self.seq) {
+                turns.last.remove(saga);
+            }
+        }
+        drop(turns);
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The saga a reply is for, from its `x-saga-id` header.
+fn saga_of(d: &Delivery) -> Option<SagaId> {
+    match d.properties.headers().as_ref()?.inner().get(H_SAGA_ID)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_waits_for_the_earlier_batches_of_its_sagas_only() {
+        let order = InOrder::default();
+        let (x, y) = (SagaId::new(), SagaId::new());
+        let first = order.take_turn([x, x]);
+        let mut second = order.take_turn([y, x]);
+        let mut other = order.take_turn([y]);
+        let mut unrelated = order.take_turn([SagaId::new()]);
+        assert!(unrelated.wait().now_or_never().is_some(), "no earlier batch holds its saga");
+        assert!(second.wait().now_or_never().is_none(), "the first batch holds x");
+        drop(first);
+        second.wait().now_or_never().expect("the first batch is done");
+        assert!(other.wait().now_or_never().is_none(), "the second batch holds y");
+        drop(second);
+        other.wait().now_or_never().expect("the second batch is done");
+        drop((other, unrelated));
+        assert!(order.0.lock().unwrap().last.is_empty(), "nothing is kept once every batch is done");
     }
 }

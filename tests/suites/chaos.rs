@@ -7,6 +7,7 @@
 //! `SAGAFLOW_CHAOS_SAGAS` (default 2000) sets the size; `SAGAFLOW_CHAOS_SEED` replays a run.
 //! Runs on containers of its own, so restarts touch nothing else.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
@@ -91,13 +92,14 @@ async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     panic!("{sql}: {last:?}")
 }
 
-/// Publish one bad message on a fresh connection; `false` when the broker was not there.
-async fn inject_bad(amqp: &str, queue: &str, i: u32) -> bool {
+/// Publish one bad message, `id`, on a fresh connection; `false` when the broker did not confirm
+/// it (it may still have arrived).
+async fn inject_bad(amqp: &str, queue: &str, i: u32, id: MessageId) -> bool {
     let attempt = async {
         let conn = lapin::Connection::connect(amqp, lapin::ConnectionProperties::default()).await?;
         let ch = transport::confirm_channel(&conn).await?;
         let bad = WireMessage {
-            message_id: Some(MessageId::new_random().to_string()),
+            message_id: Some(id.to_string()),
             kind: Some(TYPE_START.into()),
             body: format!("{{not json {i}").into_bytes(),
             ..WireMessage::default()
@@ -147,7 +149,8 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
     let started = Instant::now();
     let mut ids: Vec<SagaId> = Vec::with_capacity(n as usize);
     let mut faults = Vec::new();
-    let mut injected_bad = 0u32;
+    // Every bad message sent, and those the broker confirmed.
+    let (mut bad_sent, mut bad_confirmed) = (HashSet::new(), HashSet::new());
     let mut next_fault = Instant::now() + Duration::from_millis(500);
     let mut i = 0;
     let deadline = Instant::now() + Duration::from_secs(900);
@@ -164,8 +167,12 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
                     }
                     Err(_) => break,
                 }
-                if i % 250 == 0 && inject_bad(&amqp, &names.inbound_queue(), i).await {
-                    injected_bad += 1;
+                if i % 250 == 0 {
+                    let id = MessageId::new_random();
+                    bad_sent.insert(id.to_string());
+                    if inject_bad(&amqp, &names.inbound_queue(), i, id).await {
+                        bad_confirmed.insert(id.to_string());
+                    }
                 }
             }
         }
@@ -288,7 +295,24 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
                 .unwrap_or(0)
         }
     };
-    let inbound_dead = dead(Names::dead_letter_queue(&names.inbound_queue())).await;
+    // A bad message is dead-lettered at least once: a node that dies between the dead letter's
+    // confirm and the original's ack dead-letters it again on redelivery.
+    let inbound_dlq = Names::dead_letter_queue(&names.inbound_queue());
+    let inbound_dead = dead(inbound_dlq.clone()).await;
+    let dead_letters =
+        testkit::wait::drain(&ch, &inbound_dlq, usize::try_from(inbound_dead).unwrap(), Duration::from_secs(10)).await.unwrap();
+    let mut bad_dead = HashSet::new();
+    let mut unexpected_dead = Vec::new();
+    for d in &dead_letters {
+        let id = d.properties.message_id().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_default();
+        let reason = testkit::wait::dead_letter_reason(d);
+        if bad_sent.contains(&id) && reason == "malformed_body" {
+            bad_dead.insert(id);
+        } else {
+            unexpected_dead.push(format!("{id} ({reason})"));
+        }
+    }
+    let bad_missing = bad_confirmed.difference(&bad_dead).count();
     let mut other_dead = dead(Names::dead_letter_queue(&names.replies_queue())).await;
     for p in order_fulfilment::PARTICIPANTS {
         other_dead += dead(Names::dead_letter_queue(&names.participant_queue(p))).await;
@@ -299,15 +323,22 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
         faults.len()
     );
     let detail = format!(
-        "seed={seed} elapsed_s={:.1} outbox_left={outbox_left} dead_letters: injected={injected_bad} inbound={inbound_dead} elsewhere={other_dead}\nfaults:\n  {}",
+        "seed={seed} elapsed_s={:.1} outbox_left={outbox_left} dead_letters: injected={}/{} confirmed, inbound={inbound_dead} dead letters of {} distinct bad messages, missing={bad_missing} unexpected={unexpected_dead:?} elsewhere={other_dead}\nfaults:\n  {}",
         elapsed.as_secs_f64(),
+        bad_confirmed.len(),
+        bad_sent.len(),
+        bad_dead.len(),
         faults.join("\n  ")
     );
     let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{detail}\n{summary}\n").as_bytes());
     assert!(faults.len() >= 5, "too few faults to prove anything: {detail}");
     assert_eq!((lost, duplicate_effects, misordered, stuck), (0, 0, 0, 0), "{summary}\n{detail}");
     assert_eq!(outbox_left, 0, "messages left unpublished: {detail}");
-    assert_eq!((inbound_dead, other_dead), (injected_bad, 0), "dead letters hold only the injected bad input: {detail}");
+    assert_eq!(dead_letters.len(), usize::try_from(inbound_dead).unwrap(), "every inbound dead letter read: {detail}");
+    assert!(
+        unexpected_dead.is_empty() && bad_missing == 0 && other_dead == 0,
+        "dead letters hold the injected bad input, all of it, and nothing else: {detail}"
+    );
 
     for node in cluster.nodes {
         node.kill().await.unwrap();
