@@ -168,10 +168,16 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
                     Err(_) => break,
                 }
                 if i % 250 == 0 {
-                    let id = MessageId::new_random();
-                    bad_sent.insert(id.to_string());
-                    if inject_bad(&amqp, &names.inbound_queue(), i, id).await {
-                        bad_confirmed.insert(id.to_string());
+                    // The broker may be restarting: try again (a new message each time) for a while.
+                    let give_up = Instant::now() + Duration::from_secs(15);
+                    while Instant::now() < give_up {
+                        let id = MessageId::new_random();
+                        bad_sent.insert(id.to_string());
+                        if inject_bad(&amqp, &names.inbound_queue(), i, id).await {
+                            bad_confirmed.insert(id.to_string());
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
             }
@@ -323,7 +329,7 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
         faults.len()
     );
     let detail = format!(
-        "seed={seed} elapsed_s={:.1} outbox_left={outbox_left} dead_letters: injected={}/{} confirmed, inbound={inbound_dead} dead letters of {} distinct bad messages, missing={bad_missing} unexpected={unexpected_dead:?} elsewhere={other_dead}\nfaults:\n  {}",
+        "seed={seed} elapsed_s={:.1} outbox_left={outbox_left} dead_letters: bad messages confirmed={} of {} sent, inbound={inbound_dead} dead letters of {} distinct bad messages, missing={bad_missing} unexpected={unexpected_dead:?} elsewhere={other_dead}\nfaults:\n  {}",
         elapsed.as_secs_f64(),
         bad_confirmed.len(),
         bad_sent.len(),
@@ -332,6 +338,7 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
     );
     let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{detail}\n{summary}\n").as_bytes());
     assert!(faults.len() >= 5, "too few faults to prove anything: {detail}");
+    assert!(!bad_confirmed.is_empty(), "no bad message reached the broker: {detail}");
     assert_eq!((lost, duplicate_effects, misordered, stuck), (0, 0, 0, 0), "{summary}\n{detail}");
     assert_eq!(outbox_left, 0, "messages left unpublished: {detail}");
     assert_eq!(dead_letters.len(), usize::try_from(inbound_dead).unwrap(), "every inbound dead letter read: {detail}");
