@@ -50,8 +50,9 @@ impl Rig {
     async fn attach(env: TestEnv, participant: &'static str, step_name: &'static str, handle: ParticipantHandle) -> Rig {
         let conn = env.amqp().await.unwrap();
         let ch = transport::confirm_channel(&conn).await.unwrap();
+        // Exclusive: gone with this connection (auto-delete needs a consumer, and this queue is read with basic.get).
         let replies = format!("{}.test-replies", env.namespace);
-        ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+        ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
             .await
             .unwrap();
         Rig { env, conn, ch, replies, participant, step_name, handle: Some(handle) }

@@ -451,7 +451,7 @@ async fn lifecycle_events_reach_listeners_on_the_events_exchange() {
     let listener = format!("{}.listener", env.namespace);
     ch.queue_declare(
         listener.as_str().into(),
-        lapin::options::QueueDeclareOptions { auto_delete: true, ..Default::default() },
+        lapin::options::QueueDeclareOptions { exclusive: true, ..Default::default() },
         Default::default(),
     )
     .await
