@@ -11,9 +11,9 @@ use futures_util::future::Shared;
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use participants_sdk::transport::{self, Names};
-use sagas::protocol::{H_SAGA_ID, TYPE_EVENT, TYPE_START, decode_event, decode_reply, decode_start};
+use sagas::protocol::{H_SAGA_ID, HeaderValue, TYPE_EVENT, TYPE_START, decode_event, decode_reply, decode_start};
 use sagas::{Input, MessageId, SagaId};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -189,50 +189,43 @@ impl Consumer {
 /// it is formed, in delivery order, and waits for the batches before it that hold replies of the
 /// same sagas. Batches of other sagas run side by side.
 #[derive(Clone, Default)]
-struct InOrder(Arc<Mutex<Turns>>);
+struct InOrder(Arc<Mutex<HashMap<SagaId, Done>>>);
 
-#[derive(Default)]
-struct Turns {
-    next: u64,
-    /// For each saga with a batch in flight, the latest such batch and when it is done.
-    last: HashMap<SagaId, (u64, Shared<oneshot::Receiver<()>>)>,
-}
+/// Resolves when a batch is done: its [`Turn`] dropped its sender.
+type Done = Shared<oneshot::Receiver<()>>;
 
 impl InOrder {
     /// The turn of a batch of replies of `sagas` (call in delivery order).
     fn take_turn(&self, sagas: impl IntoIterator<Item = SagaId>) -> Turn {
-        let (done, rx) = oneshot::channel();
-        let rx = rx.shared();
-        let mut turns = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        turns.next += 1;
-        let seq = turns.next;
+        let (sender, done) = oneshot::channel();
+        let done = done.shared();
+        let mut last = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (mut mine, mut before) = (Vec::new(), Vec::new());
         for saga in sagas {
-            match turns.last.insert(saga, (seq, rx.clone())) {
-                Some((s, _)) if s == seq => continue,
-                Some((_, prev)) => before.push(prev),
+            match last.insert(saga, done.clone()) {
+                Some(prev) if prev.ptr_eq(&done) => continue,
+                Some(prev) => before.push(prev),
                 None => {}
             }
             mine.push(saga);
         }
-        drop(turns);
-        Turn { order: self.clone(), seq, sagas: mine, before, done: Some(done) }
+        drop(last);
+        Turn { order: self.clone(), sagas: mine, before, done, _sender: sender }
     }
 }
 
 /// A batch's place in [`InOrder`]; dropping it lets the batches after it go.
 struct Turn {
     order: InOrder,
-    seq: u64,
     sagas: Vec<SagaId>,
-    before: Vec<Shared<oneshot::Receiver<()>>>,
-    done: Option<oneshot::Sender<()>>,
+    before: Vec<Done>,
+    done: Done,
+    _sender: oneshot::Sender<()>,
 }
 
 impl Turn {
     /// Wait until the batches before this one with replies of the same sagas are done.
     async fn wait(&mut self) {
-        // A batch that ended without signalling (it panicked) is done too.
         while let Some(prev) = self.before.last() {
             let _ = prev.clone().await;
             self.before.pop();
@@ -242,24 +235,20 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        let mut turns = self.order.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.order.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for saga in &self.sagas {
-            if turns.last.get(saga).is_some_and(|(s, _)| *s == self.seq) {
-                turns.last.remove(saga);
+            if last.get(saga).is_some_and(|d| d.ptr_eq(&self.done)) {
+                last.remove(saga);
             }
-        }
-        drop(turns);
-        if let Some(done) = self.done.take() {
-            let _ = done.send(());
         }
     }
 }
 
 /// The saga a reply is for, from its `x-saga-id` header.
 fn saga_of(d: &Delivery) -> Option<SagaId> {
-    match d.properties.headers().as_ref()?.inner().get(H_SAGA_ID)? {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
-        _ => None,
+    match transport::delivery_header(d, H_SAGA_ID)? {
+        HeaderValue::Str(s) => s.parse().ok(),
+        HeaderValue::Int(_) => None,
     }
 }
 
@@ -283,6 +272,6 @@ mod tests {
         drop(second);
         other.wait().now_or_never().expect("the second batch is done");
         drop((other, unrelated));
-        assert!(order.0.lock().unwrap().last.is_empty(), "nothing is kept once every batch is done");
+        assert!(order.0.lock().unwrap().is_empty(), "nothing is kept once every batch is done");
     }
 }

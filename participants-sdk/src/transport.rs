@@ -296,26 +296,36 @@ pub fn wire_from_delivery(d: &Delivery) -> WireMessage {
     wire_from_parts(&d.properties, &d.data)
 }
 
+/// The protocol's view of one header of a delivered message, without copying the rest of it.
+pub fn delivery_header(d: &Delivery, name: &str) -> Option<HeaderValue> {
+    header_value(d.properties.headers().as_ref()?.inner().get(name)?)
+}
+
+/// An AMQP header value as the protocol sees it. Other types (tables, arrays, floats) are not
+/// part of the protocol: `None`, and decoders that need the header report it as missing.
+fn header_value(v: &AMQPValue) -> Option<HeaderValue> {
+    Some(match v {
+        AMQPValue::LongString(s) => HeaderValue::Str(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => HeaderValue::Str(s.as_str().to_owned()),
+        AMQPValue::LongLongInt(n) => HeaderValue::Int(*n),
+        AMQPValue::LongInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::LongUInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::ShortInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => HeaderValue::Int(i64::from(*n)),
+        _ => return None,
+    })
+}
+
 fn wire_from_parts(p: &BasicProperties, body: &[u8]) -> WireMessage {
     let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
     let mut headers = BTreeMap::new();
     if let Some(table) = p.headers() {
         for (k, v) in table {
-            let value = match v {
-                AMQPValue::LongString(s) => HeaderValue::Str(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-                AMQPValue::ShortString(s) => HeaderValue::Str(s.as_str().to_owned()),
-                AMQPValue::LongLongInt(n) => HeaderValue::Int(*n),
-                AMQPValue::LongInt(n) => HeaderValue::Int(i64::from(*n)),
-                AMQPValue::LongUInt(n) => HeaderValue::Int(i64::from(*n)),
-                AMQPValue::ShortInt(n) => HeaderValue::Int(i64::from(*n)),
-                AMQPValue::ShortUInt(n) => HeaderValue::Int(i64::from(*n)),
-                AMQPValue::ShortShortInt(n) => HeaderValue::Int(i64::from(*n)),
-                AMQPValue::ShortShortUInt(n) => HeaderValue::Int(i64::from(*n)),
-                // Other types (tables, arrays, floats) are not part of the protocol; decoders
-                // that need the header report it as missing.
-                _ => continue,
-            };
-            headers.insert(k.as_str().to_owned(), value);
+            if let Some(value) = header_value(v) {
+                headers.insert(k.as_str().to_owned(), value);
+            }
         }
     }
     WireMessage {

@@ -305,29 +305,24 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
     // confirm and the original's ack dead-letters it again on redelivery.
     // The last one may still be on its way: read until every confirmed one is there, for a while.
     let inbound_dlq = Names::dead_letter_queue(&names.inbound_queue());
-    let mut dead_letters = Vec::new();
+    let (mut inbound_dead, mut bad_dead, mut unexpected_dead) = (0, HashSet::new(), Vec::new());
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let ready = usize::try_from(dead(inbound_dlq.clone()).await).unwrap();
-        dead_letters.extend(testkit::wait::drain(&ch, &inbound_dlq, ready, Duration::from_secs(10)).await.unwrap());
-        let seen: HashSet<String> =
-            dead_letters.iter().filter_map(|d| d.properties.message_id().as_ref().map(|m| m.as_str().to_owned())).collect();
-        if bad_confirmed.is_subset(&seen) || Instant::now() >= until {
+        for d in testkit::wait::drain(&ch, &inbound_dlq, ready, Duration::from_secs(10)).await.unwrap() {
+            inbound_dead += 1;
+            let id = d.properties.message_id().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_default();
+            let reason = testkit::wait::dead_letter_reason(&d);
+            if bad_sent.contains(&id) && reason == "malformed_body" {
+                bad_dead.insert(id);
+            } else {
+                unexpected_dead.push(format!("{id} ({reason})"));
+            }
+        }
+        if bad_confirmed.is_subset(&bad_dead) || Instant::now() >= until {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let inbound_dead = dead_letters.len();
-    let mut bad_dead = HashSet::new();
-    let mut unexpected_dead = Vec::new();
-    for d in &dead_letters {
-        let id = d.properties.message_id().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_default();
-        let reason = testkit::wait::dead_letter_reason(d);
-        if bad_sent.contains(&id) && reason == "malformed_body" {
-            bad_dead.insert(id);
-        } else {
-            unexpected_dead.push(format!("{id} ({reason})"));
-        }
     }
     let bad_missing = bad_confirmed.difference(&bad_dead).count();
     let mut other_dead = dead(Names::dead_letter_queue(&names.replies_queue())).await;
