@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+pub use participants_sdk::transport::redact;
 use serde::{Deserialize, Serialize};
 
 /// Everything a node needs. Each field's default is in its comment; each has an environment
@@ -54,10 +55,19 @@ pub struct Config {
     pub retention_days: u32,
     /// Address of the HTTP API, web page and `/metrics`; empty to serve none. Default `127.0.0.1:8080`.
     pub api_addr: String,
-    /// Bearer token every API route but `/health` and `/ready` requires. Required when
-    /// `api_addr` is not a loopback address. Default empty.
+    /// Bearer token every API route but `/health` and `/ready` requires: at least 16
+    /// characters, printable ASCII without spaces. Required when `api_addr` is not a loopback
+    /// address. Default empty.
     pub api_token: String,
 }
+
+/// Shortest `api_token` accepted.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// `SAGAFLOW_*` variables that are not configuration keys but belong to the project: the CLI's
+/// config file, and the test harness's and example participants' own settings.
+const OTHER_VARIABLES: [&str; 3] = ["SAGAFLOW_CONFIG", "SAGAFLOW_PYTHON", "SAGAFLOW_HTTP_PORT"];
+const OTHER_PREFIXES: [&str; 2] = ["SAGAFLOW_TEST_", "SAGAFLOW_CHAOS_"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -104,7 +114,15 @@ impl Config {
         let known = serde_json::to_value(Config::default()).unwrap_or_default();
         for (k, v) in env {
             let Some(field) = k.strip_prefix("SAGAFLOW_").map(str::to_lowercase) else { continue };
-            let Some(default) = known.get(&field) else { continue };
+            let Some(default) = known.get(&field) else {
+                if OTHER_VARIABLES.contains(&k.as_str()) || OTHER_PREFIXES.iter().any(|p| k.starts_with(p)) {
+                    continue;
+                }
+                // A misspelt variable must not silently leave its setting at the default.
+                let keys = known.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+                let hint = closest(&field, &keys).map(|f| format!("; did you mean SAGAFLOW_{}?", f.to_uppercase())).unwrap_or_default();
+                return Err(ConfigError(format!("{k} is not a setting{hint} (docs/configuration.md lists them)")));
+            };
             let parsed = match default {
                 serde_json::Value::Bool(_) => v.parse::<bool>().map(toml::Value::Boolean).map_err(|e| e.to_string()),
                 serde_json::Value::Number(_) => v.parse::<i64>().map(toml::Value::Integer).map_err(|e| e.to_string()),
@@ -125,12 +143,8 @@ impl Config {
     /// Check every field; the error names the field and what is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
-        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
-            return bad(format!("amqp_url `{}` must start with amqp:// or amqps://", redact(&self.amqp_url)));
-        }
-        if !(self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")) {
-            return bad(format!("database_url `{}` must start with postgres:// or postgresql://", redact(&self.database_url)));
-        }
+        check_amqp_url(&self.amqp_url).map_err(|e| ConfigError(format!("amqp_url `{}`: {e}", redact(&self.amqp_url))))?;
+        check_database_url(&self.database_url).map_err(|e| ConfigError(format!("database_url `{}`: {e}", redact(&self.database_url))))?;
         if self.namespace.is_empty() || !self.namespace.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
             return bad(format!("namespace `{}` must be non-empty ASCII letters, digits, `_`, `-` or `.`", self.namespace));
         }
@@ -154,6 +168,13 @@ impl Config {
                 .api_addr
                 .parse()
                 .map_err(|e| ConfigError(format!("api_addr `{}` is not an address like 127.0.0.1:8080: {e}", self.api_addr)))?;
+            if !self.api_token.is_empty()
+                && (self.api_token.len() < MIN_TOKEN_CHARS || !self.api_token.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return bad(format!(
+                    "api_token must be at least {MIN_TOKEN_CHARS} characters of printable ASCII without spaces (e.g. `openssl rand -hex 24`)"
+                ));
+            }
             if !addr.ip().is_loopback() && self.api_token.is_empty() {
                 return bad(format!(
                     "api_addr {addr} is reachable from other hosts: set api_token (SAGAFLOW_API_TOKEN) to protect the API"
@@ -169,18 +190,47 @@ impl Config {
     }
 }
 
-/// A URL with its password hidden, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
-                None => url.to_owned(),
+/// Whether `url` is an AMQP URL a connection can be made from: the scheme, a host, and query
+/// parameters of the right types (`heartbeat`, `frame_max`, …), checked at start instead of
+/// failing every connection attempt.
+pub fn check_amqp_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("amqp://").or_else(|| url.strip_prefix("amqps://")) else {
+        return Err("must start with amqp:// or amqps://".into());
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() || host.starts_with(':') {
+        return Err("names no host".into());
+    }
+    url.parse::<lapin::uri::AMQPUri>().map(drop).map_err(|e| redact(&e))
+}
+
+/// Whether `url` is a PostgreSQL URL a connection can be made from (`sslmode` and the other
+/// parameters parse), checked at start.
+pub fn check_database_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must start with postgres:// or postgresql://".into());
+    }
+    url.parse::<sqlx::postgres::PgConnectOptions>().map(drop).map_err(|e| redact(&e.to_string()))
+}
+
+/// The key of `keys` nearest to `field` by edit distance, if near enough to be a typo.
+fn closest<'k>(field: &str, keys: &'k [String]) -> Option<&'k str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
             }
         }
-        _ => url.to_owned(),
-    }
+        row[b.len()]
+    };
+    keys.iter().map(|k| (distance(field, k), k)).filter(|(d, k)| *d <= 3.max(k.len() / 4)).min().map(|(_, k)| k.as_str())
 }
 
 #[cfg(test)]

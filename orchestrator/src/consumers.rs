@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::intake::{Engine, Handled, StartError};
+use crate::store;
 
 /// Which queue a consumer serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,13 +134,32 @@ impl Consumer {
         }
         let inputs: Vec<_> = decoded.iter().map(|(_, saga, input, m)| (*saga, input, Some(*m))).collect();
         turn.wait().await;
-        let handled = self.engine.apply_batch(&inputs).await;
+        let handled = match self.engine.apply_batch(&inputs).await {
+            // One input PostgreSQL refuses must not hold back the others: each alone, then.
+            Err(e) if store::is_unstorable(&e) => {
+                tracing::warn!(error = %e, replies = inputs.len(), "PostgreSQL refused a batch of replies; applying them one by one");
+                let mut each = Vec::with_capacity(inputs.len());
+                for &(saga, input, m) in &inputs {
+                    each.push(self.engine.apply(saga, input, m).await.map_err(|e| NotApplied::from(&e)));
+                }
+                each
+            }
+            Err(e) => inputs.iter().map(|_| Err(NotApplied::Database(e.to_string()))).collect(),
+            Ok(hs) => hs.into_iter().map(Ok).collect(),
+        };
         drop((inputs, turn));
-        match handled {
-            Ok(hs) => settled.extend(decoded.into_iter().zip(hs).map(|((d, saga, ..), h)| (d, self.verdict(h, saga)))),
-            Err(e) => settled.extend(decoded.into_iter().map(|(d, ..)| (d, Verdict::Requeue(format!("database error: {e}"))))),
-        }
+        settled.extend(decoded.into_iter().zip(handled).map(|((d, saga, ..), h)| (d, self.applied(h, saga))));
         settled
+    }
+
+    /// The verdict on an input applied to `saga` ([`Self::verdict`]), or on the error that
+    /// stopped it: refused for good when PostgreSQL cannot store it, back to the queue else.
+    fn applied(&self, h: Result<Handled, NotApplied>, saga: SagaId) -> Verdict {
+        match h {
+            Ok(h) => self.verdict(h, saga),
+            Err(NotApplied::Unstorable(e)) => Verdict::DeadLetter("unstorable", format!("PostgreSQL cannot store it: {e}")),
+            Err(NotApplied::Database(e)) => Verdict::Requeue(format!("database error: {e}")),
+        }
     }
 
     async fn inbound(&self, d: &Delivery) -> Verdict {
@@ -162,10 +182,8 @@ impl Consumer {
                     Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
                 };
                 let inbox = msg.message_id.as_deref().and_then(|m| m.parse::<MessageId>().ok());
-                match self.engine.apply(ev.saga_id, &Input::Event { name: ev.event, payload: ev.payload }, inbox).await {
-                    Ok(h) => self.verdict(h, ev.saga_id),
-                    Err(e) => Verdict::Requeue(format!("database error: {e}")),
-                }
+                let h = self.engine.apply(ev.saga_id, &Input::Event { name: ev.event, payload: ev.payload }, inbox).await;
+                self.applied(h.map_err(|e| NotApplied::from(&e)), ev.saga_id)
             }
             Some(other) => Verdict::DeadLetter("unknown_type", format!("`{other}` is not a start request or an event")),
             None => Verdict::DeadLetter("invalid_properties", "the message has no `type`".into()),
@@ -181,6 +199,20 @@ impl Consumer {
                 Verdict::Requeue(format!("saga {saga} is on `{definition}` version {version}, which this node does not know"))
             }
         }
+    }
+}
+
+/// Why an input was not applied.
+enum NotApplied {
+    /// PostgreSQL refused the data itself ([`store::is_unstorable`]): the same every time.
+    Unstorable(String),
+    /// The database failed (or the batch the input was in did): worth another try.
+    Database(String),
+}
+
+impl From<&sqlx::Error> for NotApplied {
+    fn from(e: &sqlx::Error) -> Self {
+        if store::is_unstorable(e) { Self::Unstorable(e.to_string()) } else { Self::Database(e.to_string()) }
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use participants_sdk::transport::Names;
-use sagas::protocol::{LifecycleEvent, SagaRef, StartRequest, encode_command, encode_lifecycle};
+use sagas::protocol::{LifecycleEvent, SagaRef, StartRequest, encode_command, encode_lifecycle, valid_traceparent};
 use sagas::{Definition, Effect, Input, InputOutcome, MessageId, Registry, SagaId, SagaState, SagaStatus, Timestamp, decide};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -73,9 +73,19 @@ pub enum StartError {
         /// What is wrong.
         reason: String,
     },
+    /// PostgreSQL refused the data itself ([`store::is_unstorable`]): the same request fails
+    /// the same way every time.
+    #[error("the request cannot be stored: {0}")]
+    Unstorable(String),
     /// The database failed; the request can be retried.
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StartError {
+    fn from(e: sqlx::Error) -> Self {
+        if store::is_unstorable(&e) { Self::Unstorable(sagas::protocol::clip(&e.to_string(), 512).into_owned()) } else { Self::Database(e) }
+    }
 }
 
 impl StartError {
@@ -84,6 +94,7 @@ impl StartError {
         match self {
             Self::UnknownDefinition { .. } => "unknown_definition",
             Self::InvalidInput { .. } => "invalid_input",
+            Self::Unstorable(_) => "unstorable",
             Self::Database(_) => "unavailable",
         }
     }
@@ -156,10 +167,13 @@ impl Engine {
             None => self.registry.latest(&req.definition),
         }
         .ok_or_else(|| StartError::UnknownDefinition { definition: req.definition.clone(), version: req.version })?;
+        req.check().map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
         def.check_input(&req.input).map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
         let id = req.saga_id.unwrap_or_default();
         let state = SagaState::new(def, id, req.input.clone(), Timestamp::now());
-        let traceparent = traceparent.map_or_else(|| new_traceparent(id), str::to_owned);
+        // A malformed trace context is dropped and a new trace started (W3C): it is copied
+        // into every command of the saga, so it must be one a broker and a participant can carry.
+        let traceparent = traceparent.filter(|t| valid_traceparent(t)).map_or_else(|| new_traceparent(id), str::to_owned);
         let start = json!({"type": "start", "input": req.input});
         let mut d = self.decide(def, &state, Some(&traceparent), &Input::Start, start).map_err(|h| StartError::InvalidInput {
             definition: def.name.clone(),

@@ -29,9 +29,17 @@ impl OpsError {
 
 impl From<sqlx::Error> for OpsError {
     fn from(e: sqlx::Error) -> Self {
+        // The same request would fail the same way: the caller's to mend, not a retry.
+        if store::is_unstorable(&e) {
+            return Self::new("invalid_request", format!("PostgreSQL cannot store the request: {e}"));
+        }
         Self::new("unavailable", format!("database: {e}"))
     }
 }
+
+/// Latest time a filter may name: the end of year 9999, in ms since the epoch (PostgreSQL's
+/// timestamps end a little later; past them a query fails).
+const MAX_TIME_MS: u64 = 253_402_300_799_999;
 
 /// One step as an operator sees it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -203,6 +211,12 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
         && !STATUSES.contains(&s.as_str())
     {
         return Err(OpsError::new("invalid_request", format!("status `{s}` is not one of {}", STATUSES.join(", "))));
+    }
+    if let Some(d) = &f.definition {
+        sagas::protocol::check_name("definition", d).map_err(|e| OpsError::new("invalid_request", e))?;
+    }
+    if f.since.into_iter().chain(f.until).any(|t| t > MAX_TIME_MS) {
+        return Err(OpsError::new("invalid_request", format!("since and until must be at most {MAX_TIME_MS} (ms since the epoch)")));
     }
     let limit = i64::from(f.limit.unwrap_or(50));
     if !(1..=500).contains(&limit) {

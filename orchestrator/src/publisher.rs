@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use lapin::Channel;
 use participants_sdk::outbox::BatchDeleter;
-use participants_sdk::transport::TransportError;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -18,6 +17,7 @@ use tokio::task::JoinSet;
 use sagas::{Input, Reply, SagaId};
 
 use crate::intake::Engine;
+use crate::relay::Sent;
 use crate::store::{self, Claimed};
 
 /// Decisions' rows waiting for the background task; beyond this, rows are left to the relays.
@@ -34,7 +34,7 @@ pub(crate) struct Publisher {
     queue: mpsc::Sender<Vec<Claimed>>,
 }
 
-/// Unroutable commands, to be applied as failed attempts by [`report_loop`].
+/// Commands that could not be delivered, to be applied as failed attempts by [`report_loop`].
 pub(crate) type UnroutableRx = mpsc::UnboundedReceiver<(SagaId, Reply)>;
 
 impl Publisher {
@@ -108,15 +108,15 @@ async fn publish_rows(ch: Option<Channel>, rows: Vec<Claimed>, shared: Shared) {
             let results = crate::relay::publish_claimed(&ch, &rows).await;
             let mut failed = 0;
             for (r, result) in rows.iter().zip(results) {
-                match result {
-                    Ok(()) => shared.deletes.delete(r.id),
-                    Err(TransportError::Unroutable { reply_text, .. }) => {
+                match crate::relay::outcome(r, result) {
+                    Sent::Published => shared.deletes.delete(r.id),
+                    Sent::Undeliverable(reply) => {
                         shared.deletes.delete(r.id);
-                        if let Some(u) = crate::relay::unroutable_reply(r, &reply_text) {
+                        if let Some(u) = reply {
                             let _ = shared.unroutable.send(u);
                         }
                     }
-                    Err(_) => failed += 1,
+                    Sent::Failed(_) => failed += 1,
                 }
             }
             failed
@@ -130,12 +130,12 @@ async fn publish_rows(ch: Option<Channel>, rows: Vec<Claimed>, shared: Shared) {
     }
 }
 
-/// Apply unroutable commands as failed attempts, off the publishing path.
+/// Apply undeliverable commands as failed attempts, off the publishing path.
 pub(crate) async fn report_loop(engine: Engine, mut rx: UnroutableRx) {
     while let Some((saga, reply)) = rx.recv().await {
         let mut delay = std::time::Duration::from_millis(100);
         while let Err(e) = engine.apply(saga, &Input::Reply(reply.clone()), None).await {
-            tracing::warn!(error = %e, saga.id = %saga, "could not record an unroutable command; retrying");
+            tracing::warn!(error = %e, saga.id = %saga, "could not record an undeliverable command; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(std::time::Duration::from_secs(5));
         }

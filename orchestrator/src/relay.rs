@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lapin::Channel;
 use participants_sdk::transport::{self, TransportError};
-use sagas::protocol::{DEFAULT_MAX_BODY_BYTES, ReplyOutcome, decode_command};
+use sagas::protocol::{ReplyOutcome, decode_command};
 use sagas::{Input, Reply};
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -56,19 +56,21 @@ pub(crate) async fn relay_once(engine: &Engine, ch: &Channel, limit: i64, min_ag
         return Ok(0);
     }
     let results = publish_claimed(ch, &rows).await;
-    let mut unroutable = Vec::new();
+    let mut undeliverable = Vec::new();
     for (r, result) in rows.iter().zip(results) {
-        match result {
-            Ok(()) => {}
-            Err(TransportError::Unroutable { reply_text, .. }) => unroutable.push((r, reply_text)),
+        match outcome(r, result) {
+            Sent::Published => {}
+            Sent::Undeliverable(reply) => undeliverable.extend(reply),
             // Nothing is deleted: the rows go back to the outbox with the rollback.
-            Err(e) => return Err(e.into()),
+            Sent::Failed(e) => return Err(e.into()),
         }
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     store::delete_outbox(&mut *tx, &ids).await?;
     tx.commit().await?;
-    report_unroutable(engine, unroutable).await?;
+    for (saga, reply) in undeliverable {
+        engine.apply(saga, &Input::Reply(reply), None).await?;
+    }
     Ok(rows.len())
 }
 
@@ -78,28 +80,43 @@ pub(crate) async fn publish_claimed(ch: &Channel, rows: &[Claimed]) -> Vec<Resul
     transport::publish_batch(ch, batch).await
 }
 
-/// A command that reached no queue is a failed attempt the saga sees (and retries under the
-/// step's policy), not a silent drop.
-pub(crate) async fn report_unroutable(engine: &Engine, rows: Vec<(&Claimed, String)>) -> Result<(), sqlx::Error> {
-    for (r, why) in rows {
-        if let Some((saga, reply)) = unroutable_reply(r, &why) {
-            engine.apply(saga, &Input::Reply(reply), None).await?;
-        }
-    }
-    Ok(())
+/// What a publish did for an outbox row.
+pub(crate) enum Sent {
+    /// The broker has it: delete the row.
+    Published,
+    /// It can never be delivered as it is: delete the row; for a command, the saga is told
+    /// with this reply (see [`outcome`]).
+    Undeliverable(Option<(sagas::SagaId, Reply)>),
+    /// The broker or the connection failed: the row stays, to be published again.
+    Failed(TransportError),
 }
 
-/// The transient failure a saga sees for command `r` that reached no queue.
-pub(crate) fn unroutable_reply(r: &Claimed, why: &str) -> Option<(sagas::SagaId, Reply)> {
-    let cmd = decode_command(&r.msg, DEFAULT_MAX_BODY_BYTES).ok()?;
-    let message = format!("unroutable: no queue is bound for participant `{}` ({why})", r.routing_key);
-    tracing::error!(saga.id = %r.saga, step.name = %cmd.step_name, participant = %r.routing_key, "{message}");
-    let reply = Reply {
-        in_reply_to: cmd.message_id,
-        step: cmd.step,
-        kind: cmd.kind,
-        attempt: cmd.attempt,
-        outcome: ReplyOutcome::TransientFailure { message },
+/// What `result`, the publish of row `r`, means. A command that reached no queue is a failed
+/// attempt the saga retries under the step's policy (a participant's queue may appear); a
+/// command too large to publish is a refusal the saga compensates for (it would be as large
+/// every time). An event too large is dropped with an error. Never a silent drop, never a
+/// row retried forever.
+pub(crate) fn outcome(r: &Claimed, result: Result<(), TransportError>) -> Sent {
+    let failed = |outcome: ReplyOutcome| -> Option<(sagas::SagaId, Reply)> {
+        let cmd = decode_command(&r.msg, usize::MAX).ok()?;
+        let reply = Reply { in_reply_to: cmd.message_id, step: cmd.step, kind: cmd.kind, attempt: cmd.attempt, outcome };
+        Some((r.saga, reply))
     };
-    Some((r.saga, reply))
+    match result {
+        Ok(()) => Sent::Published,
+        Err(TransportError::Unroutable { reply_text, .. }) => {
+            let message = format!("unroutable: no queue is bound for participant `{}` ({reply_text})", r.routing_key);
+            tracing::error!(saga.id = %r.saga, participant = %r.routing_key, "{message}");
+            Sent::Undeliverable(failed(ReplyOutcome::TransientFailure { message }))
+        }
+        Err(e @ TransportError::TooLarge { .. }) => {
+            tracing::error!(saga.id = %r.saga, exchange = %r.exchange, routing_key = %r.routing_key, error = %e, "an outbox message can never be published; dropping it");
+            let message = format!("unpublishable: {e}");
+            Sent::Undeliverable(failed(ReplyOutcome::Rejected { code: UNPUBLISHABLE.into(), message }))
+        }
+        Err(e) => Sent::Failed(e),
+    }
 }
+
+/// The code of the refusal a saga sees for a command that can never be published.
+pub(crate) const UNPUBLISHABLE: &str = "unpublishable";

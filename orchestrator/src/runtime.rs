@@ -62,14 +62,29 @@ pub async fn connect_pool(url: &str, max_connections: u32, timeout: Duration) ->
     let options = options.options([("enable_seqscan", "off")]);
     // No ping before each use: it would cost a round trip per transaction, and a connection
     // that died shows as an error of the statement, which every caller handles anyway.
-    let connect =
-        || async { PgPoolOptions::new().max_connections(max_connections).test_before_acquire(false).connect_with(options.clone()).await };
-    connect
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .test_before_acquire(false)
+        .acquire_timeout(timeout.clamp(Duration::from_secs(1), Duration::from_secs(30)));
+    // One connection first, made by hand within `timeout` in all: its error says what is wrong
+    // (refused, unknown host, bad password), where a pool's says only that it timed out.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let probe = || async {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(100));
+        match tokio::time::timeout(left, <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from PostgreSQL"))),
+        }
+    };
+    let conn = probe
         .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(5)).with_total_delay(Some(timeout)).without_max_times())
-        .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)))
+        .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_)) && tokio::time::Instant::now() < deadline)
         .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot reach PostgreSQL; retrying"))
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))
+        .with_context(|| format!("connecting to PostgreSQL at {} (connect_timeout_s {})", redact(url), timeout.as_secs()))?;
+    let _ = sqlx::Connection::close(conn).await;
+    pool.connect_with(options).await.with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))
 }
 
 impl Orchestrator {
@@ -188,11 +203,12 @@ impl Orchestrator {
             .await
             .with_context(|| format!("binding the API to {}", self.config.api_addr))?;
         let addr = listener.local_addr()?;
-        let state = crate::api::ApiState {
-            engine: self.engine.clone(),
-            token: Some(self.config.api_token.clone()).filter(|t| !t.is_empty()),
-            amqp_url: self.config.amqp_url.clone(),
-        };
+        let state = crate::api::ApiState::new(
+            self.engine.clone(),
+            Some(self.config.api_token.clone()).filter(|t| !t.is_empty()),
+            self.config.amqp_url.clone(),
+            self.config.max_body_bytes,
+        );
         let app = crate::api::app(state);
         tracing::info!(%addr, "serving the API, the web page and /metrics");
         let task = tokio::spawn(async move {
@@ -283,7 +299,11 @@ impl Orchestrator {
                     Ok(Err(e)) => format!("a consumer failed: {e:#}"),
                     Err(e) => format!("a consumer panicked: {e}"),
                 }),
-                r = &mut relay => Some(format!("the relay stopped: {r:?}")),
+                r = &mut relay => Some(match r {
+                    Ok(Ok(())) => "the relay stopped".to_owned(),
+                    Ok(Err(e)) => format!("the relay failed: {e:#}"),
+                    Err(e) => format!("the relay panicked: {e}"),
+                }),
             };
             // A consumer that ended because shutdown began is not a failure.
             let failed = failed.filter(|_| !intake.is_cancelled());

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -15,7 +16,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use sagas::protocol::{H_DEAD_LETTER_DETAIL, H_DEAD_LETTER_REASON, HeaderValue, WireMessage};
+use sagas::protocol::{H_DEAD_LETTER_DETAIL, H_DEAD_LETTER_REASON, HeaderValue, WireMessage, clip};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -106,6 +107,82 @@ pub enum TransportError {
     /// The broker did not answer within [`BROKER_WAIT`]: the connection is treated as lost.
     #[error("no answer from the broker within {secs} s while waiting for {what}", secs = BROKER_WAIT.as_secs(), what = .0)]
     NoAnswer(&'static str),
+    /// The message can never be published: its properties do not fit in one AMQP frame, or its
+    /// body is over [`MAX_MESSAGE_BYTES`]. Nothing was sent (the broker would close the
+    /// connection, and every retry would do the same).
+    #[error("the message for `{exchange}` / `{routing_key}` cannot be published: {why}")]
+    TooLarge {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// Which part is too large, by how much.
+        why: String,
+    },
+}
+
+/// The largest message body this process publishes: RabbitMQ's default `max_message_size`
+/// (16 MiB); the broker refuses a larger one by closing the channel.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The frame size negotiated with the broker (the least over this process's connections):
+/// a message's properties travel in one frame and cannot be split. RabbitMQ's default until a
+/// connection says otherwise.
+static FRAME_MAX: AtomicU32 = AtomicU32::new(131_072);
+
+/// The most bytes a message's properties (headers included) may take: one frame, less the
+/// frame's own 8 bytes and the content header's 14.
+pub fn max_properties_bytes() -> usize {
+    (FRAME_MAX.load(Ordering::Relaxed) as usize).saturating_sub(8 + 14)
+}
+
+/// What `v` takes on the wire, its type tag included (an upper bound for the rare types).
+fn value_size(v: &AMQPValue) -> usize {
+    1 + match v {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) | AMQPValue::Void => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) | AMQPValue::DecimalValue(_) => 8,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_size).sum::<usize>(),
+        AMQPValue::FieldTable(t) => table_size(t),
+    }
+}
+
+fn table_size(t: &FieldTable) -> usize {
+    4 + t.inner().iter().map(|(k, v)| 1 + k.as_str().len() + value_size(v)).sum::<usize>()
+}
+
+/// What properties `p` take on the wire (flags, every property and the headers table).
+pub fn properties_size(p: &BasicProperties) -> usize {
+    let short = |s: &Option<ShortString>| s.as_ref().map_or(0, |s| 1 + s.as_str().len());
+    2 + short(p.content_type())
+        + short(p.content_encoding())
+        + p.headers().as_ref().map_or(0, table_size)
+        + 2
+        + short(p.correlation_id())
+        + short(p.reply_to())
+        + short(p.expiration())
+        + short(p.message_id())
+        + 8
+        + short(p.kind())
+        + short(p.user_id())
+        + short(p.app_id())
+        + short(p.cluster_id())
+}
+
+/// `Err(why)` when a message of `props` and a body of `body_len` bytes cannot be published.
+fn check_fits(props: &BasicProperties, body_len: usize) -> Result<(), String> {
+    let (size, max) = (properties_size(props), max_properties_bytes());
+    if size > max {
+        return Err(format!("its properties take {size} bytes, over the {max} that fit in one AMQP frame"));
+    }
+    if body_len > MAX_MESSAGE_BYTES {
+        return Err(format!("its body is {body_len} bytes, over the limit of {MAX_MESSAGE_BYTES}"));
+    }
+    Ok(())
 }
 
 /// How long a wait on the broker (a publisher confirm, an ack) may take. A connection that
@@ -212,6 +289,33 @@ where
     result
 }
 
+/// A URL (or a message holding one) with its passwords hidden: the one in the user part and
+/// any `password=` query parameter.
+pub fn redact(url: &str) -> String {
+    let out = match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    };
+    // Lower-casing ASCII keeps every byte where it was, so positions carry over.
+    let mut rest = out.as_str();
+    let mut hidden = String::with_capacity(out.len());
+    while let Some(at) = rest.to_ascii_lowercase().find("password=") {
+        let start = at + "password=".len();
+        hidden.push_str(&rest[..start]);
+        hidden.push_str("***");
+        let end = rest[start..].find(['&', '#', ' ', '`', '\'', '"']).map_or(rest.len(), |e| e + start);
+        rest = &rest[end..];
+    }
+    hidden.push_str(rest);
+    hidden
+}
+
 /// How long one connection attempt (TCP, TLS and the AMQP handshake) may take: a peer that
 /// accepts the TCP connection but never speaks AMQP (a broker still starting, a port reused by
 /// something else) must not hang the caller.
@@ -220,12 +324,12 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect to RabbitMQ, retrying with exponential backoff for up to `give_up_after`.
 pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, lapin::Error> {
     let attempt = || async {
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, Connection::connect(url, ConnectionProperties::default())).await {
+        match tokio::time::timeout(ATTEMPT_TIMEOUT.min(give_up_after.max(Duration::from_secs(1))), Connection::connect(url, ConnectionProperties::default())).await {
             Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no AMQP handshake within 10 s").into()),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no AMQP handshake in time").into()),
         }
     };
-    attempt
+    let conn = attempt
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(100))
@@ -234,7 +338,9 @@ pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, l
                 .without_max_times(),
         )
         .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot connect to RabbitMQ; retrying"))
-        .await
+        .await?;
+    FRAME_MAX.fetch_min(conn.configuration().frame_max(), Ordering::Relaxed);
+    Ok(conn)
 }
 
 /// A channel with publisher confirms on.
@@ -382,7 +488,11 @@ pub async fn publish(
     mandatory: bool,
 ) -> Result<PendingConfirm, TransportError> {
     let options = BasicPublishOptions { mandatory, immediate: false };
-    let confirm = within("a publish", ch.basic_publish(exchange.into(), routing_key.into(), options, &msg.body, properties(msg))).await?;
+    let props = properties(msg);
+    if let Err(why) = check_fits(&props, msg.body.len()) {
+        return Err(TransportError::TooLarge { exchange: exchange.to_owned(), routing_key: routing_key.to_owned(), why });
+    }
+    let confirm = within("a publish", ch.basic_publish(exchange.into(), routing_key.into(), options, &msg.body, props)).await?;
     Ok(PendingConfirm { confirm, exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
 }
 
@@ -444,20 +554,73 @@ pub async fn publish_confirmed(
     publish(ch, exchange, routing_key, msg, mandatory).await?.wait().await
 }
 
-/// Refuse a delivery: republish it unchanged to the dead-letter exchange (routing key = the
-/// queue it came from) with `x-dead-letter-reason` and `x-dead-letter-detail`, wait for the
-/// confirm, then ack the original. Logs the refusal once.
+/// Most bytes of `x-dead-letter-detail`: a detail never repeats a large value whole.
+pub const MAX_DETAIL_BYTES: usize = 1024;
+/// String headers longer than this are cut in a dead letter that would not fit in a frame.
+const TRIMMED_HEADER_BYTES: usize = 256;
+/// Header on a dead letter whose headers had to be cut to fit: the names of those headers.
+pub const H_DEAD_LETTER_TRIMMED: &str = "x-dead-letter-trimmed";
+
+/// Refuse a delivery: republish it to the dead-letter exchange (routing key = the queue it
+/// came from) with `x-dead-letter-reason` and `x-dead-letter-detail`, wait for the confirm,
+/// then ack the original. Logs the refusal once.
 pub async fn dead_letter(ch: &Channel, names: &Names, queue: &str, d: &Delivery, reason: &str, detail: &str) -> Result<(), TransportError> {
-    tracing::warn!(queue, reason, detail, message.id = ?d.properties.message_id().as_ref().map(ShortString::as_str), "dead-lettering a message");
-    let mut props = d.properties.clone();
+    tracing::warn!(queue, reason, detail = %clip(detail, MAX_DETAIL_BYTES), message.id = ?d.properties.message_id().as_ref().map(ShortString::as_str), "dead-lettering a message");
+    publish_dead_letter(ch, names, queue, &d.properties, &d.data, reason, detail).await?;
+    ack(d).await
+}
+
+/// Publish a message of `props` and `body` to the dead-letter exchange (routing key `queue`)
+/// with the reason and the detail (cut to [`MAX_DETAIL_BYTES`]), and wait for the confirm. The
+/// message is republished unchanged, unless its headers with the two added would not fit in
+/// one frame: then every string header over 256 bytes is cut, and `x-dead-letter-trimmed`
+/// names them. A dead letter can always be published.
+pub async fn publish_dead_letter(
+    ch: &Channel,
+    names: &Names,
+    queue: &str,
+    props: &BasicProperties,
+    body: &[u8],
+    reason: &str,
+    detail: &str,
+) -> Result<(), TransportError> {
     let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(H_DEAD_LETTER_REASON.into(), AMQPValue::LongString(reason.into()));
-    headers.insert(H_DEAD_LETTER_DETAIL.into(), AMQPValue::LongString(detail.into()));
-    props = props.with_headers(headers);
+    headers.insert(H_DEAD_LETTER_REASON.into(), AMQPValue::LongString(clip(reason, MAX_DETAIL_BYTES).as_ref().into()));
+    headers.insert(H_DEAD_LETTER_DETAIL.into(), AMQPValue::LongString(clip(detail, MAX_DETAIL_BYTES).as_ref().into()));
+    let mut props = props.clone().with_headers(headers.clone());
+    if properties_size(&props) > max_properties_bytes() {
+        let mut trimmed = Vec::new();
+        let mut cut = FieldTable::default();
+        for (k, v) in headers.inner() {
+            let v = match v {
+                AMQPValue::LongString(s) if s.as_bytes().len() > TRIMMED_HEADER_BYTES => {
+                    trimmed.push(k.as_str().to_owned());
+                    AMQPValue::LongString(clip(&String::from_utf8_lossy(s.as_bytes()), TRIMMED_HEADER_BYTES).as_ref().into())
+                }
+                // Nested tables and arrays are not part of the protocol: dropped when too large.
+                AMQPValue::FieldTable(_) | AMQPValue::FieldArray(_) | AMQPValue::ByteArray(_) if value_size(v) > TRIMMED_HEADER_BYTES => {
+                    trimmed.push(k.as_str().to_owned());
+                    continue;
+                }
+                other => other.clone(),
+            };
+            cut.insert(k.clone(), v);
+        }
+        cut.insert(H_DEAD_LETTER_TRIMMED.into(), AMQPValue::LongString(clip(&trimmed.join(","), MAX_DETAIL_BYTES).as_ref().into()));
+        props = props.with_headers(cut);
+        if properties_size(&props) > max_properties_bytes() {
+            // Still too many headers: keep the reason and what was cut, nothing else of them.
+            let mut only = FieldTable::default();
+            for k in [H_DEAD_LETTER_REASON, H_DEAD_LETTER_DETAIL, H_DEAD_LETTER_TRIMMED] {
+                if let Some(v) = props.headers().as_ref().and_then(|h| h.inner().get(k)) {
+                    only.insert(k.into(), v.clone());
+                }
+            }
+            props = props.with_headers(only);
+        }
+    }
     let exchange = names.dead_letter_exchange();
     let confirm =
-        within("a publish", ch.basic_publish(exchange.as_str().into(), queue.into(), BasicPublishOptions::default(), &d.data, props))
-            .await?;
-    PendingConfirm { confirm, exchange, routing_key: queue.to_owned() }.wait().await?;
-    ack(d).await
+        within("a publish", ch.basic_publish(exchange.as_str().into(), queue.into(), BasicPublishOptions::default(), body, props)).await?;
+    PendingConfirm { confirm, exchange, routing_key: queue.to_owned() }.wait().await
 }

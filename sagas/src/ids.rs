@@ -122,7 +122,7 @@ impl FromStr for CommandKind {
         match s {
             "invoke" => Ok(Self::Invoke),
             "compensate" => Ok(Self::Compensate),
-            other => Err(format!("unknown command kind `{other}` (expected invoke or compensate)")),
+            other => Err(format!("unknown command kind {} (expected invoke or compensate)", crate::protocol::quote(other))),
         }
     }
 }

@@ -48,6 +48,84 @@ pub const TYPE_LIFECYCLE_PREFIX: &str = "sagaflow.lifecycle.";
 pub const CONTENT_TYPE: &str = "application/json";
 /// Default largest accepted body, in bytes (1 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Longest idempotency key accepted, in bytes: PostgreSQL indexes it, and a b-tree entry holds
+/// about 2.7 kB at most.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
+/// Longest definition or event name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest value of a protocol header (`x-saga-*`, `traceparent`, `x-idempotency-key`)
+/// accepted on an inbound message, in bytes.
+pub const MAX_HEADER_BYTES: usize = 4096;
+/// How many characters of a refused value an error message quotes.
+const QUOTE_CHARS: usize = 80;
+
+/// The protocol's headers: the ones a decoder reads, checked for size and U+0000.
+const PROTOCOL_HEADERS: [&str; 9] =
+    [H_SAGA_ID, H_DEFINITION, H_VERSION, H_STEP, H_STEP_NAME, H_KIND, H_ATTEMPT, H_TRACEPARENT, H_IDEMPOTENCY_KEY];
+
+/// `s` quoted for an error message: at most [`QUOTE_CHARS`] characters, control characters
+/// escaped, and the full size when it was cut. A refusal never repeats a large value whole.
+pub fn quote(s: &str) -> String {
+    let shown: String = s.chars().take(QUOTE_CHARS).flat_map(char::escape_debug).collect();
+    if s.chars().nth(QUOTE_CHARS).is_some() { format!("`{shown}`… ({} bytes)", s.len()) } else { format!("`{shown}`") }
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), with `…` when it was cut.
+pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
+}
+
+/// Whether JSON text `body` holds U+0000 in a string (`\u0000`), which PostgreSQL's `jsonb`
+/// and `text` cannot store. Raw NUL bytes are not valid JSON and fail to parse anyway.
+pub fn json_has_nul(body: &[u8]) -> bool {
+    let needle = b"\\u0000";
+    let mut from = 0;
+    while let Some(at) = body[from..].windows(needle.len()).position(|w| w == needle).map(|p| p + from) {
+        // `\\u0000` is an escaped backslash followed by text: count the backslashes before.
+        let backslashes = body[..=at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if backslashes % 2 == 1 {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
+}
+
+/// Whether `s` is a W3C trace context this protocol carries: version `00`, 32 and 16 lowercase
+/// hex digits that are not all zero, and 2 of flags (55 characters). Anything else is dropped
+/// and a new trace started, as the W3C recommendation says of a malformed `traceparent`.
+pub fn valid_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let nonzero = |p: &str| p.bytes().any(|b| b != b'0');
+    matches!(parts.as_slice(), [v, t, p, f] if *v == "00" && hex(t, 32) && nonzero(t) && hex(p, 16) && nonzero(p) && hex(f, 2))
+}
+
+/// A string of the protocol refused when it is empty, longer than `max` bytes or holds U+0000.
+fn check_text(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.is_empty() {
+        return Err(format!("`{what}` must not be empty"));
+    }
+    check_storable(what, s, max)
+}
+
+/// A string refused when it is longer than `max` bytes or holds U+0000.
+fn check_storable(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        return Err(format!("`{what}` is {} bytes, over the limit of {max}: {}", s.len(), quote(s)));
+    }
+    if s.contains('\0') {
+        return Err(format!("`{what}` contains U+0000, which PostgreSQL cannot store: {}", quote(s)));
+    }
+    Ok(())
+}
 
 /// A header value: the protocol only uses strings and integers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +174,7 @@ impl WireMessage {
         match self.headers.get(name) {
             Some(HeaderValue::Int(n)) => u32::try_from(*n).map_err(|_| invalid(format!("{n} is out of range"))),
             // Some clients can only send string headers; accept digits.
-            Some(HeaderValue::Str(s)) => s.parse().map_err(|_| invalid(format!("`{s}` is not a non-negative integer"))),
+            Some(HeaderValue::Str(s)) => s.parse().map_err(|_| invalid(format!("{} is not a non-negative integer", quote(s)))),
             None => Err(ProtocolError::MissingHeader(name)),
         }
     }
@@ -110,18 +188,40 @@ impl WireMessage {
 
     fn uuid_prop(value: Option<&str>, what: &'static str) -> Result<uuid::Uuid, ProtocolError> {
         let v = value.ok_or(ProtocolError::MissingProperty(what))?;
-        uuid::Uuid::parse_str(v).map_err(|e| ProtocolError::InvalidProperty { property: what, detail: format!("`{v}` is not a UUID: {e}") })
+        uuid::Uuid::parse_str(v).map_err(|e| ProtocolError::InvalidProperty { property: what, detail: format!("{} is not a UUID: {e}", quote(v)) })
     }
 
-    fn check_body(&self, max: usize) -> Result<(), ProtocolError> {
+    /// The checks every decoder makes first: the body's size, then the protocol headers and the
+    /// properties a decoder keeps (no value over [`MAX_HEADER_BYTES`], none holding U+0000).
+    fn check_envelope(&self, max: usize) -> Result<(), ProtocolError> {
         if self.body.len() > max {
             return Err(ProtocolError::Oversized { size: self.body.len(), max });
+        }
+        for name in PROTOCOL_HEADERS {
+            if let Some(HeaderValue::Str(v)) = self.headers.get(name) {
+                check_storable(name, v, MAX_HEADER_BYTES).map_err(|detail| ProtocolError::InvalidHeader { header: name, detail })?;
+            }
+        }
+        for (property, v) in [("type", &self.kind), ("reply_to", &self.reply_to)] {
+            if v.as_deref().is_some_and(|v| v.contains('\0')) {
+                let detail = "contains U+0000, which PostgreSQL cannot store".to_owned();
+                return Err(ProtocolError::InvalidProperty { property, detail });
+            }
         }
         Ok(())
     }
 
+    /// The body as JSON: refused when it does not parse as `T` or holds U+0000 in a string.
     fn json_body<T: serde::de::DeserializeOwned>(&self) -> Result<T, ProtocolError> {
-        serde_json::from_slice(&self.body).map_err(|e| ProtocolError::MalformedBody(e.to_string()))
+        if json_has_nul(&self.body) {
+            return Err(ProtocolError::MalformedBody("a string contains U+0000, which PostgreSQL cannot store".into()));
+        }
+        serde_json::from_slice(&self.body).map_err(|e| ProtocolError::MalformedBody(clip(&e.to_string(), 512).into_owned()))
+    }
+
+    /// The `traceparent` header when it is a valid W3C trace context ([`valid_traceparent`]).
+    fn traceparent(&self) -> Option<String> {
+        self.header_opt(H_TRACEPARENT).filter(|t| valid_traceparent(t)).map(str::to_owned)
     }
 
     /// A JSON view (properties, headers and the body parsed as JSON, or as a string when it is
@@ -282,14 +382,14 @@ pub struct InboundCommand {
 
 /// Validate a command message (what a participant does before running a handler).
 pub fn decode_command(msg: &WireMessage, max_body: usize) -> Result<InboundCommand, ProtocolError> {
-    msg.check_body(max_body)?;
+    msg.check_envelope(max_body)?;
     let message_id = MessageId(WireMessage::uuid_prop(msg.message_id.as_deref(), "message_id")?);
     let command = msg.kind.clone().filter(|k| !k.is_empty()).ok_or(ProtocolError::MissingProperty("type"))?;
     let reply_to = msg.reply_to.clone().filter(|r| !r.is_empty()).ok_or(ProtocolError::MissingProperty("reply_to"))?;
     let saga_id = msg.header_str(H_SAGA_ID)?;
     let saga_id = saga_id
         .parse::<SagaId>()
-        .map_err(|e| ProtocolError::InvalidHeader { header: H_SAGA_ID, detail: format!("`{saga_id}` is not a UUID: {e}") })?;
+        .map_err(|e| ProtocolError::InvalidHeader { header: H_SAGA_ID, detail: format!("{} is not a UUID: {e}", quote(saga_id)) })?;
     let kind = msg.header_str(H_KIND)?.parse::<CommandKind>().map_err(|detail| ProtocolError::InvalidHeader { header: H_KIND, detail })?;
     Ok(InboundCommand {
         message_id,
@@ -300,7 +400,7 @@ pub fn decode_command(msg: &WireMessage, max_body: usize) -> Result<InboundComma
         kind,
         attempt: msg.header_u32(H_ATTEMPT)?,
         reply_to,
-        traceparent: msg.header_opt(H_TRACEPARENT).map(str::to_owned),
+        traceparent: msg.traceparent(),
         body: msg.json_body()?,
     })
 }
@@ -346,7 +446,7 @@ pub struct InboundReply {
 
 /// Validate a reply message.
 pub fn decode_reply(msg: &WireMessage, max_body: usize) -> Result<InboundReply, ProtocolError> {
-    msg.check_body(max_body)?;
+    msg.check_envelope(max_body)?;
     match msg.kind.as_deref() {
         Some(TYPE_REPLY) => {}
         Some(other) => return Err(ProtocolError::UnknownType(other.to_owned())),
@@ -357,7 +457,7 @@ pub fn decode_reply(msg: &WireMessage, max_body: usize) -> Result<InboundReply, 
     let saga_id = msg.header_str(H_SAGA_ID)?;
     let saga_id = saga_id
         .parse::<SagaId>()
-        .map_err(|e| ProtocolError::InvalidHeader { header: H_SAGA_ID, detail: format!("`{saga_id}` is not a UUID: {e}") })?;
+        .map_err(|e| ProtocolError::InvalidHeader { header: H_SAGA_ID, detail: format!("{} is not a UUID: {e}", quote(saga_id)) })?;
     let kind = msg.header_str(H_KIND)?.parse::<CommandKind>().map_err(|detail| ProtocolError::InvalidHeader { header: H_KIND, detail })?;
     Ok(InboundReply {
         message_id,
@@ -369,7 +469,7 @@ pub fn decode_reply(msg: &WireMessage, max_body: usize) -> Result<InboundReply, 
             attempt: msg.header_u32(H_ATTEMPT)?,
             outcome: msg.json_body()?,
         },
-        traceparent: msg.header_opt(H_TRACEPARENT).map(str::to_owned),
+        traceparent: msg.traceparent(),
     })
 }
 
@@ -394,7 +494,7 @@ pub struct StartRequest {
 
 /// Validate a start message.
 pub fn decode_start(msg: &WireMessage, max_body: usize) -> Result<StartRequest, ProtocolError> {
-    msg.check_body(max_body)?;
+    msg.check_envelope(max_body)?;
     match msg.kind.as_deref() {
         Some(TYPE_START) => {}
         Some(other) => return Err(ProtocolError::UnknownType(other.to_owned())),
@@ -404,10 +504,33 @@ pub fn decode_start(msg: &WireMessage, max_body: usize) -> Result<StartRequest, 
     if req.idempotency_key.is_none() {
         req.idempotency_key = msg.header_opt(H_IDEMPOTENCY_KEY).map(str::to_owned);
     }
-    if req.definition.is_empty() {
-        return Err(ProtocolError::MalformedBody("`definition` must not be empty".into()));
-    }
+    req.check().map_err(ProtocolError::MalformedBody)?;
     Ok(req)
+}
+
+impl StartRequest {
+    /// What every way of starting a saga checks besides the JSON's shape: a definition name and
+    /// an idempotency key that PostgreSQL can store and index ([`MAX_NAME_BYTES`],
+    /// [`MAX_IDEMPOTENCY_KEY_BYTES`], no U+0000).
+    pub fn check(&self) -> Result<(), String> {
+        check_text("definition", &self.definition, MAX_NAME_BYTES)?;
+        if let Some(key) = &self.idempotency_key {
+            check_text("idempotency_key", key, MAX_IDEMPOTENCY_KEY_BYTES)?;
+        }
+        Ok(())
+    }
+}
+
+/// A name (a definition's, an event's) as every path checks it: not empty, at most
+/// [`MAX_NAME_BYTES`], no U+0000. `what` names it in the error.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    check_text(what, name, MAX_NAME_BYTES)
+}
+
+/// An event's name as every way of delivering one checks it: not empty, at most
+/// [`MAX_NAME_BYTES`], no U+0000.
+pub fn check_event_name(name: &str) -> Result<(), String> {
+    check_text("event", name, MAX_NAME_BYTES)
 }
 
 /// The body of an external event delivered to a saga (AMQP `type` `sagaflow.event`, or
@@ -426,13 +549,15 @@ pub struct EventDelivery {
 
 /// Validate an event message.
 pub fn decode_event(msg: &WireMessage, max_body: usize) -> Result<EventDelivery, ProtocolError> {
-    msg.check_body(max_body)?;
+    msg.check_envelope(max_body)?;
     match msg.kind.as_deref() {
         Some(TYPE_EVENT) => {}
         Some(other) => return Err(ProtocolError::UnknownType(other.to_owned())),
         None => return Err(ProtocolError::MissingProperty("type")),
     }
-    msg.json_body()
+    let ev: EventDelivery = msg.json_body()?;
+    check_event_name(&ev.event).map_err(ProtocolError::MalformedBody)?;
+    Ok(ev)
 }
 
 /// The body of a lifecycle event on the events exchange (routing key

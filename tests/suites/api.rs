@@ -50,7 +50,7 @@ async fn api() -> Api {
     cfg.api_token = TOKEN.into();
     let node = orchestrator::Orchestrator::connect(cfg, registry()).await.unwrap().start().await.unwrap();
     let probe = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
-    let router = app(ApiState { engine: node.engine().clone(), token: Some(TOKEN.into()), amqp_url: env.amqp_url.clone() });
+    let router = app(ApiState::new(node.engine().clone(), Some(TOKEN.into()), env.amqp_url.clone(), cfg.max_body_bytes));
     Api { env, node, probe, router }
 }
 

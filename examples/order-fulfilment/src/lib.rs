@@ -106,7 +106,7 @@ pub async fn participant_main() -> anyhow::Result<()> {
                 .max_connections(8)
                 .connect(&db)
                 .await
-                .with_context(|| format!("connecting to PostgreSQL at {db}"))?;
+                .with_context(|| format!("connecting to PostgreSQL at {}", participants_sdk::transport::redact(&db)))?;
             setup(&pool, &[], 0).await.context("creating the example tables")?;
             stock_if_absent(&pool, &stock).await.context("stocking ORDER_EXAMPLE_STOCK")?;
             anyhow::Ok(participant.start(pool, &amqp).await?)

@@ -1,19 +1,23 @@
 //! The HTTP API, the web page and `/metrics`, served by every node (`api_addr`). Every route
 //! but `/health`, `/ready` and the page itself (`/`, which holds no data and asks for the
-//! token) requires `Authorization: Bearer <api_token>` when a token is configured. Errors are
-//! JSON: `{"error": {"code": "...", "message": "..."}}` with stable codes.
+//! token) requires `Authorization: Bearer <api_token>` when a token is configured; without a
+//! token (a loopback address only) a request must name a loopback host and come from no other
+//! origin, so neither a web page elsewhere nor a rebound DNS name can use the API. Bodies are
+//! JSON (`Content-Type: application/json`), read up to `max_body_bytes` and no further. Errors
+//! are JSON: `{"error": {"code": "...", "message": "..."}}` with stable codes.
 //! The contract is `docs/openapi.json`, also served at `/openapi.json`.
 
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sagas::protocol::StartRequest;
+use sagas::protocol::{StartRequest, check_event_name, clip, json_has_nul};
 use sagas::{Input, SagaId};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -29,16 +33,26 @@ const UI: &str = include_str!("ui.html");
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    /// The engine.
-    pub engine: Engine,
-    /// The bearer token; `None` lets every request in (loopback only, enforced by config).
-    pub token: Option<String>,
-    /// The broker, for `/metrics` (consumers per participant queue) and `/ready`.
-    pub amqp_url: String,
+    engine: Engine,
+    token: Option<String>,
+    amqp_url: String,
+    max_body: usize,
+    /// The connection `/metrics` asks the broker on, kept between scrapes.
+    broker: Arc<tokio::sync::Mutex<Option<lapin::Connection>>>,
+}
+
+impl ApiState {
+    /// The API of `engine`: `token` is the bearer token (`None` lets every request from this
+    /// host in; the configuration allows that on a loopback address only), `amqp_url` the broker
+    /// `/metrics` asks for each participant queue's consumers, `max_body` the largest body read.
+    pub fn new(engine: Engine, token: Option<String>, amqp_url: String, max_body: usize) -> Self {
+        Self { engine, token, amqp_url, max_body, broker: Arc::default() }
+    }
 }
 
 /// The router.
 pub fn app(state: ApiState) -> Router {
+    let max_body = state.max_body;
     let protected = Router::new()
         .route("/sagas", post(start).get(list))
         .route("/sagas/{id}", get(show))
@@ -56,7 +70,71 @@ pub fn app(state: ApiState) -> Router {
         .route("/", get(|| async { Html(UI) }))
         .merge(protected)
         .fallback(|| async { ApiError(OpsError::new("not_found", "no such route")) })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// The page's Content-Security-Policy: its one inline script and style by their hashes, the
+/// API of its own origin, and no framing.
+static CSP: LazyLock<String> = LazyLock::new(|| {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let hash = |tag: &str| {
+        let inner = UI.split(&format!("<{tag}>")).nth(1).and_then(|rest| rest.split(&format!("</{tag}>")).next()).unwrap_or("");
+        format!("'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(inner.as_bytes())))
+    };
+    format!(
+        "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        hash("script"),
+        hash("style")
+    )
+});
+
+/// Every request: without a token, only a loopback `Host` and no other `Origin` (a token-less
+/// node listens on loopback only; a page elsewhere, or a DNS name rebound to 127.0.0.1, must
+/// not reach it); a body only as JSON. Every response: headers that keep the page from being
+/// framed, sniffed or fed a script from elsewhere.
+async fn guard(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let refused = |status: StatusCode, code: &'static str, message: String| {
+        let mut r = ApiError(OpsError::new(code, message)).into_response();
+        *r.status_mut() = status;
+        r
+    };
+    let headers = req.headers();
+    let mut response = if s.token.is_none() && !headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(loopback_authority) {
+        refused(StatusCode::FORBIDDEN, "forbidden", "without an api_token, requests must name a loopback host (localhost, 127.0.0.1 or [::1])".into())
+    } else if s.token.is_none()
+        && headers.get(header::ORIGIN).is_some_and(|o| !o.to_str().ok().and_then(|o| o.split_once("://")).is_some_and(|(_, a)| loopback_authority(a)))
+    {
+        refused(StatusCode::FORBIDDEN, "forbidden", "without an api_token, requests from another origin are refused".into())
+    } else if req.method() == axum::http::Method::POST
+        && headers.get(header::CONTENT_LENGTH).is_none_or(|n| n != "0")
+        && !headers.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()).is_some_and(|c| {
+            c.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        })
+    {
+        refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "a request body must be JSON (`Content-Type: application/json`)".into())
+    } else {
+        next.run(req).await
+    };
+    let h = response.headers_mut();
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    if let Ok(csp) = HeaderValue::from_str(&CSP) {
+        h.insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
+    response
+}
+
+/// Whether `authority` (`host[:port]`) names this host by a loopback name or address.
+fn loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// An error as JSON with its HTTP status.
@@ -74,10 +152,15 @@ impl IntoResponse for ApiError {
             "not_found" => StatusCode::NOT_FOUND,
             "conflict" => StatusCode::CONFLICT,
             "unauthorized" => StatusCode::UNAUTHORIZED,
+            "forbidden" => StatusCode::FORBIDDEN,
+            "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+            "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         };
-        (status, Json(json!({"error": {"code": self.0.code, "message": self.0.message}}))).into_response()
+        // A message never repeats a large input whole.
+        let message = clip(&self.0.message, 1024);
+        (status, Json(json!({"error": {"code": self.0.code, "message": message}}))).into_response()
     }
 }
 
@@ -86,7 +169,9 @@ type ApiResult<T> = Result<T, ApiError>;
 async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
     if let Some(token) = &s.token {
         let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+        // In constant time: how much of a guess matches must not show in how long it takes.
+        let matches = given.is_some_and(|g| bool::from(subtle::ConstantTimeEq::ct_eq(g.as_bytes(), token.as_bytes())));
+        if !matches {
             let mut r =
                 ApiError(OpsError::new("unauthorized", "a valid `Authorization: Bearer <token>` header is required")).into_response();
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -100,15 +185,25 @@ fn parse_id(id: &str) -> ApiResult<SagaId> {
     id.parse().map_err(|_| ApiError(OpsError::new("invalid_request", format!("`{id}` is not a saga id (a UUID)"))))
 }
 
-fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError(OpsError::new("invalid_request", format!("invalid JSON body: {e}"))))
+/// A JSON body, read up to `max_body_bytes` (a larger one is refused with 413 as soon as it
+/// passes the limit, not after it was read), that PostgreSQL can store (no U+0000).
+fn body<T: serde::de::DeserializeOwned>(raw: Result<axum::body::Bytes, BytesRejection>) -> ApiResult<T> {
+    let bytes = raw.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError(OpsError::new("payload_too_large", "the body is larger than max_body_bytes")),
+        _ => ApiError(OpsError::new("invalid_request", e.body_text())),
+    })?;
+    if json_has_nul(&bytes) {
+        return Err(ApiError(OpsError::new("invalid_request", "a string contains U+0000, which PostgreSQL cannot store")));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError(OpsError::new("invalid_request", format!("invalid JSON body: {e}"))))
 }
 
-async fn start(State(s): State<ApiState>, headers: HeaderMap, raw: axum::body::Bytes) -> ApiResult<Response> {
-    let mut req: StartRequest = body(&raw)?;
+async fn start(State(s): State<ApiState>, headers: HeaderMap, raw: Result<axum::body::Bytes, BytesRejection>) -> ApiResult<Response> {
+    let mut req: StartRequest = body(raw)?;
     if req.idempotency_key.is_none() {
         req.idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     }
+    req.check().map_err(|e| OpsError::new("invalid_request", e))?;
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let started = s.engine.start(&req, traceparent).await.map_err(|e| match e {
         StartError::Database(e) => OpsError::from(e),
@@ -159,11 +254,13 @@ struct EventBody {
     payload: Value,
 }
 
-async fn signal(State(s): State<ApiState>, Path(id): Path<String>, raw: axum::body::Bytes) -> ApiResult<Json<ops::SagaView>> {
-    let ev: EventBody = body(&raw)?;
-    if ev.event.is_empty() {
-        return Err(ApiError(OpsError::new("invalid_request", "`event` must not be empty")));
-    }
+async fn signal(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    raw: Result<axum::body::Bytes, BytesRejection>,
+) -> ApiResult<Json<ops::SagaView>> {
+    let ev: EventBody = body(raw)?;
+    check_event_name(&ev.event).map_err(|e| OpsError::new("invalid_request", e))?;
     Ok(Json(ops::act(&s.engine, parse_id(&id)?, Input::Event { name: ev.event, payload: ev.payload }).await?))
 }
 
@@ -176,9 +273,9 @@ struct ActionBody {
 async fn action(
     State(s): State<ApiState>,
     Path((id, action)): Path<(String, String)>,
-    raw: axum::body::Bytes,
+    raw: Result<axum::body::Bytes, BytesRejection>,
 ) -> ApiResult<Json<ops::SagaView>> {
-    let b: ActionBody = if raw.is_empty() { ActionBody::default() } else { body(&raw)? };
+    let b: ActionBody = if raw.as_ref().is_ok_and(|r| r.is_empty()) { ActionBody::default() } else { body(raw)? };
     let cmd = ops::operator_command(&action, b.reason)?;
     Ok(Json(ops::act(&s.engine, parse_id(&id)?, Input::Operator(cmd)).await?))
 }
@@ -213,12 +310,16 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult<Response> {
         .into_response())
 }
 
-/// Consumers on each participant's queue; a queue the broker does not have counts 0.
+/// Consumers on each participant's queue; a queue the broker does not have counts 0. Asked on
+/// one connection kept between scrapes (opened again once it is lost).
 async fn participant_consumers(s: &ApiState) -> Vec<(String, i64)> {
     let participants: Vec<String> = s.engine.registry().participants().into_iter().map(str::to_owned).collect();
-    let Ok(Ok(conn)) =
-        tokio::time::timeout(Duration::from_secs(3), lapin::Connection::connect(&s.amqp_url, lapin::ConnectionProperties::default())).await
-    else {
+    let mut broker = s.broker.lock().await;
+    if !broker.as_ref().is_some_and(|c| c.status().connected()) {
+        let connect = lapin::Connection::connect(&s.amqp_url, lapin::ConnectionProperties::default());
+        *broker = tokio::time::timeout(Duration::from_secs(3), connect).await.ok().and_then(Result::ok);
+    }
+    let Some(conn) = broker.as_ref() else {
         return participants.into_iter().map(|p| (p, 0)).collect();
     };
     let mut out = Vec::new();
@@ -238,6 +339,5 @@ async fn participant_consumers(s: &ApiState) -> Vec<(String, i64)> {
         };
         out.push((p, n));
     }
-    let _ = conn.close(200, "metrics".into()).await;
     out
 }
