@@ -31,12 +31,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 }
 
 /// An instance row as read: its state and trace context.
-/// Whether `e` is PostgreSQL refusing the data itself (SQLSTATE class 22, data exception, such
-/// as U+0000 in text or JSON; or 54, a limit exceeded, such as an index entry too large): the
-/// same input fails the same way every time, so it is refused, never retried.
-pub fn is_unstorable(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22") || c.starts_with("54"))
-}
+pub use participants_sdk::is_unstorable;
 
 pub(crate) struct Instance {
     pub(crate) state: SagaState,

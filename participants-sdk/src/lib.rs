@@ -51,4 +51,4 @@ pub mod transport;
 
 pub use handler::{Context, Handler, HandlerError, HandlerResult};
 pub use participant::{Error, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, shutdown_signal};
-pub use store::ensure_schema;
+pub use store::{ensure_schema, is_unstorable};

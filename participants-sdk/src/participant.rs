@@ -403,6 +403,11 @@ impl Participant {
         let result = self.execute(pool, reg, &cmd).instrument(self.span(&cmd)).await;
         match result {
             Ok(reply) => self.finish(ch, deleter, vec![((d, cmd), reply)]).await,
+            // PostgreSQL refuses the data itself (SQLSTATE class 22 or 54): the same every time.
+            Err(e) if store::is_unstorable(&e) => {
+                let queue = self.inner.names.participant_queue(&self.inner.name);
+                self.refuse(ch, &queue, &d, "unstorable", &format!("PostgreSQL cannot store it: {e}")).await;
+            }
             Err(e) => {
                 self.span(&cmd).in_scope(|| tracing::warn!(error = %e, "database unavailable; the command goes back to the queue"));
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -425,9 +430,10 @@ impl Participant {
         }
         let batch = sent.iter().map(|(_, cmd, (_, reply))| ("", cmd.reply_to.as_str(), reply, true)).collect();
         let results = transport::publish_batch(ch, batch).await;
-        for ((d, cmd, (id, _)), result) in sent.into_iter().zip(results) {
+        for ((d, cmd, (id, reply)), result) in sent.into_iter().zip(results) {
             match result {
                 Ok(()) => deleter.delete(id),
+                Err(e) if self.set_aside(ch, &cmd.reply_to, &reply, &e).await => deleter.delete(id),
                 Err(e) => {
                     tracing::warn!(message.id = %cmd.message_id, error = %e, "reply not sent now; it stays in the outbox and is retried")
                 }
@@ -484,12 +490,13 @@ impl Participant {
                         Err(HandlerError::Transient(e)) => {
                             tx.rollback().await?;
                             tracing::warn!(error = %format!("{e:#}"), "transient failure; the orchestrator retries");
-                            let outcome = ReplyOutcome::TransientFailure { message: format!("{e:#}") };
+                            let outcome = storable(ReplyOutcome::TransientFailure { message: format!("{e:#}") });
                             return enqueue_only(pool.begin().await?, name, cmd, &outcome).await;
                         }
                     }
                 }
             };
+            let outcome = storable(outcome);
             let reply = encode_reply(cmd, &outcome, Timestamp::now());
             let row = store::ReplyRow { cmd, record: Some(&outcome), reply: &reply };
             match store::write_replies(&mut tx, name, &[row]).await? {
@@ -558,7 +565,7 @@ impl Participant {
                 // Undo this handler's writes only.
                 sqlx::raw_sql("ROLLBACK TO SAVEPOINT handler").execute(&mut *tx).await?;
             }
-            outcomes.push((outcome, record));
+            outcomes.push((storable(outcome), record));
         }
         let now = Timestamp::now();
         let replies: Vec<WireMessage> = all.iter().zip(&outcomes).map(|(cmd, (o, _))| encode_reply(cmd, o, now)).collect();
@@ -588,6 +595,7 @@ impl Participant {
         for (p, result) in pending.iter().zip(results) {
             match result {
                 Ok(()) => sent.push(p.id),
+                Err(e) if self.set_aside(ch, &p.routing_key, &p.msg, &e).await => sent.push(p.id),
                 Err(e) => tracing::warn!(error = %e, "leftover reply not sent; retrying later"),
             }
         }
@@ -601,6 +609,30 @@ impl Participant {
 }
 
 /// How a run of [`Participant::execute_batch`] ended.
+impl Participant {
+    /// A reply that can never be delivered as it is (its `reply_to` queue does not exist, or it
+    /// is too large to publish) goes to this participant's dead-letter queue with the reason,
+    /// instead of staying in the outbox for ever; `true` once it is there (delete the row).
+    async fn set_aside(&self, ch: &Channel, reply_to: &str, reply: &WireMessage, e: &transport::TransportError) -> bool {
+        let reason = match e {
+            transport::TransportError::Unroutable { .. } => "unroutable_reply",
+            transport::TransportError::TooLarge { .. } => "unpublishable",
+            _ => return false,
+        };
+        let queue = self.inner.names.participant_queue(&self.inner.name);
+        let detail = format!("the reply to `{reply_to}` cannot be delivered: {e}");
+        tracing::error!(participant = %self.inner.name, reason, detail, message.id = reply.message_id.as_deref().unwrap_or(""), "dead-lettering a reply");
+        let props = transport::properties(reply);
+        match transport::publish_dead_letter(ch, &self.inner.names, &queue, &props, &reply.body, reason, &detail).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not dead-letter the reply; it stays in the outbox");
+                false
+            }
+        }
+    }
+}
+
 enum BatchRun {
     /// Committed: each command's outbox row and reply, in order.
     Done(Vec<(i64, WireMessage)>),
@@ -613,6 +645,36 @@ enum BatchRun {
 
 /// The answer a command gets without running, from what its step already recorded: the
 /// recorded outcome, or a refusal for a command that arrives after its compensation.
+/// An outcome PostgreSQL can store and the orchestrator accepts: U+0000, which neither takes,
+/// becomes U+FFFD wherever a handler put it (its output, a refusal's code or message, an
+/// error's text), with a warning. Left as it was, the reply could never be recorded and the
+/// command would be redelivered for ever.
+fn storable(outcome: ReplyOutcome) -> ReplyOutcome {
+    fn scrub(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => *s = s.replace('\0', "\u{FFFD}"),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(scrub),
+            serde_json::Value::Object(o) => {
+                *o = std::mem::take(o)
+                    .into_iter()
+                    .map(|(k, mut v)| {
+                        scrub(&mut v);
+                        (k.replace('\0', "\u{FFFD}"), v)
+                    })
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    let Ok(mut v) = serde_json::to_value(&outcome) else { return outcome };
+    if !sagas::protocol::json_has_nul(v.to_string().as_bytes()) {
+        return outcome;
+    }
+    tracing::warn!("the handler's outcome holds U+0000, which PostgreSQL cannot store; replaced with U+FFFD");
+    scrub(&mut v);
+    serde_json::from_value(v).unwrap_or(outcome)
+}
+
 fn answer_from(cmd: &InboundCommand, prior: store::Prior) -> Option<ReplyOutcome> {
     if cmd.kind == CommandKind::Invoke && prior.compensated {
         tracing::info!("the step was already compensated; refusing the late command");

@@ -29,6 +29,13 @@ CREATE TABLE IF NOT EXISTS sagaflow_participant.outbox (
 CREATE INDEX IF NOT EXISTS outbox_participant_created ON sagaflow_participant.outbox (participant, created_at);
 ";
 
+/// Whether `e` is PostgreSQL refusing the data itself (SQLSTATE class 22, data exception, such
+/// as U+0000 in text or JSON; or 54, a limit exceeded, such as an index entry too large): the
+/// same input fails the same way every time, so it is refused, never retried.
+pub fn is_unstorable(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22") || c.starts_with("54"))
+}
+
 /// Create the participant tables if they do not exist (safe to run concurrently).
 pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
