@@ -262,10 +262,46 @@ mod tests {
         // The API refuses to listen beyond this host without a token.
         let err = Config::load(None, env(&[("SAGAFLOW_API_ADDR", "0.0.0.0:8080")])).unwrap_err().to_string();
         assert!(err.contains("set api_token"), "{err}");
-        let ok = Config::load(None, env(&[("SAGAFLOW_API_ADDR", "0.0.0.0:8080"), ("SAGAFLOW_API_TOKEN", "t")])).unwrap();
-        assert_eq!(ok.api_token, "t");
+        let token = "0123456789abcdef0123";
+        let ok = Config::load(None, env(&[("SAGAFLOW_API_ADDR", "0.0.0.0:8080"), ("SAGAFLOW_API_TOKEN", token)])).unwrap();
+        assert_eq!(ok.api_token, token);
+        // A token one could guess, or one with blanks that a header would not carry, is refused.
+        for weak in ["t", " ", "short-token", "0123456789abcdef 0123"] {
+            let err = Config::load(None, env(&[("SAGAFLOW_API_TOKEN", weak)])).unwrap_err().to_string();
+            assert!(err.contains("api_token must be at least 16 characters"), "{weak:?}: {err}");
+        }
         let err = Config::load(None, env(&[("SAGAFLOW_API_ADDR", "localhost")])).unwrap_err().to_string();
         assert!(err.contains("api_addr"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_variable_stops_the_node_with_a_suggestion() {
+        let err = Config::load(None, env(&[("SAGAFLOW_API_TOKN", "0123456789abcdef0123")])).unwrap_err().to_string();
+        assert!(err.contains("SAGAFLOW_API_TOKN is not a setting; did you mean SAGAFLOW_API_TOKEN?"), "{err}");
+        let err = Config::load(None, env(&[("SAGAFLOW_WHATEVER", "1")])).unwrap_err().to_string();
+        assert!(err.contains("SAGAFLOW_WHATEVER is not a setting (docs/configuration.md"), "{err}");
+        // The project's other variables are not settings, and are not refused.
+        let others = [("SAGAFLOW_CONFIG", "x.toml"), ("SAGAFLOW_TEST_AMQP_URL", "amqp://h"), ("SAGAFLOW_CHAOS_SEED", "1")];
+        Config::load(None, env(&others)).unwrap();
+    }
+
+    #[test]
+    fn urls_are_checked_at_start_and_passwords_never_shown() {
+        for (url, why) in [
+            ("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=abc", "heartbeat"),
+            ("amqp://", "names no host"),
+            ("amqp://guest:secret@:5672/", "names no host"),
+            ("amqp://guest:secret@h/?frame_max=-1", "frame_max"),
+        ] {
+            let err = Config::load(None, env(&[("SAGAFLOW_AMQP_URL", url)])).unwrap_err().to_string();
+            assert!(err.contains("amqp_url") && err.contains(why) && !err.contains("secret"), "{url}: {err}");
+        }
+        let err =
+            Config::load(None, env(&[("SAGAFLOW_DATABASE_URL", "postgres://u:secret@h/db?sslmode=sometimes")])).unwrap_err().to_string();
+        assert!(err.contains("database_url") && !err.contains("secret"), "{err}");
+        assert_eq!(redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://h/db?user=u&password=pw&sslmode=require"), "postgres://h/db?user=u&password=***&sslmode=require");
+        assert_eq!(redact("at `postgres://h/db?PASSWORD=pw`: refused"), "at `postgres://h/db?PASSWORD=***`: refused");
     }
 
     #[test]

@@ -24,8 +24,11 @@ use crate::store::{self, Claimed};
 const QUEUE: usize = 4096;
 /// Most rows in one pipelined batch.
 const MAX_BATCH: usize = 1024;
-/// Batches waiting for their confirms at once.
-const IN_FLIGHT: usize = 4;
+/// Batches waiting for their confirms at once: one, so that a command the broker returns
+/// (no queue for its participant) is carried by a confirm of its own batch, where
+/// [`participants_sdk::transport::publish_batch`] finds it by its id. Rows handed over while a
+/// batch waits go out together in the next.
+const IN_FLIGHT: usize = 1;
 
 /// The current channel and the queue of the background task.
 #[derive(Clone)]

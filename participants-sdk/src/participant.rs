@@ -154,6 +154,7 @@ impl ParticipantBuilder {
         let names = Names::new(self.config.namespace.clone());
         Ok(Participant {
             inner: Arc::new(Inner {
+                publishing: tokio::sync::Mutex::new(()),
                 name: self.name,
                 handlers: self.handlers,
                 config: self.config,
@@ -165,6 +166,10 @@ impl ParticipantBuilder {
 }
 
 struct Inner {
+    /// Held while publishing on the channel and waiting for the confirms: one batch at a time,
+    /// so a message the broker returns is carried by a confirm of its own batch (see
+    /// [`transport::publish_batch`]).
+    publishing: tokio::sync::Mutex<()>,
     name: String,
     handlers: HashMap<String, Registered>,
     config: ParticipantConfig,
@@ -429,7 +434,9 @@ impl Participant {
             sent.push((d, cmd, reply));
         }
         let batch = sent.iter().map(|(_, cmd, (_, reply))| ("", cmd.reply_to.as_str(), reply, true)).collect();
+        let one_batch = self.inner.publishing.lock().await;
         let results = transport::publish_batch(ch, batch).await;
+        let mut settled = Vec::with_capacity(sent.len());
         for ((d, cmd, (id, reply)), result) in sent.into_iter().zip(results) {
             match result {
                 Ok(()) => deleter.delete(id),
@@ -438,6 +445,10 @@ impl Participant {
                     tracing::warn!(message.id = %cmd.message_id, error = %e, "reply not sent now; it stays in the outbox and is retried")
                 }
             }
+            settled.push((d, cmd));
+        }
+        drop(one_batch);
+        for (d, cmd) in settled {
             if let Err(e) = transport::ack(&d).await {
                 tracing::warn!(message.id = %cmd.message_id, error = %e, "ack failed; the command will be redelivered and answered from the inbox");
             }
@@ -445,7 +456,10 @@ impl Participant {
     }
 
     async fn refuse(&self, ch: &Channel, queue: &str, d: &Delivery, reason: &str, detail: &str) {
-        if let Err(e) = transport::dead_letter(ch, &self.inner.names, queue, d, reason, detail).await {
+        let one_batch = self.inner.publishing.lock().await;
+        let refused = transport::dead_letter(ch, &self.inner.names, queue, d, reason, detail).await;
+        drop(one_batch);
+        if let Err(e) = refused {
             tracing::error!(error = %e, reason, "could not dead-letter a message; it goes back to the queue");
             let _ = transport::requeue(d).await;
         }
@@ -590,6 +604,7 @@ impl Participant {
         let mut tx = pool.begin().await?;
         let pending = store::claim_stale(&mut tx, &self.inner.name, age, 100).await?;
         let batch: Vec<(&str, &str, &WireMessage, bool)> = pending.iter().map(|p| ("", p.routing_key.as_str(), &p.msg, true)).collect();
+        let _one_batch = self.inner.publishing.lock().await;
         let results = transport::publish_batch(ch, batch).await;
         let mut sent = Vec::new();
         for (p, result) in pending.iter().zip(results) {

@@ -324,7 +324,12 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect to RabbitMQ, retrying with exponential backoff for up to `give_up_after`.
 pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, lapin::Error> {
     let attempt = || async {
-        match tokio::time::timeout(ATTEMPT_TIMEOUT.min(give_up_after.max(Duration::from_secs(1))), Connection::connect(url, ConnectionProperties::default())).await {
+        match tokio::time::timeout(
+            ATTEMPT_TIMEOUT.min(give_up_after.max(Duration::from_secs(1))),
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no AMQP handshake in time").into()),
         }
@@ -479,7 +484,8 @@ pub fn properties(msg: &WireMessage) -> BasicProperties {
 }
 
 /// Publish `msg` and hand back the pending confirmation, so a caller can pipeline many
-/// publishes before waiting. `ch` must be a [`confirm_channel`].
+/// publishes before waiting. `ch` must be a [`confirm_channel`]. A message that can never be
+/// published ([`TransportError::TooLarge`]) is not sent.
 pub async fn publish(
     ch: &Channel,
     exchange: &str,
@@ -493,7 +499,7 @@ pub async fn publish(
         return Err(TransportError::TooLarge { exchange: exchange.to_owned(), routing_key: routing_key.to_owned(), why });
     }
     let confirm = within("a publish", ch.basic_publish(exchange.into(), routing_key.into(), options, &msg.body, props)).await?;
-    Ok(PendingConfirm { confirm, exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
+    Ok(PendingConfirm { confirm, exchange: exchange.to_owned(), routing_key: routing_key.to_owned(), message_id: msg.message_id.clone() })
 }
 
 /// A publish waiting for the broker's confirm.
@@ -501,27 +507,45 @@ pub struct PendingConfirm {
     confirm: lapin::PublisherConfirm,
     exchange: String,
     routing_key: String,
+    message_id: Option<String>,
 }
+
+/// A message the broker returned (a `mandatory` publish that reached no queue): its id and
+/// the broker's explanation.
+type Returned = (Option<String>, String);
 
 impl PendingConfirm {
     /// Wait for the broker: `Ok` once it stored (or, not `mandatory`, accepted) the message.
     pub async fn wait(self) -> Result<(), TransportError> {
+        let (exchange, routing_key, id) = (self.exchange.clone(), self.routing_key.clone(), self.message_id.clone());
+        match self.settle().await? {
+            Some((returned, reply_text)) if returned == id => Err(TransportError::Unroutable { exchange, routing_key, reply_text }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The confirm, and the returned message it carries. lapin hands a returned message to
+    /// whichever confirm the broker's next ack completes, and one ack may complete several
+    /// publishes (`multiple`): the message a return belongs to is known by its id, not by
+    /// the confirm that carried it.
+    async fn settle(self) -> Result<Option<Returned>, TransportError> {
         match within("a publisher confirm", self.confirm).await? {
-            lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
-            lapin::Confirmation::Ack(Some(ret)) => Err(TransportError::Unroutable {
-                exchange: self.exchange,
-                routing_key: self.routing_key,
-                reply_text: ret.reply_text.as_str().to_owned(),
-            }),
+            lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(None),
+            lapin::Confirmation::Ack(Some(ret)) => {
+                Ok(Some((ret.properties.message_id().as_ref().map(|m| m.as_str().to_owned()), ret.reply_text.as_str().to_owned())))
+            }
             lapin::Confirmation::Nack(_) => Err(TransportError::PublishNacked { exchange: self.exchange, routing_key: self.routing_key }),
         }
     }
 }
 
 /// Publish `messages` (exchange, routing key, message, mandatory) pipelined, then wait for the
-/// confirms: one result per message, in order. Once the broker leaves a confirm unanswered
-/// ([`TransportError::NoAnswer`]), the rest are not waited for and fail the same way, so a dead
-/// connection costs one [`BROKER_WAIT`], not one per message.
+/// confirms: one result per message, in order. A message is [`TransportError::Unroutable`]
+/// when the broker returned a message of its id, whichever confirm carried the return; so
+/// that every return of a batch is carried by a confirm of the same batch, a channel must
+/// have one batch in flight at a time. Once the broker leaves a confirm unanswered
+/// ([`TransportError::NoAnswer`]), the rest are not waited for and fail the same way, so a
+/// dead connection costs one [`BROKER_WAIT`], not one per message.
 pub async fn publish_batch(ch: &Channel, messages: Vec<(&str, &str, &WireMessage, bool)>) -> Vec<Result<(), TransportError>> {
     let mut pending = Vec::new();
     let mut gone = false;
@@ -530,17 +554,33 @@ pub async fn publish_batch(ch: &Channel, messages: Vec<(&str, &str, &WireMessage
         gone = matches!(p, Err(TransportError::NoAnswer(_)));
         pending.push(p);
     }
-    let mut out = Vec::with_capacity(pending.len());
+    let mut settled = Vec::with_capacity(pending.len());
+    let mut returned: Vec<Returned> = Vec::new();
     for p in pending {
         let r = match p {
             _ if gone => Err(TransportError::NoAnswer("a publisher confirm")),
-            Ok(p) => p.wait().await,
+            Ok(p) => {
+                let (exchange, routing_key, id) = (p.exchange.clone(), p.routing_key.clone(), p.message_id.clone());
+                p.settle().await.map(|ret| {
+                    returned.extend(ret);
+                    (exchange, routing_key, id)
+                })
+            }
             Err(e) => Err(e),
         };
         gone = matches!(r, Err(TransportError::NoAnswer(_)));
-        out.push(r);
+        settled.push(r);
     }
-    out
+    settled
+        .into_iter()
+        .map(|r| {
+            let (exchange, routing_key, id) = r?;
+            match returned.iter().position(|(returned, _)| *returned == id) {
+                Some(i) => Err(TransportError::Unroutable { exchange, routing_key, reply_text: returned.swap_remove(i).1 }),
+                None => Ok(()),
+            }
+        })
+        .collect()
 }
 
 /// Publish and wait for the confirm.
@@ -622,5 +662,5 @@ pub async fn publish_dead_letter(
     let exchange = names.dead_letter_exchange();
     let confirm =
         within("a publish", ch.basic_publish(exchange.as_str().into(), queue.into(), BasicPublishOptions::default(), body, props)).await?;
-    PendingConfirm { confirm, exchange, routing_key: queue.to_owned() }.wait().await
+    PendingConfirm { confirm, exchange, routing_key: queue.to_owned(), message_id: None }.wait().await
 }

@@ -188,7 +188,8 @@ impl WireMessage {
 
     fn uuid_prop(value: Option<&str>, what: &'static str) -> Result<uuid::Uuid, ProtocolError> {
         let v = value.ok_or(ProtocolError::MissingProperty(what))?;
-        uuid::Uuid::parse_str(v).map_err(|e| ProtocolError::InvalidProperty { property: what, detail: format!("{} is not a UUID: {e}", quote(v)) })
+        uuid::Uuid::parse_str(v)
+            .map_err(|e| ProtocolError::InvalidProperty { property: what, detail: format!("{} is not a UUID: {e}", quote(v)) })
     }
 
     /// The checks every decoder makes first: the body's size, then the protocol headers and the

@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 
 use sagas::protocol::{
-    DEFAULT_MAX_BODY_BYTES, EventDelivery, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, HeaderValue, LifecycleEvent, ReplyOutcome, SagaRef,
-    TYPE_EVENT, TYPE_START, WireMessage, decode_command, decode_event, decode_reply, decode_start, encode_command, encode_lifecycle,
-    encode_reply,
+    DEFAULT_MAX_BODY_BYTES, EventDelivery, H_DEFINITION, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, H_STEP_NAME, HeaderValue, LifecycleEvent,
+    ReplyOutcome, SagaRef, TYPE_EVENT, TYPE_START, WireMessage, decode_command, decode_event, decode_reply, decode_start, encode_command,
+    encode_lifecycle, encode_reply,
 };
 use sagas::{CommandKind, MessageId, OutgoingCommand, SagaEvent, SagaId, StepIndex, StopCode, Timestamp};
 use serde_json::{Value, json};
@@ -222,4 +222,95 @@ fn bad_replies_starts_and_events_are_refused() {
     let mut event = start_message(json!({"saga_id": "nope", "event": "e"}), None);
     event.kind = Some(TYPE_EVENT.into());
     assert_eq!(decode_event(&event, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
+}
+
+/// What PostgreSQL and RabbitMQ cannot carry is refused by the decoders, before anything is
+/// written or republished, and a refusal never repeats a large value whole.
+#[test]
+fn what_postgresql_or_rabbitmq_cannot_carry_is_refused_and_never_quoted_whole() {
+    let good = encode_command(&saga(), &command(CommandKind::Invoke, 1), "sagaflow.replies", Some(TRACEPARENT), NOW);
+    let cmd = decode_command(&good, DEFAULT_MAX_BODY_BYTES).unwrap();
+    let reply = encode_reply(&cmd, &ReplyOutcome::Success { output: Value::Null }, NOW);
+    type Mutation = Box<dyn Fn(&mut WireMessage)>;
+    let huge = "k".repeat(70_000);
+    let cases: Vec<(&str, Mutation, &str)> = vec![
+        ("a 70 KB kind", Box::new(move |m| drop(m.headers.insert(H_KIND.into(), HeaderValue::Str(huge.clone())))), "invalid_headers"),
+        (
+            "NUL in a step name",
+            Box::new(|m| drop(m.headers.insert(H_STEP_NAME.into(), HeaderValue::Str("a\0b".into())))),
+            "invalid_headers",
+        ),
+        (
+            "NUL in the definition",
+            Box::new(|m| drop(m.headers.insert(H_DEFINITION.into(), HeaderValue::Str("\0".into())))),
+            "invalid_headers",
+        ),
+        ("NUL in reply_to", Box::new(|m| m.reply_to = Some("q\0".into())), "invalid_properties"),
+        ("NUL in the type", Box::new(|m| m.kind = Some("sagaflow.reply\0".into())), "invalid_properties"),
+        ("NUL in the body", Box::new(|m| m.body = br#"{"type":"success","output":{"a":"x\u0000y"}}"#.to_vec()), "malformed_body"),
+        ("NUL in a key", Box::new(|m| m.body = br#"{"type":"success","output":{"\u0000":1}}"#.to_vec()), "malformed_body"),
+    ];
+    for (what, mutate, code) in cases {
+        let mut m = reply.clone();
+        mutate(&mut m);
+        let err = decode_reply(&m, DEFAULT_MAX_BODY_BYTES).expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err}");
+        assert!(err.to_string().len() < 400, "{what}: the refusal quotes at most a little: {} bytes", err.to_string().len());
+        let mut c = good.clone();
+        mutate(&mut c);
+        c.kind = c.kind.filter(|k| k.contains('\0')).or(Some("payment.charge".into()));
+        if c.body.starts_with(br#"{"type""#) {
+            c.body = br#"{"amount":"\u0000"}"#.to_vec();
+        }
+        assert_eq!(decode_command(&c, DEFAULT_MAX_BODY_BYTES).expect_err(what).code(), code, "command: {what}");
+    }
+    // An escaped backslash before `u0000` is text, not NUL.
+    let mut text = reply.clone();
+    text.body = br#"{"type":"success","output":"C:\\u0000"}"#.to_vec();
+    decode_reply(&text, DEFAULT_MAX_BODY_BYTES).unwrap();
+}
+
+#[test]
+fn a_malformed_traceparent_is_dropped_not_carried() {
+    let cmd = command(CommandKind::Invoke, 1);
+    for bad in [
+        "x".repeat(135_000),
+        "00-0000000000000000000000000000000-00f067aa0ba902b7-01".into(),
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01".into(),
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01".into(),
+    ] {
+        let mut m = encode_command(&saga(), &cmd, "r", Some(TRACEPARENT), NOW);
+        m.headers.insert("traceparent".into(), HeaderValue::Str(bad.clone()));
+        let got = decode_command(&m, DEFAULT_MAX_BODY_BYTES);
+        // Too long to be a protocol header at all, or well-formed but not a valid trace context.
+        match got {
+            Ok(c) => assert_eq!(c.traceparent, None, "{bad:.60}"),
+            Err(e) => assert_eq!(e.code(), "invalid_headers", "{bad:.60}"),
+        }
+    }
+    assert!(sagas::protocol::valid_traceparent(TRACEPARENT));
+}
+
+#[test]
+fn starts_and_events_are_checked_for_what_postgresql_can_index_and_store() {
+    let start = |body: Value, key: Option<&str>| decode_start(&start_message(body, key), DEFAULT_MAX_BODY_BYTES);
+    let long_key = "k".repeat(sagas::protocol::MAX_IDEMPOTENCY_KEY_BYTES + 1);
+    assert_eq!(start(json!({"definition": "d", "input": {}}), Some(&long_key)).unwrap_err().code(), "malformed_body");
+    assert_eq!(start(json!({"definition": "d", "input": {}, "idempotency_key": long_key}), None).unwrap_err().code(), "malformed_body");
+    assert_eq!(start(json!({"definition": "d", "input": {}}), Some("a\0b")).unwrap_err().code(), "invalid_headers");
+    assert_eq!(start(json!({"definition": "d", "input": {"note": "\u{0}"}}), None).unwrap_err().code(), "malformed_body");
+    assert_eq!(start(json!({"definition": "d".repeat(300), "input": {}}), None).unwrap_err().code(), "malformed_body");
+    let ok_key = "k".repeat(sagas::protocol::MAX_IDEMPOTENCY_KEY_BYTES);
+    start(json!({"definition": "d", "input": {}}), Some(&ok_key)).unwrap();
+
+    let event = |name: &str| {
+        let mut m = start_message(json!({"saga_id": saga_id(), "event": name}), None);
+        m.kind = Some(TYPE_EVENT.into());
+        decode_event(&m, DEFAULT_MAX_BODY_BYTES)
+    };
+    for bad in ["", "a\0", &"e".repeat(300)] {
+        assert_eq!(event(bad).unwrap_err().code(), "malformed_body", "{bad:.20}");
+    }
+    event("approved").unwrap();
 }

@@ -14,6 +14,7 @@
 //! To unit-test a saga definition without a broker, use [`sagas::testing::SagaTest`].
 
 pub mod env;
+pub mod http;
 pub mod node;
 pub mod orders;
 pub mod probe;

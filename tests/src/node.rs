@@ -11,6 +11,8 @@ pub struct Node {
     child: Child,
     /// Its node id.
     pub id: String,
+    /// The file its stderr goes to.
+    pub log: std::path::PathBuf,
 }
 
 impl Node {
@@ -27,7 +29,8 @@ impl Node {
         // printed when a suite fails.
         let dir = std::env::temp_dir().join("sagaflow-test-logs");
         std::fs::create_dir_all(&dir)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{id}-{}.log", std::process::id())))?;
+        let path = dir.join(format!("{id}-{}.log", std::process::id()));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         let child = Command::new(exe)
             .args(args)
             .envs(vars)
@@ -37,7 +40,17 @@ impl Node {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
-        Ok(Self { child, id: id.into() })
+        Ok(Self { child, id: id.into(), log: path })
+    }
+
+    /// Whether it is still running (it did not exit or crash).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// What it logged so far.
+    pub fn logged(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The process id, while it runs.

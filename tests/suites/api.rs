@@ -14,7 +14,7 @@ use testkit::probe::{self, Behavior, Plan};
 use testkit::{TestEnv, wait};
 use tower::ServiceExt;
 
-const TOKEN: &str = "s3cret-token";
+const TOKEN: &str = "s3cret-token-of-24-chars";
 
 fn registry() -> Registry {
     let mut r = Registry::new();
@@ -50,7 +50,8 @@ async fn api() -> Api {
     cfg.api_token = TOKEN.into();
     let node = orchestrator::Orchestrator::connect(cfg, registry()).await.unwrap().start().await.unwrap();
     let probe = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
-    let router = app(ApiState::new(node.engine().clone(), Some(TOKEN.into()), env.amqp_url.clone(), cfg.max_body_bytes));
+    let router =
+        app(ApiState::new(node.engine().clone(), Some(TOKEN.into()), env.amqp_url.clone(), sagas::protocol::DEFAULT_MAX_BODY_BYTES));
     Api { env, node, probe, router }
 }
 

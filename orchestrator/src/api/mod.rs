@@ -70,6 +70,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/", get(|| async { Html(UI) }))
         .merge(protected)
         .fallback(|| async { ApiError(OpsError::new("not_found", "no such route")) })
+        .method_not_allowed_fallback(|| async { ApiError(OpsError::new("method_not_allowed", "the route does not take this method")) })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -103,18 +104,29 @@ async fn guard(State(s): State<ApiState>, req: Request, next: Next) -> Response 
     };
     let headers = req.headers();
     let mut response = if s.token.is_none() && !headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(loopback_authority) {
-        refused(StatusCode::FORBIDDEN, "forbidden", "without an api_token, requests must name a loopback host (localhost, 127.0.0.1 or [::1])".into())
+        refused(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "without an api_token, requests must name a loopback host (localhost, 127.0.0.1 or [::1])".into(),
+        )
     } else if s.token.is_none()
-        && headers.get(header::ORIGIN).is_some_and(|o| !o.to_str().ok().and_then(|o| o.split_once("://")).is_some_and(|(_, a)| loopback_authority(a)))
+        && headers
+            .get(header::ORIGIN)
+            .is_some_and(|o| !o.to_str().ok().and_then(|o| o.split_once("://")).is_some_and(|(_, a)| loopback_authority(a)))
     {
         refused(StatusCode::FORBIDDEN, "forbidden", "without an api_token, requests from another origin are refused".into())
     } else if req.method() == axum::http::Method::POST
         && headers.get(header::CONTENT_LENGTH).is_none_or(|n| n != "0")
-        && !headers.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()).is_some_and(|c| {
-            c.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        })
+        && !headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|c| c.to_str().ok())
+            .is_some_and(|c| c.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")))
     {
-        refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "a request body must be JSON (`Content-Type: application/json`)".into())
+        refused(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "a request body must be JSON (`Content-Type: application/json`)".into(),
+        )
     } else {
         next.run(req).await
     };
@@ -153,6 +165,7 @@ impl IntoResponse for ApiError {
             "conflict" => StatusCode::CONFLICT,
             "unauthorized" => StatusCode::UNAUTHORIZED,
             "forbidden" => StatusCode::FORBIDDEN,
+            "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
             "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
             "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unavailable" => StatusCode::SERVICE_UNAVAILABLE,

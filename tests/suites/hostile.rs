@@ -1,0 +1,649 @@
+//! Hostile input: every class of poison found so far, and the next ones we could think of, on
+//! all four input paths (the inbound queue, the replies queue, a participant's queue, the HTTP
+//! API), sent while normal sagas run against a node and participants running as child
+//! processes. Each kind states its fate: dead-lettered with a documented reason, refused with a
+//! 4xx JSON error, or taken as harmless (a malformed trace context is dropped). Then: no process
+//! crashed, none reconnected in a loop, no queue or outbox holds anything, every normal saga
+//! settled as it should, and the p99 of the normal sagas is reported beside a clean run's.
+//!
+//! It prints `hostile: kinds=N dead_lettered=N refused=N crashes=0 loops=0 stalled=0 normal=N p99_ratio=X`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use lapin::types::{AMQPValue, FieldTable};
+use participants_sdk::transport::{self, Names};
+use sagas::protocol::{
+    DEFAULT_MAX_BODY_BYTES, H_ATTEMPT, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, H_STEP_NAME, H_TRACEPARENT, HeaderValue, InboundCommand,
+    ReplyOutcome, SagaRef, TYPE_EVENT, TYPE_START, WireMessage, encode_command, encode_reply,
+};
+use sagas::{CommandKind, MessageId, OutgoingCommand, SagaId, SagaStatus, StepIndex, Timestamp};
+use serde_json::{Value, json};
+use testkit::http::{self, Response};
+use testkit::{Node, TestEnv, wait};
+
+/// Normal sagas per phase (a clean one, then one beside the hostile input).
+const NORMAL: u32 = 60;
+/// Normal sagas in flight at once.
+const NORMAL_CONCURRENCY: usize = 6;
+/// A normal saga not settled after this is stalled.
+const STALLED_AFTER: Duration = Duration::from_secs(60);
+/// Commands whose `reply_to` queue does not exist: more than the participant's sweep reads at
+/// once (100), so leftovers that could never be sent would block every later one.
+const ORPHAN_REPLIES: usize = 120;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn order_input(i: u32) -> Value {
+    json!({"order_id": format!("normal-{i}-{}", uuid::Uuid::now_v7()), "sku": "widget", "quantity": 1, "amount_cents": 100,
+           "destination": if i % 5 == 0 { order_fulfilment::UNREACHABLE } else { "Main St 1" }})
+}
+
+/// Start `NORMAL` orders over HTTP, `NORMAL_CONCURRENCY` at a time; each one's time from start
+/// to settled (or `None`: not settled within `STALLED_AFTER`), and whether it settled as its
+/// order says (every 5th compensated, the rest completed).
+async fn normal_sagas(api: &str, pool: &sqlx::PgPool, phase: &str) -> Vec<(Option<Duration>, bool)> {
+    let (api, pool) = (api.to_owned(), pool.clone());
+    let mut out = Vec::new();
+    let mut next = 1..=NORMAL;
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while running.len() < NORMAL_CONCURRENCY {
+            let Some(i) = next.next() else { break };
+            let (api, pool, phase) = (api.clone(), pool.clone(), phase.to_owned());
+            running.spawn(async move {
+                let body = json!({"definition": "order_fulfilment", "input": order_input(i), "idempotency_key": format!("{phase}-{i}-{}", uuid::Uuid::now_v7())});
+                let t0 = Instant::now();
+                let r = http::request(&api, "POST", "/sagas", &[("Content-Type", "application/json")], body.to_string().as_bytes()).await.unwrap();
+                assert_eq!(r.status, 202, "a normal start is accepted: {:?}", String::from_utf8_lossy(&r.body));
+                let id: SagaId = r.json()["saga_id"].as_str().unwrap().parse().unwrap();
+                let want = if i % 5 == 0 { SagaStatus::Compensated } else { SagaStatus::Completed };
+                loop {
+                    let st = sagaflow_status(&pool, id).await;
+                    if st.is_some_and(|s| s.is_settled()) {
+                        return (Some(t0.elapsed()), st == Some(want));
+                    }
+                    if t0.elapsed() > STALLED_AFTER {
+                        return (None, false);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+        }
+        match running.join_next().await {
+            Some(r) => out.push(r.unwrap()),
+            None => return out,
+        }
+    }
+}
+
+async fn sagaflow_status(pool: &sqlx::PgPool, id: SagaId) -> Option<SagaStatus> {
+    let s: Option<String> =
+        sqlx::query_scalar("SELECT status FROM sagaflow.instances WHERE id = $1").bind(id.0).fetch_optional(pool).await.unwrap();
+    s.map(|s| serde_json::from_value(Value::String(s)).unwrap())
+}
+
+fn p99(runs: &[(Option<Duration>, bool)]) -> f64 {
+    let mut ms: Vec<f64> = runs.iter().filter_map(|(d, _)| d.map(|d| d.as_secs_f64() * 1000.0)).collect();
+    ms.sort_by(f64::total_cmp);
+    ms.get((ms.len() * 99).div_ceil(100).saturating_sub(1)).copied().unwrap_or(f64::NAN)
+}
+
+/// What should become of one hostile input.
+#[derive(Debug, Clone, PartialEq)]
+enum Fate {
+    /// Dead-lettered from this queue with this reason.
+    DeadLetter(String, &'static str),
+    /// Refused over HTTP with this status and error code.
+    Refused(u16, &'static str),
+    /// Taken without harm (a normal result follows).
+    Absorbed,
+}
+
+/// The test's own header on each hostile message, to find its dead letter.
+const H_HOSTILE: &str = "x-hostile";
+
+/// How a dead letter is known: its `x-hostile` header, or (a reply the participant made) its id.
+fn dead_letter_key(d: &lapin::message::Delivery) -> String {
+    match transport::delivery_header(d, H_HOSTILE) {
+        Some(HeaderValue::Str(tag)) => tag,
+        _ => d.properties.message_id().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_default(),
+    }
+}
+
+struct Barrage {
+    names: Names,
+    /// Expected dead letters by `x-hostile` tag or message id.
+    dead: HashMap<String, (String, &'static str, &'static str)>,
+    kinds: Vec<(&'static str, Fate)>,
+}
+
+impl Barrage {
+    /// `m`, expected on `queue`'s dead letters with `reason`: known by its `x-hostile` header
+    /// (a dead letter keeps its headers; short ones even when long ones are cut).
+    fn msg(&mut self, kind: &'static str, queue: &str, reason: &'static str, mut m: WireMessage) -> WireMessage {
+        let tag = format!("h{}", self.kinds.len());
+        m.headers.insert(H_HOSTILE.into(), HeaderValue::Str(tag.clone()));
+        self.dead.insert(tag, (queue.to_owned(), reason, kind));
+        self.kinds.push((kind, Fate::DeadLetter(queue.to_owned(), reason)));
+        m
+    }
+}
+
+fn start_msg(body: &[u8]) -> WireMessage {
+    WireMessage {
+        message_id: Some(MessageId::new_random().to_string()),
+        kind: Some(TYPE_START.into()),
+        content_type: Some("application/json".into()),
+        body: body.to_vec(),
+        ..WireMessage::default()
+    }
+}
+
+fn event_msg(v: Value) -> WireMessage {
+    WireMessage { kind: Some(TYPE_EVENT.into()), ..start_msg(v.to_string().as_bytes()) }
+}
+
+fn command(saga: SagaId, reply_to: &str, attempt: u32) -> WireMessage {
+    let cmd = OutgoingCommand {
+        message_id: MessageId::for_command(saga, StepIndex(1), CommandKind::Invoke, attempt),
+        step: StepIndex(1),
+        step_name: "charge_payment".into(),
+        kind: CommandKind::Invoke,
+        attempt,
+        participant: "payment".into(),
+        command: "payment.charge".into(),
+        body: json!({"order_id": format!("hostile-{saga}"), "amount_cents": 100}),
+    };
+    let saga = SagaRef { saga_id: saga, definition: "order_fulfilment".into(), version: 1 };
+    encode_command(&saga, &cmd, reply_to, None, Timestamp::now())
+}
+
+fn reply(saga: SagaId, step: u32, outcome: &ReplyOutcome, replies: &str) -> WireMessage {
+    let cmd = InboundCommand {
+        message_id: MessageId::new_random(),
+        command: "payment.charge".into(),
+        saga: SagaRef { saga_id: saga, definition: "order_fulfilment".into(), version: 1 },
+        step: StepIndex(step),
+        step_name: "charge_payment".into(),
+        kind: CommandKind::Invoke,
+        attempt: 1,
+        reply_to: replies.into(),
+        traceparent: None,
+        body: json!({}),
+    };
+    let mut m = encode_reply(&cmd, outcome, Timestamp::now());
+    // A fresh id: the same command id twice would be deduped as one reply.
+    m.message_id = Some(MessageId::new_random().to_string());
+    m
+}
+
+fn with_header(mut m: WireMessage, name: &str, v: HeaderValue) -> WireMessage {
+    m.headers.insert(name.into(), v);
+    m
+}
+
+/// Publish `m` to the default exchange with routing key `queue`, with `extra` AMQP headers of
+/// types the protocol does not use.
+async fn send(ch: &lapin::Channel, queue: &str, m: &WireMessage, extra: Option<(&str, AMQPValue)>) {
+    let mut props = transport::properties(m);
+    if let Some((k, v)) = extra {
+        let mut h = props.headers().clone().unwrap_or_default();
+        h.insert(k.into(), v);
+        props = props.with_headers(h);
+    }
+    let confirm = ch
+        .basic_publish("".into(), queue.into(), lapin::options::BasicPublishOptions { mandatory: true, immediate: false }, &m.body, props)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(matches!(confirm, lapin::Confirmation::Ack(None)), "the broker took the hostile message for {queue}: {confirm:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run() {
+    let env = TestEnv::start().await.unwrap();
+    order_fulfilment::setup(&env.pool, &["widget"], 1_000_000).await.unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    let mut vars = env.node_env("hostile-node");
+    vars.retain(|(k, _)| k != "SAGAFLOW_API_ADDR");
+    vars.push(("SAGAFLOW_API_ADDR".into(), api.clone()));
+    let mut procs = vec![Node::spawn_with(env!("CARGO_BIN_EXE_sagaflow-node"), &["serve"], vars.clone(), "hostile-node").unwrap()];
+    for p in order_fulfilment::PARTICIPANTS {
+        let id = format!("hostile-{p}");
+        procs.push(Node::spawn_with(env!("CARGO_BIN_EXE_testkit-order-participant"), &[p], vars.clone(), &id).unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http::request(&api, "GET", "/ready", &[], b"").await.is_ok_and(|r| r.status == 200) {
+        assert!(Instant::now() < deadline, "the node did not come up: {}", procs[0].logged());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The participants declare their queues when they start.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A clean run first, for the p99 to compare with.
+    let clean = normal_sagas(&api, &env.pool, "clean").await;
+    assert!(clean.iter().all(|(d, ok)| d.is_some() && *ok), "the clean run settled as it should: {clean:?}");
+
+    let names = env.names();
+    let conn = env.amqp().await.unwrap();
+    let ch = transport::confirm_channel(&conn).await.unwrap();
+    let (inbound, replies, payment) = (names.inbound_queue(), names.replies_queue(), names.participant_queue("payment"));
+    let mut b = Barrage { names: names.clone(), dead: HashMap::new(), kinds: Vec::new() };
+
+    // A saga that settled, for stale and misdirected replies, and a running one for events.
+    let settled: SagaId =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM sagaflow.instances LIMIT 1").fetch_one(&env.pool).await.map(SagaId).unwrap();
+    let ok = ReplyOutcome::Success { output: json!(null) };
+
+    // The normal sagas of the hostile phase run beside everything below.
+    let normal = tokio::spawn({
+        let (api, pool) = (api.clone(), env.pool.clone());
+        async move { normal_sagas(&api, &pool, "hostile").await }
+    });
+
+    // --- The inbound queue: starts and events.
+    let start = |v: Value| start_msg(v.to_string().as_bytes());
+    let good_input = order_input(1);
+    let mut inbound_msgs = vec![
+        b.msg("start: truncated JSON", &inbound, "malformed_body", start_msg(b"{\"definition\": \"order_fulfilment\", \"input\": ")),
+        b.msg("start: random bytes", &inbound, "malformed_body", start_msg(&[0xff, 0x00, 0xfe, 0x13, 0x37, 0x00])),
+        b.msg("start: body over max_body_bytes", &inbound, "oversized", start(json!({"definition": "order_fulfilment", "input": {"pad": "x".repeat(DEFAULT_MAX_BODY_BYTES)}}))),
+        b.msg("start: unknown definition", &inbound, "unknown_definition", start(json!({"definition": "no_such_saga", "input": {}}))),
+        b.msg("start: unknown version", &inbound, "unknown_definition", start(json!({"definition": "order_fulfilment", "version": 4_000_000_000u32, "input": good_input}))),
+        b.msg("start: input of the wrong shape", &inbound, "invalid_input", start(json!({"definition": "order_fulfilment", "input": {"order_id": 42}}))),
+        b.msg("start: unknown field", &inbound, "malformed_body", start(json!({"definition": "order_fulfilment", "input": good_input, "priority": 9}))),
+        b.msg("start: U+0000 in the input", &inbound, "malformed_body", start(json!({"definition": "order_fulfilment", "input": {"order_id": "a\u{0}b", "sku": "widget", "quantity": 1, "amount_cents": 1, "destination": "x"}}))),
+        b.msg("start: U+0000 in a key of the input", &inbound, "malformed_body", start(json!({"definition": "order_fulfilment", "input": {"\u{0}": 1}}))),
+        b.msg("start: U+0000 in x-idempotency-key", &inbound, "invalid_headers", with_header(start(json!({"definition": "order_fulfilment", "input": good_input})), H_IDEMPOTENCY_KEY, HeaderValue::Str("k\0".into()))),
+        b.msg("start: 12,000-character x-idempotency-key", &inbound, "invalid_headers", with_header(start(json!({"definition": "order_fulfilment", "input": good_input})), H_IDEMPOTENCY_KEY, HeaderValue::Str("k".repeat(12_000)))),
+        b.msg("start: 600-byte idempotency_key in the body", &inbound, "malformed_body", start(json!({"definition": "order_fulfilment", "input": good_input, "idempotency_key": "k".repeat(600)}))),
+        b.msg("start: 100 KB definition name", &inbound, "malformed_body", start(json!({"definition": "d".repeat(100_000), "input": {}}))),
+        b.msg("start: empty definition", &inbound, "malformed_body", start(json!({"definition": "", "input": {}}))),
+        b.msg("start: a number for the saga id", &inbound, "malformed_body", start(json!({"definition": "order_fulfilment", "input": good_input, "saga_id": 7}))),
+        b.msg("start: nested 200 deep", &inbound, "malformed_body", start_msg(format!("{{\"definition\":\"order_fulfilment\",\"input\":{}{}}}", "[".repeat(200), "]".repeat(200)).as_bytes())),
+        b.msg("start: a number out of range", &inbound, "malformed_body", start_msg(br#"{"definition":"order_fulfilment","input":{"quantity":1e400}}"#)),
+        b.msg("unknown message type", &inbound, "unknown_type", WireMessage { kind: Some("sagaflow.teleport".into()), ..start(json!({})) }),
+        b.msg("no message type", &inbound, "invalid_properties", WireMessage { kind: None, ..start(json!({})) }),
+        b.msg("U+0000 in the message type", &inbound, "unknown_type", WireMessage { kind: Some("sagaflow.start\0".into()), ..start(json!({})) }),
+        b.msg("event: unknown saga", &inbound, "unknown_saga", event_msg(json!({"saga_id": SagaId::new(), "event": "approved"}))),
+        b.msg("event: U+0000 in the name", &inbound, "malformed_body", event_msg(json!({"saga_id": settled, "event": "appro\u{0}ved"}))),
+        b.msg("event: 300-byte name", &inbound, "malformed_body", event_msg(json!({"saga_id": settled, "event": "e".repeat(300)}))),
+        b.msg("event: U+0000 in the payload", &inbound, "malformed_body", event_msg(json!({"saga_id": settled, "event": "approved", "payload": {"x": "\u{0}"}}))),
+        b.msg("event: saga id not a UUID", &inbound, "malformed_body", event_msg(json!({"saga_id": "not-a-uuid", "event": "approved"}))),
+    ];
+    // Headers a few bytes short of the frame limit: the dead letter's reason and detail would
+    // push them over, so its long headers are cut (and named in `x-dead-letter-trimmed`).
+    let base = start_msg(b"{");
+    let room = transport::max_properties_bytes() - transport::properties_size(&transport::properties(&base));
+    let tag = 1 + H_HOSTILE.len() + 1 + 4 + 4;
+    let padding = HeaderValue::Str("p".repeat(room - (1 + "x-padding".len() + 1 + 4) - tag - 16));
+    let near_frame =
+        b.msg("start: headers 16 bytes short of a frame, a bad body", &inbound, "malformed_body", with_header(base, "x-padding", padding));
+    for m in inbound_msgs.drain(..) {
+        send(&ch, &inbound, &m, None).await;
+    }
+    send(&ch, &inbound, &near_frame, None).await;
+
+    // --- The replies queue.
+    let to_replies = vec![
+        b.msg(
+            "reply: 70 KB x-saga-kind",
+            &replies,
+            "invalid_headers",
+            with_header(reply(settled, 1, &ok, &replies), H_KIND, HeaderValue::Str("k".repeat(70_000))),
+        ),
+        b.msg(
+            "reply: U+0000 in a stale reply's output",
+            &replies,
+            "malformed_body",
+            reply(settled, 1, &ReplyOutcome::Success { output: json!({"charge_id": "\u{0}"}) }, &replies),
+        ),
+        b.msg(
+            "reply: U+0000 in a refusal's code",
+            &replies,
+            "malformed_body",
+            reply(settled, 1, &ReplyOutcome::Rejected { code: "x\u{0}".into(), message: String::new() }, &replies),
+        ),
+        b.msg(
+            "reply: U+0000 in a step name",
+            &replies,
+            "invalid_headers",
+            with_header(reply(settled, 1, &ok, &replies), H_STEP_NAME, HeaderValue::Str("\0".into())),
+        ),
+        b.msg("reply: unknown saga", &replies, "unknown_saga", reply(SagaId::new(), 1, &ok, &replies)),
+        b.msg("reply: unknown step", &replies, "unknown_step", reply(settled, 4_000_000, &ok, &replies)),
+        b.msg(
+            "reply: truncated JSON",
+            &replies,
+            "malformed_body",
+            WireMessage { body: b"{\"type\": \"success\"".to_vec(), ..reply(settled, 1, &ok, &replies) },
+        ),
+        b.msg(
+            "reply: unknown outcome",
+            &replies,
+            "malformed_body",
+            WireMessage { body: br#"{"type":"maybe"}"#.to_vec(), ..reply(settled, 1, &ok, &replies) },
+        ),
+        b.msg(
+            "reply: body over max_body_bytes",
+            &replies,
+            "oversized",
+            WireMessage { body: vec![b' '; DEFAULT_MAX_BODY_BYTES + 1], ..reply(settled, 1, &ok, &replies) },
+        ),
+        b.msg(
+            "reply: correlation id not a UUID",
+            &replies,
+            "invalid_properties",
+            WireMessage { correlation_id: Some("nope".into()), ..reply(settled, 1, &ok, &replies) },
+        ),
+        b.msg(
+            "reply: attempt as words",
+            &replies,
+            "invalid_headers",
+            with_header(reply(settled, 1, &ok, &replies), H_ATTEMPT, HeaderValue::Str("first".into())),
+        ),
+        b.msg(
+            "reply: negative attempt",
+            &replies,
+            "invalid_headers",
+            with_header(reply(settled, 1, &ok, &replies), H_ATTEMPT, HeaderValue::Int(-1)),
+        ),
+        b.msg(
+            "reply: 100 KB traceparent",
+            &replies,
+            "invalid_headers",
+            with_header(reply(settled, 1, &ok, &replies), H_TRACEPARENT, HeaderValue::Str("0".repeat(100_000))),
+        ),
+        b.msg("reply: no message id", &replies, "invalid_properties", WireMessage { message_id: None, ..reply(settled, 1, &ok, &replies) }),
+    ];
+    for m in &to_replies {
+        send(&ch, &replies, m, None).await;
+    }
+    // A saga id that is an AMQP table, not a string.
+    let mut table_id = reply(settled, 1, &ok, &replies);
+    table_id.headers.remove(H_SAGA_ID);
+    let table_id = b.msg("reply: saga id as an AMQP table", &replies, "invalid_headers", table_id);
+    send(&ch, &replies, &table_id, Some((H_SAGA_ID, AMQPValue::FieldTable(FieldTable::default())))).await;
+
+    // --- A participant's queue.
+    let to_payment = vec![
+        b.msg(
+            "command: unknown command",
+            &payment,
+            "unknown_command",
+            WireMessage { kind: Some("payment.teleport".into()), ..command(SagaId::new(), &replies, 1) },
+        ),
+        b.msg(
+            "command: 70 KB x-saga-kind",
+            &payment,
+            "invalid_headers",
+            with_header(command(SagaId::new(), &replies, 1), H_KIND, HeaderValue::Str("k".repeat(70_000))),
+        ),
+        b.msg(
+            "command: U+0000 in the body",
+            &payment,
+            "malformed_body",
+            WireMessage { body: br#"{"order_id":"\u0000","amount_cents":1}"#.to_vec(), ..command(SagaId::new(), &replies, 1) },
+        ),
+        b.msg("command: U+0000 in reply_to", &payment, "invalid_properties", command(SagaId::new(), "q\0", 1)),
+        b.msg(
+            "command: a compensation's kind on a command",
+            &payment,
+            "unknown_command",
+            with_header(command(SagaId::new(), &replies, 1), H_KIND, HeaderValue::Str("compensate".into())),
+        ),
+        b.msg(
+            "command: body over max_body_bytes",
+            &payment,
+            "oversized",
+            WireMessage { body: vec![b' '; DEFAULT_MAX_BODY_BYTES + 1], ..command(SagaId::new(), &replies, 1) },
+        ),
+        b.msg("command: no saga id", &payment, "invalid_headers", {
+            let mut m = command(SagaId::new(), &replies, 1);
+            m.headers.remove(H_SAGA_ID);
+            m
+        }),
+    ];
+    for m in &to_payment {
+        send(&ch, &payment, m, None).await;
+    }
+    // Commands whose replies can reach no queue: each reply is dead-lettered beside the
+    // participant's queue, and none blocks the sweep.
+    let orphan_queue = format!("{}.no-such-queue", names.namespace());
+    let mut orphan_ids = Vec::new();
+    for _ in 0..ORPHAN_REPLIES {
+        let m = command(SagaId::new(), &orphan_queue, 1);
+        let reply_id = MessageId::for_reply(m.message_id.as_deref().unwrap().parse().unwrap()).to_string();
+        b.dead.insert(reply_id.clone(), (payment.clone(), "unroutable_reply", "command: reply_to a queue that does not exist"));
+        orphan_ids.push(reply_id);
+        send(&ch, &payment, &m, None).await;
+    }
+    b.kinds.push(("command: reply_to a queue that does not exist", Fate::DeadLetter(payment.clone(), "unroutable_reply")));
+
+    // --- The HTTP API.
+    let json_ct = ("Content-Type", "application/json");
+    let start_body = json!({"definition": "order_fulfilment", "input": order_input(1)}).to_string();
+    let settled_path = |action: &str| format!("/sagas/{settled}/{action}");
+    let long_key = "k".repeat(12_000);
+    let big = format!("{{\"definition\":\"order_fulfilment\",\"input\":{{\"pad\":\"{}\"}}}}", "x".repeat(3 * 1024 * 1024));
+    type Call = (&'static str, &'static str, String, Vec<(&'static str, String)>, Vec<u8>, u16, &'static str);
+    let calls: Vec<Call> = vec![
+        (
+            "http: U+0000 in the input",
+            "POST",
+            "/sagas".into(),
+            vec![],
+            br#"{"definition":"order_fulfilment","input":{"order_id":"\u0000"}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "http: 12,000-character idempotency_key",
+            "POST",
+            "/sagas".into(),
+            vec![],
+            json!({"definition": "order_fulfilment", "input": order_input(1), "idempotency_key": long_key}).to_string().into_bytes(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "http: 12,000-character Idempotency-Key header",
+            "POST",
+            "/sagas".into(),
+            vec![("Idempotency-Key", long_key.clone())],
+            start_body.clone().into_bytes(),
+            400,
+            "invalid_request",
+        ),
+        ("http: body of 3 MiB", "POST", "/sagas".into(), vec![], big.into_bytes(), 413, "payload_too_large"),
+        (
+            "http: text/plain body (a cross-site form)",
+            "POST",
+            "/sagas".into(),
+            vec![("Content-Type", "text/plain".into())],
+            start_body.clone().into_bytes(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "http: another Origin",
+            "POST",
+            "/sagas".into(),
+            vec![("Origin", "http://evil.example".into())],
+            start_body.clone().into_bytes(),
+            403,
+            "forbidden",
+        ),
+        ("http: a rebound Host", "GET", "/sagas".into(), vec![("Host", "evil.example:8080".into())], vec![], 403, "forbidden"),
+        ("http: truncated JSON", "POST", "/sagas".into(), vec![], b"{\"definition\":".to_vec(), 400, "invalid_request"),
+        (
+            "http: unknown definition",
+            "POST",
+            "/sagas".into(),
+            vec![],
+            br#"{"definition":"nope","input":{}}"#.to_vec(),
+            400,
+            "unknown_definition",
+        ),
+        (
+            "http: U+0000 in an event name",
+            "POST",
+            settled_path("events"),
+            vec![],
+            br#"{"event":"a\u0000"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "http: 300-byte event name",
+            "POST",
+            settled_path("events"),
+            vec![],
+            json!({"event": "e".repeat(300)}).to_string().into_bytes(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "http: U+0000 in an abort reason",
+            "POST",
+            settled_path("abort"),
+            vec![],
+            br#"{"reason":"\u0000"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        ("http: U+0000 in a list filter", "GET", "/sagas?definition=%00".into(), vec![], vec![], 400, "invalid_request"),
+        ("http: a time past year 9999", "GET", "/sagas?since=18446744073709551615".into(), vec![], vec![], 400, "invalid_request"),
+        ("http: limit out of range", "GET", "/sagas?limit=100000".into(), vec![], vec![], 400, "invalid_request"),
+        ("http: malformed cursor", "GET", "/sagas?cursor=%FF%FE".into(), vec![], vec![], 400, "invalid_request"),
+        ("http: saga id not a UUID", "GET", "/sagas/..%2f..%2fetc".into(), vec![], vec![], 400, "invalid_request"),
+        ("http: unknown action", "POST", settled_path("teleport"), vec![], vec![], 400, "invalid_request"),
+        ("http: wait with a bad timeout", "GET", format!("/sagas/{settled}/wait?timeout_ms=abc"), vec![], vec![], 400, "invalid_request"),
+        ("http: a method the route does not take", "DELETE", "/sagas".into(), vec![], vec![], 405, "method_not_allowed"),
+        ("http: no such page", "GET", "/admin".into(), vec![], vec![], 404, "not_found"),
+    ];
+    let mut refused = 0;
+    for (kind, method, path, headers, body, status, code) in &calls {
+        let mut hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if *method == "POST" && !hs.iter().any(|(k, _)| *k == "Content-Type") {
+            hs.push(json_ct);
+        }
+        let r: Response = http::request(&api, method, path, &hs, body).await.unwrap();
+        assert_eq!(r.status, *status, "{kind}: {}", String::from_utf8_lossy(&r.body));
+        if !code.is_empty() {
+            assert_eq!(r.json()["error"]["code"], *code, "{kind}: a JSON error: {}", String::from_utf8_lossy(&r.body));
+        }
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{kind}");
+        refused += 1;
+        b.kinds.push((kind, Fate::Refused(*status, code)));
+    }
+    // A trace context of 135 KB is dropped, not copied into every command: the saga completes.
+    let tp = "0".repeat(135_000);
+    let r = http::request(&api, "POST", "/sagas", &[json_ct, ("traceparent", &tp)], start_body.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let traced: SagaId = r.json()["saga_id"].as_str().unwrap().parse().unwrap();
+    b.kinds.push(("http: 135 KB traceparent", Fate::Absorbed));
+    // The page forbids framing and scripts from elsewhere.
+    let page = http::request(&api, "GET", "/", &[], b"").await.unwrap();
+    assert!(
+        page.header("content-security-policy").is_some_and(|c| c.contains("frame-ancestors 'none'") && c.contains("script-src 'sha256-")),
+        "{:?}",
+        page.headers
+    );
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+
+    // --- Every dead letter, by message id, with its reason.
+    let expected = b.dead.len();
+    let mut got: HashMap<String, String> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while got.len() < expected && Instant::now() < deadline {
+        for q in [&inbound, &replies, &payment] {
+            for d in wait::drain(&ch, &Names::dead_letter_queue(q), 1000, Duration::from_millis(200)).await.unwrap() {
+                let id = dead_letter_key(&d);
+                let (queue, reason, kind) = b.dead.get(&id).unwrap_or_else(|| {
+                    panic!("an unexpected dead letter on {q}: {id} ({}) {:?}", wait::dead_letter_reason(&d), d.properties)
+                });
+                assert_eq!((q.as_str(), wait::dead_letter_reason(&d).as_str()), (queue.as_str(), *reason), "{kind}");
+                got.insert(id, wait::dead_letter_reason(&d));
+            }
+        }
+    }
+    let missing: Vec<_> = b.dead.iter().filter(|(id, _)| !got.contains_key(*id)).map(|(_, (_, r, k))| format!("{k} ({r})")).collect();
+    assert!(missing.is_empty(), "not dead-lettered: {missing:?}");
+
+    // --- The normal sagas, and the one with the dropped trace context.
+    let hostile = normal.await.unwrap();
+    let stalled = hostile.iter().filter(|(d, _)| d.is_none()).count();
+    let wrong = hostile.iter().filter(|(d, ok)| d.is_some() && !ok).count();
+    let st = wait::settled(&env.pool, traced, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Completed, "the saga whose trace context was dropped completed");
+
+    // --- Nothing left anywhere: queues, outboxes.
+    let mut left = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        left.clear();
+        for q in
+            [inbound.clone(), replies.clone(), payment.clone(), names.participant_queue("inventory"), names.participant_queue("shipping")]
+        {
+            let n = ch
+                .queue_declare(
+                    q.as_str().into(),
+                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap()
+                .message_count();
+            if n > 0 {
+                left.push(format!("{q}: {n}"));
+            }
+        }
+        for table in ["sagaflow.outbox", "sagaflow_participant.outbox"] {
+            let n: i64 =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(&env.pool).await.unwrap();
+            if n > 0 {
+                left.push(format!("{table}: {n}"));
+            }
+        }
+        if left.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // --- No crash, no reconnect loop.
+    let crashes = procs.iter_mut().map(|p| usize::from(!p.running())).sum::<usize>();
+    let loops: usize = procs.iter().map(|p| p.logged().matches("reconnecting").count()).sum();
+    let ratio = p99(&hostile) / p99(&clean);
+    let dead_lettered = b.kinds.iter().filter(|(_, f)| matches!(f, Fate::DeadLetter(..))).count();
+    println!(
+        "hostile: kinds={} dead_lettered={dead_lettered} refused={refused} crashes={crashes} loops={loops} stalled={stalled} normal={} p99_ratio={ratio:.2}",
+        b.kinds.len(),
+        hostile.len() - stalled - wrong,
+    );
+    println!(
+        "hostile: clean p99 {:.1} ms, beside hostile input {:.1} ms; {} dead letters by message id",
+        p99(&clean),
+        p99(&hostile),
+        got.len()
+    );
+    let logs: Vec<String> = procs.iter().filter(|p| p.logged().contains("reconnecting")).map(|p| p.log.display().to_string()).collect();
+    assert_eq!(
+        (crashes, loops, stalled, wrong),
+        (0, 0, 0, 0),
+        "crashes, reconnect loops, stalled and wrongly settled normal sagas; logs: {logs:?}"
+    );
+    assert!(left.is_empty(), "nothing is left in a queue or an outbox: {left:?}");
+    assert!(b.kinds.len() >= 40, "kinds: {}", b.kinds.len());
+    let _ = b.names;
+
+    for p in procs {
+        let _ = p.terminate().await;
+    }
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
