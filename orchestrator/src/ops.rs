@@ -37,9 +37,9 @@ impl From<sqlx::Error> for OpsError {
     }
 }
 
-/// Latest time a filter may name: the end of year 9999, in ms since the epoch (PostgreSQL's
-/// timestamps end a little later; past them a query fails).
-const MAX_TIME_MS: u64 = 253_402_300_799_999;
+/// Latest time a filter may name, in ms since the epoch: its microseconds must fit in 64 bits
+/// (year 294247; PostgreSQL's timestamps end in 294276).
+const MAX_TIME_MS: u64 = i64::MAX as u64 / 1000;
 
 /// One step as an operator sees it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -10,6 +10,7 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use axum::body::HttpBody as _;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -116,7 +117,7 @@ async fn guard(State(s): State<ApiState>, req: Request, next: Next) -> Response 
     {
         refused(StatusCode::FORBIDDEN, "forbidden", "without an api_token, requests from another origin are refused".into())
     } else if req.method() == axum::http::Method::POST
-        && headers.get(header::CONTENT_LENGTH).is_none_or(|n| n != "0")
+        && req.body().size_hint().exact() != Some(0)
         && !headers
             .get(header::CONTENT_TYPE)
             .and_then(|c| c.to_str().ok())
