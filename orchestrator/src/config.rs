@@ -163,18 +163,16 @@ impl Config {
                 return bad(format!("{name} must be at least 1"));
             }
         }
+        if !self.api_token.is_empty() && (self.api_token.len() < MIN_TOKEN_CHARS || !self.api_token.bytes().all(|b| b.is_ascii_graphic())) {
+            return bad(format!(
+                "api_token must be at least {MIN_TOKEN_CHARS} characters of printable ASCII without spaces (e.g. `openssl rand -hex 24`)"
+            ));
+        }
         if !self.api_addr.is_empty() {
             let addr: std::net::SocketAddr = self
                 .api_addr
                 .parse()
                 .map_err(|e| ConfigError(format!("api_addr `{}` is not an address like 127.0.0.1:8080: {e}", self.api_addr)))?;
-            if !self.api_token.is_empty()
-                && (self.api_token.len() < MIN_TOKEN_CHARS || !self.api_token.bytes().all(|b| b.is_ascii_graphic()))
-            {
-                return bad(format!(
-                    "api_token must be at least {MIN_TOKEN_CHARS} characters of printable ASCII without spaces (e.g. `openssl rand -hex 24`)"
-                ));
-            }
             if !addr.ip().is_loopback() && self.api_token.is_empty() {
                 return bad(format!(
                     "api_addr {addr} is reachable from other hosts: set api_token (SAGAFLOW_API_TOKEN) to protect the API"

@@ -11,7 +11,7 @@ pub struct Node {
     child: Child,
     /// Its node id.
     pub id: String,
-    /// The file its stderr goes to.
+    /// The file its stdout and stderr go to.
     pub log: std::path::PathBuf,
 }
 
@@ -22,7 +22,7 @@ impl Node {
         Self::spawn_with(exe, &["serve"], env.node_env(id), id)
     }
 
-    /// Start any of the testkit's binaries with `args` and environment `vars`; its stderr goes to
+    /// Start any of the testkit's binaries with `args` and environment `vars`; its stdout and stderr go to
     /// `$TMPDIR/sagaflow-test-logs/{id}-{test pid}.log`.
     pub fn spawn_with(exe: &str, args: &[&str], vars: Vec<(String, String)>, id: &str) -> anyhow::Result<Self> {
         // Each child logs to its own file, so a suite's output stays readable; the path is
@@ -37,6 +37,7 @@ impl Node {
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;

@@ -547,6 +547,16 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let traced: SagaId = r.json()["saga_id"].as_str().unwrap().parse().unwrap();
     b.kinds.push(("http: 135 KB traceparent", Fate::Absorbed));
+    // The largest float: PostgreSQL keeps it as a 309-digit number, which must read back (a
+    // saga whose state cannot be read could never take another input).
+    let max_float = format!(
+        r#"{{"definition":"order_fulfilment","input":{{"order_id":"max-float-{}","sku":"widget","quantity":1,"amount_cents":100,"destination":"Main St 1","note":1.7976931348623157e308}}}}"#,
+        uuid::Uuid::now_v7()
+    );
+    let r = http::request(&api, "POST", "/sagas", &[json_ct], max_float.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let max_float: SagaId = r.json()["saga_id"].as_str().unwrap().parse().unwrap();
+    b.kinds.push(("http: the largest float in the input", Fate::Absorbed));
     // The page forbids framing and scripts from elsewhere.
     let page = http::request(&api, "GET", "/", &[], b"").await.unwrap();
     assert!(
@@ -581,6 +591,10 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
     let wrong = hostile.iter().filter(|(d, ok)| d.is_some() && !ok).count();
     let st = wait::settled(&env.pool, traced, Duration::from_secs(30)).await.unwrap();
     assert_eq!(st.status, SagaStatus::Completed, "the saga whose trace context was dropped completed");
+    let st = wait::settled(&env.pool, max_float, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Completed, "the saga with the largest float completed");
+    let r = http::request(&api, "GET", &format!("/sagas/{max_float}/history"), &[], b"").await.unwrap();
+    assert_eq!(r.status, 200, "its history reads back: {}", String::from_utf8_lossy(&r.body));
 
     // --- Nothing left anywhere: queues, outboxes.
     let mut left = Vec::new();
@@ -645,5 +659,149 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
     for p in procs {
         let _ = p.terminate().await;
     }
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+/// Run the node binary with `vars` and `args` until it exits (at most `within`): its exit code,
+/// its stderr, and how long it took.
+async fn run_node(args: &[&str], vars: &[(&str, String)], within: Duration) -> (Option<i32>, String, Duration) {
+    let t0 = Instant::now();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagaflow-node"));
+    cmd.args(args).env("NO_COLOR", "1").kill_on_drop(true);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    match tokio::time::timeout(within, cmd.output()).await {
+        Ok(out) => {
+            let out = out.unwrap();
+            (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned(), t0.elapsed())
+        }
+        Err(_) => (None, format!("still running after {within:?}"), t0.elapsed()),
+    }
+}
+
+/// The node's TCP connections to port 5672, from `ss`.
+fn broker_connections(pid: u32) -> usize {
+    let out = std::process::Command::new("ss").args(["-tnp", "state", "established", "( dport = :5672 )"]).output().expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&format!("pid={pid},"))).count()
+}
+
+/// Bad configuration stops a node at once with the cause named, no password reaches a log,
+/// and scraping `/metrics` opens no connection per scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_is_refused_at_start_and_secrets_stay_out_of_logs() {
+    let env = TestEnv::start().await.unwrap();
+    let secret = "hunter2-secret";
+    let base = |db: &str| {
+        vec![
+            ("SAGAFLOW_AMQP_URL", env.amqp_url.clone()),
+            ("SAGAFLOW_DATABASE_URL", db.to_owned()),
+            ("SAGAFLOW_NAMESPACE", env.namespace.clone()),
+            ("SAGAFLOW_API_ADDR", String::new()),
+        ]
+    };
+
+    // No database at that address, and 2 s to find one: the node gives up after about 2 s
+    // (not the pool's 30 s) and says why.
+    let mut vars = base(&format!("postgres://postgres:{secret}@127.0.0.1:1/db?password={secret}"));
+    vars.push(("SAGAFLOW_CONNECT_TIMEOUT_S", "2".into()));
+    let (code, err, took) = run_node(&["serve"], &vars, Duration::from_secs(60)).await;
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("refused") && err.contains("connect_timeout_s 2"), "the cause is named: {err}");
+    assert!(!err.contains(secret), "no password in the output: {err}");
+    assert!(took < Duration::from_secs(20), "connect_timeout_s is honoured: {took:?}");
+
+    // Malformed settings are refused before any connection is tried.
+    for (k, v, says) in [
+        ("SAGAFLOW_AMQP_URL", format!("amqp://guest:{secret}@127.0.0.1:5672/%2f?heartbeat=abc"), "amqp_url"),
+        ("SAGAFLOW_AMQP_URL", "amqp://:5672/".into(), "names no host"),
+        ("SAGAFLOW_API_TOKN", "0123456789abcdef0123".into(), "did you mean SAGAFLOW_API_TOKEN"),
+        ("SAGAFLOW_API_TOKEN", "x".into(), "at least 16 characters"),
+    ] {
+        let mut vars = base(&env.database_url);
+        vars.retain(|(name, _)| *name != k);
+        vars.push((k, v));
+        let (code, err, took) = run_node(&["serve"], &vars, Duration::from_secs(30)).await;
+        assert_ne!(code, Some(0), "{k}: {err}");
+        assert!(err.contains(says) && !err.contains(secret), "{k}: {err}");
+        assert!(took < Duration::from_secs(10), "{k}: refused at start, not after retries: {took:?}");
+    }
+
+    // A participant that cannot reach its database logs where it tried, without the password.
+    let vars = vec![
+        ("SAGAFLOW_AMQP_URL".to_owned(), env.amqp_url.clone()),
+        ("SAGAFLOW_DATABASE_URL".to_owned(), format!("postgres://postgres:{secret}@127.0.0.1:1/db")),
+        ("SAGAFLOW_NAMESPACE".to_owned(), env.namespace.clone()),
+    ];
+    let p = Node::spawn_with(env!("CARGO_BIN_EXE_testkit-order-participant"), &["payment"], vars, "hostile-secret-participant").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.logged().contains("connecting to PostgreSQL at") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = p.logged();
+    p.kill().await.unwrap();
+    assert!(log.contains("connecting to PostgreSQL at postgres://postgres:***@127.0.0.1:1/db"), "{log}");
+    assert!(!log.contains(secret), "{log}");
+
+    // `/metrics` asks the broker on one connection kept between scrapes.
+    let api = format!("127.0.0.1:{}", free_port());
+    let mut vars = env.node_env("hostile-metrics");
+    vars.retain(|(k, _)| k != "SAGAFLOW_API_ADDR");
+    vars.push(("SAGAFLOW_API_ADDR".into(), api.clone()));
+    let mut node = Node::spawn_with(env!("CARGO_BIN_EXE_sagaflow-node"), &["serve"], vars, "hostile-metrics").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http::request(&api, "GET", "/ready", &[], b"").await.is_ok_and(|r| r.status == 200) {
+        assert!(Instant::now() < deadline && node.running(), "the node did not come up: {}", node.logged());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let scrape = || async { http::request(&api, "GET", "/metrics", &[], b"").await.unwrap().status };
+    assert_eq!(scrape().await, 200);
+    let pid = node.pid().unwrap();
+    let after_one = broker_connections(pid);
+    for _ in 0..5 {
+        assert_eq!(scrape().await, 200);
+    }
+    assert_eq!(broker_connections(pid), after_one, "five more scrapes opened no connection");
+    assert!(node.terminate().await.unwrap(), "the node stopped cleanly");
+    env.cleanup(&[]).await.unwrap();
+}
+
+/// Schemathesis (from PyPI, beside `SAGAFLOW_PYTHON`) generates requests for every operation of
+/// docs/openapi.json, U+0000 included, against a live node: none gets a 5xx. Bounded (a fixed
+/// number of examples per operation, a fixed seed, so a run is repeatable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_answers_schemathesis_without_a_server_error() {
+    let env = TestEnv::start().await.unwrap();
+    let node = env.orchestrator("st-node", testkit::orders::registry()).await.unwrap();
+    let parts = testkit::orders::start_participants(&env, &env.amqp_url, &order_fulfilment::PARTICIPANTS, 100_000).await.unwrap();
+    // A settled saga for the operations that take an id (a running one would hold `wait`).
+    let id = node.engine().start(&testkit::orders::mixed("st", 1, 0), None).await.unwrap().saga_id;
+    wait::settled(&env.pool, id, Duration::from_secs(30)).await.unwrap();
+
+    let python =
+        std::env::var("SAGAFLOW_PYTHON").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/ci-venv/bin/python").into());
+    let st = std::path::Path::new(&python).with_file_name("schemathesis");
+    let dir = std::env::temp_dir().join(format!("sagaflow-schemathesis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("schemathesis.toml");
+    std::fs::write(&config, format!("[parameters]\n\"path.id\" = \"{id}\"\n")).unwrap();
+    let out = tokio::process::Command::new(&st)
+        .arg("--config-file")
+        .arg(&config)
+        .args(["run", concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json")])
+        .args(["--url", &format!("http://{}", node.api_addr().unwrap())])
+        .args(["--checks", "not_a_server_error", "--max-examples", "25", "--seed", "1", "--generation-allow-x00", "true"])
+        .args(["--phases", "examples,coverage,fuzzing", "--request-timeout", "30", "--workers", "1"])
+        .current_dir(&dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {} (pip install schemathesis beside SAGAFLOW_PYTHON, as .ci/run does): {e}", st.display()));
+    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let cases = log.lines().find(|l| l.contains(" generated, ")).unwrap_or("").trim().to_owned();
+    println!("schemathesis: {cases}");
+    assert!(out.status.success() && cases.contains("passed") && !cases.contains("failed") && !cases.contains("errored"), "{log}");
+    testkit::orders::stop_participants(parts).await.unwrap();
+    node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }
