@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 orders="${1:-20}"
 export SAGAFLOW_HTTP_PORT="${SAGAFLOW_HTTP_PORT:-18080}"
-export SAGAFLOW_API_TOKEN="smoke-$RANDOM$RANDOM"
+export SAGAFLOW_API_TOKEN="smoke-$(date +%s%N)-$RANDOM"
 api="http://127.0.0.1:$SAGAFLOW_HTTP_PORT"
 # The commands of compose/README.md, in a project of its own.
 export COMPOSE_PROJECT_NAME=sagaflow-smoke

@@ -11,7 +11,8 @@ use sagas::protocol::{
     valid_traceparent,
 };
 
-const HEADERS: [&str; 10] = [H_SAGA_ID, H_DEFINITION, "x-saga-version", H_STEP, H_STEP_NAME, H_KIND, H_ATTEMPT, H_TRACEPARENT, H_IDEMPOTENCY_KEY, "x-other"];
+const HEADERS: [&str; 10] =
+    [H_SAGA_ID, H_DEFINITION, "x-saga-version", H_STEP, H_STEP_NAME, H_KIND, H_ATTEMPT, H_TRACEPARENT, H_IDEMPOTENCY_KEY, "x-other"];
 const TYPES: [&str; 5] = ["sagaflow.reply", "sagaflow.start", "sagaflow.event", "payment.charge", ""];
 
 /// Cut `data` into fields at 0xFF bytes: the first ones choose the properties and headers, the
@@ -49,7 +50,8 @@ fn clean(s: &str) -> bool {
 fuzz_target!(|data: &[u8]| {
     let m = message(data);
     let max = 64 * 1024;
-    let refusal = |e: &sagas::protocol::ProtocolError| assert!(e.to_string().len() < 2048, "a refusal quotes little: {}", e.to_string().len());
+    let refusal =
+        |e: &sagas::protocol::ProtocolError| assert!(e.to_string().len() < 2048, "a refusal quotes little: {}", e.to_string().len());
     match decode_command(&m, max) {
         Ok(c) => {
             assert!(clean(&c.command) && clean(&c.reply_to) && clean(&c.step_name) && clean(&c.saga.definition));

@@ -127,7 +127,7 @@ impl Consumer {
         let mut settled = Vec::with_capacity(batch.len());
         let mut decoded = Vec::with_capacity(batch.len());
         for d in batch {
-            match decode_reply(&transport::wire_from_delivery(&d), self.max_body) {
+            match transport::wire_from_delivery(&d, self.max_body).and_then(|m| decode_reply(&m, self.max_body)) {
                 Ok(r) => decoded.push((d, r.saga_id, Input::Reply(r.reply), r.message_id)),
                 Err(e) => settled.push((d, Verdict::DeadLetter(e.code(), e.to_string()))),
             }
@@ -163,7 +163,10 @@ impl Consumer {
     }
 
     async fn inbound(&self, d: &Delivery) -> Verdict {
-        let msg = transport::wire_from_delivery(d);
+        let msg = match transport::wire_from_delivery(d, self.max_body) {
+            Ok(msg) => msg,
+            Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
+        };
         match msg.kind.as_deref() {
             Some(TYPE_START) => {
                 let req = match decode_start(&msg, self.max_body) {

@@ -386,7 +386,8 @@ impl Participant {
     /// Decode `d` and find its handler; `Err((reason, detail))` for a dead letter.
     fn check(&self, d: &Delivery) -> Result<(InboundCommand, &Registered), (&'static str, String)> {
         let inner = &self.inner;
-        let cmd = decode_command(&transport::wire_from_delivery(d), inner.config.max_body_bytes).map_err(|e| (e.code(), e.to_string()))?;
+        let max = inner.config.max_body_bytes;
+        let cmd = transport::wire_from_delivery(d, max).and_then(|m| decode_command(&m, max)).map_err(|e| (e.code(), e.to_string()))?;
         let Some(reg) = inner.handlers.get(&cmd.command) else {
             return Err(("unknown_command", format!("participant `{}` has no handler for `{}`", inner.name, cmd.command)));
         };

@@ -16,7 +16,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use sagas::protocol::{H_DEAD_LETTER_DETAIL, H_DEAD_LETTER_REASON, HeaderValue, WireMessage, clip};
+use sagas::protocol::{H_DEAD_LETTER_DETAIL, H_DEAD_LETTER_REASON, HeaderValue, ProtocolError, WireMessage, clip};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -402,9 +402,13 @@ pub async fn declare_participant(ch: &Channel, names: &Names, participant: &str,
         .await
 }
 
-/// The protocol's view of a delivered message.
-pub fn wire_from_delivery(d: &Delivery) -> WireMessage {
-    wire_from_parts(&d.properties, &d.data)
+/// The protocol's view of a delivered message, or [`ProtocolError::Oversized`] for a body over
+/// `max_body` bytes, refused before it is copied.
+pub fn wire_from_delivery(d: &Delivery, max_body: usize) -> Result<WireMessage, ProtocolError> {
+    if d.data.len() > max_body {
+        return Err(ProtocolError::Oversized { size: d.data.len(), max: max_body });
+    }
+    Ok(wire_from_parts(&d.properties, &d.data))
 }
 
 /// The protocol's view of one header of a delivered message, without copying the rest of it.

@@ -63,7 +63,7 @@ const QUOTE_CHARS: usize = 80;
 const PROTOCOL_HEADERS: [&str; 9] =
     [H_SAGA_ID, H_DEFINITION, H_VERSION, H_STEP, H_STEP_NAME, H_KIND, H_ATTEMPT, H_TRACEPARENT, H_IDEMPOTENCY_KEY];
 
-/// `s` quoted for an error message: at most [`QUOTE_CHARS`] characters, control characters
+/// `s` quoted for an error message: at most 80 characters, control characters
 /// escaped, and the full size when it was cut. A refusal never repeats a large value whole.
 pub fn quote(s: &str) -> String {
     let shown: String = s.chars().take(QUOTE_CHARS).flat_map(char::escape_debug).collect();

@@ -38,7 +38,7 @@ fn free_port() -> u16 {
 
 fn order_input(i: u32) -> Value {
     json!({"order_id": format!("normal-{i}-{}", uuid::Uuid::now_v7()), "sku": "widget", "quantity": 1, "amount_cents": 100,
-           "destination": if i % 5 == 0 { order_fulfilment::UNREACHABLE } else { "Main St 1" }})
+           "destination": if i.is_multiple_of(5) { order_fulfilment::UNREACHABLE } else { "Main St 1" }})
 }
 
 /// Start `NORMAL` orders over HTTP, `NORMAL_CONCURRENCY` at a time; each one's time from start
@@ -59,7 +59,7 @@ async fn normal_sagas(api: &str, pool: &sqlx::PgPool, phase: &str) -> Vec<(Optio
                 let r = http::request(&api, "POST", "/sagas", &[("Content-Type", "application/json")], body.to_string().as_bytes()).await.unwrap();
                 assert_eq!(r.status, 202, "a normal start is accepted: {:?}", String::from_utf8_lossy(&r.body));
                 let id: SagaId = r.json()["saga_id"].as_str().unwrap().parse().unwrap();
-                let want = if i % 5 == 0 { SagaStatus::Compensated } else { SagaStatus::Completed };
+                let want = if i.is_multiple_of(5) { SagaStatus::Compensated } else { SagaStatus::Completed };
                 loop {
                     let st = sagaflow_status(&pool, id).await;
                     if st.is_some_and(|s| s.is_settled()) {

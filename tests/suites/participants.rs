@@ -105,7 +105,7 @@ impl Rig {
         while tokio::time::Instant::now() < deadline && out.len() < want {
             match self.ch.basic_get(self.replies.as_str().into(), BasicGetOptions::default()).await.unwrap() {
                 Some(m) => {
-                    let wire = transport::wire_from_delivery(&m.delivery);
+                    let wire = transport::wire_from_delivery(&m.delivery, usize::MAX).unwrap();
                     out.push(decode_reply(&wire, DEFAULT_MAX_BODY_BYTES).unwrap());
                     m.delivery.ack(BasicAckOptions::default()).await.unwrap();
                 }
