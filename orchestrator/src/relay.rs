@@ -52,7 +52,8 @@ pub(crate) async fn relay_once(engine: &Engine, ch: &Channel, limit: i64, min_ag
     let mut tx = engine.pool().begin().await?;
     let rows = store::claim_outbox(&mut tx, limit, min_age_ms).await?;
     if rows.is_empty() {
-        tx.rollback().await?;
+        // Commit, not roll back: rows that could not be read were dropped in it.
+        tx.commit().await?;
         return Ok(0);
     }
     let results = publish_claimed(ch, &rows).await;

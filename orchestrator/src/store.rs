@@ -486,23 +486,40 @@ pub(crate) async fn claim_outbox(tx: &mut PgConnection, limit: i64, min_age_ms: 
     .bind(min_age_ms)
     .fetch_all(&mut *tx)
     .await?;
-    rows.into_iter()
-        .map(|r| {
-            let mut msg: WireMessage = serde_json::from_value(r.try_get("envelope")?).map_err(|e| sqlx::Error::Decode(e.into()))?;
-            msg.body = r.try_get("body")?;
-            Ok(Claimed {
-                id: r.try_get("id")?,
-                saga: SagaId(r.try_get("saga_id")?),
-                exchange: r.try_get("exchange")?,
-                routing_key: r.try_get("routing_key")?,
-                mandatory: r.try_get("mandatory")?,
-                msg,
-            })
-        })
-        .collect()
+    let mut claimed = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for r in rows {
+        let id: i64 = r.try_get("id")?;
+        // A row whose envelope does not decode (written by hand, or by a version that wrote
+        // another shape) can never be published: it is dropped with an error, not retried by
+        // every relay for ever.
+        let msg = match serde_json::from_value::<WireMessage>(r.try_get("envelope")?) {
+            Ok(mut msg) => {
+                msg.body = r.try_get("body")?;
+                msg
+            }
+            Err(e) => {
+                let envelope: Value = r.try_get("envelope")?;
+                tracing::error!(outbox.id = id, error = %e, envelope = %sagas::protocol::clip(&envelope.to_string(), 1024), "an outbox row does not decode and can never be published; dropping it");
+                unreadable.push(id);
+                continue;
+            }
+        };
+        claimed.push(Claimed {
+            id,
+            saga: SagaId(r.try_get("saga_id")?),
+            exchange: r.try_get("exchange")?,
+            routing_key: r.try_get("routing_key")?,
+            mandatory: r.try_get("mandatory")?,
+            msg,
+        });
+    }
+    if !unreadable.is_empty() {
+        delete_outbox(&mut *tx, &unreadable).await?;
+    }
+    Ok(claimed)
 }
 
-/// Delete published outbox rows (in the relay's transaction, or on their own).
 pub(crate) async fn delete_outbox<'c>(ex: impl sqlx::PgExecutor<'c>, ids: &[i64]) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM sagaflow.outbox WHERE id = ANY($1)").bind(ids).execute(ex).await.map(drop)
 }

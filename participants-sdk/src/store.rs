@@ -167,14 +167,27 @@ pub(crate) async fn claim_stale(tx: &mut PgConnection, participant: &str, age_ms
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    rows.into_iter()
-        .map(|r| {
-            let envelope: Value = r.try_get("envelope")?;
-            let mut msg: WireMessage = serde_json::from_value(envelope).map_err(|e| sqlx::Error::Decode(e.into()))?;
-            msg.body = r.try_get("body")?;
-            Ok(Pending { id: r.try_get("id")?, routing_key: r.try_get("routing_key")?, msg })
-        })
-        .collect()
+    let mut pending = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for r in rows {
+        let id: i64 = r.try_get("id")?;
+        let envelope: Value = r.try_get("envelope")?;
+        match serde_json::from_value::<WireMessage>(envelope.clone()) {
+            Ok(mut msg) => {
+                msg.body = r.try_get("body")?;
+                pending.push(Pending { id, routing_key: r.try_get("routing_key")?, msg });
+            }
+            // It can never be sent: dropped with an error, not read again by every sweep.
+            Err(e) => {
+                tracing::error!(outbox.id = id, error = %e, envelope = %sagas::protocol::clip(&envelope.to_string(), 1024), "a leftover reply does not decode and can never be sent; dropping it");
+                unreadable.push(id);
+            }
+        }
+    }
+    if !unreadable.is_empty() {
+        sqlx::query("DELETE FROM sagaflow_participant.outbox WHERE id = ANY($1)").bind(&unreadable).execute(&mut *tx).await?;
+    }
+    Ok(pending)
 }
 
 fn step_i32(cmd: &InboundCommand) -> i32 {

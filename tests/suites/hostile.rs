@@ -437,7 +437,7 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
             "POST",
             "/sagas".into(),
             vec![],
-            br#"{"definition":"order_fulfilment","input":{"order_id":"\u0000"}}"#.to_vec(),
+            br#"{"definition":"order_fulfilment","input":{"order_id":"\u0000","sku":"widget","quantity":1,"amount_cents":1,"destination":"x"}}"#.to_vec(),
             400,
             "invalid_request",
         ),
@@ -527,25 +527,30 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
         ("http: no such page", "GET", "/admin".into(), vec![], vec![], 404, "not_found"),
     ];
     let mut refused = 0;
+    // Every mismatch, so that one run names every kind that is not handled as it should be.
+    let mut problems: Vec<String> = Vec::new();
     for (kind, method, path, headers, body, status, code) in &calls {
         let mut hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         if *method == "POST" && !hs.iter().any(|(k, _)| *k == "Content-Type") {
             hs.push(json_ct);
         }
         let r: Response = http::request(&api, method, path, &hs, body).await.unwrap();
-        assert_eq!(r.status, *status, "{kind}: {}", String::from_utf8_lossy(&r.body));
-        if !code.is_empty() {
-            assert_eq!(r.json()["error"]["code"], *code, "{kind}: a JSON error: {}", String::from_utf8_lossy(&r.body));
+        let got =
+            (r.status, r.json()["error"]["code"].as_str().unwrap_or("").to_owned(), r.header("x-content-type-options") == Some("nosniff"));
+        if got != (*status, (*code).to_owned(), true) {
+            let body = String::from_utf8_lossy(&r.body);
+            problems.push(format!("{kind}: want {status} {code} with nosniff, got {got:?}: {}", sagas::protocol::clip(&body, 200)));
         }
-        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{kind}");
         refused += 1;
         b.kinds.push((kind, Fate::Refused(*status, code)));
     }
     // A trace context of 135 KB is dropped, not copied into every command: the saga completes.
     let tp = "0".repeat(135_000);
     let r = http::request(&api, "POST", "/sagas", &[json_ct, ("traceparent", &tp)], start_body.as_bytes()).await.unwrap();
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let traced: SagaId = r.json()["saga_id"].as_str().unwrap().parse().unwrap();
+    let traced: Option<SagaId> = r.json()["saga_id"].as_str().and_then(|s| s.parse().ok());
+    if r.status != 202 {
+        problems.push(format!("http: 135 KB traceparent: want 202, got {}", r.status));
+    }
     b.kinds.push(("http: 135 KB traceparent", Fate::Absorbed));
     // The largest float: PostgreSQL keeps it as a 309-digit number, which must read back (a
     // saga whose state cannot be read could never take another input).
@@ -559,12 +564,10 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
     b.kinds.push(("http: the largest float in the input", Fate::Absorbed));
     // The page forbids framing and scripts from elsewhere.
     let page = http::request(&api, "GET", "/", &[], b"").await.unwrap();
-    assert!(
-        page.header("content-security-policy").is_some_and(|c| c.contains("frame-ancestors 'none'") && c.contains("script-src 'sha256-")),
-        "{:?}",
-        page.headers
-    );
-    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    let csp = page.header("content-security-policy").unwrap_or("");
+    if !(csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'sha256-") && page.header("x-frame-options") == Some("DENY")) {
+        problems.push(format!("http: the page's security headers: {:?}", page.headers));
+    }
 
     // --- Every dead letter, by message id, with its reason.
     let expected = b.dead.len();
@@ -574,27 +577,43 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
         for q in [&inbound, &replies, &payment] {
             for d in wait::drain(&ch, &Names::dead_letter_queue(q), 1000, Duration::from_millis(200)).await.unwrap() {
                 let id = dead_letter_key(&d);
-                let (queue, reason, kind) = b.dead.get(&id).unwrap_or_else(|| {
-                    panic!("an unexpected dead letter on {q}: {id} ({}) {:?}", wait::dead_letter_reason(&d), d.properties)
-                });
-                assert_eq!((q.as_str(), wait::dead_letter_reason(&d).as_str()), (queue.as_str(), *reason), "{kind}");
-                got.insert(id, wait::dead_letter_reason(&d));
+                let reason = wait::dead_letter_reason(&d);
+                match b.dead.get(&id) {
+                    None => problems.push(format!("an unexpected dead letter on {q}: {id} ({reason})")),
+                    Some((queue, want, kind)) if (q.as_str(), reason.as_str()) != (queue.as_str(), *want) => {
+                        problems.push(format!("{kind}: want a dead letter on {queue} ({want}), got one on {q} ({reason})"));
+                    }
+                    Some(_) => {}
+                }
+                got.insert(id, reason);
             }
         }
     }
-    let missing: Vec<_> = b.dead.iter().filter(|(id, _)| !got.contains_key(*id)).map(|(_, (_, r, k))| format!("{k} ({r})")).collect();
-    assert!(missing.is_empty(), "not dead-lettered: {missing:?}");
+    let mut missing: Vec<_> =
+        b.dead.iter().filter(|(id, _)| !got.contains_key(*id)).map(|(_, (_, r, k))| format!("{k}: not dead-lettered ({r})")).collect();
+    missing.sort();
+    missing.dedup();
+    problems.extend(missing);
 
     // --- The normal sagas, and the one with the dropped trace context.
     let hostile = normal.await.unwrap();
     let stalled = hostile.iter().filter(|(d, _)| d.is_none()).count();
     let wrong = hostile.iter().filter(|(d, ok)| d.is_some() && !ok).count();
-    let st = wait::settled(&env.pool, traced, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(st.status, SagaStatus::Completed, "the saga whose trace context was dropped completed");
-    let st = wait::settled(&env.pool, max_float, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(st.status, SagaStatus::Completed, "the saga with the largest float completed");
+    for (kind, id) in [("http: 135 KB traceparent", traced), ("http: the largest float in the input", Some(max_float))] {
+        let status = match id {
+            Some(id) => wait::settled(&env.pool, id, Duration::from_secs(30)).await.map(|st| st.status).ok(),
+            None => None,
+        };
+        if status != Some(SagaStatus::Completed) {
+            problems.push(format!("{kind}: the saga did not complete: {status:?}"));
+        }
+    }
     let r = http::request(&api, "GET", &format!("/sagas/{max_float}/history"), &[], b"").await.unwrap();
-    assert_eq!(r.status, 200, "its history reads back: {}", String::from_utf8_lossy(&r.body));
+    if r.status != 200 {
+        let body = String::from_utf8_lossy(&r.body);
+        problems
+            .push(format!("http: the largest float in the input: its history does not read back: {}", sagas::protocol::clip(&body, 200)));
+    }
 
     // --- Nothing left anywhere: queues, outboxes.
     let mut left = Vec::new();
@@ -647,6 +666,7 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
         got.len()
     );
     let logs: Vec<String> = procs.iter().filter(|p| p.logged().contains("reconnecting")).map(|p| p.log.display().to_string()).collect();
+    assert!(problems.is_empty(), "{} kinds not handled as they should be:\n{}", problems.len(), problems.join("\n"));
     assert_eq!(
         (crashes, loops, stalled, wrong),
         (0, 0, 0, 0),
@@ -802,6 +822,71 @@ async fn the_http_api_answers_schemathesis_without_a_server_error() {
     println!("schemathesis: {cases}");
     assert!(out.status.success() && cases.contains("passed") && !cases.contains("failed") && !cases.contains("errored"), "{log}");
     testkit::orders::stop_participants(parts).await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+/// Outbox rows that can never be published are not retried for ever: a command whose
+/// properties would not fit in a frame is never sent (the broker would close the connection)
+/// and its saga sees an `unpublishable` refusal and compensates; a row that does not decode is
+/// dropped. The relay keeps working, and the connection stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_row_that_can_never_be_published_is_dropped_and_its_saga_told() {
+    let env = TestEnv::start().await.unwrap();
+    // No participants: the saga's first command waits in the inventory queue.
+    let node = env.orchestrator("outbox-node", testkit::orders::registry()).await.unwrap();
+    let id = node.engine().start(&testkit::orders::mixed("outbox", 1, 0), None).await.unwrap().saga_id;
+    let names = env.names();
+    let conn = env.amqp().await.unwrap();
+    let ch = transport::confirm_channel(&conn).await.unwrap();
+    let inventory = names.participant_queue("inventory");
+    let cmd = wait::drain(&ch, &inventory, 1, Duration::from_secs(30)).await.unwrap().pop().expect("the first command");
+    let mut big = transport::wire_from_delivery(&cmd, usize::MAX).unwrap();
+    big.headers.insert("x-padding".into(), HeaderValue::Str("p".repeat(200_000)));
+
+    // Straight into the outbox, as a decision would have written it.
+    let insert =
+        "INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body) VALUES ($1, $2, $3, true, $4, $5)";
+    for (envelope, body) in
+        [(serde_json::json!({"not": "an envelope"}), b"{}".to_vec()), (serde_json::to_value(&big).unwrap(), big.body.clone())]
+    {
+        sqlx::query(insert)
+            .bind(id.0)
+            .bind(names.commands_exchange())
+            .bind("inventory")
+            .bind(envelope)
+            .bind(body)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query("NOTIFY sagaflow_outbox").execute(&env.pool).await.unwrap();
+
+    let st = wait::settled(&env.pool, id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Compensated, "{st:?}");
+    assert_eq!(st.failure.as_ref().map(|f| f.code.as_str()), Some("unpublishable"), "{:?}", st.failure);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.outbox").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(left, 0, "both rows are gone");
+    let messages = ch
+        .queue_declare(
+            inventory.as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(messages, 0, "the oversized command never reached the queue");
+
+    // The same from a publisher's side: refused before it is sent, the channel still open.
+    let results = transport::publish_batch(
+        &ch,
+        vec![("", &inventory, &big, true), ("", &inventory, &transport::wire_from_delivery(&cmd, usize::MAX).unwrap(), true)],
+    )
+    .await;
+    assert!(matches!(results[0], Err(transport::TransportError::TooLarge { .. })), "{:?}", results[0]);
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+    assert!(ch.status().connected(), "the channel is still open");
     node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }
