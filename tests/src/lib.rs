@@ -6,7 +6,8 @@
 //!   namespace of its own; in-process orchestrator nodes.
 //! - [`node`]: orchestrator nodes as child processes (to SIGKILL them).
 //! - [`proxy`]: a fault-injecting TCP proxy (cut, refuse, stall, latency, move upstream).
-//! - [`orders`]: start requests for the order example.
+//! - [`orders`]: start requests for the order example; [`messages`]: hand-built messages and
+//!   queue depths; [`http`](mod@http): a bare HTTP client for nodes running as child processes.
 //! - [`probe`]: a participant whose behaviour each saga plans (succeed, reject, flaky, slow),
 //!   recording every effect and undo in commit order.
 //! - [`wait`]: waiting for sagas and reading their history.
@@ -15,6 +16,7 @@
 
 pub mod env;
 pub mod http;
+pub mod messages;
 pub mod node;
 pub mod orders;
 pub mod probe;

@@ -6,26 +6,16 @@ use std::time::Duration;
 
 use participants_sdk::transport::{self, Names};
 use sagas::protocol::{
-    DEFAULT_MAX_BODY_BYTES, HeaderValue, InboundCommand, ReplyOutcome, SagaRef, StartRequest, TYPE_EVENT, TYPE_START, WireMessage,
-    encode_reply,
+    DEFAULT_MAX_BODY_BYTES, HeaderValue, InboundCommand, ReplyOutcome, SagaRef, StartRequest, TYPE_EVENT, WireMessage, encode_reply,
 };
 use sagas::{CommandKind, MessageId, SagaId, SagaStatus, StepIndex, Timestamp};
 use serde_json::json;
+use testkit::messages::start_message as start_msg;
 use testkit::orders;
 use testkit::{TestEnv, wait};
 
 fn order(i: u32) -> StartRequest {
     testkit::orders::mixed("good", i, 5)
-}
-
-fn start_msg(body: &[u8]) -> WireMessage {
-    WireMessage {
-        message_id: Some(MessageId::new_random().to_string()),
-        kind: Some(TYPE_START.into()),
-        content_type: Some("application/json".into()),
-        body: body.to_vec(),
-        ..WireMessage::default()
-    }
 }
 
 fn json_start(v: serde_json::Value) -> WireMessage {

@@ -15,11 +15,12 @@ use lapin::types::{AMQPValue, FieldTable};
 use participants_sdk::transport::{self, Names};
 use sagas::protocol::{
     DEFAULT_MAX_BODY_BYTES, H_ATTEMPT, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, H_STEP_NAME, H_TRACEPARENT, HeaderValue, InboundCommand,
-    ReplyOutcome, SagaRef, TYPE_EVENT, TYPE_START, WireMessage, encode_command, encode_reply,
+    ReplyOutcome, SagaRef, TYPE_EVENT, WireMessage, encode_command, encode_reply,
 };
 use sagas::{CommandKind, MessageId, OutgoingCommand, SagaId, SagaStatus, StepIndex, Timestamp};
 use serde_json::{Value, json};
 use testkit::http::{self, Response};
+use testkit::messages::start_message as start_msg;
 use testkit::{Node, TestEnv, wait};
 
 /// Normal sagas per phase (a clean one, then one beside the hostile input).
@@ -129,16 +130,6 @@ impl Barrage {
         self.dead.insert(tag, (queue.to_owned(), reason, kind));
         self.kinds.push((kind, Fate::DeadLetter(queue.to_owned(), reason)));
         m
-    }
-}
-
-fn start_msg(body: &[u8]) -> WireMessage {
-    WireMessage {
-        message_id: Some(MessageId::new_random().to_string()),
-        kind: Some(TYPE_START.into()),
-        content_type: Some("application/json".into()),
-        body: body.to_vec(),
-        ..WireMessage::default()
     }
 }
 
@@ -623,15 +614,7 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
         for q in
             [inbound.clone(), replies.clone(), payment.clone(), names.participant_queue("inventory"), names.participant_queue("shipping")]
         {
-            let n = ch
-                .queue_declare(
-                    q.as_str().into(),
-                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap()
-                .message_count();
+            let n = testkit::messages::queue_depth(&ch, &q).await.unwrap();
             if n > 0 {
                 left.push(format!("{q}: {n}"));
             }
@@ -867,15 +850,7 @@ async fn an_outbox_row_that_can_never_be_published_is_dropped_and_its_saga_told(
     assert_eq!(st.failure.as_ref().map(|f| f.code.as_str()), Some("unpublishable"), "{:?}", st.failure);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.outbox").fetch_one(&env.pool).await.unwrap();
     assert_eq!(left, 0, "both rows are gone");
-    let messages = ch
-        .queue_declare(
-            inventory.as_str().into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count();
+    let messages = testkit::messages::queue_depth(&ch, &inventory).await.unwrap();
     assert_eq!(messages, 0, "the oversized command never reached the queue");
 
     // The same from a publisher's side: refused before it is sent, the channel still open.
