@@ -5,10 +5,8 @@
 use std::time::Duration;
 
 use participants_sdk::transport::{self, Names};
-use sagas::protocol::{
-    DEFAULT_MAX_BODY_BYTES, HeaderValue, InboundCommand, ReplyOutcome, SagaRef, StartRequest, TYPE_EVENT, WireMessage, encode_reply,
-};
-use sagas::{CommandKind, MessageId, SagaId, SagaStatus, StepIndex, Timestamp};
+use sagas::protocol::{DEFAULT_MAX_BODY_BYTES, HeaderValue, ReplyOutcome, StartRequest, TYPE_EVENT, WireMessage, encode_reply};
+use sagas::{SagaId, SagaStatus, Timestamp};
 use serde_json::json;
 use testkit::messages::start_message as start_msg;
 use testkit::orders;
@@ -77,18 +75,7 @@ async fn every_bad_message_is_dead_lettered_with_its_reason_while_good_sagas_com
     }
 
     // To the replies queue.
-    let cmd = |saga: SagaId, step: u32| InboundCommand {
-        message_id: MessageId::new_random(),
-        command: "payment.charge".into(),
-        saga: SagaRef { saga_id: saga, definition: "order_fulfilment".into(), version: 1 },
-        step: StepIndex(step),
-        step_name: "charge_payment".into(),
-        kind: CommandKind::Invoke,
-        attempt: 1,
-        reply_to: names.replies_queue(),
-        traceparent: None,
-        body: json!({}),
-    };
+    let cmd = |saga: SagaId, step: u32| testkit::messages::charge_command(saga, step, &names.replies_queue());
     let ok = ReplyOutcome::Success { output: json!(null) };
     let reply = |saga, step| encode_reply(&cmd(saga, step), &ok, Timestamp(0));
     let mut wrong_header = reply(real, 1);

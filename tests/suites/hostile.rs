@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use lapin::types::{AMQPValue, FieldTable};
 use participants_sdk::transport::{self, Names};
 use sagas::protocol::{
-    DEFAULT_MAX_BODY_BYTES, H_ATTEMPT, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, H_STEP_NAME, H_TRACEPARENT, HeaderValue, InboundCommand,
-    ReplyOutcome, SagaRef, TYPE_EVENT, WireMessage, encode_command, encode_reply,
+    DEFAULT_MAX_BODY_BYTES, H_ATTEMPT, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, H_STEP_NAME, H_TRACEPARENT, HeaderValue, ReplyOutcome,
+    SagaRef, TYPE_EVENT, WireMessage, encode_command, encode_reply,
 };
 use sagas::{CommandKind, MessageId, OutgoingCommand, SagaId, SagaStatus, StepIndex, Timestamp};
 use serde_json::{Value, json};
@@ -153,18 +153,7 @@ fn command(saga: SagaId, reply_to: &str, attempt: u32) -> WireMessage {
 }
 
 fn reply(saga: SagaId, step: u32, outcome: &ReplyOutcome, replies: &str) -> WireMessage {
-    let cmd = InboundCommand {
-        message_id: MessageId::new_random(),
-        command: "payment.charge".into(),
-        saga: SagaRef { saga_id: saga, definition: "order_fulfilment".into(), version: 1 },
-        step: StepIndex(step),
-        step_name: "charge_payment".into(),
-        kind: CommandKind::Invoke,
-        attempt: 1,
-        reply_to: replies.into(),
-        traceparent: None,
-        body: json!({}),
-    };
+    let cmd = testkit::messages::charge_command(saga, step, replies);
     let mut m = encode_reply(&cmd, outcome, Timestamp::now());
     // A fresh id: the same command id twice would be deduped as one reply.
     m.message_id = Some(MessageId::new_random().to_string());
