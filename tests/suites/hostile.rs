@@ -726,7 +726,7 @@ async fn bad_configuration_is_refused_at_start_and_secrets_stay_out_of_logs() {
         ("SAGAFLOW_NAMESPACE".to_owned(), env.namespace.clone()),
     ];
     let p = Node::spawn_with(env!("CARGO_BIN_EXE_testkit-order-participant"), &["payment"], vars, "hostile-secret-participant").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !p.logged().contains("connecting to PostgreSQL at") && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

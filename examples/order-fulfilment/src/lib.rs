@@ -102,8 +102,10 @@ pub async fn participant_main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let handle = loop {
         let attempt = async {
+            // A short wait per try: the loop around retries, and says why each try failed.
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(8)
+                .acquire_timeout(std::time::Duration::from_secs(5))
                 .connect(&db)
                 .await
                 .with_context(|| format!("connecting to PostgreSQL at {}", participants_sdk::transport::redact(&db)))?;
