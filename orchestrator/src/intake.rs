@@ -464,6 +464,8 @@ impl Engine {
     ) -> (Vec<OutboxRow>, Vec<(sagas::TimerKey, Timestamp)>, Vec<sagas::TimerKey>) {
         let saga = SagaRef { saga_id: st.id, definition: def.name.clone(), version: def.version };
         let reply_to = self.names.replies_queue();
+        // A trace context stored before starts were checked may be one no command can carry.
+        let traceparent = traceparent.filter(|t| valid_traceparent(t));
         let mut outbox = Vec::new();
         let (mut schedule, mut cancel) = (Vec::new(), Vec::new());
         for e in effects {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lapin::Channel;
 use participants_sdk::transport::{self, TransportError};
-use sagas::protocol::{ReplyOutcome, decode_command};
+use sagas::protocol::{H_TRACEPARENT, ReplyOutcome, decode_command};
 use sagas::{Input, Reply};
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -99,7 +99,14 @@ pub(crate) enum Sent {
 /// row retried forever.
 pub(crate) fn outcome(r: &Claimed, result: Result<(), TransportError>) -> Sent {
     let failed = |outcome: ReplyOutcome| -> Option<(sagas::SagaId, Reply)> {
-        let cmd = decode_command(&r.msg, usize::MAX).ok()?;
+        // Only the command's coordinates are needed: leave out what may have made it too large.
+        let mut coordinates = r.msg.clone();
+        coordinates.body = b"null".to_vec();
+        coordinates.headers.remove(H_TRACEPARENT);
+        let Ok(cmd) = decode_command(&coordinates, usize::MAX) else {
+            tracing::error!(saga.id = %r.saga, routing_key = %r.routing_key, "an undeliverable command does not decode; its saga cannot be told");
+            return None;
+        };
         let reply = Reply { in_reply_to: cmd.message_id, step: cmd.step, kind: cmd.kind, attempt: cmd.attempt, outcome };
         Some((r.saga, reply))
     };
