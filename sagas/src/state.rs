@@ -92,7 +92,8 @@ pub struct Failure {
     pub step: Option<String>,
     /// A code: the participant's rejection code, or one of `retries_exhausted`,
     /// `step_timed_out`, `wait_expired`, `deadline_exceeded`, `aborted`, `invalid_reply`,
-    /// `invalid_data`.
+    /// `invalid_data`, or `unpublishable` (the orchestrator refused the command for the
+    /// participant: it could never be published, docs/protocol.md).
     pub code: String,
     /// What happened, in words.
     pub message: String,
