@@ -490,20 +490,10 @@ pub(crate) async fn claim_outbox(tx: &mut PgConnection, limit: i64, min_age_ms: 
     let mut unreadable = Vec::new();
     for r in rows {
         let id: i64 = r.try_get("id")?;
-        // A row whose envelope does not decode (written by hand, or by a version that wrote
-        // another shape) can never be published: it is dropped with an error, not retried by
-        // every relay for ever.
-        let msg = match serde_json::from_value::<WireMessage>(r.try_get("envelope")?) {
-            Ok(mut msg) => {
-                msg.body = r.try_get("body")?;
-                msg
-            }
-            Err(e) => {
-                let envelope: Value = r.try_get("envelope")?;
-                tracing::error!(outbox.id = id, error = %e, envelope = %sagas::protocol::clip(&envelope.to_string(), 1024), "an outbox row does not decode and can never be published; dropping it");
-                unreadable.push(id);
-                continue;
-            }
+        let envelope: Value = r.try_get("envelope")?;
+        let Some(msg) = participants_sdk::outbox::message(id, &envelope, r.try_get("body")?) else {
+            unreadable.push(id);
+            continue;
         };
         claimed.push(Claimed {
             id,

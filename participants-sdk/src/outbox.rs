@@ -1,9 +1,30 @@
-//! Deleting published outbox rows in batches, shared by the orchestrator and the participants:
-//! a row is deleted once the broker confirmed its message, and the ids confirmed while one
-//! delete runs go into the next, so a busy process issues one statement for many rows.
+//! Outbox rows, shared by the orchestrator and the participants: reading a row's message, and
+//! deleting published rows in batches (a row is deleted once the broker confirmed its message,
+//! and the ids confirmed while one delete runs go into the next, so a busy process issues one
+//! statement for many rows).
 
+use sagas::protocol::{WireMessage, clip};
+use serde::Deserialize as _;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
+
+/// The message of outbox row `id`: its envelope (properties and headers, as JSON) with its
+/// body. `None`, logged, when the envelope does not decode (written by hand, or by a version
+/// that wrote another shape): such a row can never be published, and the caller drops it
+/// instead of reading it again every round.
+pub fn message(id: i64, envelope: &serde_json::Value, body: Vec<u8>) -> Option<WireMessage> {
+    match WireMessage::deserialize(envelope) {
+        Ok(mut msg) => {
+            msg.body = body;
+            Some(msg)
+        }
+        Err(e) => {
+            let shown = clip(&envelope.to_string(), 1024).into_owned();
+            tracing::error!(outbox.id = id, error = %e, envelope = %shown, "an outbox row does not decode and can never be published; dropping it");
+            None
+        }
+    }
+}
 
 /// Most ids in one `DELETE`.
 const MAX_BATCH: usize = 4096;

@@ -665,30 +665,38 @@ enum BatchRun {
 /// becomes U+FFFD wherever a handler put it (its output, a refusal's code or message, an
 /// error's text), with a warning. Left as it was, the reply could never be recorded and the
 /// command would be redelivered for ever.
-fn storable(outcome: ReplyOutcome) -> ReplyOutcome {
-    fn scrub(v: &mut serde_json::Value) {
+fn storable(mut outcome: ReplyOutcome) -> ReplyOutcome {
+    fn text(s: &mut String) -> bool {
+        let nul = s.contains('\0');
+        if nul {
+            *s = s.replace('\0', "\u{FFFD}");
+        }
+        nul
+    }
+    fn value(v: &mut serde_json::Value) -> bool {
         match v {
-            serde_json::Value::String(s) => *s = s.replace('\0', "\u{FFFD}"),
-            serde_json::Value::Array(a) => a.iter_mut().for_each(scrub),
+            serde_json::Value::String(s) => text(s),
+            serde_json::Value::Array(a) => a.iter_mut().fold(false, |changed, v| value(v) | changed),
             serde_json::Value::Object(o) => {
-                *o = std::mem::take(o)
-                    .into_iter()
-                    .map(|(k, mut v)| {
-                        scrub(&mut v);
-                        (k.replace('\0', "\u{FFFD}"), v)
-                    })
-                    .collect();
+                let values = o.values_mut().fold(false, |changed, v| value(v) | changed);
+                let keys = o.keys().any(|k| k.contains('\0'));
+                if keys {
+                    *o = std::mem::take(o).into_iter().map(|(k, v)| (k.replace('\0', "\u{FFFD}"), v)).collect();
+                }
+                values | keys
             }
-            _ => {}
+            _ => false,
         }
     }
-    let Ok(mut v) = serde_json::to_value(&outcome) else { return outcome };
-    if !sagas::protocol::json_has_nul(v.to_string().as_bytes()) {
-        return outcome;
+    let changed = match &mut outcome {
+        ReplyOutcome::Success { output } => value(output),
+        ReplyOutcome::Rejected { code, message } => text(code) | text(message),
+        ReplyOutcome::TransientFailure { message } => text(message),
+    };
+    if changed {
+        tracing::warn!("the handler's outcome holds U+0000, which PostgreSQL cannot store; replaced with U+FFFD");
     }
-    tracing::warn!("the handler's outcome holds U+0000, which PostgreSQL cannot store; replaced with U+FFFD");
-    scrub(&mut v);
-    serde_json::from_value(v).unwrap_or(outcome)
+    outcome
 }
 
 fn answer_from(cmd: &InboundCommand, prior: store::Prior) -> Option<ReplyOutcome> {
@@ -757,6 +765,20 @@ mod tests {
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => String::new(),
         }
+    }
+
+    #[test]
+    fn an_outcome_postgresql_cannot_store_has_its_nul_replaced_and_a_clean_one_is_left_alone() {
+        let output = serde_json::json!({"id\u{0}": ["a\u{0}b", {"k": "\u{0}"}], "n": 1});
+        let scrubbed = storable(ReplyOutcome::Success { output });
+        assert_eq!(
+            scrubbed,
+            ReplyOutcome::Success { output: serde_json::json!({"id\u{FFFD}": ["a\u{FFFD}b", {"k": "\u{FFFD}"}], "n": 1}) }
+        );
+        let refusal = storable(ReplyOutcome::Rejected { code: "c\u{0}".into(), message: "\u{0}".into() });
+        assert_eq!(refusal, ReplyOutcome::Rejected { code: "c\u{FFFD}".into(), message: "\u{FFFD}".into() });
+        let clean = ReplyOutcome::TransientFailure { message: "the database is away".into() };
+        assert_eq!(storable(clean.clone()), clean);
     }
 
     #[test]

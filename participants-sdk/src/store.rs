@@ -172,16 +172,9 @@ pub(crate) async fn claim_stale(tx: &mut PgConnection, participant: &str, age_ms
     for r in rows {
         let id: i64 = r.try_get("id")?;
         let envelope: Value = r.try_get("envelope")?;
-        match serde_json::from_value::<WireMessage>(envelope.clone()) {
-            Ok(mut msg) => {
-                msg.body = r.try_get("body")?;
-                pending.push(Pending { id, routing_key: r.try_get("routing_key")?, msg });
-            }
-            // It can never be sent: dropped with an error, not read again by every sweep.
-            Err(e) => {
-                tracing::error!(outbox.id = id, error = %e, envelope = %sagas::protocol::clip(&envelope.to_string(), 1024), "a leftover reply does not decode and can never be sent; dropping it");
-                unreadable.push(id);
-            }
+        match crate::outbox::message(id, &envelope, r.try_get("body")?) {
+            Some(msg) => pending.push(Pending { id, routing_key: r.try_get("routing_key")?, msg }),
+            None => unreadable.push(id),
         }
     }
     if !unreadable.is_empty() {

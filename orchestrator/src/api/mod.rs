@@ -18,7 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sagas::protocol::{StartRequest, check_event_name, clip, json_has_nul};
+use sagas::protocol::{StartRequest, check_name, clip, json_has_nul};
 use sagas::{Input, SagaId};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -98,24 +98,17 @@ static CSP: LazyLock<String> = LazyLock::new(|| {
 /// not reach it); a body only as JSON. Every response: headers that keep the page from being
 /// framed, sniffed or fed a script from elsewhere.
 async fn guard(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    let refused = |status: StatusCode, code: &'static str, message: String| {
-        let mut r = ApiError(OpsError::new(code, message)).into_response();
-        *r.status_mut() = status;
-        r
-    };
+    // The status follows from the code (see `ApiError`).
+    let refused = |code: &'static str, message: &str| ApiError(OpsError::new(code, message)).into_response();
     let headers = req.headers();
     let mut response = if s.token.is_none() && !headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(loopback_authority) {
-        refused(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "without an api_token, requests must name a loopback host (localhost, 127.0.0.1 or [::1])".into(),
-        )
+        refused("forbidden", "without an api_token, requests must name a loopback host (localhost, 127.0.0.1 or [::1])")
     } else if s.token.is_none()
         && headers
             .get(header::ORIGIN)
             .is_some_and(|o| !o.to_str().ok().and_then(|o| o.split_once("://")).is_some_and(|(_, a)| loopback_authority(a)))
     {
-        refused(StatusCode::FORBIDDEN, "forbidden", "without an api_token, requests from another origin are refused".into())
+        refused("forbidden", "without an api_token, requests from another origin are refused")
     } else if req.method() == axum::http::Method::POST
         && req.body().size_hint().exact() != Some(0)
         && !headers
@@ -123,11 +116,7 @@ async fn guard(State(s): State<ApiState>, req: Request, next: Next) -> Response 
             .and_then(|c| c.to_str().ok())
             .is_some_and(|c| c.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")))
     {
-        refused(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "a request body must be JSON (`Content-Type: application/json`)".into(),
-        )
+        refused("unsupported_media_type", "a request body must be JSON (`Content-Type: application/json`)")
     } else {
         next.run(req).await
     };
@@ -274,7 +263,7 @@ async fn signal(
     raw: Result<axum::body::Bytes, BytesRejection>,
 ) -> ApiResult<Json<ops::SagaView>> {
     let ev: EventBody = body(raw)?;
-    check_event_name(&ev.event).map_err(|e| OpsError::new("invalid_request", e))?;
+    check_name("event", &ev.event).map_err(|e| OpsError::new("invalid_request", e))?;
     Ok(Json(ops::act(&s.engine, parse_id(&id)?, Input::Event { name: ev.event, payload: ev.payload }).await?))
 }
 
