@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
-use participants_sdk::transport;
+use sagaflow_amqp::transport;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::{Semaphore, mpsc};
 

@@ -117,7 +117,7 @@ impl Cluster {
         let ch = conn.create_channel().await?;
         let names = env.names();
         let q = format!("{}.bench-outcomes", env.namespace);
-        participants_sdk::transport::declare_exchange(&ch, &names.events_exchange(), lapin::ExchangeKind::Topic).await?;
+        sagaflow_amqp::transport::declare_exchange(&ch, &names.events_exchange(), lapin::ExchangeKind::Topic).await?;
         ch.queue_declare(q.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default()).await?;
         for ev in ["completed", "compensated", "stopped"] {
             let key = format!("{}.{ev}", saga::NAME);

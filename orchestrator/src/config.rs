@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-pub use participants_sdk::transport::redact;
+pub use sagaflow_amqp::transport::redact;
 use serde::{Deserialize, Serialize};
 
 /// Everything a node needs. Each field's default is in its comment; each has an environment

@@ -12,7 +12,7 @@ use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use participants_sdk::transport::{self, Names};
+use sagaflow_amqp::transport::{self, Names};
 use sagas::protocol::{H_SAGA_ID, HeaderValue, TYPE_EVENT, TYPE_START, decode_event, decode_reply, decode_start};
 use sagas::{Input, MessageId, SagaId};
 use tokio::sync::oneshot;

@@ -7,14 +7,14 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use participants_sdk::transport::Names;
+use sagaflow_amqp::transport::Names;
 use sagas::protocol::{LifecycleEvent, SagaRef, StartRequest, encode_command, encode_lifecycle, valid_traceparent};
 use sagas::{Definition, Effect, Input, InputOutcome, MessageId, Registry, SagaId, SagaState, SagaStatus, Timestamp, decide};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::metrics::Metrics;
-use crate::publisher::Publisher;
+use crate::outbound::Publisher;
 use crate::store::{self, Claimed, DecisionRows, HistoryRow, OutboxRow};
 
 /// How far a due timer of a definition version this node does not have is pushed back.
@@ -133,11 +133,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub(crate) fn new(pool: PgPool, registry: Arc<Registry>, names: Names, node: &str, step_events: bool) -> Self {
-        let (publisher, unroutable) = Publisher::new(pool.clone());
-        let engine = Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, step_events };
-        tokio::spawn(crate::publisher::report_loop(engine.clone(), unroutable));
-        engine
+    /// An engine that hands what it writes to `publisher` (whose task the runtime runs).
+    pub(crate) fn new(pool: PgPool, registry: Arc<Registry>, names: Names, node: &str, step_events: bool, publisher: Publisher) -> Self {
+        Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, step_events }
     }
 
     /// This node's metrics.

@@ -8,9 +8,9 @@
 //! - `consumers`: the reply and inbound queues: decode (refused → dead letter) → intake → ack.
 //! - [`intake`]: a transaction per input, or per batch of replies: inbox dedupe → lock →
 //!   `sagas::decide` → state, history, outbox, timers → commit. Also starts sagas ([`Engine::start`]).
-//! - `publisher`: publishes a decision's messages right after its commit, deletes them once confirmed.
-//! - `relay`: the outbox relay for what was not published that way: LISTEN/NOTIFY, `SKIP LOCKED`,
-//!   publish with confirms, delete.
+//! - `outbound`: the outbox published: a decision's messages right after its commit (the
+//!   publisher), and what was not published that way by the relay (LISTEN/NOTIFY, `SKIP LOCKED`,
+//!   publish with confirms, delete); undeliverable commands handed back as data.
 //! - `timers`: due timers fired as inputs.
 //! - [`store`]: the schema `sagaflow` and its queries.
 //! - [`config`]: configuration (TOML file + `SAGAFLOW_*` variables).
@@ -27,12 +27,11 @@ mod consumers;
 pub mod intake;
 pub mod metrics;
 pub mod ops;
-mod publisher;
-mod relay;
+mod outbound;
 pub mod runtime;
 pub mod store;
 mod timers;
 
 pub use config::Config;
 pub use intake::{Engine, Handled, StartError, Started};
-pub use runtime::{ClientHandle, Orchestrator, OrchestratorHandle, wait_settled};
+pub use runtime::{ClientHandle, Orchestrator, OrchestratorHandle, application_name, wait_settled};

@@ -1,9 +1,11 @@
-//! The node: intake consumers, the outbox relay and the timers, in one `JoinSet` under a
-//! `CancellationToken`. [`Orchestrator::start`] returns a handle whose `shutdown` stops
-//! consuming, lets in-flight inputs finish, flushes the outbox and closes the connections.
-//! When RabbitMQ goes away the AMQP loops are restarted on a new connection; the database
-//! pool reconnects on its own. [`Orchestrator::client`] runs a client instead: no consumers,
-//! only a connection on which it publishes what its engine wrote.
+//! The node and the client: what they run and who owns it. [`Orchestrator::start`] runs a node:
+//! the supervisor of its RabbitMQ connection (intake consumers and the outbox relay, restarted
+//! on a new connection when RabbitMQ goes away), the publisher, the timers, retention, the loop
+//! that tells sagas of undeliverable commands, and the API. Every one of them is a task of the
+//! handle's [`JoinSet`] under a child of the handle's [`CancellationToken`]; `shutdown` cancels,
+//! lets in-flight inputs commit and ack, flushes the outbox, joins every task and closes the
+//! connections and the pool. [`Orchestrator::client`] runs a client instead: no consumers, only
+//! a connection on which it publishes what its engine wrote.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,24 +14,35 @@ use std::time::Duration;
 use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::{Connection, ExchangeKind};
-use participants_sdk::transport::{self, Names, QueueOptions};
-use sagas::{Registry, SagaId, SagaState};
+use sagaflow_amqp::transport::{self, Names, QueueOptions};
+use sagas::{Input, Registry, SagaId, SagaState};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, redact};
 use crate::consumers::{Consumer, Queue};
 use crate::intake::Engine;
-use crate::{relay, store, timers};
+use crate::outbound::{self, Publisher, Publishing, Undeliverable, UndeliverableTx};
+use crate::{store, timers};
 
 /// A node of the orchestrator, connected to PostgreSQL (migrated) but not yet running.
 pub struct Orchestrator {
+    node: Arc<Node>,
+    publishing: Publishing,
+}
+
+/// What a node's tasks share.
+struct Node {
     config: Config,
     engine: Engine,
     names: Names,
 }
+
+/// The tasks of a running node or client: each ends with its name and how it ended.
+type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
 
 /// A client: what its [`Engine`] writes (starts, events, operator actions) it publishes itself,
 /// right after the commit, instead of waking the nodes' relays. It consumes nothing; the nodes
@@ -37,22 +50,24 @@ pub struct Orchestrator {
 pub struct ClientHandle {
     engine: Engine,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Tasks,
 }
 
 /// A running node.
 pub struct OrchestratorHandle {
     engine: Engine,
     api_addr: Option<std::net::SocketAddr>,
-    api: Option<tokio::task::JoinHandle<()>>,
-    intake: CancellationToken,
-    relay: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop: CancellationToken,
+    tasks: Tasks,
 }
 
-/// Connect a pool to `url`, retrying for up to `timeout`.
-pub async fn connect_pool(url: &str, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = url.parse().with_context(|| format!("database_url {}", redact(url)))?;
+/// Connect a pool to `url`, retrying for up to `timeout`. Its connections show in
+/// `pg_stat_activity` as `application_name` (unless the URL names one).
+pub async fn connect_pool(url: &str, application_name: &str, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
+    let mut options: PgConnectOptions = url.parse().with_context(|| format!("database_url {}", redact(url)))?;
+    if options.get_application_name().is_none() {
+        options = options.application_name(application_name);
+    }
     // The statements are prepared once per connection, and PostgreSQL soon reuses one generic
     // plan for them. Chosen while the tables were small (a new deployment, or statistics
     // autovacuum has not refreshed), that plan scans whole tables and keeps doing so as they
@@ -91,27 +106,41 @@ impl Orchestrator {
     /// Validate `config`, connect to PostgreSQL and run the migrations.
     pub async fn connect(config: Config, registry: Registry) -> anyhow::Result<Self> {
         config.validate()?;
-        let pool = connect_pool(&config.database_url, config.database_max_connections, config.connect_timeout()).await?;
+        let name = application_name(&config.node_id);
+        let pool = connect_pool(&config.database_url, &name, config.database_max_connections, config.connect_timeout()).await?;
         store::migrate(&pool).await.context("running the migrations")?;
         let names = Names::new(config.namespace.clone());
-        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, config.step_events);
-        Ok(Self { config, engine, names })
+        let (publisher, publishing) = Publisher::new(pool.clone());
+        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, config.step_events, publisher);
+        Ok(Self { node: Arc::new(Node { config, engine, names }), publishing })
     }
 
     /// The engine, to start sagas and apply inputs from Rust.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        &self.node.engine
     }
 
     /// Connect to RabbitMQ, declare the topology and run in the background.
     pub async fn start(self) -> anyhow::Result<OrchestratorHandle> {
-        let conn = self.connect_declared().await?;
-        let (intake, relay) = (CancellationToken::new(), CancellationToken::new());
-        let engine = self.engine.clone();
-        let (api_addr, api) = self.serve_api(intake.clone()).await?;
-        let (i, r) = (intake.clone(), relay.clone());
-        let task = tokio::spawn(async move { self.supervise(conn, i, r).await });
-        Ok(OrchestratorHandle { engine, api_addr, api, intake, relay, task })
+        let Self { node, publishing } = self;
+        let conn = node.connect_declared().await?;
+        let stop = CancellationToken::new();
+        let mut tasks = Tasks::new();
+        let api_addr = node.serve_api(&mut tasks, stop.child_token()).await?;
+        // The publisher stops once the supervisor has stopped the consumers, or has ended.
+        let outbound = CancellationToken::new();
+        let undeliverable = spawn_outbound(&mut tasks, &node.engine, publishing, outbound.clone());
+        let cfg = &node.config;
+        let (engine, poll, batch, t) = (node.engine.clone(), Duration::from_millis(cfg.timer_poll_ms), cfg.timer_batch, stop.child_token());
+        tasks.spawn(named("the timers", ends(timers::run(engine, poll, batch, t))));
+        if cfg.retention_days > 0 {
+            let (pool, days, t) = (node.engine.pool().clone(), cfg.retention_days, stop.child_token());
+            tasks.spawn(named("retention", ends(retention(pool, days, t))));
+        }
+        let (n, t) = (Arc::clone(&node), stop.child_token());
+        let supervise = async move { n.supervise(conn, undeliverable, t, outbound.drop_guard()).await };
+        tasks.spawn(named("the connection supervisor", supervise));
+        Ok(OrchestratorHandle { engine: node.engine.clone(), api_addr, stop, tasks })
     }
 
     /// Run as a client, not a node: connect to RabbitMQ and publish what the engine writes
@@ -120,14 +149,91 @@ impl Orchestrator {
     /// is lost, and for what is still unpublished when the client stops, the nodes' relays
     /// publish the rows: nothing written is lost.
     pub async fn client(self) -> anyhow::Result<ClientHandle> {
-        let (conn, ch) = self.open_publisher().await?;
-        self.engine.publisher.set_channel(Some(ch.clone()));
+        let Self { node, publishing } = self;
+        let (conn, ch) = node.open_publisher().await?;
+        node.engine.publisher.set_channel(Some(ch.clone()));
         let stop = CancellationToken::new();
-        let (engine, token) = (self.engine.clone(), stop.clone());
-        let task = tokio::spawn(async move { self.keep_publishing(conn, ch, token).await });
-        Ok(ClientHandle { engine, stop, task })
+        let mut tasks = Tasks::new();
+        let outbound = stop.child_token();
+        drop(spawn_outbound(&mut tasks, &node.engine, publishing, outbound));
+        let (n, t) = (Arc::clone(&node), stop.child_token());
+        tasks.spawn(named("the client connection", ends(async move { n.keep_publishing(conn, ch, t).await })));
+        Ok(ClientHandle { engine: node.engine.clone(), stop, tasks })
     }
 
+    /// Run until `shutdown` completes, then shut down gracefully; a task that ends on its own
+    /// before that stops the node with an error naming it.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let mut handle = self.start().await?;
+        let ended = tokio::select! {
+            () = shutdown => None,
+            ended = handle.tasks.join_next() => ended,
+        };
+        let Some(ended) = ended else { return handle.shutdown().await };
+        let why = match ended {
+            Ok((task, Ok(()))) => format!("{task} stopped on its own"),
+            Ok((task, Err(e))) => format!("{task} failed: {e:#}"),
+            Err(e) => format!("a task panicked: {e}"),
+        };
+        tracing::error!(why, "the node is stopping");
+        if let Err(e) = handle.shutdown().await {
+            tracing::warn!(error = %format!("{e:#}"), "shutting down after the failure");
+        }
+        Err(anyhow::anyhow!("the node stopped: {why}"))
+    }
+}
+
+/// Run the publisher (until `stop`) and the loop that tells sagas of undeliverable commands (until
+/// every sender of the one returned is gone) as tasks of `tasks`.
+fn spawn_outbound(tasks: &mut Tasks, engine: &Engine, publishing: Publishing, stop: CancellationToken) -> UndeliverableTx {
+    let (undeliverable, told) = mpsc::unbounded_channel();
+    let u = undeliverable.clone();
+    tasks.spawn(named("the publisher", ends(publishing.run(u, stop))));
+    tasks.spawn(named("the undeliverable-command loop", tell_undeliverable(engine.clone(), told)));
+    undeliverable
+}
+
+/// What a node's connections are called in `pg_stat_activity`: `sagaflow node <node_id>`.
+pub fn application_name(node_id: &str) -> String {
+    // PostgreSQL keeps 63 bytes of it.
+    sagas::protocol::clip(&format!("sagaflow node {node_id}"), 63).into_owned()
+}
+
+/// `task`, ending with `name`.
+async fn named(name: &'static str, task: impl Future<Output = anyhow::Result<()>>) -> (&'static str, anyhow::Result<()>) {
+    (name, task.await)
+}
+
+/// `task`, a loop that cannot fail, as a task that can.
+async fn ends(task: impl Future<Output = ()>) -> anyhow::Result<()> {
+    task.await;
+    Ok(())
+}
+
+/// Apply commands that could not be delivered as failed attempts of their steps, off the
+/// publishing paths, until every path has stopped (retrying while the database is away).
+async fn tell_undeliverable(engine: Engine, mut rx: mpsc::UnboundedReceiver<Undeliverable>) -> anyhow::Result<()> {
+    while let Some((saga, reply)) = rx.recv().await {
+        let mut delay = Duration::from_millis(100);
+        let input = Input::Reply(reply);
+        while let Err(e) = engine.apply(saga, &input, None).await {
+            tracing::warn!(error = %e, saga.id = %saga, "could not record an undeliverable command; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+    Ok(())
+}
+
+/// How one connection's run ended.
+enum Ended {
+    /// The node is shutting down.
+    Shutdown,
+    /// The connection or a loop on it failed: reconnect.
+    Lost(String),
+}
+
+impl Node {
     /// Connect to RabbitMQ (retrying for up to `connect_timeout`) and declare the topology.
     async fn connect_declared(&self) -> anyhow::Result<Connection> {
         let conn = transport::connect(&self.config.amqp_url, self.config.connect_timeout())
@@ -145,7 +251,7 @@ impl Orchestrator {
     }
 
     /// The client's connection: watch it, reopen it when lost, close it on `stop`.
-    async fn keep_publishing(self, conn: Connection, ch: lapin::Channel, stop: CancellationToken) {
+    async fn keep_publishing(&self, conn: Connection, ch: lapin::Channel, stop: CancellationToken) {
         let mut current = Some((conn, ch));
         loop {
             let (conn, ch) = match current.take() {
@@ -166,38 +272,24 @@ impl Orchestrator {
                     },
                 },
             };
-            while conn.status().connected() && ch.status().connected() {
-                tokio::select! {
-                    () = stop.cancelled() => {
-                        self.engine.publisher.set_channel(None);
-                        let _ = conn.close(200, "shutdown".into()).await;
-                        return;
-                    }
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
+            let stopped = tokio::select! {
+                () = stop.cancelled() => true,
+                () = transport::closed(&conn, &ch) => false,
+            };
             self.engine.publisher.set_channel(None);
+            if stopped {
+                let _ = conn.close(200, "shutdown".into()).await;
+                return;
+            }
             tracing::warn!("lost RabbitMQ; the relays publish until the client reconnects");
             let _ = conn.close(200, "reconnecting".into()).await;
         }
     }
 
-    /// Run until `shutdown` completes, then shut down gracefully.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let handle = self.start().await?;
-        tokio::select! {
-            () = shutdown => handle.shutdown().await,
-            r = handle.task_finished() => r,
-        }
-    }
-
-    /// Bind the API (when `api_addr` is set) and serve it until `stop`.
-    async fn serve_api(
-        &self,
-        stop: CancellationToken,
-    ) -> anyhow::Result<(Option<std::net::SocketAddr>, Option<tokio::task::JoinHandle<()>>)> {
+    /// Bind the API (when `api_addr` is set) and serve it as a task of `tasks` until `stop`.
+    async fn serve_api(&self, tasks: &mut Tasks, stop: CancellationToken) -> anyhow::Result<Option<std::net::SocketAddr>> {
         if self.config.api_addr.is_empty() {
-            return Ok((None, None));
+            return Ok(None);
         }
         let listener = tokio::net::TcpListener::bind(&self.config.api_addr)
             .await
@@ -211,14 +303,14 @@ impl Orchestrator {
         );
         let app = crate::api::app(state);
         tracing::info!(%addr, "serving the API, the web page and /metrics");
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
-                tracing::error!(error = %e, "the API server stopped");
-            }
-        });
-        Ok((Some(addr), Some(task)))
+        let serve = async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await.context("the API server stopped")
+        };
+        tasks.spawn(named("the API", serve));
+        Ok(Some(addr))
     }
 
+    /// Declare the exchanges and queues this node uses.
     async fn declare(&self, conn: &Connection) -> Result<(), lapin::Error> {
         let ch = conn.create_channel().await?;
         transport::declare_exchange(&ch, &self.names.commands_exchange(), ExchangeKind::Direct).await?;
@@ -234,113 +326,122 @@ impl Orchestrator {
         ch.close(200, "declared".into()).await
     }
 
-    async fn supervise(self, first: Connection, intake: CancellationToken, relay_token: CancellationToken) -> anyhow::Result<()> {
-        let cfg = &self.config;
-        let timers =
-            tokio::spawn(timers::run(self.engine.clone(), Duration::from_millis(cfg.timer_poll_ms), cfg.timer_batch, intake.clone()));
-        let retention =
-            (cfg.retention_days > 0).then(|| tokio::spawn(retention(self.engine.pool().clone(), cfg.retention_days, intake.clone())));
+    /// Keep a connection to RabbitMQ and run the intake consumers and the relay on it until
+    /// `stop`, reconnecting when it is lost. `outbound` stops the publisher when this returns.
+    async fn supervise(
+        &self,
+        first: Connection,
+        undeliverable: UndeliverableTx,
+        stop: CancellationToken,
+        outbound: tokio_util::sync::DropGuard,
+    ) -> anyhow::Result<()> {
         let mut conn = Some(first);
         loop {
             let c = match conn.take() {
                 Some(c) => c,
                 None => tokio::select! {
-                    () = intake.cancelled() => break,
-                    c = transport::connect(&cfg.amqp_url, Duration::from_secs(3600)) => match c {
+                    () = stop.cancelled() => break,
+                    c = transport::connect(&self.config.amqp_url, Duration::from_secs(3600)) => match c {
                         Ok(c) => { tracing::info!("reconnected to RabbitMQ"); c }
                         Err(e) => { tracing::error!(error = %e, "cannot reconnect to RabbitMQ"); continue; }
                     },
                 },
             };
-            if let Err(e) = self.declare(&c).await {
-                tracing::warn!(error = %e, "declaring the topology failed; reconnecting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-            // Loops of this connection stop on their own tokens, children of the node's.
-            let (ci, cr) = (intake.child_token(), relay_token.child_token());
-            let mut consumers = JoinSet::new();
-            let consumer = Consumer {
-                engine: self.engine.clone(),
-                names: self.names.clone(),
-                max_body: cfg.max_body_bytes,
-                prefetch: cfg.prefetch,
-                concurrency: cfg.concurrency,
-                batch_max: cfg.batch_max,
-            };
-            let channels = async {
-                Ok::<_, lapin::Error>((
-                    transport::confirm_channel(&c).await?,
-                    transport::confirm_channel(&c).await?,
-                    transport::confirm_channel(&c).await?,
-                    transport::confirm_channel(&c).await?,
-                ))
-            };
-            let (replies_ch, inbound_ch, ch, publish_ch) = match channels.await {
-                Ok(chs) => chs,
-                Err(e) => {
-                    tracing::warn!(error = %e, "opening channels failed; reconnecting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            self.engine.publisher.set_channel(Some(publish_ch));
-            for (q, qch) in [(Queue::Replies, replies_ch), (Queue::Inbound, inbound_ch)] {
-                let (consumer, t) = (consumer.clone(), ci.clone());
-                consumers.spawn(async move { consumer.run(qch, q, t).await });
-            }
-            let mut relay =
-                tokio::spawn(relay::run(self.engine.clone(), ch, cfg.relay_batch, Duration::from_millis(cfg.relay_poll_ms), cr.clone()));
-            let failed = tokio::select! {
-                biased;
-                () = intake.cancelled() => None,
-                Some(r) = consumers.join_next() => Some(match r {
-                    Ok(Ok(())) => "a consumer stopped".to_owned(),
-                    Ok(Err(e)) => format!("a consumer failed: {e:#}"),
-                    Err(e) => format!("a consumer panicked: {e}"),
-                }),
-                r = &mut relay => Some(match r {
-                    Ok(Ok(())) => "the relay stopped".to_owned(),
-                    Ok(Err(e)) => format!("the relay failed: {e:#}"),
-                    Err(e) => format!("the relay panicked: {e}"),
-                }),
-            };
-            // A consumer that ended because shutdown began is not a failure.
-            let failed = failed.filter(|_| !intake.is_cancelled());
-            // Stop consuming and let in-flight inputs commit and ack ...
-            ci.cancel();
-            while consumers.join_next().await.is_some() {}
-            // ... from here on, what is written waits for a relay ...
-            self.engine.publisher.set_channel(None);
-            // ... then flush the outbox and stop the relay.
-            if failed.is_none() {
-                relay_token.cancel();
-            }
-            cr.cancel();
-            if !relay.is_finished() || failed.is_none() {
-                match relay.await {
-                    Ok(Err(e)) => tracing::warn!(error = %e, "the relay stopped with an error"),
-                    Err(e) => tracing::error!(error = %e, "the relay panicked"),
-                    Ok(Ok(())) => {}
-                }
-            }
-            match failed {
-                None => {
+            match self.run_connection(&c, &undeliverable, &stop).await {
+                Ended::Shutdown => {
                     let _ = c.close(200, "shutdown".into()).await;
                     break;
                 }
-                Some(why) => {
+                Ended::Lost(why) => {
                     tracing::warn!(why, "lost RabbitMQ; reconnecting");
                     let _ = c.close(200, "reconnecting".into()).await;
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }
-        let _ = timers.await;
-        if let Some(r) = retention {
-            let _ = r.await;
-        }
+        drop(outbound);
         Ok(())
+    }
+
+    /// One connection's life: declare, open the channels, run the consumers and the relay until
+    /// `stop` or a failure, then stop consuming, let in-flight inputs commit and ack, and flush
+    /// the outbox.
+    async fn run_connection(&self, c: &Connection, undeliverable: &UndeliverableTx, stop: &CancellationToken) -> Ended {
+        if let Err(e) = self.declare(c).await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Ended::Lost(format!("declaring the topology failed: {e}"));
+        }
+        let channels = async {
+            Ok::<_, lapin::Error>([
+                transport::confirm_channel(c).await?,
+                transport::confirm_channel(c).await?,
+                transport::confirm_channel(c).await?,
+                transport::confirm_channel(c).await?,
+            ])
+        };
+        let [replies_ch, inbound_ch, relay_ch, publish_ch] = match channels.await {
+            Ok(chs) => chs,
+            Err(e) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Ended::Lost(format!("opening channels failed: {e}"));
+            }
+        };
+        let cfg = &self.config;
+        // The loops of this connection stop on tokens of their own, children of the node's.
+        let (consuming, relaying) = (stop.child_token(), stop.child_token());
+        self.engine.publisher.set_channel(Some(publish_ch));
+        let mut consumers = JoinSet::new();
+        for (q, qch) in [(Queue::Replies, replies_ch), (Queue::Inbound, inbound_ch)] {
+            let (consumer, t) = (self.consumer(), consuming.clone());
+            consumers.spawn(async move { consumer.run(qch, q, t).await });
+        }
+        let poll = Duration::from_millis(cfg.relay_poll_ms);
+        let relay = outbound::relay(self.engine.pool().clone(), relay_ch, cfg.relay_batch, poll, undeliverable.clone(), relaying.clone());
+        let mut relay = tokio::spawn(relay);
+        let failed = tokio::select! {
+            biased;
+            () = stop.cancelled() => None,
+            Some(r) = consumers.join_next() => Some(match r {
+                Ok(Ok(())) => "a consumer stopped".to_owned(),
+                Ok(Err(e)) => format!("a consumer failed: {e:#}"),
+                Err(e) => format!("a consumer panicked: {e}"),
+            }),
+            r = &mut relay => Some(match r {
+                Ok(Ok(())) => "the relay stopped".to_owned(),
+                Ok(Err(e)) => format!("the relay failed: {e:#}"),
+                Err(e) => format!("the relay panicked: {e}"),
+            }),
+        };
+        // A loop that ended because shutdown began is not a failure.
+        let failed = failed.filter(|_| !stop.is_cancelled());
+        // Stop consuming and let in-flight inputs commit and ack ...
+        consuming.cancel();
+        while consumers.join_next().await.is_some() {}
+        // ... from here on, what is written waits for a relay ...
+        self.engine.publisher.set_channel(None);
+        // ... which flushes the outbox and stops.
+        relaying.cancel();
+        if !relay.is_finished() || failed.is_none() {
+            match relay.await {
+                Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "the relay stopped with an error"),
+                Err(e) => tracing::error!(error = %e, "the relay panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+        failed.map_or(Ended::Shutdown, Ended::Lost)
+    }
+
+    /// A consumer of the intake queues, configured as this node is.
+    fn consumer(&self) -> Consumer {
+        let cfg = &self.config;
+        Consumer {
+            engine: self.engine.clone(),
+            names: self.names.clone(),
+            max_body: cfg.max_body_bytes,
+            prefetch: cfg.prefetch,
+            concurrency: cfg.concurrency,
+            batch_max: cfg.batch_max,
+        }
     }
 }
 
@@ -386,10 +487,10 @@ impl ClientHandle {
         &self.engine
     }
 
-    /// Stop publishing and close the connection; rows not yet published stay for the relays.
+    /// Stop publishing, close the connection and the pool; rows not yet published stay for the
+    /// relays.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        self.task.await.context("the client task panicked")
+        wind_down(&self.engine, &self.stop, self.tasks).await
     }
 }
 
@@ -404,22 +505,29 @@ impl OrchestratorHandle {
         self.api_addr
     }
 
-    /// Stop consuming, finish in-flight inputs, flush the outbox, close.
+    /// Stop consuming, finish in-flight inputs, flush the outbox, join every task, close the
+    /// connections and the pool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.intake.cancel();
-        let _ = &self.relay;
-        if let Some(api) = self.api {
-            let _ = api.await;
-        }
-        self.task.await.context("the node task panicked")?
+        wind_down(&self.engine, &self.stop, self.tasks).await
     }
+}
 
-    async fn task_finished(&self) -> anyhow::Result<()> {
-        while !self.task.is_finished() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Err(anyhow::anyhow!("the node stopped on its own"))
+/// Cancel `stop`, join every task of `tasks`, close the pool; the first failure is returned
+/// once everything has stopped.
+async fn wind_down(engine: &Engine, stop: &CancellationToken, mut tasks: Tasks) -> anyhow::Result<()> {
+    stop.cancel();
+    let mut first = None;
+    while let Some(ended) = tasks.join_next().await {
+        let failure = match ended {
+            Ok((_, Ok(()))) => continue,
+            Ok((task, Err(e))) => anyhow::anyhow!("{task} failed: {e:#}"),
+            Err(e) => anyhow::anyhow!("a task panicked: {e}"),
+        };
+        tracing::warn!(error = %failure, "while shutting down");
+        first.get_or_insert(failure);
     }
+    engine.pool().close().await;
+    first.map_or(Ok(()), Err)
 }
 
 /// Wait until saga `id` is settled (completed, compensated or stopped) or `timeout` passes.

@@ -31,7 +31,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 }
 
 /// An instance row as read: its state and trace context.
-pub use participants_sdk::is_unstorable;
+pub use sagaflow_amqp::is_unstorable;
 
 pub(crate) struct Instance {
     pub(crate) state: SagaState,
@@ -491,7 +491,7 @@ pub(crate) async fn claim_outbox(tx: &mut PgConnection, limit: i64, min_age_ms: 
     for r in rows {
         let id: i64 = r.try_get("id")?;
         let envelope: Value = r.try_get("envelope")?;
-        let Some(msg) = participants_sdk::outbox::message(id, &envelope, r.try_get("body")?) else {
+        let Some(msg) = sagaflow_amqp::outbox::message(id, &envelope, r.try_get("body")?) else {
             unreadable.push(id);
             continue;
         };

@@ -9,8 +9,9 @@
 //!   participant's transaction → record + reply in the outbox → commit → publish with
 //!   confirm → ack.
 //! - `store`: the participant's tables (schema `sagaflow_participant`).
-//! - [`transport`]: AMQP names, topology, publish with confirms and dead-lettering; the
-//!   orchestrator uses it too.
+//!
+//! The AMQP plumbing (names, topology, publishing with confirms, dead letters) and the outbox's
+//! batch deletes are in the `sagaflow-amqp` crate, which the orchestrator shares.
 //!
 //! ```no_run
 //! use participants_sdk::{Context, Handler, HandlerError, HandlerResult, Participant};
@@ -44,11 +45,10 @@
 //! ```
 
 pub mod handler;
-pub mod outbox;
 pub mod participant;
 mod store;
-pub mod transport;
 
 pub use handler::{Context, Handler, HandlerError, HandlerResult};
 pub use participant::{Error, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, shutdown_signal};
+pub use sagaflow_amqp::transport::redact;
 pub use store::{ensure_schema, is_unstorable};

@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::handler::{Context, ErasedHandler, Handler, HandlerError, Typed};
-use crate::outbox::BatchDeleter;
 use crate::store;
-use crate::transport::{self, Names, QueueOptions};
+use sagaflow_amqp::outbox::BatchDeleter;
+use sagaflow_amqp::transport::{self, Names, QueueOptions};
 
 /// How a participant runs. Every field has a default.
 #[derive(Clone, Debug)]
@@ -228,8 +228,10 @@ impl Participant {
         let this = self.clone();
         let (url, t) = (amqp_url.to_owned(), token.clone());
         let task = tokio::spawn(async move {
-            let deleter = BatchDeleter::spawn(pool.clone(), "sagaflow_participant.outbox");
-            this.serve(pool, &deleter, &url, Some(conn), t).await
+            let (deleter, deleting) = BatchDeleter::new(pool.clone(), "sagaflow_participant.outbox");
+            let serving = async move { this.serve(pool, &deleter, &url, Some(conn), t).await };
+            // The deleter ends once serving has ended (dropping its handle) and it deleted the rest.
+            tokio::join!(serving, deleting).0
         });
         Ok(ParticipantHandle { token, task })
     }

@@ -5,6 +5,8 @@ use sagas::protocol::{InboundCommand, ReplyOutcome, WireMessage};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
 
+pub use sagaflow_amqp::is_unstorable;
+
 const SCHEMA: &str = r"
 SELECT pg_advisory_xact_lock(7210504914411);
 CREATE SCHEMA IF NOT EXISTS sagaflow_participant;
@@ -28,13 +30,6 @@ CREATE TABLE IF NOT EXISTS sagaflow_participant.outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_participant_created ON sagaflow_participant.outbox (participant, created_at);
 ";
-
-/// Whether `e` is PostgreSQL refusing the data itself (SQLSTATE class 22, data exception, such
-/// as U+0000 in text or JSON; or 54, a limit exceeded, such as an index entry too large): the
-/// same input fails the same way every time, so it is refused, never retried.
-pub fn is_unstorable(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22") || c.starts_with("54"))
-}
 
 /// Create the participant tables if they do not exist (safe to run concurrently).
 pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
@@ -172,7 +167,7 @@ pub(crate) async fn claim_stale(tx: &mut PgConnection, participant: &str, age_ms
     for r in rows {
         let id: i64 = r.try_get("id")?;
         let envelope: Value = r.try_get("envelope")?;
-        match crate::outbox::message(id, &envelope, r.try_get("body")?) {
+        match sagaflow_amqp::outbox::message(id, &envelope, r.try_get("body")?) {
             Some(msg) => pending.push(Pending { id, routing_key: r.try_get("routing_key")?, msg }),
             None => unreadable.push(id),
         }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use orchestrator::{Config, Orchestrator, OrchestratorHandle};
 use participants_sdk::ParticipantConfig;
-use participants_sdk::transport::Names;
+use sagaflow_amqp::transport::Names;
 use sagas::Registry;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

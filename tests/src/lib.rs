@@ -10,7 +10,8 @@
 //!   queue depths; [`http`](mod@http): a bare HTTP client for nodes running as child processes.
 //! - [`probe`]: a participant whose behaviour each saga plans (succeed, reject, flaky, slow),
 //!   recording every effect and undo in commit order.
-//! - [`wait`]: waiting for sagas and reading their history.
+//! - [`wait`]: waiting for sagas and reading their history; [`sockets`]: the TCP connections
+//!   this process holds.
 //!
 //! To unit-test a saga definition without a broker, use [`sagas::testing::SagaTest`].
 
@@ -21,6 +22,7 @@ pub mod node;
 pub mod orders;
 pub mod probe;
 pub mod proxy;
+pub mod sockets;
 pub mod wait;
 
 pub use env::TestEnv;

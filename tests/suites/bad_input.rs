@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use participants_sdk::transport::{self, Names};
+use sagaflow_amqp::transport::{self, Names};
 use sagas::protocol::{DEFAULT_MAX_BODY_BYTES, HeaderValue, ReplyOutcome, StartRequest, TYPE_EVENT, WireMessage, encode_reply};
 use sagas::{SagaId, SagaStatus, Timestamp};
 use serde_json::json;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use participants_sdk::transport::{self, Names};
+use sagaflow_amqp::transport::{self, Names};
 use sagas::protocol::{StartRequest, TYPE_START, WireMessage};
 use sagas::{MessageId, Registry, SagaId};
 use testkit::{Node, Proxy, TestEnv};

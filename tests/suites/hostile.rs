@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use lapin::types::{AMQPValue, FieldTable};
-use participants_sdk::transport::{self, Names};
+use sagaflow_amqp::transport::{self, Names};
 use sagas::protocol::{
     DEFAULT_MAX_BODY_BYTES, H_ATTEMPT, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, H_STEP_NAME, H_TRACEPARENT, HeaderValue, ReplyOutcome,
     SagaRef, TYPE_EVENT, WireMessage, encode_command, encode_reply,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use participants_sdk::ParticipantHandle;
-use participants_sdk::transport;
+use sagaflow_amqp::transport;
 use sagas::protocol::{HeaderValue, ReplyOutcome, SagaRef, StartRequest, TYPE_EVENT, TYPE_START, WireMessage, encode_reply};
 use sagas::{CommandKind, MessageId, OnDeadline, OnTimeout, Registry, SagaDefinition, SagaId, SagaStatus, StepIndex, StepStatus};
 use serde_json::json;

@@ -108,7 +108,7 @@ pub async fn participant_main() -> anyhow::Result<()> {
                 .acquire_timeout(std::time::Duration::from_secs(5))
                 .connect(&db)
                 .await
-                .with_context(|| format!("connecting to PostgreSQL at {}", participants_sdk::transport::redact(&db)))?;
+                .with_context(|| format!("connecting to PostgreSQL at {}", participants_sdk::redact(&db)))?;
             setup(&pool, &[], 0).await.context("creating the example tables")?;
             stock_if_absent(&pool, &stock).await.context("stocking ORDER_EXAMPLE_STOCK")?;
             anyhow::Ok(participant.start(pool, &amqp).await?)

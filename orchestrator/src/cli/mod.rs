@@ -65,8 +65,11 @@ pub fn main() -> ExitCode {
 pub fn main_with(registry: fn() -> anyhow::Result<Registry>) -> ExitCode {
     let cli = Cli::parse();
     // The demo prints one line per run; a node logs what it decides.
-    let default_filter =
-        if matches!(cli.command, Command::Serve) { "warn,orchestrator=info,participants_sdk=info,sagaflow=info" } else { "warn" };
+    let default_filter = if matches!(cli.command, Command::Serve) {
+        "warn,orchestrator=info,participants_sdk=info,sagaflow_amqp=info,sagaflow=info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
@@ -100,7 +103,7 @@ async fn run(cli: Cli, registry: fn() -> anyhow::Result<Registry>) -> anyhow::Re
             .await
         }
         Command::Migrate => {
-            let pool = crate::runtime::connect_pool(&config.database_url, 2, config.connect_timeout()).await?;
+            let pool = crate::runtime::connect_pool(&config.database_url, "sagaflow cli", 2, config.connect_timeout()).await?;
             crate::store::migrate(&pool).await.context("running the migrations")?;
             println!("migrate: the database schema is up to date");
             Ok(())

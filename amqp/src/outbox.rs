@@ -1,7 +1,7 @@
-//! Outbox rows, shared by the orchestrator and the participants: reading a row's message, and
+//! Outbox rows, shared by the orchestrator and the participants: reading a row's message;
 //! deleting published rows in batches (a row is deleted once the broker confirmed its message,
 //! and the ids confirmed while one delete runs go into the next, so a busy process issues one
-//! statement for many rows).
+//! statement for many rows); and telling data PostgreSQL refuses from a failure.
 
 use sagas::protocol::{WireMessage, clip};
 use serde::Deserialize as _;
@@ -26,28 +26,37 @@ pub fn message(id: i64, envelope: &serde_json::Value, body: Vec<u8>) -> Option<W
     }
 }
 
+/// Whether `e` is PostgreSQL refusing the data itself (SQLSTATE class 22, data exception, such
+/// as U+0000 in text or JSON; or 54, a limit exceeded, such as an index entry too large): the
+/// same input fails the same way every time, so it is refused, never retried.
+pub fn is_unstorable(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22") || c.starts_with("54"))
+}
+
 /// Most ids in one `DELETE`.
 const MAX_BATCH: usize = 4096;
 
-/// A handle to a background task that deletes rows of one outbox table by id. The task ends
-/// when the last handle is dropped (after deleting what it was sent).
+/// A handle to a task that deletes rows of one outbox table by id, in batches. The task (the
+/// future [`BatchDeleter::new`] returns, run by the caller) ends once every handle is dropped
+/// and it deleted what it was sent.
 #[derive(Clone, Debug)]
 pub struct BatchDeleter {
     ids: mpsc::UnboundedSender<i64>,
 }
 
 impl BatchDeleter {
-    /// Start deleting from `table` (a trusted, schema-qualified name such as `sagaflow.outbox`).
-    pub fn spawn(pool: PgPool, table: &'static str) -> Self {
+    /// A deleter of rows of `table` (a trusted, schema-qualified name such as
+    /// `sagaflow.outbox`), and the task that deletes them.
+    pub fn new(pool: PgPool, table: &'static str) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (ids, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, table, rx));
-        Self { ids }
+        (Self { ids }, run(pool, table, rx))
     }
 
     /// Delete row `id` soon. If the delete fails the row stays, and its message is published
     /// again later by whoever sweeps the outbox (consumers dedupe).
     pub fn delete(&self, id: i64) {
-        // The task only stops when every handle is gone, so this send cannot fail while `self` exists.
+        // The task ends only when every handle is gone (or was never run: then the row stays and
+        // is published again, as after a crash).
         let _ = self.ids.send(id);
     }
 }

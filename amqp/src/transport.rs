@@ -355,6 +355,13 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error>
     Ok(ch)
 }
 
+/// Resolves once `conn` or `ch` is no longer connected (looked at twice a second).
+pub async fn closed(conn: &Connection, ch: &Channel) {
+    while conn.status().connected() && ch.status().connected() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// How queues are declared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueOptions {

@@ -1,0 +1,10 @@
+//! The plumbing both of Sagaflow's runtimes (the orchestrator and the participants SDK) share:
+//! the AMQP side of the protocol ([`transport`]: names, topology, publishing with confirms,
+//! consuming in batches, dead-lettering) and the transactional outbox's rows ([`outbox`]:
+//! reading a row's message, deleting published rows in batches, what PostgreSQL refuses to
+//! store). Neither runtime's users need it: it is public for the two crates and their tests.
+
+pub mod outbox;
+pub mod transport;
+
+pub use outbox::is_unstorable;
