@@ -128,11 +128,14 @@ impl Consumer {
         let mut decoded = Vec::with_capacity(batch.len());
         for d in batch {
             match transport::wire_from_delivery(&d, self.max_body).and_then(|m| decode_reply(&m, self.max_body)) {
-                Ok(r) => decoded.push((d, r.saga_id, Input::Reply(r.reply), r.message_id)),
+                Ok(r) => decoded.push((d, r.saga_id, Input::Reply(r.reply))),
                 Err(e) => settled.push((d, Verdict::DeadLetter(e.code(), e.to_string()))),
             }
         }
-        let inputs: Vec<_> = decoded.iter().map(|(_, saga, input, m)| (*saga, input, Some(*m))).collect();
+        // A reply is deduplicated by its saga's own fence, not by its message id: a reply that
+        // does not answer the attempt its step waits for is ignored by `decide` (recorded as
+        // `duplicate` or `stale`), so replies cost no inbox row.
+        let inputs: Vec<_> = decoded.iter().map(|(_, saga, input)| (*saga, input, None)).collect();
         turn.wait().await;
         let handled = match self.engine.apply_batch(&inputs).await {
             // One input PostgreSQL refuses must not hold back the others: each alone, then.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use sagaflow_amqp::transport::Names;
 use sagas::protocol::{LifecycleEvent, SagaRef, StartRequest, encode_command, encode_lifecycle, valid_traceparent};
-use sagas::{Definition, Effect, Input, InputOutcome, MessageId, Registry, SagaId, SagaState, SagaStatus, Timestamp, decide};
-use serde_json::{Value, json};
+use sagas::{Definition, Effect, Input, InputOutcome, MessageId, Registry, SagaId, SagaState, SagaStatus, Timestamp, Transition, decide};
+use serde_json::json;
 use sqlx::PgPool;
 
 use crate::metrics::Metrics;
@@ -109,6 +109,19 @@ pub struct Started {
     pub created: bool,
 }
 
+/// The messages and timers of a decision: outbox rows, timers to schedule, keys to cancel.
+type Outgoing = (Vec<OutboxRow>, Vec<store::TimerRow>, Vec<String>);
+
+/// The serialized parts of a decision (see [`Engine::rows`]).
+struct Rows {
+    input: String,
+    state: String,
+    effects: String,
+    outbox: Vec<OutboxRow>,
+    schedule: Vec<store::TimerRow>,
+    cancel: Vec<String>,
+}
+
 /// One decision, ready to write.
 struct Decided<'r> {
     def: &'r Definition,
@@ -172,8 +185,9 @@ impl Engine {
         // A malformed trace context is dropped and a new trace started (W3C): it is copied
         // into every command of the saga, so it must be one a broker and a participant can carry.
         let traceparent = traceparent.filter(|t| valid_traceparent(t)).map_or_else(|| new_traceparent(id), str::to_owned);
-        let start = json!({"type": "start", "input": req.input});
-        let mut d = self.decide(def, &state, Some(&traceparent), &Input::Start, start).map_err(|h| StartError::InvalidInput {
+        // The history shows what the saga was started with.
+        let start = json!({"type": "start", "input": req.input}).to_string();
+        let mut d = self.decide(def, &state, Some(&traceparent), &Input::Start, Some(start)).map_err(|h| StartError::InvalidInput {
             definition: def.name.clone(),
             reason: format!("the definition cannot start: {h:?}"),
         })?;
@@ -185,13 +199,15 @@ impl Engine {
             idempotency_key: req.idempotency_key.as_deref(),
             traceparent: &traceparent,
         };
-        let Some((written, _)) = self.write(&self.pool, std::slice::from_mut(&mut d), Some(new), None).await? else {
+        let wake = self.wake_relays();
+        let Some(ids) = store::write::insert_new(&self.pool, &self.node, &d.rows, new, wake).await? else {
             let existing = match req.idempotency_key.as_deref() {
                 Some(key) => store::by_idempotency_key(&self.pool, key).await?.unwrap_or(id),
                 None => id,
             };
             return Ok(Started { saga_id: existing, created: false });
         };
+        let written = self.to_publish(std::slice::from_mut(&mut d), ids, wake);
         self.committed(&d, &Input::Start);
         tracing::info!(saga.id = %id, saga.name = %def.name, "saga started");
         self.publish_written(written).await;
@@ -275,24 +291,36 @@ impl Engine {
         // Message ids are recorded in one order, as the sagas are locked in one: writes on
         // several nodes that share an id wait for each other instead of deadlocking.
         guard.marks.sort_unstable();
-        let (written, wrote) = self.write(&self.pool, &mut decided, None, Some(&guard)).await?.unwrap_or_default();
+        let wake = self.wake_relays();
+        let rows: Vec<&DecisionRows> = decided.iter().map(|d| &d.rows).collect();
+        let wrote = store::write::write_guarded(&self.pool, &self.node, &rows, &guard, wake).await?;
+        drop(rows);
+        let (locked, written): (HashSet<uuid::Uuid>, HashSet<uuid::Uuid>) =
+            (wrote.locked.into_iter().collect(), wrote.written.into_iter().collect());
+        let mut mine: Vec<Decided<'_>> = Vec::with_capacity(decided.len());
         let mut again = Vec::new();
+        let mut applied_at = Vec::with_capacity(decided.len());
         for (i, d) in at.into_iter().zip(decided) {
             let saga = inputs[i].0.0;
-            if wrote.written.contains(&saga) {
-                self.committed(&d, inputs[i].1);
-                results[i] = Some(d.handled);
-            } else if wrote.locked.contains(&saga) {
+            if written.contains(&saga) {
+                applied_at.push(i);
+                mine.push(d);
+            } else if locked.contains(&saga) {
                 // Another delivery of the same message was applied meanwhile.
                 results[i] = Some(Handled::Duplicate);
             } else {
                 again.push(i);
             }
         }
+        let to_publish = self.to_publish(&mut mine, wrote.outbox, wake);
+        for (i, d) in applied_at.into_iter().zip(mine) {
+            self.committed(&d, inputs[i].1);
+            results[i] = Some(d.handled);
+        }
         if !again.is_empty() {
             tracing::debug!(inputs = again.len(), "sagas changed since they were read; deciding again");
         }
-        self.publish_written(written).await;
+        self.publish_written(to_publish).await;
         Ok(again)
     }
 
@@ -311,8 +339,10 @@ impl Engine {
         let input = Input::Timer(timer);
         match self.decide_on(locked, &input) {
             Ok(mut d) => {
-                let (written, _) = self.write(&mut *tx, std::slice::from_mut(&mut d), None, None).await?.unwrap_or_default();
+                let wake = self.wake_relays();
+                let ids = store::write::write_locked(&mut *tx, &self.node, &[&d.rows], wake).await?;
                 tx.commit().await?;
+                let written = self.to_publish(std::slice::from_mut(&mut d), ids, wake);
                 self.committed(&d, &input);
                 self.publish_written(written).await;
                 Ok(d.handled)
@@ -348,8 +378,7 @@ impl Engine {
             let detail = format!("`{}` version {} has no step {}", def.name, def.version, r.step.0);
             return Err(Handled::Invalid { code: "unknown_step", detail });
         }
-        let input_json = serde_json::to_value(input).unwrap_or(Value::Null);
-        self.decide(def, st, saga.traceparent.as_deref(), input, input_json)
+        self.decide(def, st, saga.traceparent.as_deref(), input, None)
     }
 
     /// Run `decide` and turn its transition into the rows to write (no IO).
@@ -359,7 +388,7 @@ impl Engine {
         st: &SagaState,
         traceparent: Option<&str>,
         input: &Input,
-        input_json: Value,
+        input_json: Option<String>,
     ) -> Result<Decided<'r>, Handled> {
         let trace_id = traceparent.and_then(|t| t.split('-').nth(1)).unwrap_or("");
         let span = tracing::info_span!("decide", saga.id = %st.id, saga.name = %def.name, input = input.kind(), trace.id = trace_id, node = %self.node);
@@ -380,26 +409,32 @@ impl Engine {
         };
         let status = t.state.status;
         let applied = t.outcome == InputOutcome::Applied;
-        let state_json = serde_json::to_value(&t.state).unwrap_or(Value::Null);
-        let state_bytes = state_json.to_string().len();
-        let (outbox, schedule, cancel) =
-            if applied { self.effects(def, &t.state, traceparent, &t.effects, now) } else { Default::default() };
+        let rows = self.rows(def, &t, traceparent, input, input_json, now).map_err(|e| {
+            tracing::error!(saga.id = %st.id, error = %e, "a decision cannot be serialized; nothing is written");
+            Handled::Invalid { code: "unencodable", detail: format!("the decision cannot be serialized: {e}") }
+        })?;
         let history = HistoryRow {
             saga: st.id,
             input_kind: input.kind(),
-            input: input_json,
+            input: rows.input,
             outcome,
             detail: detail.clone(),
             status: status.as_str(),
-            effects: serde_json::to_value(&t.effects).unwrap_or(Value::Null),
-            state_bytes,
+            effects: rows.effects,
+            state_bytes: rows.state.len(),
         };
         if !applied {
             tracing::info!(saga.id = %st.id, input = input.kind(), outcome, detail = detail.as_deref().unwrap_or(""), "input did not apply");
         }
         Ok(Decided {
             def,
-            rows: DecisionRows { applied: applied.then(|| (state_json, status.as_str())), history, outbox, schedule, cancel },
+            rows: DecisionRows {
+                applied: applied.then(|| (rows.state, status.as_str())),
+                history,
+                outbox: rows.outbox,
+                schedule: rows.schedule,
+                cancel: rows.cancel,
+            },
             handled: Handled::Decided { outcome: t.outcome, status },
             state: t.state,
             effects: t.effects,
@@ -407,37 +442,55 @@ impl Engine {
         })
     }
 
-    /// Write `decided` in one statement on `ex` (see [`store::write_decisions`] for `new` and
-    /// `guard`); returns the outbox rows to publish after the commit (none when the relays
-    /// will) and what the statement wrote, or `None` when `new`'s id or idempotency key is
-    /// taken (nothing was written).
-    async fn write<'c>(
+    /// The serialized parts of transition `t` (the decision on `input`, shown in the history as
+    /// `input_json` when given): the input, the new state, the effects, and when it applied, its
+    /// outbox rows and timers (no IO).
+    fn rows(
         &self,
-        ex: impl sqlx::PgExecutor<'c>,
-        decided: &mut [Decided<'_>],
-        new: Option<store::NewInstance<'_>>,
-        guard: Option<&store::Guard>,
-    ) -> Result<Option<(Vec<Claimed>, store::Wrote)>, sqlx::Error> {
-        // A writer without a channel (a client) cannot publish: the relays hear of the rows
-        // when they commit, and there is nothing to publish here.
-        let wake = !self.publisher.has_channel();
-        let rows: Vec<&DecisionRows> = decided.iter().map(|d| &d.rows).collect();
-        let Some(mut wrote) = store::write_decisions(ex, &self.node, &rows, new, guard, wake).await? else { return Ok(None) };
-        if wake {
-            return Ok(Some((Vec::new(), wrote)));
+        def: &Definition,
+        t: &Transition,
+        traceparent: Option<&str>,
+        input: &Input,
+        input_json: Option<String>,
+        now: Timestamp,
+    ) -> Result<Rows, serde_json::Error> {
+        let applied = t.outcome == InputOutcome::Applied;
+        let (outbox, schedule, cancel) =
+            if applied { self.effects(def, &t.state, traceparent, &t.effects, now)? } else { Default::default() };
+        Ok(Rows {
+            input: match input_json {
+                Some(json) => json,
+                None => serde_json::to_string(input)?,
+            },
+            state: serde_json::to_string(&t.state)?,
+            effects: serde_json::to_string(&t.effects)?,
+            outbox,
+            schedule,
+            cancel,
+        })
+    }
+
+    /// Whether this engine's writes wake the relays: a writer without a channel (a client
+    /// that is not connected) cannot publish its rows itself.
+    fn wake_relays(&self) -> bool {
+        !self.publisher.has_channel()
+    }
+
+    /// The outbox rows `decided` wrote, with their ids `ids` (in the same order), to publish
+    /// after the commit; none when the relays will (`woken`).
+    fn to_publish(&self, decided: &mut [Decided<'_>], ids: Vec<i64>, woken: bool) -> Vec<Claimed> {
+        if woken {
+            return Vec::new();
         }
-        let mut ids = std::mem::take(&mut wrote.outbox).into_iter();
-        let mut written = Vec::new();
+        let mut ids = ids.into_iter();
+        let mut rows = Vec::new();
         for d in decided {
             let saga = d.rows.history.saga;
-            if guard.is_some() && !wrote.written.contains(&saga.0) {
-                continue;
-            }
             for (r, id) in std::mem::take(&mut d.rows.outbox).into_iter().zip(ids.by_ref()) {
-                written.push(Claimed { id, saga, exchange: r.exchange, routing_key: r.routing_key, mandatory: r.mandatory, msg: r.msg });
+                rows.push(Claimed { id, saga, exchange: r.exchange, routing_key: r.routing_key, mandatory: r.mandatory, msg: r.msg });
             }
         }
-        Ok(Some((written, wrote)))
+        rows
     }
 
     /// After the commit of `d` (the decision on `input`): the metrics, and a line when the saga settled.
@@ -459,7 +512,7 @@ impl Engine {
         traceparent: Option<&str>,
         effects: &[Effect],
         now: Timestamp,
-    ) -> (Vec<OutboxRow>, Vec<(sagas::TimerKey, Timestamp)>, Vec<sagas::TimerKey>) {
+    ) -> Result<Outgoing, serde_json::Error> {
         let saga = SagaRef { saga_id: st.id, definition: def.name.clone(), version: def.version };
         let reply_to = self.names.replies_queue();
         // A trace context stored before starts were checked may be one no command can carry.
@@ -468,28 +521,25 @@ impl Engine {
         let (mut schedule, mut cancel) = (Vec::new(), Vec::new());
         for e in effects {
             match e {
-                Effect::Send(cmd) => outbox.push(OutboxRow {
-                    exchange: self.names.commands_exchange(),
-                    routing_key: cmd.participant.clone(),
-                    mandatory: true,
-                    msg: encode_command(&saga, cmd, &reply_to, traceparent, now),
-                }),
+                Effect::Send(cmd) => outbox.push(OutboxRow::new(
+                    self.names.commands_exchange(),
+                    cmd.participant.clone(),
+                    true,
+                    encode_command(&saga, cmd, &reply_to, traceparent, now),
+                )?),
                 Effect::Schedule { key, due } => schedule.push((key.clone(), *due)),
                 Effect::Cancel { key } => cancel.push(key.clone()),
                 Effect::Emit(ev) if !self.step_events && ev.is_step_level() => {}
                 Effect::Emit(ev) => {
                     let ev =
                         LifecycleEvent { saga_id: st.id, definition: def.name.clone(), version: def.version, at: now, event: ev.clone() };
-                    outbox.push(OutboxRow {
-                        exchange: self.names.events_exchange(),
-                        routing_key: format!("{}.{}", def.name, ev.event.name()),
-                        mandatory: false,
-                        msg: encode_lifecycle(&ev, MessageId::new_random()),
-                    });
+                    let key = format!("{}.{}", def.name, ev.event.name());
+                    outbox.push(OutboxRow::new(self.names.events_exchange(), key, false, encode_lifecycle(&ev, MessageId::new_random()))?);
                 }
             }
         }
-        (outbox, schedule, cancel)
+        let (schedule, cancel) = store::timer_rows(&schedule, &cancel)?;
+        Ok((outbox, schedule, cancel))
     }
 
     /// Hand what a committed decision wrote to this node's publisher, instead of waiting for a

@@ -1,9 +1,11 @@
 //! The participant's own tables (schema `sagaflow_participant`): the inbox that records each
-//! step's final outcome, and the outbox that holds replies until the broker confirmed them.
+//! step's final outcome, and the outbox where earlier versions kept replies until the broker
+//! confirmed them (now only drained).
 
 use sagas::protocol::{InboundCommand, ReplyOutcome, WireMessage};
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 
 pub use sagaflow_amqp::is_unstorable;
 
@@ -38,24 +40,88 @@ pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
-/// Begin a transaction that holds, for each of `cmds`, the lock that serializes the command
-/// and the compensation of its step in this participant, in one round trip (the locks are taken
-/// by the `BEGIN` statement itself). The locks are taken in one order (of their keys), so
-/// concurrent batches never deadlock on them. `participant` is a checked name (letters,
-/// digits, `_`, `-`, `.`), so the keys are safe literals.
-pub(crate) async fn begin_locked(
-    pool: &PgPool,
-    participant: &str,
-    cmds: &[&InboundCommand],
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    let mut keys: Vec<String> = cmds.iter().map(|c| format!("'{participant}/{}/{}'", c.saga.saga_id, c.step.0)).collect();
-    keys.sort_unstable();
-    let sql =
-        format!("BEGIN; SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest(ARRAY[{}]::text[]) AS k", keys.join(","));
-    pool.begin_with(sqlx::AssertSqlSafe(sql)).await
+/// A transaction on a connection of its own, begun by [`begin_read`]: committed or rolled back
+/// explicitly. Dropped without either (a handler panicked, the task was cancelled), its
+/// connection is closed rather than returned to the pool in the middle of a transaction.
+pub(crate) struct Tx {
+    conn: PoolConnection<Postgres>,
+    open: bool,
 }
 
-/// What this participant already recorded for a command's step, read after [`begin_locked`].
+impl Tx {
+    /// The connection, inside the transaction.
+    pub(crate) fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// Commit.
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql("COMMIT").execute(&mut *self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Roll back.
+    pub(crate) async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql("ROLLBACK").execute(&mut *self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// Begin a transaction that holds, for each of `cmds`, the lock that serializes the command
+/// and the compensation of its step in this participant, and read what each step recorded
+/// before ([`Prior`], in `cmds` order): one round trip, three statements sent together. The
+/// read is a statement of its own, after the locks: in `READ COMMITTED` each statement takes
+/// its snapshot when it starts, so it sees what the previous holder of a lock committed. The
+/// locks are taken in one order (of their keys), so concurrent batches never deadlock on them.
+/// Everything in the text is a literal this function made from checked values: the
+/// participant's name (letters, digits, `_`, `-`, `.`), saga ids, step numbers and kinds.
+pub(crate) async fn begin_read(pool: &PgPool, participant: &str, cmds: &[&InboundCommand]) -> Result<(Tx, Vec<Prior>), sqlx::Error> {
+    let mut keys: Vec<String> = cmds.iter().map(|c| format!("'{participant}/{}/{}'", c.saga.saga_id, c.step.0)).collect();
+    keys.sort_unstable();
+    let wanted: Vec<String> = cmds
+        .iter()
+        .enumerate()
+        .map(|(n, c)| format!("({n}, '{}'::uuid, {}, '{}')", c.saga.saga_id, step_i32(c), c.kind.as_str()))
+        .collect();
+    let sql = format!(
+        "BEGIN;
+         SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest(ARRAY[{keys}]::text[]) AS k
+           HAVING count(*) < 0;
+         SELECT u.n,
+                (SELECT outcome FROM sagaflow_participant.inbox x WHERE x.participant = '{participant}' AND x.saga_id = u.s AND x.step = u.st AND x.kind = u.k),
+                EXISTS (SELECT 1 FROM sagaflow_participant.inbox x
+                        WHERE x.participant = '{participant}' AND x.saga_id = u.s AND x.step = u.st AND x.kind = 'compensate')
+         FROM (VALUES {wanted}) AS u(n, s, st, k) ORDER BY u.n",
+        keys = keys.join(","),
+        wanted = wanted.join(","),
+    );
+    let mut tx = Tx { conn: pool.acquire().await?, open: true };
+    // The locking statement returns no rows (its `HAVING` is never true, but needs every lock
+    // taken to be evaluated): every row is the read's.
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(tx.conn()).await?;
+    let mut priors = Vec::with_capacity(rows.len());
+    for row in rows {
+        let outcome: Option<Value> = row.try_get(1)?;
+        let outcome = outcome.map(serde_json::from_value).transpose().map_err(|e| sqlx::Error::Decode(e.into()))?;
+        priors.push(Prior { outcome, compensated: row.try_get(2)? });
+    }
+    if priors.len() != cmds.len() {
+        return Err(sqlx::Error::Protocol(format!("read {} step records for {} commands", priors.len(), cmds.len())));
+    }
+    Ok((tx, priors))
+}
+
+/// What this participant already recorded for a command's step, read by [`begin_read`].
 pub(crate) struct Prior {
     /// The final outcome recorded for this command's kind (invoke or compensate), if any.
     pub(crate) outcome: Option<ReplyOutcome>,
@@ -63,69 +129,35 @@ pub(crate) struct Prior {
     pub(crate) compensated: bool,
 }
 
-/// Read the [`Prior`] of each of `cmds`, in order, in one round trip. Call it after
-/// [`begin_locked`], in its own statement: a statement's snapshot is taken when it starts, so
-/// reading in the locking statement could miss what the previous lock holder committed.
-pub(crate) async fn priors(tx: &mut PgConnection, participant: &str, cmds: &[&InboundCommand]) -> Result<Vec<Prior>, sqlx::Error> {
-    let sagas: Vec<uuid::Uuid> = cmds.iter().map(|c| c.saga.saga_id.0).collect();
-    let steps: Vec<i32> = cmds.iter().map(|c| step_i32(c)).collect();
-    let kinds: Vec<&str> = cmds.iter().map(|c| c.kind.as_str()).collect();
-    let rows: Vec<(Option<Value>, bool)> = sqlx::query_as(
-        "SELECT (SELECT outcome FROM sagaflow_participant.inbox x WHERE x.participant = $1 AND x.saga_id = u.s AND x.step = u.st AND x.kind = u.k),
-                EXISTS (SELECT 1 FROM sagaflow_participant.inbox x
-                        WHERE x.participant = $1 AND x.saga_id = u.s AND x.step = u.st AND x.kind = 'compensate')
-         FROM UNNEST($2::uuid[], $3::int4[], $4::text[]) WITH ORDINALITY AS u(s, st, k, n) ORDER BY n",
-    )
-    .bind(participant)
-    .bind(&sagas)
-    .bind(&steps)
-    .bind(&kinds)
-    .fetch_all(&mut *tx)
-    .await?;
-    rows.into_iter()
-        .map(|(outcome, compensated)| {
-            let outcome = outcome.map(serde_json::from_value).transpose().map_err(|e| sqlx::Error::Decode(e.into()))?;
-            Ok(Prior { outcome, compensated })
-        })
-        .collect()
-}
-
-/// A reply to put in the outbox, and the step outcome to record with it (`None`: an answer
-/// from an earlier record, or a transient failure, which is not recorded).
-pub(crate) struct ReplyRow<'a> {
+/// A step outcome to record.
+pub(crate) struct Record<'a> {
     pub(crate) cmd: &'a InboundCommand,
-    pub(crate) record: Option<&'a ReplyOutcome>,
-    pub(crate) reply: &'a WireMessage,
+    pub(crate) outcome: &'a ReplyOutcome,
 }
 
-/// Record the outcomes and put the replies of `rows` in the outbox, in one statement; returns
-/// the outbox row ids in `rows` order, or `None` when another delivery recorded one of these
-/// steps first (nothing is enqueued; the caller rolls back and answers from that record).
-pub(crate) async fn write_replies(
-    tx: &mut PgConnection,
-    participant: &str,
-    rows: &[ReplyRow<'_>],
-) -> Result<Option<Vec<i64>>, sqlx::Error> {
-    let recorded: Vec<&ReplyRow<'_>> = rows.iter().filter(|r| r.record.is_some()).collect();
-    let sagas: Vec<uuid::Uuid> = recorded.iter().map(|r| r.cmd.saga.saga_id.0).collect();
-    let steps: Vec<i32> = recorded.iter().map(|r| step_i32(r.cmd)).collect();
-    let kinds: Vec<&str> = recorded.iter().map(|r| r.cmd.kind.as_str()).collect();
-    let commands: Vec<uuid::Uuid> = recorded.iter().map(|r| r.cmd.message_id.0).collect();
-    let outcomes: Vec<Value> = recorded.iter().map(|r| serde_json::to_value(r.record).unwrap_or(Value::Null)).collect();
-    let keys: Vec<&str> = rows.iter().map(|r| r.cmd.reply_to.as_str()).collect();
-    let envelopes: Vec<Value> = rows.iter().map(|r| serde_json::to_value(r.reply).unwrap_or(Value::Null)).collect();
-    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.reply.body.as_slice()).collect();
-    let (ids, count): (Vec<i64>, i64) = sqlx::query_as(
+/// Record the final outcomes of `records` in the inbox, in one statement; `false` when another
+/// delivery recorded one of these steps first (the caller rolls back and answers from that
+/// record).
+pub(crate) async fn record(tx: &mut PgConnection, participant: &str, records: &[Record<'_>]) -> Result<bool, sqlx::Error> {
+    if records.is_empty() {
+        return Ok(true);
+    }
+    let sagas: Vec<uuid::Uuid> = records.iter().map(|r| r.cmd.saga.saga_id.0).collect();
+    let steps: Vec<i32> = records.iter().map(|r| step_i32(r.cmd)).collect();
+    let kinds: Vec<&str> = records.iter().map(|r| r.cmd.kind.as_str()).collect();
+    let commands: Vec<uuid::Uuid> = records.iter().map(|r| r.cmd.message_id.0).collect();
+    let outcomes = records
+        .iter()
+        .map(|r| serde_json::to_value(r.outcome))
+        .collect::<Result<Vec<Value>, _>>()
+        .map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let recorded: i64 = sqlx::query_scalar(
         "WITH recorded AS (
              INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome)
              SELECT $1, * FROM UNNEST($2::uuid[], $3::int4[], $4::text[], $5::uuid[], $6::jsonb[])
              ON CONFLICT DO NOTHING RETURNING 1
-         ), n AS (SELECT count(*) AS n FROM recorded), enqueued AS (
-             INSERT INTO sagaflow_participant.outbox (participant, routing_key, envelope, body)
-             SELECT $1, * FROM UNNEST($7::text[], $8::jsonb[], $9::bytea[]) WHERE (SELECT n FROM n) = $10
-             RETURNING id
          )
-         SELECT COALESCE((SELECT array_agg(id ORDER BY id) FROM enqueued), '{}'), (SELECT n FROM n)",
+         SELECT count(*) FROM recorded",
     )
     .bind(participant)
     .bind(&sagas)
@@ -133,24 +165,21 @@ pub(crate) async fn write_replies(
     .bind(&kinds)
     .bind(&commands)
     .bind(&outcomes)
-    .bind(&keys)
-    .bind(&envelopes)
-    .bind(&bodies)
-    .bind(i64::try_from(recorded.len()).unwrap_or(i64::MAX))
     .fetch_one(&mut *tx)
     .await?;
-    Ok((usize::try_from(count).ok() == Some(recorded.len())).then_some(ids))
+    Ok(usize::try_from(recorded).ok() == Some(records.len()))
 }
 
-/// A reply left in the outbox.
+/// A reply left in the outbox by an earlier version of the SDK, which published replies from
+/// there (replies are now published after the commit, and a crash in between leaves the
+/// command unacked: redelivered, it is answered from the record).
 pub(crate) struct Pending {
     pub(crate) id: i64,
     pub(crate) routing_key: String,
     pub(crate) msg: WireMessage,
 }
 
-/// Replies older than `age_ms` (left by a crash between commit and publish), locked for the
-/// caller's transaction.
+/// Leftover replies older than `age_ms`, locked for the caller's transaction.
 pub(crate) async fn claim_stale(tx: &mut PgConnection, participant: &str, age_ms: i64, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT id, routing_key, envelope, body FROM sagaflow_participant.outbox

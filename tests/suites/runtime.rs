@@ -247,7 +247,8 @@ async fn duplicate_and_stale_replies_are_recorded_and_change_nothing() {
     };
     let conn = env.amqp().await.unwrap();
     let ch = transport::confirm_channel(&conn).await.unwrap();
-    // 1. the very same reply again (same message id): dropped by the inbox
+    // 1. the very same reply again (same message id): recorded as a duplicate (replies are
+    //    deduplicated by the saga's state, not by an inbox of message ids)
     let same = encode_reply(&inbound, &ReplyOutcome::Success { output: json!({"key": "a"}) }, sagas::Timestamp(0));
     transport::publish_confirmed(&ch, "", &env.names().replies_queue(), &same, true).await.unwrap();
     // 2. a different reply to the same, finished attempt (a new id): recorded as a duplicate
@@ -264,7 +265,7 @@ async fn duplicate_and_stale_replies_are_recorded_and_change_nothing() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let h = loop {
         let h = wait::history(&env.pool, id).await.unwrap();
-        if h.len() >= history_before + 2 || tokio::time::Instant::now() > deadline {
+        if h.len() >= history_before + 3 || tokio::time::Instant::now() > deadline {
             break h;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -272,7 +273,7 @@ async fn duplicate_and_stale_replies_are_recorded_and_change_nothing() {
     // The consumer handles deliveries concurrently: the two rows may be in either order.
     let mut tail: Vec<&str> = h[history_before..].iter().map(|e| e.outcome.as_str()).collect();
     tail.sort_unstable();
-    assert_eq!(tail, ["duplicate", "stale"], "the same message twice leaves no trace; the others are recorded and dropped");
+    assert_eq!(tail, ["duplicate", "duplicate", "stale"], "each is recorded and changes nothing");
     let after = orchestrator::store::load(&env.pool, id).await.unwrap().unwrap();
     assert_eq!(after, before, "the state did not change");
     assert_eq!(probe::effects(&env.pool, id).await.unwrap(), ["a:do", "b:do"]);
@@ -718,6 +719,12 @@ async fn retention_deletes_old_finished_sagas_and_keeps_running_ones() {
 
     // Everything so far happened 40 days ago.
     sqlx::query("UPDATE sagaflow.instances SET updated_at = now() - interval '40 days'").execute(&env.pool).await.unwrap();
+    // Events are deduplicated by message id (replies by their saga's state): an old entry.
+    sqlx::query("INSERT INTO sagaflow.inbox (message_id, saga_id) VALUES (gen_random_uuid(), $1)")
+        .bind(open.0)
+        .execute(&env.pool)
+        .await
+        .unwrap();
     sqlx::query("UPDATE sagaflow.inbox SET received_at = now() - interval '40 days'").execute(&env.pool).await.unwrap();
     let count = |sql: &'static str| {
         let pool = env.pool.clone();

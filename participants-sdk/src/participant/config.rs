@@ -1,0 +1,58 @@
+//! How a participant runs, and what can go wrong starting or running it.
+
+use std::time::Duration;
+
+/// How a participant runs. Every field has a default.
+#[derive(Clone, Debug)]
+pub struct ParticipantConfig {
+    /// Namespace of the AMQP names; must match the orchestrator's. Default `sagaflow`.
+    pub namespace: String,
+    /// Unacked commands the broker may send ahead; commands that arrived together run together,
+    /// so this bounds the batches too. Default 256.
+    pub prefetch: u16,
+    /// Transactions at once (each runs one command, or a batch of them). Default 8.
+    pub concurrency: usize,
+    /// Most commands run in one transaction: the commands that arrived while every
+    /// transaction slot was busy run together (a failing handler undoes only its own writes).
+    /// 1 runs every command in its own transaction. Default 64.
+    pub batch_max: usize,
+    /// Largest command body accepted; larger ones are dead-lettered. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Declare quorum queues (must match the orchestrator). Default false.
+    pub quorum_queues: bool,
+    /// How long to keep retrying to connect before giving up. Default 60 s.
+    pub connect_timeout: Duration,
+    /// How often replies an earlier version of the SDK left in its outbox are looked for and
+    /// published (replies are now published right after the commit). Default 5 s.
+    pub sweep_interval: Duration,
+}
+
+impl Default for ParticipantConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "sagaflow".into(),
+            prefetch: 256,
+            concurrency: 8,
+            batch_max: 64,
+            max_body_bytes: sagas::protocol::DEFAULT_MAX_BODY_BYTES,
+            quorum_queues: false,
+            connect_timeout: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors starting or running a participant.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The participant's tables could not be created or used.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// RabbitMQ could not be reached or refused the topology.
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// A misconfiguration found by [`ParticipantBuilder::build`].
+    #[error("invalid participant: {0}")]
+    Invalid(String),
+}

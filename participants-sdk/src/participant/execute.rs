@@ -1,0 +1,293 @@
+//! A batch of commands in one transaction: lock the steps and read what they recorded, answer
+//! from the record or run the handlers, record the outcomes, commit; the handlers' results
+//! become replies here, in one place.
+
+use std::time::Duration;
+
+use lapin::Channel;
+use lapin::message::Delivery;
+use sagaflow_amqp::transport;
+use sagas::protocol::{InboundCommand, ReplyOutcome, WireMessage, decode_command, encode_reply};
+use sagas::{CommandKind, Timestamp};
+use sqlx::PgPool;
+use tracing::Instrument as _;
+
+use super::Participant;
+use super::builder::Registered;
+use crate::handler::{Context, HandlerError, HandlerResult};
+use crate::store;
+
+/// How a run of [`Participant::execute`] ended.
+enum Run {
+    /// Committed: each command's reply, in order.
+    Done(Vec<WireMessage>),
+    /// Another delivery recorded one of the steps first; nothing was written.
+    Conflict,
+    /// The handler of command `at`, which used the transaction, did not succeed, and there was
+    /// no savepoint to undo its writes alone: nothing was written. Its outcome is `outcome`.
+    Undo { at: usize, outcome: ReplyOutcome },
+}
+
+impl Participant {
+    /// Handle one batch of deliveries: refuse what cannot be handled, run the commands (one per
+    /// step in a transaction), publish the replies, ack.
+    pub(super) async fn process(&self, pool: &PgPool, ch: &Channel, batch: Vec<Delivery>) {
+        let queue = self.inner.names.participant_queue(&self.inner.name);
+        tracing::debug!(participant = %self.inner.name, commands = batch.len(), "handling a batch of commands");
+        let mut valid = Vec::with_capacity(batch.len());
+        for d in batch {
+            match self.check(&d) {
+                Ok((cmd, reg)) => valid.push((d, cmd, reg)),
+                Err((code, detail)) => self.refuse(ch, &queue, &d, code, &detail).await,
+            }
+        }
+        // One command per step in a transaction: another of the same step (its compensation, a
+        // redelivery) runs after it, in a transaction of its own.
+        let mut rounds: Vec<Vec<(Delivery, InboundCommand, &Registered)>> = Vec::new();
+        for item in valid {
+            let step = (item.1.saga.saga_id, item.1.step);
+            match rounds.iter_mut().find(|r| !r.iter().any(|(_, c, _)| (c.saga.saga_id, c.step) == step)) {
+                Some(round) => round.push(item),
+                None => rounds.push(vec![item]),
+            }
+        }
+        for round in rounds {
+            self.process_round(pool, ch, round).await;
+        }
+    }
+
+    /// Run commands of distinct steps in one transaction, then publish and ack; on a database
+    /// failure, each goes back to the queue (or, refused by PostgreSQL, to the dead letters).
+    async fn process_round(&self, pool: &PgPool, ch: &Channel, round: Vec<(Delivery, InboundCommand, &Registered)>) {
+        let cmds: Vec<(&Registered, &InboundCommand)> = round.iter().map(|(_, c, r)| (*r, c)).collect();
+        let result = self.execute(pool, &cmds).await;
+        drop(cmds);
+        match result {
+            Ok(replies) => {
+                let done = round.into_iter().map(|(d, c, _)| (d, c)).zip(replies).collect();
+                self.finish(ch, done).await;
+            }
+            // PostgreSQL refuses the data itself (SQLSTATE class 22 or 54): the same every time.
+            Err(e) if store::is_unstorable(&e) && round.len() > 1 => {
+                tracing::info!(participant = %self.inner.name, error = %e, "PostgreSQL refused a batch of commands; running them one by one");
+                for item in round {
+                    Box::pin(self.process_round(pool, ch, vec![item])).await;
+                }
+            }
+            Err(e) if store::is_unstorable(&e) => {
+                let (d, ..) = &round[0];
+                let queue = self.inner.names.participant_queue(&self.inner.name);
+                self.refuse(ch, &queue, d, "unstorable", &format!("PostgreSQL cannot store it: {e}")).await;
+            }
+            Err(e) => {
+                tracing::warn!(participant = %self.inner.name, commands = round.len(), error = %e, "database unavailable; the commands go back to the queue");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for (d, ..) in round {
+                    let _ = transport::requeue(&d).await;
+                }
+            }
+        }
+    }
+
+    /// Decode `d` and find its handler; `Err((reason, detail))` for a dead letter.
+    fn check(&self, d: &Delivery) -> Result<(InboundCommand, &Registered), (&'static str, String)> {
+        let inner = &self.inner;
+        let max = inner.config.max_body_bytes;
+        let cmd = transport::wire_from_delivery(d, max).and_then(|m| decode_command(&m, max)).map_err(|e| (e.code(), e.to_string()))?;
+        let Some(reg) = inner.handlers.get(&cmd.command) else {
+            return Err(("unknown_command", format!("participant `{}` has no handler for `{}`", inner.name, cmd.command)));
+        };
+        if reg.kind != cmd.kind {
+            let detail = format!("`{}` is registered as {} but arrived as {}", cmd.command, reg.kind.as_str(), cmd.kind.as_str());
+            return Err(("unknown_command", detail));
+        }
+        Ok((cmd, reg))
+    }
+
+    /// The span of one command's handling.
+    fn span(&self, cmd: &InboundCommand) -> tracing::Span {
+        let trace_id = cmd.traceparent.as_deref().and_then(|t| t.split('-').nth(1)).unwrap_or("");
+        tracing::info_span!("command", participant = %self.inner.name, saga.id = %cmd.saga.saga_id, step.name = %cmd.step_name, kind = cmd.kind.as_str(), attempt = cmd.attempt, message.id = %cmd.message_id, trace.id = trace_id)
+    }
+
+    /// Run `cmds` (of distinct steps) once in effect; returns their replies, in order.
+    ///
+    /// A step's command and its compensation never run at the same time here: a compensation
+    /// waits for a slow command to finish, and a command that arrives after its compensation is
+    /// refused without running. The first run goes without savepoints (they cost a round trip
+    /// per handler): a handler that did not succeed after using the transaction undoes the
+    /// run, and the run is made again with its outcome known (it does not run twice) and the
+    /// other handlers in savepoints, so a refusal undoes only its own writes. A conflict (another
+    /// delivery recorded a step first) runs again too, answering from that record.
+    async fn execute(&self, pool: &PgPool, cmds: &[(&Registered, &InboundCommand)]) -> Result<Vec<WireMessage>, sqlx::Error> {
+        let mut known: Vec<Option<ReplyOutcome>> = vec![None; cmds.len()];
+        let mut savepoints = false;
+        loop {
+            match self.execute_once(pool, cmds, &mut known, savepoints).await? {
+                Run::Done(replies) => return Ok(replies),
+                Run::Conflict => {
+                    tracing::info!(participant = %self.inner.name, "another delivery recorded a step first; answering from its record")
+                }
+                Run::Undo { at, outcome } => {
+                    known[at] = Some(outcome);
+                    savepoints = true;
+                }
+            }
+        }
+    }
+
+    /// One run of [`Self::execute`]: lock and read, answer or run each command, record, commit.
+    async fn execute_once(
+        &self,
+        pool: &PgPool,
+        cmds: &[(&Registered, &InboundCommand)],
+        known: &mut [Option<ReplyOutcome>],
+        savepoints: bool,
+    ) -> Result<Run, sqlx::Error> {
+        let name = &self.inner.name;
+        let all: Vec<&InboundCommand> = cmds.iter().map(|(_, c)| *c).collect();
+        let (mut tx, priors) = store::begin_read(pool, name, &all).await?;
+        let mut outcomes: Vec<(ReplyOutcome, bool)> = Vec::with_capacity(cmds.len());
+        let mut savepoint = false;
+        for (i, ((reg, cmd), prior)) in cmds.iter().zip(priors).enumerate() {
+            let span = self.span(cmd);
+            if let Some(outcome) = span.in_scope(|| answer_from(cmd, prior)) {
+                outcomes.push((outcome, false));
+                continue;
+            }
+            if let Some(outcome) = known[i].clone() {
+                outcomes.push(recorded(storable(outcome)));
+                continue;
+            }
+            if savepoints {
+                let set = if savepoint { "RELEASE SAVEPOINT handler; SAVEPOINT handler" } else { "SAVEPOINT handler" };
+                sqlx::raw_sql(set).execute(tx.conn()).await?;
+                savepoint = true;
+            }
+            let mut cx = Context { tx: tx.conn(), cmd, touched: false };
+            let result = reg.handler.call(&mut cx, cmd.body.clone()).instrument(span.clone()).await;
+            let touched = cx.touched;
+            let (outcome, record) = span.in_scope(|| outcome_of(result));
+            let failed = !matches!(outcome, ReplyOutcome::Success { .. });
+            if failed && touched && !savepoints {
+                // Its writes cannot be undone alone: undo the run, and run it again knowing this.
+                tx.rollback().await?;
+                return Ok(Run::Undo { at: i, outcome });
+            }
+            if failed && savepoint {
+                // Undo this handler's writes only.
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT handler").execute(tx.conn()).await?;
+            }
+            outcomes.push((storable(outcome), record));
+        }
+        let records: Vec<store::Record<'_>> = all
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, (_, record))| *record)
+            .map(|(cmd, (outcome, _))| store::Record { cmd, outcome })
+            .collect();
+        if !store::record(tx.conn(), name, &records).await? {
+            tx.rollback().await?;
+            return Ok(Run::Conflict);
+        }
+        drop(records);
+        tx.commit().await?;
+        let now = Timestamp::now();
+        Ok(Run::Done(all.iter().zip(&outcomes).map(|(cmd, (o, _))| encode_reply(cmd, o, now)).collect()))
+    }
+}
+
+/// A handler's result as the reply's outcome, and whether the step records it: a success and a
+/// refusal are final (a redelivery gets the same answer), a transient failure is not (the
+/// orchestrator retries, and the next attempt runs the handler again).
+fn outcome_of(result: HandlerResult<serde_json::Value>) -> (ReplyOutcome, bool) {
+    match result {
+        Ok(output) => recorded(ReplyOutcome::Success { output }),
+        Err(HandlerError::Reject { code, message }) => {
+            tracing::info!(code, message, "rejected");
+            recorded(ReplyOutcome::Rejected { code, message })
+        }
+        Err(HandlerError::Transient(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "transient failure; the orchestrator retries");
+            (ReplyOutcome::TransientFailure { message: format!("{e:#}") }, false)
+        }
+    }
+}
+
+/// `outcome`, with whether the step records it (all but a transient failure).
+fn recorded(outcome: ReplyOutcome) -> (ReplyOutcome, bool) {
+    let record = !matches!(outcome, ReplyOutcome::TransientFailure { .. });
+    (outcome, record)
+}
+
+/// The answer a command gets without running, from what its step already recorded: the
+/// recorded outcome, or a refusal for a command that arrives after its compensation.
+fn answer_from(cmd: &InboundCommand, prior: store::Prior) -> Option<ReplyOutcome> {
+    if cmd.kind == CommandKind::Invoke && prior.compensated {
+        tracing::info!("the step was already compensated; refusing the late command");
+        return Some(ReplyOutcome::Rejected {
+            code: "already_compensated".into(),
+            message: "this step was compensated before the command arrived".into(),
+        });
+    }
+    let outcome = prior.outcome?;
+    tracing::info!("already handled; answering from the inbox");
+    Some(outcome)
+}
+
+/// An outcome PostgreSQL can store and the orchestrator accepts: U+0000, which neither takes,
+/// becomes U+FFFD wherever a handler put it (its output, a refusal's code or message, an
+/// error's text), with a warning. Left as it was, the reply could never be recorded and the
+/// command would be redelivered for ever.
+fn storable(mut outcome: ReplyOutcome) -> ReplyOutcome {
+    fn text(s: &mut String) -> bool {
+        let nul = s.contains('\0');
+        if nul {
+            *s = s.replace('\0', "\u{FFFD}");
+        }
+        nul
+    }
+    fn value(v: &mut serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => text(s),
+            serde_json::Value::Array(a) => a.iter_mut().fold(false, |changed, v| value(v) | changed),
+            serde_json::Value::Object(o) => {
+                let values = o.values_mut().fold(false, |changed, v| value(v) | changed);
+                let keys = o.keys().any(|k| k.contains('\0'));
+                if keys {
+                    *o = std::mem::take(o).into_iter().map(|(k, v)| (k.replace('\0', "\u{FFFD}"), v)).collect();
+                }
+                values | keys
+            }
+            _ => false,
+        }
+    }
+    let changed = match &mut outcome {
+        ReplyOutcome::Success { output } => value(output),
+        ReplyOutcome::Rejected { code, message } => text(code) | text(message),
+        ReplyOutcome::TransientFailure { message } => text(message),
+    };
+    if changed {
+        tracing::warn!("the handler's outcome holds U+0000, which PostgreSQL cannot store; replaced with U+FFFD");
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outcome_postgresql_cannot_store_has_its_nul_replaced_and_a_clean_one_is_left_alone() {
+        let output = serde_json::json!({"id\u{0}": ["a\u{0}b", {"k": "\u{0}"}], "n": 1});
+        let scrubbed = storable(ReplyOutcome::Success { output });
+        assert_eq!(
+            scrubbed,
+            ReplyOutcome::Success { output: serde_json::json!({"id\u{FFFD}": ["a\u{FFFD}b", {"k": "\u{FFFD}"}], "n": 1}) }
+        );
+        let refusal = storable(ReplyOutcome::Rejected { code: "c\u{0}".into(), message: "\u{0}".into() });
+        assert_eq!(refusal, ReplyOutcome::Rejected { code: "c\u{FFFD}".into(), message: "\u{FFFD}".into() });
+        let clean = ReplyOutcome::TransientFailure { message: "the database is away".into() };
+        assert_eq!(storable(clean.clone()), clean);
+    }
+}

@@ -1,0 +1,241 @@
+//! A participant: its handlers, its configuration, and the loop that consumes its queue.
+//!
+//! For each batch of commands that arrived together: decode (refused → dead letter) → find the
+//! handler (none → dead letter) → in one transaction: take the steps' locks and read what they
+//! recorded (one round trip), answer from the record where a step already has an outcome, else
+//! run the handler, record the outcomes → commit → publish the replies with confirms → ack the
+//! commands. A crash after the commit leaves the commands unacked: the broker redelivers them
+//! and they are answered from the record (the orchestrator dedupes a reply sent twice).
+//!
+//! - `config`: [`ParticipantConfig`] and [`Error`];
+//! - `builder`: [`ParticipantBuilder`], the handlers checked once;
+//! - `execute`: a batch of commands in one transaction, the handlers' results as replies;
+//! - `reply`: publishing the replies and acking, dead letters, leftovers of earlier versions.
+
+mod builder;
+mod config;
+mod execute;
+mod reply;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use sagaflow_amqp::transport::{self, Names, QueueOptions};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use builder::ParticipantBuilder;
+pub use config::{Error, ParticipantConfig};
+
+use builder::{CrashHook, Registered};
+
+struct Inner {
+    /// Held while publishing on the channel and waiting for the confirms: one batch at a time,
+    /// so a message the broker returns is carried by a confirm of its own batch (see
+    /// [`transport::publish_batch`]).
+    publishing: tokio::sync::Mutex<()>,
+    name: String,
+    handlers: HashMap<String, Registered>,
+    config: ParticipantConfig,
+    names: Names,
+    crash_after_commit: Option<CrashHook>,
+}
+
+/// A service taking part in sagas. Cheap to clone.
+#[derive(Clone)]
+pub struct Participant {
+    inner: Arc<Inner>,
+}
+
+/// A running participant, from [`Participant::start`].
+pub struct ParticipantHandle {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl ParticipantHandle {
+    /// Stop consuming, finish the commands in hand, and return.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.token.cancel();
+        self.task.await.unwrap_or_else(|e| Err(Error::Invalid(format!("participant task failed: {e}"))))
+    }
+}
+
+impl Participant {
+    /// A participant named `name` (its queue is `{ns}.participant.{name}`).
+    pub fn builder(name: impl Into<String>) -> ParticipantBuilder {
+        ParticipantBuilder::new(name.into())
+    }
+
+    /// The participant's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Create the tables, connect, declare the queue, and run in the background. Commands
+    /// published once this returns reach the participant.
+    pub async fn start(&self, pool: PgPool, amqp_url: &str) -> Result<ParticipantHandle, Error> {
+        crate::store::ensure_schema(&pool).await?;
+        let conn = transport::connect(amqp_url, self.inner.config.connect_timeout).await?;
+        // Declared before returning, so commands published after `start` reach the queue.
+        let ch = conn.create_channel().await?;
+        transport::declare_participant(&ch, &self.inner.names, &self.inner.name, self.queue_options()).await?;
+        ch.close(200, "declared".into()).await?;
+        let token = CancellationToken::new();
+        let (this, url, t) = (self.clone(), amqp_url.to_owned(), token.clone());
+        let task = tokio::spawn(async move { this.serve(pool, &url, Some(conn), t).await });
+        Ok(ParticipantHandle { token, task })
+    }
+
+    /// Run until `shutdown` completes (for a service: [`shutdown_signal`]).
+    pub async fn run(&self, pool: PgPool, amqp_url: &str, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let handle = self.start(pool, amqp_url).await?;
+        shutdown.await;
+        handle.shutdown().await
+    }
+
+    fn queue_options(&self) -> QueueOptions {
+        QueueOptions { quorum: self.inner.config.quorum_queues }
+    }
+
+    /// Consume until cancelled, reconnecting when the connection drops.
+    async fn serve(&self, pool: PgPool, url: &str, mut conn: Option<Connection>, token: CancellationToken) -> Result<(), Error> {
+        let name = &self.inner.name;
+        loop {
+            let c = match conn.take() {
+                Some(c) => c,
+                // Once running, a participant keeps trying until it is shut down.
+                None => tokio::select! {
+                    () = token.cancelled() => return Ok(()),
+                    c = transport::connect(url, Duration::from_secs(24 * 3600)) => match c {
+                        Ok(c) => {
+                            tracing::info!(participant = %name, "reconnected to RabbitMQ");
+                            c
+                        }
+                        Err(e) => {
+                            tracing::error!(participant = %name, error = %e, "cannot reconnect to RabbitMQ; still trying");
+                            continue;
+                        }
+                    },
+                },
+            };
+            match self.consume(&pool, &c, &token).await {
+                Ok(()) => {
+                    let _ = c.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(participant = %name, error = %e, "lost RabbitMQ; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// One connection's life: returns `Ok` on shutdown, `Err` when the connection failed.
+    async fn consume(&self, pool: &PgPool, conn: &Connection, token: &CancellationToken) -> Result<(), Error> {
+        let inner = &self.inner;
+        let ch = transport::confirm_channel(conn).await?;
+        transport::declare_participant(&ch, &inner.names, &inner.name, self.queue_options()).await?;
+        ch.basic_qos(inner.config.prefetch, BasicQosOptions::default()).await?;
+        let queue = inner.names.participant_queue(&inner.name);
+        let tag = format!("{}-{}", inner.name, std::process::id());
+        let consumer = ch.basic_consume(queue.as_str().into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+        tracing::info!(participant = %inner.name, queue, "consuming commands");
+        let sweeping = token.child_token();
+        let sweeper = tokio::spawn(self.clone().sweep_leftovers(pool.clone(), ch.clone(), sweeping.clone()));
+        let result = transport::run_batch_consumer(&ch, consumer, inner.config.batch_max, inner.config.concurrency, token, |batch| {
+            let (this, ch, pool) = (self.clone(), ch.clone(), pool.clone());
+            async move { this.process(&pool, &ch, batch).await }
+        })
+        .await;
+        // A sweep stuck on a dead connection must not hold the reconnect: stop it where it is
+        // (its transaction rolls back; what it published is sent again and deduped).
+        sweeping.cancel();
+        sweeper.abort();
+        let _ = sweeper.await;
+        if result.is_ok() {
+            let _ = ch.close(200, "shutdown".into()).await;
+        }
+        result.map_err(Error::Amqp)
+    }
+
+    /// Publish, every `sweep_interval` until `stop`, the replies an earlier version of the SDK
+    /// left in its outbox.
+    async fn sweep_leftovers(self, pool: PgPool, ch: Channel, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.inner.config.sweep_interval);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.sweep(&pool, &ch).await {
+                        tracing::warn!(participant = %self.inner.name, error = %e, "could not publish leftover replies");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C: what a service process waits for before it shuts down
+/// (`participant.run(pool, url, shutdown_signal())`). Where SIGTERM cannot be listened for, it
+/// says so and waits for Ctrl-C alone.
+pub async fn shutdown_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        tracing::warn!("cannot listen for SIGTERM; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Context, Handler};
+    use sagas::Command;
+
+    struct Noop;
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Ping;
+    impl Command for Ping {
+        const NAME: &'static str = "svc.ping";
+        const PARTICIPANT: &'static str = "svc";
+        type Reply = ();
+    }
+    impl Handler<Ping> for Noop {
+        async fn handle(&self, _cx: &mut Context<'_>, _cmd: Ping) -> crate::HandlerResult<()> {
+            Ok(())
+        }
+    }
+
+    fn problems(b: ParticipantBuilder) -> String {
+        match b.build() {
+            Err(Error::Invalid(p)) => p,
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => String::new(),
+        }
+    }
+
+    #[test]
+    fn the_builder_names_every_problem() {
+        assert_eq!(problems(Participant::builder("svc").handle::<Ping>(Noop)), "");
+        let p = problems(Participant::builder("svc").handle::<Ping>(Noop).handle::<Ping>(Noop));
+        assert!(p.contains("`svc.ping` is registered twice"), "{p}");
+        let p = problems(Participant::builder("other").handle::<Ping>(Noop));
+        assert!(p.contains("belongs to participant `svc`, not `other`"), "{p}");
+        let p = problems(Participant::builder("s'vc"));
+        assert!(p.contains("the name must be") && p.contains("no handlers"), "{p}");
+        let config = ParticipantConfig { batch_max: 0, ..ParticipantConfig::default() };
+        let p = problems(Participant::builder("svc").handle::<Ping>(Noop).config(config));
+        assert!(p.contains("batch_max must be at least 1"), "{p}");
+    }
+}
