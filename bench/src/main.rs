@@ -345,7 +345,7 @@ async fn sustain(args: &Args) -> anyhow::Result<()> {
 }
 
 /// Messages RabbitMQ delivers per `ok` saga: three commands, three replies and the outcome event
-/// (the `started` event is published too, to an exchange no queue of the benchmark listens on).
+/// (the `started` event is not published: nodes run with `started_events` off, the default).
 const HOPS_PER_SAGA: u8 = 7;
 
 /// Durable commits in sequence per `ok` saga: the start, then for each step the participant's

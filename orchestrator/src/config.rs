@@ -50,6 +50,9 @@ pub struct Config {
     /// `step_retrying`, `step_failed`, `step_skipped`, `step_compensated`), not only the saga-level
     /// ones. They cost an outbox row and a message each; the history has them anyway. Default false.
     pub step_events: bool,
+    /// Also publish the `started` lifecycle event (whoever started the saga knows it started).
+    /// It costs an outbox row and a message per saga; the history has it anyway. Default false.
+    pub started_events: bool,
     /// Delete sagas that finished (completed or compensated) more than this many days ago, with
     /// their history, and inbox entries as old; 0 keeps everything. Default 0.
     pub retention_days: u32,
@@ -89,6 +92,7 @@ impl Default for Config {
             database_max_connections: 16,
             connect_timeout_s: 60,
             step_events: false,
+            started_events: false,
             retention_days: 0,
             api_addr: "127.0.0.1:8080".into(),
             api_token: String::new(),

@@ -142,13 +142,32 @@ pub struct Engine {
     node: Arc<str>,
     metrics: Metrics,
     pub(crate) publisher: Publisher,
-    step_events: bool,
+    events: Events,
+}
+
+/// Which optional lifecycle events a node publishes (the others it always does).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Events {
+    /// The `step_*` events.
+    pub(crate) steps: bool,
+    /// The `started` event.
+    pub(crate) started: bool,
+}
+
+impl Events {
+    fn publishes(self, event: &sagas::SagaEvent) -> bool {
+        match event {
+            sagas::SagaEvent::Started => self.started,
+            e if e.is_step_level() => self.steps,
+            _ => true,
+        }
+    }
 }
 
 impl Engine {
     /// An engine that hands what it writes to `publisher` (whose task the runtime runs).
-    pub(crate) fn new(pool: PgPool, registry: Arc<Registry>, names: Names, node: &str, step_events: bool, publisher: Publisher) -> Self {
-        Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, step_events }
+    pub(crate) fn new(pool: PgPool, registry: Arc<Registry>, names: Names, node: &str, events: Events, publisher: Publisher) -> Self {
+        Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, events }
     }
 
     /// This node's metrics.
@@ -429,7 +448,7 @@ impl Engine {
         Ok(Decided {
             def,
             rows: DecisionRows {
-                applied: applied.then(|| (rows.state, status.as_str())),
+                applied: applied.then_some((rows.state, status)),
                 history,
                 outbox: rows.outbox,
                 schedule: rows.schedule,
@@ -529,7 +548,7 @@ impl Engine {
                 )?),
                 Effect::Schedule { key, due } => schedule.push((key.clone(), *due)),
                 Effect::Cancel { key } => cancel.push(key.clone()),
-                Effect::Emit(ev) if !self.step_events && ev.is_step_level() => {}
+                Effect::Emit(ev) if !self.events.publishes(ev) => {}
                 Effect::Emit(ev) => {
                     let ev =
                         LifecycleEvent { saga_id: st.id, definition: def.name.clone(), version: def.version, at: now, event: ev.clone() };

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sagas::{Input, InputOutcome, OperatorCommand, SagaId, SagaState, StepAction};
+use sagas::{Input, InputOutcome, OperatorCommand, SagaId, SagaState, SagaStatus, StepAction};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
@@ -184,9 +184,10 @@ impl VersionUse {
 /// version: what an upgrade needs to know before it drops a version (docs/versioning.md).
 pub async fn versions(pool: &PgPool, registry: &sagas::Registry) -> Result<Vec<VersionUse>, OpsError> {
     let rows: Vec<(String, i32, i64, i64)> = sqlx::query_as(
-        "SELECT definition, version, count(*) FILTER (WHERE status NOT IN ('completed', 'compensated')), count(*)
+        "SELECT definition, version, count(*) FILTER (WHERE status <> ALL($1)), count(*)
            FROM sagaflow.instances GROUP BY definition, version",
     )
+    .bind(SagaStatus::names_where(SagaStatus::is_terminal))
     .fetch_all(pool)
     .await?;
     let mut out: std::collections::BTreeMap<(String, u32), VersionUse> = registry

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, redact};
 use crate::consumers::{Consumer, Queue};
-use crate::intake::Engine;
+use crate::intake::{Engine, Events};
 use crate::outbound::{self, Publisher, Publishing, Undeliverable, UndeliverableTx};
 use crate::{store, timers};
 
@@ -111,7 +111,8 @@ impl Orchestrator {
         store::migrate(&pool).await.context("running the migrations")?;
         let names = Names::new(config.namespace.clone());
         let (publisher, publishing) = Publisher::new(pool.clone());
-        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, config.step_events, publisher);
+        let events = Events { steps: config.step_events, started: config.started_events };
+        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, events, publisher);
         Ok(Self { node: Arc::new(Node { config, engine, names }), publishing })
     }
 

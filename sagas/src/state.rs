@@ -25,6 +25,14 @@ pub enum SagaStatus {
 }
 
 impl SagaStatus {
+    /// Every status.
+    pub const ALL: [Self; 6] = [Self::Created, Self::Running, Self::Compensating, Self::Completed, Self::Compensated, Self::Stopped];
+
+    /// The database names of the statuses for which `pred` holds (to bind to a query).
+    pub fn names_where(pred: impl Fn(Self) -> bool) -> Vec<&'static str> {
+        Self::ALL.into_iter().filter(|s| pred(*s)).map(Self::as_str).collect()
+    }
+
     /// `completed` or `compensated`: nothing more will ever happen.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Completed | Self::Compensated)

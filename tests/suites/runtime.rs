@@ -445,6 +445,7 @@ async fn lifecycle_events_reach_listeners_on_the_events_exchange() {
     probe::setup(&env.pool).await.unwrap();
     let mut cfg = env.config("n1");
     cfg.step_events = true;
+    cfg.started_events = true;
     let node = orchestrator::Orchestrator::connect(cfg, probe_registry(vec![def])).await.unwrap().start().await.unwrap();
     let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
     let conn = env.amqp().await.unwrap();
@@ -718,7 +719,13 @@ async fn retention_deletes_old_finished_sagas_and_keeps_running_ones() {
     node.shutdown().await.unwrap();
 
     // Everything so far happened 40 days ago.
-    sqlx::query("UPDATE sagaflow.instances SET updated_at = now() - interval '40 days'").execute(&env.pool).await.unwrap();
+    sqlx::query(
+        "UPDATE sagaflow.instances SET updated_at = now() - interval '40 days',
+                finished_at = CASE WHEN finished_at IS NOT NULL THEN now() - interval '40 days' END",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
     // Events are deduplicated by message id (replies by their saga's state): an old entry.
     sqlx::query("INSERT INTO sagaflow.inbox (message_id, saga_id) VALUES (gen_random_uuid(), $1)")
         .bind(open.0)

@@ -302,11 +302,11 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult<Response> {
             .fetch_one(pool)
             .await
             .map_err(OpsError::from)?;
-    let in_flight: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status IN ('created', 'running', 'compensating')")
-            .fetch_one(pool)
-            .await
-            .map_err(OpsError::from)?;
+    let in_flight: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status = ANY($1)")
+        .bind(sagas::SagaStatus::names_where(|s| !s.is_settled()))
+        .fetch_one(pool)
+        .await
+        .map_err(OpsError::from)?;
     let consumers = participant_consumers(&s).await;
     s.engine.metrics().set_gauges(backlog, oldest, in_flight, &consumers);
     Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.engine.metrics().encode())

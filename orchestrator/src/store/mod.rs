@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use sagas::protocol::WireMessage;
-use sagas::{SagaId, SagaState, TimerKey, Timestamp};
+use sagas::{SagaId, SagaState, SagaStatus, TimerKey, Timestamp};
 use serde_json::Value;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr};
@@ -23,6 +23,7 @@ pub fn migrator() -> Migrator {
     let migrations = vec![
         migration(1, "initial", include_str!("../../migrations/0001_initial.sql")),
         migration(2, "retention", include_str!("../../migrations/0002_retention.sql")),
+        migration(3, "hot_updates", include_str!("../../migrations/0003_hot_updates.sql")),
     ];
     let mut m = Migrator::with_migrations(migrations);
     m.create_schema("sagaflow");
@@ -112,7 +113,7 @@ pub(crate) struct NewInstance<'a> {
 /// What one decision writes, serialized (see [`write`]).
 pub(crate) struct DecisionRows {
     /// The new state (JSON) and status, when the input applied.
-    pub(crate) applied: Option<(String, &'static str)>,
+    pub(crate) applied: Option<(String, SagaStatus)>,
     /// Its history row.
     pub(crate) history: HistoryRow,
     /// The messages to publish.
@@ -226,8 +227,8 @@ pub async fn prune(pool: &PgPool, days: u32, batch: i64) -> Result<Pruned, sqlx:
         "WITH gone AS (
              DELETE FROM sagaflow.instances WHERE id IN (
                  SELECT id FROM sagaflow.instances
-                  WHERE status IN ('completed', 'compensated') AND updated_at < now() - make_interval(days => $1)
-                  ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+                  WHERE finished_at < now() - make_interval(days => $1)
+                  ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)
              RETURNING id
          ), history AS (
              DELETE FROM sagaflow.history WHERE saga_id IN (SELECT id FROM gone)

@@ -12,8 +12,8 @@
 //! parts a write needs, each a named constant below that writes only the sagas in `ok`:
 //! their states, history rows, outbox rows and timers. Every part costs PostgreSQL executor
 //! work even with no rows, so a statement carries only the parts its decisions need. The
-//! parameters are numbered the same in every statement: $1 the node, $2–$26 the decisions'
-//! rows (bound by every mode, referenced or not), $27 on those of the mode's gate.
+//! parameters are numbered the same in every statement: $1 the node, $2–$27 the decisions'
+//! rows (bound by every mode, referenced or not), $28 on those of the mode's gate.
 
 use sqlx::{AssertSqlSafe, PgExecutor};
 
@@ -21,46 +21,49 @@ use super::{DecisionRows, NewInstance};
 
 /// Start: insert the instance; `ok` is the saga, or nothing when its id or key is taken.
 const GATE_NEW: &str = "ins AS (
-    INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by)
-    VALUES ($27, $28, $29, $30, $31::jsonb, $32, $33, $1)
+    INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by, finished_at)
+    VALUES ($28, $29, $30, $31, $32::jsonb, $33, $34, $1, CASE WHEN $35 THEN now() END)
     ON CONFLICT DO NOTHING RETURNING id
 ), ok AS (SELECT id FROM ins)";
 
 /// Guarded: lock the sagas still at the version read (`cas`), in id order; `ok` is those.
 const GATE_GUARDED: &str = "cas AS (
-    SELECT i.id FROM sagaflow.instances i JOIN UNNEST($27::uuid[], $28::int8[]) AS g(id, v) ON i.id = g.id
+    SELECT i.id FROM sagaflow.instances i JOIN UNNEST($28::uuid[], $29::int8[]) AS g(id, v) ON i.id = g.id
     WHERE i.xmin::text::int8 = g.v ORDER BY i.id FOR UPDATE OF i
 ), ok AS (SELECT id FROM cas)";
 
 /// Guarded, with message ids to record: `ok` is the sagas still at their version whose ids
 /// were all recorded now (an id recorded meanwhile means another delivery was applied).
 const GATE_GUARDED_MARKED: &str = "cas AS (
-    SELECT i.id FROM sagaflow.instances i JOIN UNNEST($27::uuid[], $28::int8[]) AS g(id, v) ON i.id = g.id
+    SELECT i.id FROM sagaflow.instances i JOIN UNNEST($28::uuid[], $29::int8[]) AS g(id, v) ON i.id = g.id
     WHERE i.xmin::text::int8 = g.v ORDER BY i.id FOR UPDATE OF i
 ), marked AS (
     INSERT INTO sagaflow.inbox (message_id, saga_id)
-    SELECT m, s FROM UNNEST($29::uuid[], $30::uuid[]) AS u(m, s) WHERE u.s IN (SELECT id FROM cas)
+    SELECT m, s FROM UNNEST($30::uuid[], $31::uuid[]) AS u(m, s) WHERE u.s IN (SELECT id FROM cas)
     ON CONFLICT DO NOTHING RETURNING message_id
 ), ok AS (
     SELECT c.id FROM cas c WHERE NOT EXISTS (
-        SELECT 1 FROM UNNEST($29::uuid[], $30::uuid[]) AS u(m, s)
+        SELECT 1 FROM UNNEST($30::uuid[], $31::uuid[]) AS u(m, s)
         WHERE u.s = c.id AND u.m NOT IN (SELECT message_id FROM marked))
 )";
 
 /// Locked: the caller holds the rows; `ok` is every saga decided on.
-const GATE_LOCKED: &str = "ok AS (SELECT DISTINCT s AS id FROM UNNEST($5::uuid[]) AS x(s))";
+const GATE_LOCKED: &str = "ok AS (SELECT DISTINCT s AS id FROM UNNEST($6::uuid[]) AS x(s))";
 
 /// The new states and statuses.
 const UPDATE_STATES: &str = "upd AS (
-    UPDATE sagaflow.instances i SET state = u.state::jsonb, status = u.status, updated_at = now(), decided_by = $1
-    FROM UNNEST($2::uuid[], $3::text[], $4::text[]) AS u(id, state, status) WHERE i.id = u.id AND u.id IN (SELECT id FROM ok)
+    UPDATE sagaflow.instances i
+    SET state = u.state::jsonb, status = u.status, updated_at = now(), decided_by = $1,
+        finished_at = CASE WHEN u.finished THEN COALESCE(i.finished_at, now()) END
+    FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bool[]) AS u(id, state, status, finished)
+    WHERE i.id = u.id AND u.id IN (SELECT id FROM ok)
 )";
 
 /// One history row per decision.
 const INSERT_HISTORY: &str = "h AS (
     INSERT INTO sagaflow.history (saga_id, node, input_kind, input, outcome, detail, status, effects, input_bytes, state_bytes)
     SELECT s, $1, k, i::jsonb, o, d, st, e::jsonb, ib, sb
-    FROM UNNEST($5::uuid[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int4[], $13::int4[])
+    FROM UNNEST($6::uuid[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::int4[], $14::int4[])
          AS x(s, k, i, o, d, st, e, ib, sb)
     WHERE x.s IN (SELECT id FROM ok)
 )";
@@ -68,24 +71,24 @@ const INSERT_HISTORY: &str = "h AS (
 /// The messages to publish.
 const INSERT_OUTBOX: &str = "o AS (
     INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body)
-    SELECT s, ex, k, m, env::jsonb, b FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::text[], $19::bytea[])
+    SELECT s, ex, k, m, env::jsonb, b FROM UNNEST($15::uuid[], $16::text[], $17::text[], $18::bool[], $19::text[], $20::bytea[])
         AS x(s, ex, k, m, env, b) WHERE x.s IN (SELECT id FROM ok)
     RETURNING id
 )";
 
 /// Wake the relays when the outbox rows commit (for a writer that cannot publish them).
-const WAKE_RELAYS: &str = "wake AS (SELECT pg_notify('sagaflow_outbox', '') WHERE $26 AND EXISTS (SELECT 1 FROM o))";
+const WAKE_RELAYS: &str = "wake AS (SELECT pg_notify('sagaflow_outbox', '') WHERE $27 AND EXISTS (SELECT 1 FROM o))";
 
 /// Timers cancelled.
 const CANCEL_TIMERS: &str = "cancelled AS (
-    DELETE FROM sagaflow.timers t USING UNNEST($20::uuid[], $21::text[]) AS c(s, k)
+    DELETE FROM sagaflow.timers t USING UNNEST($21::uuid[], $22::text[]) AS c(s, k)
     WHERE t.saga_id = c.s AND t.key = c.k AND c.s IN (SELECT id FROM ok)
 )";
 
 /// Timers scheduled, or moved when they exist.
 const SCHEDULE_TIMERS: &str = "scheduled AS (
     INSERT INTO sagaflow.timers (saga_id, key, timer, due_ms)
-    SELECT s, k, t::jsonb, d FROM UNNEST($22::uuid[], $23::text[], $24::text[], $25::int8[]) AS x(s, k, t, d)
+    SELECT s, k, t::jsonb, d FROM UNNEST($23::uuid[], $24::text[], $25::text[], $26::int8[]) AS x(s, k, t, d)
     WHERE x.s IN (SELECT id FROM ok)
     ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, due_ms = EXCLUDED.due_ms
 )";
@@ -132,10 +135,11 @@ pub(crate) async fn insert_new<'c>(
         .bind(decision.history.saga.0)
         .bind(new.definition)
         .bind(version)
-        .bind(*status)
+        .bind(status.as_str())
         .bind(state.as_str())
         .bind(new.idempotency_key)
         .bind(new.traceparent)
+        .bind(status.is_terminal())
         .fetch_one(ex)
         .await?;
     Ok(ok.then_some(outbox))
@@ -214,12 +218,13 @@ fn statement(gate: &str, params: &Params<'_>, wake_relays: bool, guarded: bool) 
     format!("WITH {} SELECT EXISTS (SELECT 1 FROM ok), {ids}, {sagas}{from}", parts.join(", "))
 }
 
-/// The arrays of a statement's parameters $2–$19 and $27–$32, one entry per row to write.
+/// The arrays of a statement's parameters $2–$26, one entry per row to write.
 #[derive(Default)]
 struct Params<'a> {
     upd_ids: Vec<uuid::Uuid>,
     upd_states: Vec<&'a str>,
     upd_status: Vec<&'static str>,
+    upd_finished: Vec<bool>,
     h_saga: Vec<uuid::Uuid>,
     h_kind: Vec<&'static str>,
     h_input: Vec<&'a str>,
@@ -253,7 +258,8 @@ impl<'a> Params<'a> {
             if let (Some((state, status)), true) = (&d.applied, update) {
                 p.upd_ids.push(h.saga.0);
                 p.upd_states.push(state);
-                p.upd_status.push(status);
+                p.upd_status.push(status.as_str());
+                p.upd_finished.push(status.is_terminal());
             }
             p.h_saga.push(h.saga.0);
             p.h_kind.push(h.input_kind);
@@ -286,13 +292,14 @@ impl<'a> Params<'a> {
         p
     }
 
-    /// Bind $1–$26.
+    /// Bind $1–$27.
     fn bind(self, query: Query<'a>, node: &'a str, wake_relays: bool) -> Query<'a> {
         query
             .bind(node)
             .bind(self.upd_ids)
             .bind(self.upd_states)
             .bind(self.upd_status)
+            .bind(self.upd_finished)
             .bind(self.h_saga)
             .bind(self.h_kind)
             .bind(self.h_input)
