@@ -24,6 +24,7 @@ pub fn migrator() -> Migrator {
         migration(1, "initial", include_str!("../../migrations/0001_initial.sql")),
         migration(2, "retention", include_str!("../../migrations/0002_retention.sql")),
         migration(3, "hot_updates", include_str!("../../migrations/0003_hot_updates.sql")),
+        migration(4, "json_documents", include_str!("../../migrations/0004_json_documents.sql")),
     ];
     let mut m = Migrator::with_migrations(migrations);
     m.create_schema("sagaflow");

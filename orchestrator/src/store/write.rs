@@ -22,7 +22,7 @@ use super::{DecisionRows, NewInstance};
 /// Start: insert the instance; `ok` is the saga, or nothing when its id or key is taken.
 const GATE_NEW: &str = "ins AS (
     INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by, finished_at)
-    VALUES ($28, $29, $30, $31, $32::jsonb, $33, $34, $1, CASE WHEN $35 THEN now() END)
+    VALUES ($28, $29, $30, $31, $32::json, $33, $34, $1, CASE WHEN $35 THEN now() END)
     ON CONFLICT DO NOTHING RETURNING id
 ), ok AS (SELECT id FROM ins)";
 
@@ -53,7 +53,7 @@ const GATE_LOCKED: &str = "ok AS (SELECT DISTINCT s AS id FROM UNNEST($6::uuid[]
 /// The new states and statuses.
 const UPDATE_STATES: &str = "upd AS (
     UPDATE sagaflow.instances i
-    SET state = u.state::jsonb, status = u.status, updated_at = now(), decided_by = $1,
+    SET state = u.state::json, status = u.status, updated_at = now(), decided_by = $1,
         finished_at = CASE WHEN u.finished THEN COALESCE(i.finished_at, now()) END
     FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bool[]) AS u(id, state, status, finished)
     WHERE i.id = u.id AND u.id IN (SELECT id FROM ok)
@@ -62,7 +62,7 @@ const UPDATE_STATES: &str = "upd AS (
 /// One history row per decision.
 const INSERT_HISTORY: &str = "h AS (
     INSERT INTO sagaflow.history (saga_id, node, input_kind, input, outcome, detail, status, effects, input_bytes, state_bytes)
-    SELECT s, $1, k, i::jsonb, o, d, st, e::jsonb, ib, sb
+    SELECT s, $1, k, i::json, o, d, st, e::json, ib, sb
     FROM UNNEST($6::uuid[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::int4[], $14::int4[])
          AS x(s, k, i, o, d, st, e, ib, sb)
     WHERE x.s IN (SELECT id FROM ok)
@@ -71,7 +71,7 @@ const INSERT_HISTORY: &str = "h AS (
 /// The messages to publish.
 const INSERT_OUTBOX: &str = "o AS (
     INSERT INTO sagaflow.outbox (saga_id, exchange, routing_key, mandatory, envelope, body)
-    SELECT s, ex, k, m, env::jsonb, b FROM UNNEST($15::uuid[], $16::text[], $17::text[], $18::bool[], $19::text[], $20::bytea[])
+    SELECT s, ex, k, m, env::json, b FROM UNNEST($15::uuid[], $16::text[], $17::text[], $18::bool[], $19::text[], $20::bytea[])
         AS x(s, ex, k, m, env, b) WHERE x.s IN (SELECT id FROM ok)
     RETURNING id
 )";
@@ -88,7 +88,7 @@ const CANCEL_TIMERS: &str = "cancelled AS (
 /// Timers scheduled, or moved when they exist.
 const SCHEDULE_TIMERS: &str = "scheduled AS (
     INSERT INTO sagaflow.timers (saga_id, key, timer, due_ms)
-    SELECT s, k, t::jsonb, d FROM UNNEST($23::uuid[], $24::text[], $25::text[], $26::int8[]) AS x(s, k, t, d)
+    SELECT s, k, t::json, d FROM UNNEST($23::uuid[], $24::text[], $25::text[], $26::int8[]) AS x(s, k, t, d)
     WHERE x.s IN (SELECT id FROM ok)
     ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, due_ms = EXCLUDED.due_ms
 )";
