@@ -89,14 +89,20 @@ impl From<sqlx::Error> for StartError {
 }
 
 impl StartError {
+    /// What kind of failure it is.
+    pub fn kind(&self) -> crate::ops::ErrorKind {
+        use crate::ops::ErrorKind;
+        match self {
+            Self::UnknownDefinition { .. } => ErrorKind::UnknownDefinition,
+            Self::InvalidInput { .. } => ErrorKind::InvalidInput,
+            Self::Unstorable(_) => ErrorKind::Unstorable,
+            Self::Database(_) => ErrorKind::Unavailable,
+        }
+    }
+
     /// The stable code (dead-letter reason, API error code).
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::UnknownDefinition { .. } => "unknown_definition",
-            Self::InvalidInput { .. } => "invalid_input",
-            Self::Unstorable(_) => "unstorable",
-            Self::Database(_) => "unavailable",
-        }
+        self.kind().as_str()
     }
 }
 

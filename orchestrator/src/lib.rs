@@ -13,7 +13,8 @@
 //!   publish with confirms, delete); undeliverable commands handed back as data.
 //! - `timers`: due timers fired as inputs.
 //! - [`store`]: the schema `sagaflow` and its queries.
-//! - [`config`]: configuration (TOML file + `SAGAFLOW_*` variables).
+//! - [`config`]: configuration (TOML file + `SAGAFLOW_*` variables); [`Error`]: what the
+//!   public API's calls return when they fail.
 //! - [`api`]: the HTTP API, the web page and `/metrics`; [`ops`]: what the API and the CLI
 //!   share (views, lists, operator actions); [`metrics`]: the Prometheus metrics.
 //!
@@ -24,6 +25,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 mod consumers;
+mod error;
 pub mod intake;
 pub mod metrics;
 pub mod ops;
@@ -33,5 +35,6 @@ pub mod store;
 mod timers;
 
 pub use config::Config;
+pub use error::{Error, Result};
 pub use intake::{Engine, Handled, StartError, Started};
 pub use runtime::{ClientHandle, Orchestrator, OrchestratorHandle, application_name, wait_settled};

@@ -11,19 +11,81 @@ use sqlx::{PgPool, Row};
 use crate::intake::{Engine, Handled};
 use crate::store;
 
-/// Why an operator request failed; `code` is stable (HTTP API `error.code`, CLI exit message).
+/// What kind of failure an [`OpsError`] is: its stable code (HTTP API `error.code`, CLI exit
+/// message), from which the API takes its HTTP status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No such saga.
+    NotFound,
+    /// The saga's state refuses the action (or the input was ignored).
+    Conflict,
+    /// The request is malformed.
+    InvalidRequest,
+    /// No such definition (or version) is served.
+    UnknownDefinition,
+    /// The input does not decode as the definition's data.
+    InvalidInput,
+    /// PostgreSQL refuses the data itself: the same request fails the same way every time.
+    Unstorable,
+    /// The database, or a node that knows the saga's version, is not available: try again.
+    Unavailable,
+    /// The API token is missing or wrong.
+    Unauthorized,
+    /// Refused without a token (not a loopback host, another origin).
+    Forbidden,
+    /// The route does not take this method.
+    MethodNotAllowed,
+    /// The body is larger than `max_body_bytes`.
+    PayloadTooLarge,
+    /// The body is not JSON.
+    UnsupportedMediaType,
+}
+
+impl ErrorKind {
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
+            Self::InvalidRequest => "invalid_request",
+            Self::UnknownDefinition => "unknown_definition",
+            Self::InvalidInput => "invalid_input",
+            Self::Unstorable => "unstorable",
+            Self::Unavailable => "unavailable",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an operator request failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{code}: {message}")]
+#[error("{kind}: {message}")]
 pub struct OpsError {
-    /// `not_found`, `conflict`, `invalid_request`, `unknown_definition`, `invalid_input`, `unavailable`.
-    pub code: &'static str,
+    /// What kind of failure.
+    pub kind: ErrorKind,
     /// In words.
     pub message: String,
 }
 
 impl OpsError {
-    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        self.kind.as_str()
     }
 }
 
@@ -31,9 +93,15 @@ impl From<sqlx::Error> for OpsError {
     fn from(e: sqlx::Error) -> Self {
         // The same request would fail the same way: the caller's to mend, not a retry.
         if store::is_unstorable(&e) {
-            return Self::new("invalid_request", format!("PostgreSQL cannot store the request: {e}"));
+            return Self::new(ErrorKind::InvalidRequest, format!("PostgreSQL cannot store the request: {e}"));
         }
-        Self::new("unavailable", format!("database: {e}"))
+        Self::new(ErrorKind::Unavailable, format!("database: {e}"))
+    }
+}
+
+impl From<crate::intake::StartError> for OpsError {
+    fn from(e: crate::intake::StartError) -> Self {
+        Self::new(e.kind(), e.to_string())
     }
 }
 
@@ -211,23 +279,26 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
     if let Some(s) = &f.status
         && !STATUSES.contains(&s.as_str())
     {
-        return Err(OpsError::new("invalid_request", format!("status `{s}` is not one of {}", STATUSES.join(", "))));
+        return Err(OpsError::new(ErrorKind::InvalidRequest, format!("status `{s}` is not one of {}", STATUSES.join(", "))));
     }
     if let Some(d) = &f.definition {
-        sagas::protocol::check_name("definition", d).map_err(|e| OpsError::new("invalid_request", e))?;
+        sagas::protocol::check_name("definition", d).map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
     }
     if f.since.into_iter().chain(f.until).any(|t| t > MAX_TIME_MS) {
-        return Err(OpsError::new("invalid_request", format!("since and until must be at most {MAX_TIME_MS} (ms since the epoch)")));
+        return Err(OpsError::new(
+            ErrorKind::InvalidRequest,
+            format!("since and until must be at most {MAX_TIME_MS} (ms since the epoch)"),
+        ));
     }
     let limit = i64::from(f.limit.unwrap_or(50));
     if !(1..=500).contains(&limit) {
-        return Err(OpsError::new("invalid_request", "limit must be between 1 and 500"));
+        return Err(OpsError::new(ErrorKind::InvalidRequest, "limit must be between 1 and 500"));
     }
     let cursor = match &f.cursor {
         Some(c) => {
-            let (at, id) = c.split_once('_').ok_or_else(|| OpsError::new("invalid_request", "malformed cursor"))?;
-            let at: i64 = at.parse().map_err(|_| OpsError::new("invalid_request", "malformed cursor"))?;
-            let id: uuid::Uuid = id.parse().map_err(|_| OpsError::new("invalid_request", "malformed cursor"))?;
+            let (at, id) = c.split_once('_').ok_or_else(|| OpsError::new(ErrorKind::InvalidRequest, "malformed cursor"))?;
+            let at: i64 = at.parse().map_err(|_| OpsError::new(ErrorKind::InvalidRequest, "malformed cursor"))?;
+            let id: uuid::Uuid = id.parse().map_err(|_| OpsError::new(ErrorKind::InvalidRequest, "malformed cursor"))?;
             Some((at, id))
         }
         None => None,
@@ -280,11 +351,11 @@ pub async fn get(engine: &Engine, id: SagaId) -> Result<SagaView, OpsError> {
         .bind(id.0)
         .fetch_optional(engine.pool())
         .await?
-        .ok_or_else(|| OpsError::new("not_found", format!("no saga {id}")))?;
+        .ok_or_else(|| OpsError::new(ErrorKind::NotFound, format!("no saga {id}")))?;
     let state_json: Value = row.try_get("state")?;
     let state_bytes = state_json.to_string().len();
     let st: SagaState =
-        serde_json::from_value(state_json).map_err(|e| OpsError::new("unavailable", format!("saga {id} does not decode: {e}")))?;
+        serde_json::from_value(state_json).map_err(|e| OpsError::new(ErrorKind::Unavailable, format!("saga {id} does not decode: {e}")))?;
     Ok(view(engine, &st, row.try_get("decided_by")?, state_bytes, row.try_get("n")?))
 }
 
@@ -345,7 +416,7 @@ pub async fn wait(engine: &Engine, id: SagaId, timeout: Duration) -> Result<(Sag
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         // Poll the state alone; build the full view (history count, step names) once.
-        let st = store::load(engine.pool(), id).await?.ok_or_else(|| OpsError::new("not_found", format!("no saga {id}")))?;
+        let st = store::load(engine.pool(), id).await?.ok_or_else(|| OpsError::new(ErrorKind::NotFound, format!("no saga {id}")))?;
         let settled = st.status.is_settled();
         if settled || tokio::time::Instant::now() >= deadline {
             return Ok((get(engine, id).await?, settled));
@@ -358,25 +429,29 @@ pub async fn wait(engine: &Engine, id: SagaId, timeout: Duration) -> Result<(Sag
 pub async fn act(engine: &Engine, id: SagaId, input: Input) -> Result<SagaView, OpsError> {
     match engine.apply(id, &input, None).await? {
         Handled::Decided { outcome: InputOutcome::Applied, .. } => get(engine, id).await,
-        Handled::Decided { outcome: InputOutcome::Refused { reason }, .. } => Err(OpsError::new("conflict", reason)),
-        Handled::Decided { outcome: InputOutcome::Ignored { detail, .. }, .. } => Err(OpsError::new("conflict", detail)),
-        Handled::UnknownSaga => Err(OpsError::new("not_found", format!("no saga {id}"))),
+        Handled::Decided { outcome: InputOutcome::Refused { reason }, .. } => Err(OpsError::new(ErrorKind::Conflict, reason)),
+        Handled::Decided { outcome: InputOutcome::Ignored { detail, .. }, .. } => Err(OpsError::new(ErrorKind::Conflict, detail)),
+        Handled::UnknownSaga => Err(OpsError::new(ErrorKind::NotFound, format!("no saga {id}"))),
         Handled::UnknownVersion { definition, version } => {
-            Err(OpsError::new("unavailable", format!("this node does not know `{definition}` version {version}")))
+            Err(OpsError::new(ErrorKind::Unavailable, format!("this node does not know `{definition}` version {version}")))
         }
         Handled::Duplicate | Handled::Skipped => get(engine, id).await,
-        Handled::Invalid { code, detail } => Err(OpsError::new(code, detail)),
+        Handled::Invalid { code, detail } => Err(OpsError::new(ErrorKind::InvalidRequest, format!("{code}: {detail}"))),
     }
 }
 
-/// The operator command named `action` (`abort`, `retry`, `skip`, `resume`).
+/// The reason an abort records when the operator gives none.
+pub const ABORTED_BY_AN_OPERATOR: &str = "aborted by an operator";
+
+/// The operator command named `action` (`abort`, `retry`, `skip`, `resume`), as the API's path
+/// names it.
 pub fn operator_command(action: &str, reason: Option<String>) -> Result<OperatorCommand, OpsError> {
     Ok(match action {
-        "abort" => OperatorCommand::Abort { reason: reason.unwrap_or_else(|| "aborted by an operator".into()) },
+        "abort" => OperatorCommand::Abort { reason: reason.unwrap_or_else(|| ABORTED_BY_AN_OPERATOR.into()) },
         "retry" => OperatorCommand::RetryCompensation,
         "skip" => OperatorCommand::SkipCompensation,
         "resume" => OperatorCommand::Resume,
-        other => return Err(OpsError::new("invalid_request", format!("unknown action `{other}` (abort, retry, skip, resume)"))),
+        other => return Err(OpsError::new(ErrorKind::InvalidRequest, format!("unknown action `{other}` (abort, retry, skip, resume)"))),
     })
 }
 
@@ -384,7 +459,7 @@ pub fn operator_command(action: &str, reason: Option<String>) -> Result<Operator
 pub async fn history(pool: &PgPool, id: SagaId) -> Result<Vec<store::HistoryEntry>, OpsError> {
     let h = store::history(pool, id).await?;
     if h.is_empty() && store::load(pool, id).await?.is_none() {
-        return Err(OpsError::new("not_found", format!("no saga {id}")));
+        return Err(OpsError::new(ErrorKind::NotFound, format!("no saga {id}")));
     }
     Ok(h)
 }

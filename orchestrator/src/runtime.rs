@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, redact};
 use crate::consumers::{Consumer, Queue};
+use crate::error::{Error, Result};
 use crate::intake::{Engine, Events};
 use crate::outbound::{self, Publisher, Publishing, Undeliverable, UndeliverableTx};
 use crate::{store, timers};
@@ -63,8 +64,8 @@ pub struct OrchestratorHandle {
 
 /// Connect a pool to `url`, retrying for up to `timeout`. Its connections show in
 /// `pg_stat_activity` as `application_name` (unless the URL names one).
-pub async fn connect_pool(url: &str, application_name: &str, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
-    let mut options: PgConnectOptions = url.parse().with_context(|| format!("database_url {}", redact(url)))?;
+pub async fn connect_pool(url: &str, application_name: &str, max_connections: u32, timeout: Duration) -> Result<PgPool> {
+    let mut options: PgConnectOptions = url.parse().map_err(Error::database(format!("database_url {}", redact(url))))?;
     if options.get_application_name().is_none() {
         options = options.application_name(application_name);
     }
@@ -97,18 +98,18 @@ pub async fn connect_pool(url: &str, application_name: &str, max_connections: u3
         .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_)) && tokio::time::Instant::now() < deadline)
         .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot reach PostgreSQL; retrying"))
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {} (connect_timeout_s {})", redact(url), timeout.as_secs()))?;
+        .map_err(Error::database(format!("connecting to PostgreSQL at {} (connect_timeout_s {})", redact(url), timeout.as_secs())))?;
     let _ = sqlx::Connection::close(conn).await;
-    pool.connect_with(options).await.with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))
+    pool.connect_with(options).await.map_err(Error::database(format!("connecting to PostgreSQL at {}", redact(url))))
 }
 
 impl Orchestrator {
     /// Validate `config`, connect to PostgreSQL and run the migrations.
-    pub async fn connect(config: Config, registry: Registry) -> anyhow::Result<Self> {
+    pub async fn connect(config: Config, registry: Registry) -> Result<Self> {
         config.validate()?;
         let name = application_name(&config.node_id);
         let pool = connect_pool(&config.database_url, &name, config.database_max_connections, config.connect_timeout()).await?;
-        store::migrate(&pool).await.context("running the migrations")?;
+        store::migrate(&pool).await?;
         let names = Names::new(config.namespace.clone());
         let (publisher, publishing) = Publisher::new(pool.clone());
         let events = Events { steps: config.step_events, started: config.started_events };
@@ -122,7 +123,7 @@ impl Orchestrator {
     }
 
     /// Connect to RabbitMQ, declare the topology and run in the background.
-    pub async fn start(self) -> anyhow::Result<OrchestratorHandle> {
+    pub async fn start(self) -> Result<OrchestratorHandle> {
         let Self { node, publishing } = self;
         let conn = node.connect_declared().await?;
         let stop = CancellationToken::new();
@@ -149,7 +150,7 @@ impl Orchestrator {
     /// transaction and a publish), on a connection kept open and reopened when lost. While it
     /// is lost, and for what is still unpublished when the client stops, the nodes' relays
     /// publish the rows: nothing written is lost.
-    pub async fn client(self) -> anyhow::Result<ClientHandle> {
+    pub async fn client(self) -> Result<ClientHandle> {
         let Self { node, publishing } = self;
         let (conn, ch) = node.open_publisher().await?;
         node.engine.publisher.set_channel(Some(ch.clone()));
@@ -164,7 +165,7 @@ impl Orchestrator {
 
     /// Run until `shutdown` completes, then shut down gracefully; a task that ends on its own
     /// before that stops the node with an error naming it.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let mut handle = self.start().await?;
         let ended = tokio::select! {
             () = shutdown => None,
@@ -180,7 +181,7 @@ impl Orchestrator {
         if let Err(e) = handle.shutdown().await {
             tracing::warn!(error = %format!("{e:#}"), "shutting down after the failure");
         }
-        Err(anyhow::anyhow!("the node stopped: {why}"))
+        Err(Error::Task(format!("the node stopped: {why}")))
     }
 }
 
@@ -236,18 +237,18 @@ enum Ended {
 
 impl Node {
     /// Connect to RabbitMQ (retrying for up to `connect_timeout`) and declare the topology.
-    async fn connect_declared(&self) -> anyhow::Result<Connection> {
+    async fn connect_declared(&self) -> Result<Connection> {
         let conn = transport::connect(&self.config.amqp_url, self.config.connect_timeout())
             .await
-            .with_context(|| format!("connecting to RabbitMQ at {}", redact(&self.config.amqp_url)))?;
-        self.declare(&conn).await.context("declaring the AMQP topology")?;
+            .map_err(Error::amqp(format!("connecting to RabbitMQ at {}", redact(&self.config.amqp_url))))?;
+        self.declare(&conn).await.map_err(Error::amqp("declaring the AMQP topology"))?;
         Ok(conn)
     }
 
     /// Connect, declare the topology, open a confirm channel.
-    async fn open_publisher(&self) -> anyhow::Result<(Connection, lapin::Channel)> {
+    async fn open_publisher(&self) -> Result<(Connection, lapin::Channel)> {
         let conn = self.connect_declared().await?;
-        let ch = transport::confirm_channel(&conn).await.context("opening a channel")?;
+        let ch = transport::confirm_channel(&conn).await.map_err(Error::amqp("opening a channel"))?;
         Ok((conn, ch))
     }
 
@@ -288,14 +289,14 @@ impl Node {
     }
 
     /// Bind the API (when `api_addr` is set) and serve it as a task of `tasks` until `stop`.
-    async fn serve_api(&self, tasks: &mut Tasks, stop: CancellationToken) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    async fn serve_api(&self, tasks: &mut Tasks, stop: CancellationToken) -> Result<Option<std::net::SocketAddr>> {
         if self.config.api_addr.is_empty() {
             return Ok(None);
         }
         let listener = tokio::net::TcpListener::bind(&self.config.api_addr)
             .await
-            .with_context(|| format!("binding the API to {}", self.config.api_addr))?;
-        let addr = listener.local_addr()?;
+            .map_err(Error::io(format!("binding the API to {}", self.config.api_addr)))?;
+        let addr = listener.local_addr().map_err(Error::io("reading the API's address"))?;
         let state = crate::api::ApiState::new(
             self.engine.clone(),
             Some(self.config.api_token.clone()).filter(|t| !t.is_empty()),
@@ -490,7 +491,7 @@ impl ClientHandle {
 
     /// Stop publishing, close the connection and the pool; rows not yet published stay for the
     /// relays.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> Result<()> {
         wind_down(&self.engine, &self.stop, self.tasks).await
     }
 }
@@ -508,21 +509,21 @@ impl OrchestratorHandle {
 
     /// Stop consuming, finish in-flight inputs, flush the outbox, join every task, close the
     /// connections and the pool.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> Result<()> {
         wind_down(&self.engine, &self.stop, self.tasks).await
     }
 }
 
 /// Cancel `stop`, join every task of `tasks`, close the pool; the first failure is returned
 /// once everything has stopped.
-async fn wind_down(engine: &Engine, stop: &CancellationToken, mut tasks: Tasks) -> anyhow::Result<()> {
+async fn wind_down(engine: &Engine, stop: &CancellationToken, mut tasks: Tasks) -> Result<()> {
     stop.cancel();
     let mut first = None;
     while let Some(ended) = tasks.join_next().await {
         let failure = match ended {
             Ok((_, Ok(()))) => continue,
-            Ok((task, Err(e))) => anyhow::anyhow!("{task} failed: {e:#}"),
-            Err(e) => anyhow::anyhow!("a task panicked: {e}"),
+            Ok((task, Err(e))) => Error::Task(format!("{task} failed: {e:#}")),
+            Err(e) => Error::Task(format!("a task panicked: {e}")),
         };
         tracing::warn!(error = %failure, "while shutting down");
         first.get_or_insert(failure);
@@ -532,15 +533,15 @@ async fn wind_down(engine: &Engine, stop: &CancellationToken, mut tasks: Tasks) 
 }
 
 /// Wait until saga `id` is settled (completed, compensated or stopped) or `timeout` passes.
-pub async fn wait_settled(pool: &PgPool, id: SagaId, timeout: Duration) -> anyhow::Result<SagaState> {
+pub async fn wait_settled(pool: &PgPool, id: SagaId, timeout: Duration) -> Result<SagaState> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let st = store::load(pool, id).await?.with_context(|| format!("no saga {id}"))?;
+        let st = store::load(pool, id).await.map_err(Error::database("reading a saga"))?.ok_or(Error::NoSuchSaga(id))?;
         if st.status.is_settled() {
             return Ok(st);
         }
         if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("saga {id} is still {} after {timeout:?}", st.status.as_str());
+            return Err(Error::NotSettled { id, status: st.status, waited: timeout });
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -98,13 +98,100 @@ pub struct StopReason {
 pub struct Failure {
     /// The step that failed, if a step did.
     pub step: Option<String>,
-    /// A code: the participant's rejection code, or one of `retries_exhausted`,
-    /// `step_timed_out`, `wait_expired`, `deadline_exceeded`, `aborted`, `invalid_reply`,
-    /// `invalid_data`, or `unpublishable` (the orchestrator refused the command for the
-    /// participant: it could never be published, docs/protocol.md).
-    pub code: String,
+    /// Why: a code of the orchestrator's own, or the participant's rejection code.
+    pub code: FailureCode,
     /// What happened, in words.
     pub message: String,
+}
+
+/// Why a saga failed. Serialized as its code, a string: the orchestrator's own codes, or the
+/// code a participant rejected a command with (a participant's code that is one of the
+/// orchestrator's reads back as that variant: the string is what counts).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FailureCode {
+    /// A step spent its retries.
+    RetriesExhausted,
+    /// A step's attempt timed out (`OnTimeout::Fail`).
+    StepTimedOut,
+    /// A wait step's deadline passed.
+    WaitExpired,
+    /// The saga's deadline passed.
+    DeadlineExceeded,
+    /// An operator aborted the saga.
+    Aborted,
+    /// A step's reply could not be applied to the saga's data.
+    InvalidReply,
+    /// A step's command or condition could not be built from the saga's data.
+    InvalidData,
+    /// The orchestrator refused a command for the participant: it could never be published
+    /// (docs/protocol.md).
+    Unpublishable,
+    /// The code a participant rejected the command with.
+    Participant(String),
+}
+
+impl FailureCode {
+    /// The orchestrator's own codes.
+    const OWN: [Self; 8] = [
+        Self::RetriesExhausted,
+        Self::StepTimedOut,
+        Self::WaitExpired,
+        Self::DeadlineExceeded,
+        Self::Aborted,
+        Self::InvalidReply,
+        Self::InvalidData,
+        Self::Unpublishable,
+    ];
+
+    /// The code.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::StepTimedOut => "step_timed_out",
+            Self::WaitExpired => "wait_expired",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Aborted => "aborted",
+            Self::InvalidReply => "invalid_reply",
+            Self::InvalidData => "invalid_data",
+            Self::Unpublishable => "unpublishable",
+            Self::Participant(code) => code,
+        }
+    }
+
+    /// The failure code `code` names.
+    pub fn parse(code: &str) -> Self {
+        Self::OWN.into_iter().find(|c| c.as_str() == code).unwrap_or_else(|| Self::Participant(code.to_owned()))
+    }
+}
+
+impl std::fmt::Display for FailureCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for FailureCode {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for FailureCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for FailureCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for FailureCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|code| Self::parse(&code))
+    }
 }
 
 /// Where one step is.
@@ -263,5 +350,27 @@ impl SagaState {
     /// The step state at `index`.
     pub fn step(&self, index: StepIndex) -> Option<&StepState> {
         self.steps.get(index.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_code_is_its_string_both_ways() {
+        for code in FailureCode::OWN {
+            assert_eq!(FailureCode::parse(code.as_str()), code);
+            let json = serde_json::to_value(&code).unwrap();
+            assert_eq!(json, Value::String(code.as_str().into()));
+            assert_eq!(serde_json::from_value::<FailureCode>(json).unwrap(), code);
+        }
+        let refused = FailureCode::parse("out_of_stock");
+        assert_eq!(refused, FailureCode::Participant("out_of_stock".into()));
+        assert_eq!(refused, "out_of_stock");
+        assert_eq!(serde_json::from_value::<FailureCode>(serde_json::json!("out_of_stock")).unwrap(), refused);
+        // A participant's code that is one of the orchestrator's reads back as it.
+        assert_eq!(serde_json::from_value::<FailureCode>(serde_json::json!("aborted")).unwrap(), FailureCode::Aborted);
+        assert_eq!(SagaStatus::names_where(SagaStatus::is_terminal), ["completed", "compensated"]);
     }
 }

@@ -186,7 +186,7 @@ impl TestEnv {
 
     /// Run an orchestrator node in this process.
     pub async fn orchestrator(&self, node_id: &str, registry: Registry) -> anyhow::Result<OrchestratorHandle> {
-        Orchestrator::connect(self.config(node_id), registry).await?.start().await
+        Ok(Orchestrator::connect(self.config(node_id), registry).await?.start().await?)
     }
 
     /// A connection to the broker.

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::intake::{Engine, StartError};
-use crate::ops::{self, ListFilter, OpsError};
+use crate::ops::{self, ErrorKind, ListFilter, OpsError};
 
 /// The OpenAPI document (committed as docs/openapi.json; a test keeps them equal).
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -70,8 +70,10 @@ pub fn app(state: ApiState) -> Router {
         .route("/ready", get(ready))
         .route("/", get(|| async { Html(UI) }))
         .merge(protected)
-        .fallback(|| async { ApiError(OpsError::new("not_found", "no such route")) })
-        .method_not_allowed_fallback(|| async { ApiError(OpsError::new("method_not_allowed", "the route does not take this method")) })
+        .fallback(|| async { ApiError(OpsError::new(ErrorKind::NotFound, "no such route")) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(OpsError::new(ErrorKind::MethodNotAllowed, "the route does not take this method"))
+        })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -99,16 +101,16 @@ static CSP: LazyLock<String> = LazyLock::new(|| {
 /// framed, sniffed or fed a script from elsewhere.
 async fn guard(State(s): State<ApiState>, req: Request, next: Next) -> Response {
     // The status follows from the code (see `ApiError`).
-    let refused = |code: &'static str, message: &str| ApiError(OpsError::new(code, message)).into_response();
+    let refused = |kind: ErrorKind, message: &str| ApiError(OpsError::new(kind, message)).into_response();
     let headers = req.headers();
     let mut response = if s.token.is_none() && !headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(loopback_authority) {
-        refused("forbidden", "without an api_token, requests must name a loopback host (localhost, 127.0.0.1 or [::1])")
+        refused(ErrorKind::Forbidden, "without an api_token, requests must name a loopback host (localhost, 127.0.0.1 or [::1])")
     } else if s.token.is_none()
         && headers
             .get(header::ORIGIN)
             .is_some_and(|o| !o.to_str().ok().and_then(|o| o.split_once("://")).is_some_and(|(_, a)| loopback_authority(a)))
     {
-        refused("forbidden", "without an api_token, requests from another origin are refused")
+        refused(ErrorKind::Forbidden, "without an api_token, requests from another origin are refused")
     } else if req.method() == axum::http::Method::POST
         && req.body().size_hint().exact() != Some(0)
         && !headers
@@ -116,7 +118,7 @@ async fn guard(State(s): State<ApiState>, req: Request, next: Next) -> Response 
             .and_then(|c| c.to_str().ok())
             .is_some_and(|c| c.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")))
     {
-        refused("unsupported_media_type", "a request body must be JSON (`Content-Type: application/json`)")
+        refused(ErrorKind::UnsupportedMediaType, "a request body must be JSON (`Content-Type: application/json`)")
     } else {
         next.run(req).await
     };
@@ -150,20 +152,22 @@ impl From<OpsError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match self.0.code {
-            "not_found" => StatusCode::NOT_FOUND,
-            "conflict" => StatusCode::CONFLICT,
-            "unauthorized" => StatusCode::UNAUTHORIZED,
-            "forbidden" => StatusCode::FORBIDDEN,
-            "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
-            "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-            "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::BAD_REQUEST,
+        let status = match self.0.kind {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::InvalidRequest | ErrorKind::UnknownDefinition | ErrorKind::InvalidInput | ErrorKind::Unstorable => {
+                StatusCode::BAD_REQUEST
+            }
         };
         // A message never repeats a large input whole.
         let message = clip(&self.0.message, 1024);
-        (status, Json(json!({"error": {"code": self.0.code, "message": message}}))).into_response()
+        (status, Json(json!({"error": {"code": self.0.code(), "message": message}}))).into_response()
     }
 }
 
@@ -175,8 +179,8 @@ async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
         // In constant time: how much of a guess matches must not show in how long it takes.
         let matches = given.is_some_and(|g| bool::from(subtle::ConstantTimeEq::ct_eq(g.as_bytes(), token.as_bytes())));
         if !matches {
-            let mut r =
-                ApiError(OpsError::new("unauthorized", "a valid `Authorization: Bearer <token>` header is required")).into_response();
+            let mut r = ApiError(OpsError::new(ErrorKind::Unauthorized, "a valid `Authorization: Bearer <token>` header is required"))
+                .into_response();
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
@@ -185,20 +189,20 @@ async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
 }
 
 fn parse_id(id: &str) -> ApiResult<SagaId> {
-    id.parse().map_err(|_| ApiError(OpsError::new("invalid_request", format!("`{id}` is not a saga id (a UUID)"))))
+    id.parse().map_err(|_| ApiError(OpsError::new(ErrorKind::InvalidRequest, format!("`{id}` is not a saga id (a UUID)"))))
 }
 
 /// A JSON body, read up to `max_body_bytes` (a larger one is refused with 413 as soon as it
 /// passes the limit, not after it was read), that PostgreSQL can store (no U+0000).
 fn body<T: serde::de::DeserializeOwned>(raw: Result<axum::body::Bytes, BytesRejection>) -> ApiResult<T> {
     let bytes = raw.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError(OpsError::new("payload_too_large", "the body is larger than max_body_bytes")),
-        _ => ApiError(OpsError::new("invalid_request", e.body_text())),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError(OpsError::new(ErrorKind::PayloadTooLarge, "the body is larger than max_body_bytes")),
+        _ => ApiError(OpsError::new(ErrorKind::InvalidRequest, e.body_text())),
     })?;
     if json_has_nul(&bytes) {
-        return Err(ApiError(OpsError::new("invalid_request", "a string contains U+0000, which PostgreSQL cannot store")));
+        return Err(ApiError(OpsError::new(ErrorKind::InvalidRequest, "a string contains U+0000, which PostgreSQL cannot store")));
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError(OpsError::new("invalid_request", format!("invalid JSON body: {e}"))))
+    serde_json::from_slice(&bytes).map_err(|e| ApiError(OpsError::new(ErrorKind::InvalidRequest, format!("invalid JSON body: {e}"))))
 }
 
 async fn start(State(s): State<ApiState>, headers: HeaderMap, raw: Result<axum::body::Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -206,11 +210,11 @@ async fn start(State(s): State<ApiState>, headers: HeaderMap, raw: Result<axum::
     if req.idempotency_key.is_none() {
         req.idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     }
-    req.check().map_err(|e| OpsError::new("invalid_request", e))?;
+    req.check().map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let started = s.engine.start(&req, traceparent).await.map_err(|e| match e {
         StartError::Database(e) => OpsError::from(e),
-        other => OpsError::new(other.code(), other.to_string()),
+        other => OpsError::from(other),
     })?;
     let location = format!("/sagas/{}", started.saga_id);
     let mut r = (StatusCode::ACCEPTED, Json(json!({"saga_id": started.saga_id, "created": started.created}))).into_response();
@@ -221,7 +225,7 @@ async fn start(State(s): State<ApiState>, headers: HeaderMap, raw: Result<axum::
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
-    q.map(|Query(v)| v).map_err(|e| ApiError(OpsError::new("invalid_request", e.body_text())))
+    q.map(|Query(v)| v).map_err(|e| ApiError(OpsError::new(ErrorKind::InvalidRequest, e.body_text())))
 }
 
 async fn list(State(s): State<ApiState>, q: Result<Query<ListFilter>, QueryRejection>) -> ApiResult<Json<ops::Page>> {
@@ -263,7 +267,7 @@ async fn signal(
     raw: Result<axum::body::Bytes, BytesRejection>,
 ) -> ApiResult<Json<ops::SagaView>> {
     let ev: EventBody = body(raw)?;
-    check_name("event", &ev.event).map_err(|e| OpsError::new("invalid_request", e))?;
+    check_name("event", &ev.event).map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
     Ok(Json(ops::act(&s.engine, parse_id(&id)?, Input::Event { name: ev.event, payload: ev.payload }).await?))
 }
 
@@ -291,7 +295,7 @@ async fn definitions(State(s): State<ApiState>) -> Json<Value> {
 async fn ready(State(s): State<ApiState>) -> Response {
     match sqlx::query("SELECT 1").execute(s.engine.pool()).await {
         Ok(_) => Json(json!({"status": "ready"})).into_response(),
-        Err(e) => ApiError(OpsError::new("unavailable", format!("database: {e}"))).into_response(),
+        Err(e) => ApiError(OpsError::new(ErrorKind::Unavailable, format!("database: {e}"))).into_response(),
     }
 }
 

@@ -96,11 +96,11 @@ async fn run(cli: Cli, registry: fn() -> anyhow::Result<Registry>) -> anyhow::Re
         Command::Serve => {
             let node = Orchestrator::connect(config, registry()?).await?;
             tracing::info!("serving");
-            node.run(async {
+            let stopped = node.run(async {
                 participants_sdk::shutdown_signal().await;
                 tracing::info!("shutting down");
-            })
-            .await
+            });
+            Ok(stopped.await?)
         }
         Command::Migrate => {
             let pool = crate::runtime::connect_pool(&config.database_url, "sagaflow cli", 2, config.connect_timeout()).await?;

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use sagas::protocol::StartRequest;
-use sagas::{Input, Registry, SagaId};
+use sagas::{Input, OperatorCommand, Registry, SagaId};
 use serde_json::Value;
 
 use super::Command;
-use crate::ops::{self, ListFilter, OpsError, SagaView};
+use crate::ops::{self, ErrorKind, ListFilter, OpsError, SagaView};
 use crate::{Config, Orchestrator};
 
 #[derive(clap::Args)]
@@ -105,11 +105,11 @@ pub(crate) struct VersionsArgs {
 }
 
 fn id(s: &str) -> Result<SagaId, OpsError> {
-    s.parse().map_err(|_| OpsError::new("invalid_request", format!("`{s}` is not a saga id (a UUID)")))
+    s.parse().map_err(|_| OpsError::new(ErrorKind::InvalidRequest, format!("`{s}` is not a saga id (a UUID)")))
 }
 
 fn json_arg(what: &str, s: &str) -> Result<Value, OpsError> {
-    serde_json::from_str(s).map_err(|e| OpsError::new("invalid_request", format!("{what} is not JSON: {e}")))
+    serde_json::from_str(s).map_err(|e| OpsError::new(ErrorKind::InvalidRequest, format!("{what} is not JSON: {e}")))
 }
 
 pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) -> anyhow::Result<()> {
@@ -125,7 +125,7 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
                 idempotency_key: a.idempotency_key,
                 saga_id: None,
             };
-            let started = engine.start(&req, None).await.map_err(|e| OpsError::new(e.code(), e.to_string()))?;
+            let started = engine.start(&req, None).await.map_err(OpsError::from)?;
             if a.json {
                 println!("{}", serde_json::json!({"saga_id": started.saga_id, "created": started.created}));
             } else {
@@ -171,10 +171,13 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
             let payload = json_arg("--payload", &a.payload)?;
             (ops::act(engine, id(&a.id)?, Input::Event { name: a.event, payload }).await?, a.json)
         }
-        Command::Abort(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("abort", a.reason)?)).await?, a.json),
-        Command::Retry(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("retry", None)?)).await?, a.json),
-        Command::Skip(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("skip", None)?)).await?, a.json),
-        Command::Resume(a) => (ops::act(engine, id(&a.id)?, Input::Operator(ops::operator_command("resume", None)?)).await?, a.json),
+        Command::Abort(a) => {
+            let reason = a.reason.unwrap_or_else(|| ops::ABORTED_BY_AN_OPERATOR.into());
+            (ops::act(engine, id(&a.id)?, Input::Operator(OperatorCommand::Abort { reason })).await?, a.json)
+        }
+        Command::Retry(a) => (ops::act(engine, id(&a.id)?, Input::Operator(OperatorCommand::RetryCompensation)).await?, a.json),
+        Command::Skip(a) => (ops::act(engine, id(&a.id)?, Input::Operator(OperatorCommand::SkipCompensation)).await?, a.json),
+        Command::Resume(a) => (ops::act(engine, id(&a.id)?, Input::Operator(OperatorCommand::Resume)).await?, a.json),
         Command::Versions(a) => {
             let all = ops::versions(engine.pool(), engine.registry()).await?;
             if a.json {

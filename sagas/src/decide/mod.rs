@@ -19,7 +19,7 @@ use crate::definition::{CommandStep, Definition, StepAction, StepKind};
 use crate::error::{Error, Result};
 use crate::ids::{CommandKind, MessageId, StepIndex, Timestamp};
 use crate::protocol::ReplyOutcome;
-use crate::state::{Failure, SagaState, SagaStatus, StepStatus, StopCode, StopReason};
+use crate::state::{Failure, FailureCode, SagaState, SagaStatus, StepStatus, StopCode, StopReason};
 
 /// One input to a saga instance.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -403,7 +403,7 @@ impl Cx<'_> {
                     None | Some(Ok(true)) => true,
                     Some(Ok(false)) => false,
                     Some(Err(e)) => {
-                        self.fail_step_without_effect(i, "invalid_data", &format!("condition could not be evaluated: {e}"));
+                        self.fail_step_without_effect(i, FailureCode::InvalidData, &format!("condition could not be evaluated: {e}"));
                         return;
                     }
                 };
@@ -461,7 +461,7 @@ impl Cx<'_> {
         let body = match (c.build)(&self.st.data) {
             Ok(b) => b,
             Err(e) => {
-                self.fail_step_without_effect(i, "invalid_data", &format!("command could not be built: {e}"));
+                self.fail_step_without_effect(i, FailureCode::InvalidData, &format!("command could not be built: {e}"));
                 return false;
             }
         };
@@ -491,13 +491,13 @@ impl Cx<'_> {
 
     /// Step `i` failed in a way that did not change anything (its command could not be built,
     /// its condition could not be evaluated): fail it and the saga.
-    fn fail_step_without_effect(&mut self, i: StepIndex, code: &str, message: &str) {
+    fn fail_step_without_effect(&mut self, i: StepIndex, code: FailureCode, message: &str) {
         let now = self.now;
         let s = self.step_mut(i);
         s.status = StepStatus::Failed;
         s.finished_at = Some(now);
         s.last_error = Some(message.to_owned());
-        let failure = Failure { step: Some(self.name(i)), code: code.to_owned(), message: message.to_owned() };
+        let failure = Failure { step: Some(self.name(i)), code, message: message.to_owned() };
         if self.def.steps[i.get()].kind == StepKind::Retriable || self.st.past_pivot {
             self.stop(StopCode::StepFailedAfterPivot, Some(i), message.to_owned());
         } else {
@@ -524,9 +524,9 @@ impl Cx<'_> {
     /// retries and waits of the node are cancelled.
     fn fail(&mut self, failure: Failure) {
         debug_assert!(!self.st.past_pivot, "a saga past its pivot never compensates");
-        self.emit(SagaEvent::Compensating { code: failure.code.clone(), message: failure.message.clone() });
+        self.emit(SagaEvent::Compensating { code: failure.code.to_string(), message: failure.message.clone() });
         if let Some(step) = &failure.step {
-            self.emit(SagaEvent::StepFailed { step: step.clone(), code: failure.code.clone(), message: failure.message.clone() });
+            self.emit(SagaEvent::StepFailed { step: step.clone(), code: failure.code.to_string(), message: failure.message.clone() });
         }
         self.st.failure = Some(failure);
         self.st.status = SagaStatus::Compensating;

@@ -2,7 +2,7 @@
 //! A command that does not fit the saga's state is refused with the reason.
 
 use super::{Cx, InputOutcome, OperatorCommand, SagaEvent};
-use crate::state::{Failure, SagaStatus, StepStatus, StopCode};
+use crate::state::{Failure, FailureCode, SagaStatus, StepStatus, StopCode};
 
 pub(super) fn handle(cx: &mut Cx<'_>, op: &OperatorCommand) -> InputOutcome {
     let stop = cx.st.stop.as_ref().map(|s| s.code);
@@ -11,7 +11,7 @@ pub(super) fn handle(cx: &mut Cx<'_>, op: &OperatorCommand) -> InputOutcome {
             if cx.st.past_pivot {
                 return Cx::refused("the saga is past its pivot and can only go forward");
             }
-            cx.fail(Failure { step: None, code: "aborted".into(), message: reason.clone() });
+            cx.fail(Failure { step: None, code: FailureCode::Aborted, message: reason.clone() });
             InputOutcome::Applied
         }
         (OperatorCommand::Abort { .. }, SagaStatus::Stopped, _) => {

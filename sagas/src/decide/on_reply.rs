@@ -11,7 +11,7 @@ use super::{Cx, IgnoreReason, InputOutcome, Reply, SagaEvent, TimerKey};
 use crate::definition::StepKind;
 use crate::ids::{CommandKind, MessageId, StepIndex};
 use crate::protocol::ReplyOutcome;
-use crate::state::{Failure, SagaStatus, StepStatus, StopCode};
+use crate::state::{Failure, FailureCode, SagaStatus, StepStatus, StopCode};
 
 pub(super) fn handle(cx: &mut Cx<'_>, r: &Reply) -> InputOutcome {
     let i = r.step;
@@ -88,7 +88,7 @@ fn success(cx: &mut Cx<'_>, i: StepIndex, output: &Value) -> InputOutcome {
         cx.step_mut(i).last_error = Some(message.clone());
         match cx.st.status {
             SagaStatus::Running if past_pivot(cx, i) => cx.stop(StopCode::StepFailedAfterPivot, Some(i), message),
-            SagaStatus::Running => cx.fail(Failure { step: Some(cx.name(i)), code: "invalid_reply".into(), message }),
+            SagaStatus::Running => cx.fail(Failure { step: Some(cx.name(i)), code: FailureCode::InvalidReply, message }),
             _ => cx.begin_compensation_if_drained(),
         }
         return InputOutcome::Applied;
@@ -136,7 +136,7 @@ fn rejected(cx: &mut Cx<'_>, i: StepIndex, code: &str, message: &str) -> InputOu
         SagaStatus::Running if past_pivot(cx, i) => {
             cx.stop(StopCode::StepFailedAfterPivot, Some(i), format!("step was rejected after the pivot: {code}: {message}"));
         }
-        SagaStatus::Running => cx.fail(Failure { step: Some(cx.name(i)), code: code.to_owned(), message: message.to_owned() }),
+        SagaStatus::Running => cx.fail(Failure { step: Some(cx.name(i)), code: FailureCode::parse(code), message: message.to_owned() }),
         SagaStatus::Compensating => {
             let step = cx.name(i);
             cx.emit(SagaEvent::StepFailed { step, code: code.to_owned(), message: message.to_owned() });
@@ -178,7 +178,7 @@ fn transient(cx: &mut Cx<'_>, i: StepIndex, message: &str) -> InputOutcome {
         }
         SagaStatus::Running => {
             let message = format!("retries exhausted after {used} attempts: {message}");
-            cx.fail(Failure { step: Some(cx.name(i)), code: "retries_exhausted".into(), message });
+            cx.fail(Failure { step: Some(cx.name(i)), code: FailureCode::RetriesExhausted, message });
         }
         SagaStatus::Compensating => cx.begin_compensation_if_drained(),
         _ => {}

@@ -5,7 +5,7 @@ use super::{Cx, IgnoreReason, InputOutcome, SagaEvent, TimerKey};
 use crate::definition::{StepAction, StepKind};
 use crate::ids::{CommandKind, StepIndex};
 use crate::policy::{OnDeadline, OnTimeout};
-use crate::state::{Failure, SagaStatus, StepStatus, StopCode};
+use crate::state::{Failure, FailureCode, SagaStatus, StepStatus, StopCode};
 
 pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
     let stale = |what: &str| Cx::ignored(IgnoreReason::Stale, format!("timer {} no longer applies: {what}", key.id()));
@@ -19,7 +19,7 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
             if cx.st.past_pivot {
                 cx.stop(StopCode::TimedOut, None, "the saga deadline passed after the pivot".into());
             } else {
-                cx.fail(Failure { step: None, code: "deadline_exceeded".into(), message: "the saga deadline passed".into() });
+                cx.fail(Failure { step: None, code: FailureCode::DeadlineExceeded, message: "the saga deadline passed".into() });
             }
             InputOutcome::Applied
         }
@@ -82,7 +82,7 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
                     s.last_error = Some("the wait passed its deadline".into());
                     if cx.st.status == SagaStatus::Running {
                         let message = format!("event `{}` did not arrive before the deadline", w.event);
-                        cx.fail(Failure { step: Some(name), code: "wait_expired".into(), message });
+                        cx.fail(Failure { step: Some(name), code: FailureCode::WaitExpired, message });
                     }
                 }
             }
@@ -128,7 +128,7 @@ fn invoke_timeout(cx: &mut Cx<'_>, i: StepIndex, attempt: u32) -> Option<InputOu
             if after_pivot {
                 cx.stop(StopCode::TimedOut, Some(i), error);
             } else {
-                cx.fail(Failure { step: Some(cx.name(i)), code: "step_timed_out".into(), message: error });
+                cx.fail(Failure { step: Some(cx.name(i)), code: FailureCode::StepTimedOut, message: error });
             }
         }
         SagaStatus::Compensating => {
