@@ -1,6 +1,6 @@
 //! The error of the library's public API: connecting, running and stopping a node or a client,
 //! and waiting for a saga. (Starting sagas and operator requests have errors of their own:
-//! [`crate::StartError`], [`crate::ops::OpsError`].)
+//! [`crate::StartError`], [`crate::ops::OpsError`], whose kinds are [`ErrorKind`].)
 
 use std::time::Duration;
 
@@ -75,6 +75,63 @@ impl Error {
     pub(crate) fn io(doing: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let doing = doing.into();
         move |cause| Self::Io { doing, cause }
+    }
+}
+
+/// What kind of failure an operator request or an API call is ([`crate::ops::OpsError`]): its stable code (HTTP API `error.code`, CLI exit
+/// message), from which the API takes its HTTP status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No such saga.
+    NotFound,
+    /// The saga's state refuses the action (or the input was ignored).
+    Conflict,
+    /// The request is malformed.
+    InvalidRequest,
+    /// No such definition (or version) is served.
+    UnknownDefinition,
+    /// The input does not decode as the definition's data.
+    InvalidInput,
+    /// PostgreSQL refuses the data itself: the same request fails the same way every time.
+    Unstorable,
+    /// The database, or a node that knows the saga's version, is not available: try again.
+    Unavailable,
+    /// The API token is missing or wrong.
+    Unauthorized,
+    /// Refused without a token (not a loopback host, another origin).
+    Forbidden,
+    /// The route does not take this method.
+    MethodNotAllowed,
+    /// The body is larger than `max_body_bytes`.
+    PayloadTooLarge,
+    /// The body is not JSON.
+    UnsupportedMediaType,
+}
+
+impl ErrorKind {
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
+            Self::InvalidRequest => "invalid_request",
+            Self::UnknownDefinition => "unknown_definition",
+            Self::InvalidInput => "invalid_input",
+            Self::Unstorable => "unstorable",
+            Self::Unavailable => "unavailable",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -1,8 +1,10 @@
-//! Inputs applied to sagas: read the instances and the inbox → `sagas::decide` for each input
-//! → one statement writes the states, history, outbox, timers and inbox entries of the sagas
-//! still as they were read, and the others are decided again ([`Engine::apply_batch`]; one
-//! input, or a batch of replies of distinct sagas). Starts are one statement; timers fire under
-//! a row lock. The caller acks the messages after this returns.
+//! Inputs applied to sagas: read the instances (and, for inputs deduplicated by message id,
+//! the inbox) → `sagas::decide` for each input → one statement writes the states, history,
+//! outbox, timers and inbox entries of the sagas still as they were read, and the others are
+//! decided again ([`Engine::apply_batch`]; one input, or a batch of replies of distinct sagas).
+//! Starts are one statement; timers fire under a row lock (the write modes: `store::write`).
+//! What a decision wrote is handed to the publisher after the commit. The caller acks the
+//! messages after this returns.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use sagas::{Definition, Effect, Input, InputOutcome, MessageId, Registry, SagaId
 use serde_json::json;
 use sqlx::PgPool;
 
+use crate::error::ErrorKind;
 use crate::metrics::Metrics;
 use crate::outbound::Publisher;
 use crate::store::{self, Claimed, DecisionRows, HistoryRow, OutboxRow};
@@ -90,8 +93,7 @@ impl From<sqlx::Error> for StartError {
 
 impl StartError {
     /// What kind of failure it is.
-    pub fn kind(&self) -> crate::ops::ErrorKind {
-        use crate::ops::ErrorKind;
+    pub fn kind(&self) -> ErrorKind {
         match self {
             Self::UnknownDefinition { .. } => ErrorKind::UnknownDefinition,
             Self::InvalidInput { .. } => ErrorKind::InvalidInput,

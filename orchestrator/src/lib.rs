@@ -35,6 +35,6 @@ pub mod store;
 mod timers;
 
 pub use config::Config;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use intake::{Engine, Handled, StartError, Started};
 pub use runtime::{ClientHandle, Orchestrator, OrchestratorHandle, application_name, wait_settled};

@@ -457,31 +457,7 @@ impl<D: SagaData> SagaBuilder<D> {
         }
         check_pivot_rules(&steps, &nodes).map_err(&invalid)?;
         for s in &steps {
-            match &s.action {
-                StepAction::Command(c) => {
-                    c.retry.validate().map_err(|e| invalid(format!("step `{}`: {e}", s.name)))?;
-                    if let Some(k) = &c.compensation {
-                        k.retry.validate().map_err(|e| invalid(format!("step `{}` compensation: {e}", s.name)))?;
-                        if k.timeout_ms == Some(0) {
-                            return Err(invalid(format!("step `{}`: compensation timeout must be longer than zero", s.name)));
-                        }
-                    }
-                    if c.timeout.is_some_and(|t| t.after_ms == 0) {
-                        return Err(invalid(format!("step `{}`: timeout must be longer than zero", s.name)));
-                    }
-                    if c.command.is_empty() || c.participant.is_empty() {
-                        return Err(invalid(format!("step `{}`: command and participant names must not be empty", s.name)));
-                    }
-                }
-                StepAction::Wait(w) => {
-                    if w.event.is_empty() {
-                        return Err(invalid(format!("wait `{}` names no event: call `.event(name)` or `.on_event::<E>(..)`", s.name)));
-                    }
-                    if w.deadline.is_some_and(|d| d.0 == 0) {
-                        return Err(invalid(format!("wait `{}`: deadline must be longer than zero", s.name)));
-                    }
-                }
-            }
+            check_step_settings(s).map_err(&invalid)?;
         }
         Ok(SagaDefinition {
             inner: Arc::new(Definition {
@@ -495,6 +471,37 @@ impl<D: SagaData> SagaBuilder<D> {
             _data: PhantomData,
         })
     }
+}
+
+/// The settings of step `s` that can never work: an invalid retry policy, a zero timeout or
+/// deadline, empty names, a wait without an event.
+fn check_step_settings(s: &StepDef) -> std::result::Result<(), String> {
+    match &s.action {
+        StepAction::Command(c) => {
+            c.retry.validate().map_err(|e| format!("step `{}`: {e}", s.name))?;
+            if let Some(k) = &c.compensation {
+                k.retry.validate().map_err(|e| format!("step `{}` compensation: {e}", s.name))?;
+                if k.timeout_ms == Some(0) {
+                    return Err(format!("step `{}`: compensation timeout must be longer than zero", s.name));
+                }
+            }
+            if c.timeout.is_some_and(|t| t.after_ms == 0) {
+                return Err(format!("step `{}`: timeout must be longer than zero", s.name));
+            }
+            if c.command.is_empty() || c.participant.is_empty() {
+                return Err(format!("step `{}`: command and participant names must not be empty", s.name));
+            }
+        }
+        StepAction::Wait(w) => {
+            if w.event.is_empty() {
+                return Err(format!("wait `{}` names no event: call `.event(name)` or `.on_event::<E>(..)`", s.name));
+            }
+            if w.deadline.is_some_and(|d| d.0 == 0) {
+                return Err(format!("wait `{}`: deadline must be longer than zero", s.name));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn valid_name(s: &str) -> bool {

@@ -138,25 +138,7 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
             let f =
                 ListFilter { status: a.status, definition: a.definition, limit: Some(a.limit), cursor: a.cursor, ..ListFilter::default() };
             let page = ops::list(engine.pool(), &f).await?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&page)?);
-            } else {
-                println!("{:<36}  {:<24}  {:<12}  {:>15}", "SAGA", "DEFINITION", "STATUS", "AGE");
-                let now = sagas::Timestamp::now().0;
-                for s in &page.items {
-                    println!(
-                        "{:<36}  {:<24}  {:<12}  {:>15}",
-                        s.id,
-                        format!("{} v{}", s.definition, s.version),
-                        s.status,
-                        age(now.saturating_sub(s.created_at))
-                    );
-                }
-                if let Some(c) = page.next_cursor {
-                    println!("more: --cursor {c}");
-                }
-            }
-            return Ok(());
+            return print_list(&page, a.json);
         }
         Command::Wait(a) => {
             let (v, settled) = ops::wait(engine, id(&a.id)?, Duration::from_secs(a.timeout_s)).await?;
@@ -180,31 +162,57 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
         Command::Resume(a) => (ops::act(engine, id(&a.id)?, Input::Operator(OperatorCommand::Resume)).await?, a.json),
         Command::Versions(a) => {
             let all = ops::versions(engine.pool(), engine.registry()).await?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
-                return Ok(());
-            }
-            println!("{:<24}  {:>7}  {:<6}  {:>8}  {:>8}  NOTE", "DEFINITION", "VERSION", "SERVED", "OPEN", "TOTAL");
-            for v in &all {
-                let note = match (v.served, v.retirable(&all), v.open) {
-                    (false, _, n) if n > 0 => "open sagas wait for a node that serves this version",
-                    (true, true, _) => "no open sagas: a release may drop it",
-                    _ => "",
-                };
-                println!(
-                    "{:<24}  {:>7}  {:<6}  {:>8}  {:>8}  {note}",
-                    v.definition,
-                    v.version,
-                    if v.served { "yes" } else { "no" },
-                    v.open,
-                    v.total
-                );
-            }
-            return Ok(());
+            return print_versions(&all, a.json);
         }
         Command::Serve | Command::Migrate | Command::Demo(_) => unreachable!("handled by the caller"),
     };
     print_view(&out.0, out.1)
+}
+
+fn print_list(page: &ops::Page, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(page)?);
+        return Ok(());
+    }
+    println!("{:<36}  {:<24}  {:<12}  {:>15}", "SAGA", "DEFINITION", "STATUS", "AGE");
+    let now = sagas::Timestamp::now().0;
+    for s in &page.items {
+        println!(
+            "{:<36}  {:<24}  {:<12}  {:>15}",
+            s.id,
+            format!("{} v{}", s.definition, s.version),
+            s.status,
+            age(now.saturating_sub(s.created_at))
+        );
+    }
+    if let Some(c) = &page.next_cursor {
+        println!("more: --cursor {c}");
+    }
+    Ok(())
+}
+
+fn print_versions(all: &[ops::VersionUse], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(all)?);
+        return Ok(());
+    }
+    println!("{:<24}  {:>7}  {:<6}  {:>8}  {:>8}  NOTE", "DEFINITION", "VERSION", "SERVED", "OPEN", "TOTAL");
+    for v in all {
+        let note = match (v.served, v.retirable(all), v.open) {
+            (false, _, n) if n > 0 => "open sagas wait for a node that serves this version",
+            (true, true, _) => "no open sagas: a release may drop it",
+            _ => "",
+        };
+        println!(
+            "{:<24}  {:>7}  {:<6}  {:>8}  {:>8}  {note}",
+            v.definition,
+            v.version,
+            if v.served { "yes" } else { "no" },
+            v.open,
+            v.total
+        );
+    }
+    Ok(())
 }
 
 fn age(ms: u64) -> String {

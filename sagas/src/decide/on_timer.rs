@@ -58,37 +58,41 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
             cx.compensation_attempt_failed(step, format!("compensation attempt {attempt} got no reply in time"));
             InputOutcome::Applied
         }
-        TimerKey::WaitDeadline { step } => {
-            let StepAction::Wait(w) = &cx.def.steps[step.get()].action else { return stale("not a wait") };
-            let then = w.deadline.map_or(OnDeadline::Fail, |d| d.1);
-            if cx.st.steps[step.get()].status != StepStatus::Waiting {
-                return stale("the wait is over");
+        TimerKey::WaitDeadline { step } => wait_deadline(cx, step).unwrap_or_else(|| stale("the wait is over")),
+    }
+}
+
+/// Wait step `step`'s deadline passed: skip it or fail the saga, as the step says; `None` when
+/// the wait is over.
+fn wait_deadline(cx: &mut Cx<'_>, step: StepIndex) -> Option<InputOutcome> {
+    let StepAction::Wait(w) = &cx.def.steps[step.get()].action else { return None };
+    let then = w.deadline.map_or(OnDeadline::Fail, |d| d.1);
+    if cx.st.steps[step.get()].status != StepStatus::Waiting {
+        return None;
+    }
+    let now = cx.now;
+    let name = cx.name(step);
+    match then {
+        OnDeadline::Continue => {
+            let s = cx.step_mut(step);
+            s.status = StepStatus::Skipped;
+            s.finished_at = Some(now);
+            s.last_error = Some("the wait passed its deadline".into());
+            cx.emit(SagaEvent::StepSkipped { step: name });
+            cx.advance_if_node_done();
+        }
+        OnDeadline::Fail => {
+            let s = cx.step_mut(step);
+            s.status = StepStatus::Failed;
+            s.finished_at = Some(now);
+            s.last_error = Some("the wait passed its deadline".into());
+            if cx.st.status == SagaStatus::Running {
+                let message = format!("event `{}` did not arrive before the deadline", w.event);
+                cx.fail(Failure { step: Some(name), code: FailureCode::WaitExpired, message });
             }
-            let now = cx.now;
-            let name = cx.name(step);
-            match then {
-                OnDeadline::Continue => {
-                    let s = cx.step_mut(step);
-                    s.status = StepStatus::Skipped;
-                    s.finished_at = Some(now);
-                    s.last_error = Some("the wait passed its deadline".into());
-                    cx.emit(SagaEvent::StepSkipped { step: name });
-                    cx.advance_if_node_done();
-                }
-                OnDeadline::Fail => {
-                    let s = cx.step_mut(step);
-                    s.status = StepStatus::Failed;
-                    s.finished_at = Some(now);
-                    s.last_error = Some("the wait passed its deadline".into());
-                    if cx.st.status == SagaStatus::Running {
-                        let message = format!("event `{}` did not arrive before the deadline", w.event);
-                        cx.fail(Failure { step: Some(name), code: FailureCode::WaitExpired, message });
-                    }
-                }
-            }
-            InputOutcome::Applied
         }
     }
+    Some(InputOutcome::Applied)
 }
 
 fn invoke_timeout(cx: &mut Cx<'_>, i: StepIndex, attempt: u32) -> Option<InputOutcome> {
