@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use crate::error::ErrorKind;
 use crate::metrics::Metrics;
 use crate::outbound::Publisher;
+use crate::starts::Starts;
 use crate::store::{self, Claimed, DecisionRows, HistoryRow, OutboxRow};
 
 /// How far a due timer of a definition version this node does not have is pushed back.
@@ -150,6 +151,7 @@ pub struct Engine {
     node: Arc<str>,
     metrics: Metrics,
     pub(crate) publisher: Publisher,
+    starts: Starts,
     events: Events,
 }
 
@@ -174,8 +176,16 @@ impl Events {
 
 impl Engine {
     /// An engine that hands what it writes to `publisher` (whose task the runtime runs).
-    pub(crate) fn new(pool: PgPool, registry: Arc<Registry>, names: Names, node: &str, events: Events, publisher: Publisher) -> Self {
-        Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, events }
+    pub(crate) fn new(
+        pool: PgPool,
+        registry: Arc<Registry>,
+        names: Names,
+        node: &str,
+        events: Events,
+        outbound: (Publisher, Starts),
+    ) -> Self {
+        let (publisher, starts) = outbound;
+        Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, starts, events }
     }
 
     /// This node's metrics.
@@ -218,23 +228,24 @@ impl Engine {
             definition: def.name.clone(),
             reason: format!("the definition cannot start: {h:?}"),
         })?;
-        // One statement: the instance, its history, its first messages and timers, or nothing
-        // when the id or the idempotency key is taken.
+        // One statement, shared with the starts that wait with it: the instance, its history,
+        // its first messages and timers, or nothing when the id or the idempotency key is taken.
         let new = store::NewInstance {
-            definition: &def.name,
+            definition: def.name.clone(),
             version: def.version,
-            idempotency_key: req.idempotency_key.as_deref(),
-            traceparent: &traceparent,
+            idempotency_key: req.idempotency_key.clone(),
+            traceparent,
         };
-        let wake = self.wake_relays();
-        let Some(ids) = store::write::insert_new(&self.pool, &self.node, &d.rows, new, wake).await? else {
+        let (rows, created) = self.starts.insert(std::mem::take(&mut d.rows), new, self.wake_relays()).await?;
+        d.rows = rows;
+        let Some(ids) = created else {
             let existing = match req.idempotency_key.as_deref() {
                 Some(key) => store::by_idempotency_key(&self.pool, key).await?.unwrap_or(id),
                 None => id,
             };
             return Ok(Started { saga_id: existing, created: false });
         };
-        let written = self.to_publish(std::slice::from_mut(&mut d), ids, wake);
+        let written = self.to_publish(std::slice::from_mut(&mut d), ids.outbox, ids.woken);
         self.committed(&d, &Input::Start);
         tracing::info!(saga.id = %id, saga.name = %def.name, "saga started");
         self.publish_written(written).await;

@@ -11,6 +11,7 @@
 //! - `outbound`: the outbox published: a decision's messages right after its commit (the
 //!   publisher), and what was not published that way by the relay (LISTEN/NOTIFY, `SKIP LOCKED`,
 //!   publish with confirms, delete); undeliverable commands handed back as data.
+//! - `starts`: sagas started at the same moment written in one statement.
 //! - `timers`: due timers fired as inputs.
 //! - [`store`]: the schema `sagaflow` and its queries.
 //! - [`config`]: configuration (TOML file + `SAGAFLOW_*` variables); [`Error`]: what the
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod ops;
 mod outbound;
 pub mod runtime;
+mod starts;
 pub mod store;
 mod timers;
 

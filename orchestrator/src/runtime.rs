@@ -27,12 +27,14 @@ use crate::consumers::{Consumer, Queue};
 use crate::error::{Error, Result};
 use crate::intake::{Engine, Events};
 use crate::outbound::{self, Publisher, Publishing, Undeliverable, UndeliverableTx};
+use crate::starts::{Starting, Starts};
 use crate::{store, timers};
 
 /// A node of the orchestrator, connected to PostgreSQL (migrated) but not yet running.
 pub struct Orchestrator {
     node: Arc<Node>,
     publishing: Publishing,
+    starting: Starting,
 }
 
 /// What a node's tasks share.
@@ -112,9 +114,10 @@ impl Orchestrator {
         store::migrate(&pool).await?;
         let names = Names::new(config.namespace.clone());
         let (publisher, publishing) = Publisher::new(pool.clone());
+        let (starts, starting) = Starts::new(pool.clone(), config.node_id.as_str().into());
         let events = Events { steps: config.step_events, started: config.started_events };
-        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, events, publisher);
-        Ok(Self { node: Arc::new(Node { config, engine, names }), publishing })
+        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, events, (publisher, starts));
+        Ok(Self { node: Arc::new(Node { config, engine, names }), publishing, starting })
     }
 
     /// The engine, to start sagas and apply inputs from Rust.
@@ -124,10 +127,11 @@ impl Orchestrator {
 
     /// Connect to RabbitMQ, declare the topology and run in the background.
     pub async fn start(self) -> Result<OrchestratorHandle> {
-        let Self { node, publishing } = self;
+        let Self { node, publishing, starting } = self;
         let conn = node.connect_declared().await?;
         let stop = CancellationToken::new();
         let mut tasks = Tasks::new();
+        tasks.spawn(named("the start writer", ends(starting.run(stop.child_token()))));
         let api_addr = node.serve_api(&mut tasks, stop.child_token()).await?;
         // The publisher stops once the supervisor has stopped the consumers, or has ended.
         let outbound = CancellationToken::new();
@@ -151,11 +155,12 @@ impl Orchestrator {
     /// is lost, and for what is still unpublished when the client stops, the nodes' relays
     /// publish the rows: nothing written is lost.
     pub async fn client(self) -> Result<ClientHandle> {
-        let Self { node, publishing } = self;
+        let Self { node, publishing, starting } = self;
         let (conn, ch) = node.open_publisher().await?;
         node.engine.publisher.set_channel(Some(ch.clone()));
         let stop = CancellationToken::new();
         let mut tasks = Tasks::new();
+        tasks.spawn(named("the start writer", ends(starting.run(stop.child_token()))));
         let outbound = stop.child_token();
         drop(spawn_outbound(&mut tasks, &node.engine, publishing, outbound));
         let (n, t) = (Arc::clone(&node), stop.child_token());

@@ -543,6 +543,52 @@ async fn a_client_publishes_what_it_starts_itself_and_a_node_finishes_the_saga()
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }
 
+/// Starts made at the same moment share statements: each caller still gets its own answer, a
+/// shared idempotency key or saga id starts one saga, and every saga runs to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_are_written_together_and_each_gets_its_answer() {
+    let env = TestEnv::start().await.unwrap();
+    let node = env.orchestrator("n1", orders::registry()).await.unwrap();
+    let parts = order_participants(&env).await;
+    let shared_id = SagaId::new();
+    let mut starts = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let engine = node.engine().clone();
+        let mut req = order(&format!("o-together-{i}"), "Main St 1", 0);
+        match i % 6 {
+            0 => req.idempotency_key = Some("together".into()),
+            1 => req.saga_id = Some(shared_id),
+            _ => {}
+        }
+        starts.spawn(async move { (i, engine.start(&req, None).await.unwrap()) });
+    }
+    let mut by_key = std::collections::HashSet::new();
+    let (mut created, mut ids) = (0, Vec::new());
+    while let Some(r) = starts.join_next().await {
+        let (i, started) = r.unwrap();
+        created += usize::from(started.created);
+        match i % 6 {
+            0 => drop(by_key.insert(started.saga_id)),
+            1 => assert_eq!(started.saga_id, shared_id),
+            _ => assert!(started.created, "start {i} had nothing shared"),
+        }
+        ids.push(started.saga_id);
+    }
+    assert_eq!(by_key.len(), 1, "one saga for the shared key");
+    assert_eq!(created, 40 + 1 + 1, "the 40 others, one for the key, one for the id");
+    ids.sort_unstable();
+    ids.dedup();
+    for st in wait::all_settled(&env.pool, &ids, WAIT).await.unwrap() {
+        assert_eq!(st.status, SagaStatus::Completed, "{st:?}");
+    }
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sagaflow.history WHERE input_kind = 'start'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(history, 42, "one start in the history per saga created");
+    shutdown(parts).await;
+    node.shutdown().await.unwrap();
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_command_is_a_failed_attempt_the_saga_sees() {
     let env = TestEnv::start().await.unwrap();

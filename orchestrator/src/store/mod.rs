@@ -104,14 +104,15 @@ pub(crate) async fn by_idempotency_key(pool: &PgPool, key: &str) -> Result<Optio
 }
 
 /// A saga to create with its first decision (whose state it takes).
-pub(crate) struct NewInstance<'a> {
-    pub(crate) definition: &'a str,
+pub(crate) struct NewInstance {
+    pub(crate) definition: String,
     pub(crate) version: u32,
-    pub(crate) idempotency_key: Option<&'a str>,
-    pub(crate) traceparent: &'a str,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) traceparent: String,
 }
 
 /// What one decision writes, serialized (see [`write`]).
+#[derive(Default)]
 pub(crate) struct DecisionRows {
     /// The new state (JSON) and status, when the input applied.
     pub(crate) applied: Option<(String, SagaStatus)>,
@@ -157,6 +158,7 @@ pub(crate) async fn notify_relays(pool: &PgPool) -> Result<(), sqlx::Error> {
 }
 
 /// One history row (the node is the writer's).
+#[derive(Default)]
 pub(crate) struct HistoryRow {
     pub(crate) saga: SagaId,
     pub(crate) input_kind: &'static str,

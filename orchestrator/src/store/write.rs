@@ -19,10 +19,13 @@ use sqlx::{AssertSqlSafe, PgExecutor};
 
 use super::{DecisionRows, NewInstance};
 
-/// Start: insert the instance; `ok` is the saga, or nothing when its id or key is taken.
+/// Starts: insert the instances; `ok` is the sagas inserted (not those whose id or idempotency
+/// key is taken, by an earlier saga or an earlier start of the same statement).
 const GATE_NEW: &str = "ins AS (
     INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by, finished_at)
-    VALUES ($28, $29, $30, $31, $32::json, $33, $34, $1, CASE WHEN $35 THEN now() END)
+    SELECT id, d, v, st, state::json, k, t, $1, CASE WHEN f THEN now() END
+    FROM UNNEST($28::uuid[], $29::text[], $30::int4[], $31::text[], $32::text[], $33::text[], $34::text[], $35::bool[])
+        AS n(id, d, v, st, state, k, t, f)
     ON CONFLICT DO NOTHING RETURNING id
 ), ok AS (SELECT id FROM ins)";
 
@@ -103,46 +106,62 @@ pub(crate) struct Guard {
     pub(crate) marks: Vec<(uuid::Uuid, uuid::Uuid)>,
 }
 
-/// What [`write_guarded`] wrote.
+/// What [`write_guarded`] or [`insert_new`] wrote.
 #[derive(Default)]
 pub(crate) struct Wrote {
     /// The outbox row ids, in the order of the decisions written and their rows.
     pub(crate) outbox: Vec<i64>,
-    /// The sagas still at their version, locked by the write ...
+    /// The sagas still at their version, locked by a guarded write ...
     pub(crate) locked: Vec<uuid::Uuid>,
-    /// ... and of those, the ones written (the others' message id was recorded meanwhile).
+    /// ... and of those, the ones written (the others' message id was recorded meanwhile);
+    /// for starts, the sagas created.
     pub(crate) written: Vec<uuid::Uuid>,
 }
 
-/// Start a saga: insert its instance with the decision that starts it (whose state it takes),
-/// its history row, outbox rows and timers. Returns the outbox row ids, or `None` when the saga
-/// id or the idempotency key is taken (nothing was written).
+/// Start sagas: insert each instance with the decision that starts it (whose state it takes),
+/// its history row, outbox rows and timers, all in one statement. A start whose saga id or
+/// idempotency key is taken writes nothing. Returns the sagas created, and the outbox row ids
+/// of their decisions in order.
 pub(crate) async fn insert_new<'c>(
     ex: impl PgExecutor<'c>,
     node: &str,
-    decision: &DecisionRows,
-    new: NewInstance<'_>,
+    starts: &[(&DecisionRows, &NewInstance)],
     wake_relays: bool,
-) -> Result<Option<Vec<i64>>, sqlx::Error> {
-    let Some((state, status)) = &decision.applied else {
-        return Err(sqlx::Error::Protocol("a new saga is written with the applied decision that starts it".into()));
-    };
-    let params = Params::of(&[decision], false);
-    let sql = statement(GATE_NEW, &params, wake_relays, false);
-    let version = i32::try_from(new.version).unwrap_or(i32::MAX);
-    let (ok, outbox, ..): Row = params
+) -> Result<Wrote, sqlx::Error> {
+    let n = starts.len();
+    let (mut ids, mut defs, mut versions, mut statuses) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut states, mut keys, mut traces, mut finished) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (d, new) in starts {
+        let Some((state, status)) = &d.applied else {
+            return Err(sqlx::Error::Protocol("a new saga is written with the applied decision that starts it".into()));
+        };
+        ids.push(d.history.saga.0);
+        defs.push(new.definition.as_str());
+        versions.push(i32::try_from(new.version).unwrap_or(i32::MAX));
+        statuses.push(status.as_str());
+        states.push(state.as_str());
+        keys.push(new.idempotency_key.as_deref());
+        traces.push(new.traceparent.as_str());
+        finished.push(status.is_terminal());
+    }
+    let decisions: Vec<&DecisionRows> = starts.iter().map(|(d, _)| *d).collect();
+    let params = Params::of(&decisions, false);
+    let sql = statement(GATE_NEW, &params, wake_relays, true);
+    let (_, outbox, _, created): Row = params
         .bind(sqlx::query_as(AssertSqlSafe(sql)), node, wake_relays)
-        .bind(decision.history.saga.0)
-        .bind(new.definition)
-        .bind(version)
-        .bind(status.as_str())
-        .bind(state.as_str())
-        .bind(new.idempotency_key)
-        .bind(new.traceparent)
-        .bind(status.is_terminal())
+        .bind(ids)
+        .bind(defs)
+        .bind(versions)
+        .bind(statuses)
+        .bind(states)
+        .bind(keys)
+        .bind(traces)
+        .bind(finished)
         .fetch_one(ex)
         .await?;
-    Ok(ok.then_some(outbox))
+    Ok(Wrote { outbox, locked: Vec::new(), written: created })
 }
 
 /// Write `decisions` of sagas read without a lock, each only as [`Guard`] allows.
@@ -187,8 +206,9 @@ type Row = (bool, Vec<i64>, Vec<uuid::Uuid>, Vec<uuid::Uuid>);
 
 type Query<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, Row, sqlx::postgres::PgArguments>;
 
-/// The statement of `gate` and the parts `params` needs.
-fn statement(gate: &str, params: &Params<'_>, wake_relays: bool, guarded: bool) -> String {
+/// The statement of `gate` and the parts `params` needs; with `written`, it returns which sagas
+/// were locked (a guarded gate) and written.
+fn statement(gate: &str, params: &Params<'_>, wake_relays: bool, written: bool) -> String {
     let mut parts = vec![gate];
     if !params.upd_ids.is_empty() {
         parts.push(UPDATE_STATES);
@@ -208,10 +228,11 @@ fn statement(gate: &str, params: &Params<'_>, wake_relays: bool, guarded: bool) 
         parts.push(SCHEDULE_TIMERS);
     }
     let ids = if outbox { "COALESCE((SELECT array_agg(id ORDER BY id) FROM o), '{}')" } else { "'{}'::int8[]" };
-    let sagas = if guarded {
-        "COALESCE((SELECT array_agg(id) FROM cas), '{}'), COALESCE((SELECT array_agg(id) FROM ok), '{}')"
+    let locked = if gate == GATE_NEW { "'{}'::uuid[]" } else { "COALESCE((SELECT array_agg(id) FROM cas), '{}')" };
+    let sagas = if written {
+        format!("{locked}, COALESCE((SELECT array_agg(id) FROM ok), '{{}}')")
     } else {
-        "'{}'::uuid[], '{}'::uuid[]"
+        "'{}'::uuid[], '{}'::uuid[]".to_owned()
     };
     // `wake` is not a write, so it runs only when the query reads it.
     let from = if outbox && wake_relays { " FROM (SELECT count(*) FROM wake) AS w" } else { "" };
@@ -322,5 +343,182 @@ impl<'a> Params<'a> {
             .bind(self.t_timer)
             .bind(self.t_due)
             .bind(wake_relays)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each write mode against PostgreSQL (`SAGAFLOW_TEST_DATABASE_URL`, else the local
+    //! default), on a database of its own: the races each mode must lose or win.
+
+    use sagas::protocol::WireMessage;
+    use sagas::{SagaId, SagaStatus, StepIndex, TimerKey, Timestamp};
+    use sqlx::PgPool;
+
+    use super::*;
+    use crate::store::{self, HistoryRow, OutboxRow};
+
+    /// A fresh, migrated database, and how to drop it.
+    async fn database() -> (PgPool, PgPool, String) {
+        let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let admin = PgPool::connect(&url).await.expect("PostgreSQL for the store's tests");
+        let name = format!("sagaflow_store_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+        let (base, query) = url.split_once('?').map_or((url.as_str(), ""), |(b, q)| (b, q));
+        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+        let url = if query.is_empty() { format!("{base}/{name}") } else { format!("{base}/{name}?{query}") };
+        let pool = PgPool::connect(&url).await.unwrap();
+        store::migrate(&pool).await.unwrap();
+        (pool, admin, name)
+    }
+
+    async fn drop_database(pool: PgPool, admin: PgPool, name: String) {
+        pool.close().await;
+        sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await.unwrap();
+    }
+
+    /// A decision of saga `saga` that sets its state to `{"n": n}` and sends one message.
+    fn decision(saga: SagaId, n: u32, status: SagaStatus) -> DecisionRows {
+        let msg = WireMessage { message_id: Some(format!("m-{n}")), body: b"{}".to_vec(), ..WireMessage::default() };
+        DecisionRows {
+            applied: Some((format!("{{\"n\": {n}}}"), status)),
+            history: HistoryRow {
+                saga,
+                input_kind: "reply",
+                input: "{}".into(),
+                outcome: "applied",
+                detail: None,
+                status: status.as_str(),
+                effects: "[]".into(),
+                state_bytes: 8,
+            },
+            outbox: vec![OutboxRow::new("x".into(), "k".into(), false, msg).unwrap()],
+            schedule: Vec::new(),
+            cancel: Vec::new(),
+        }
+    }
+
+    fn new_instance(key: Option<&str>) -> NewInstance {
+        NewInstance { definition: "d".into(), version: 1, idempotency_key: key.map(str::to_owned), traceparent: "t".into() }
+    }
+
+    async fn count(pool: &PgPool, sql: &str, saga: SagaId) -> i64 {
+        sqlx::query_scalar(AssertSqlSafe(sql.to_owned())).bind(saga.0).fetch_one(pool).await.unwrap()
+    }
+
+    /// The row version a read finds (what `read_batch` returns with each saga).
+    async fn version(pool: &PgPool, saga: SagaId) -> i64 {
+        sqlx::query_scalar("SELECT xmin::text::int8 FROM sagaflow.instances WHERE id = $1").bind(saga.0).fetch_one(pool).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn starts_in_one_statement_skip_a_taken_id_or_key_and_write_the_others() {
+        let (pool, admin, name) = database().await;
+        let (taken_id, keyed) = (SagaId::new(), SagaId::new());
+        let first = [
+            (decision(taken_id, 0, SagaStatus::Running), new_instance(None)),
+            (decision(keyed, 0, SagaStatus::Running), new_instance(Some("k"))),
+        ];
+        let starts: Vec<_> = first.iter().map(|(d, n)| (d, n)).collect();
+        let wrote = insert_new(&pool, "n1", &starts, false).await.unwrap();
+        assert_eq!(wrote.written.len(), 2);
+        assert_eq!(wrote.outbox.len(), 2, "one outbox row each");
+
+        // Again: the id is taken, the key is taken (by another id), and two new starts share a key.
+        let (fresh, twin_a, twin_b, other_key) = (SagaId::new(), SagaId::new(), SagaId::new(), SagaId::new());
+        let second = [
+            (decision(taken_id, 1, SagaStatus::Running), new_instance(None)),
+            (decision(other_key, 1, SagaStatus::Running), new_instance(Some("k"))),
+            (decision(fresh, 1, SagaStatus::Completed), new_instance(None)),
+            (decision(twin_a, 1, SagaStatus::Running), new_instance(Some("twin"))),
+            (decision(twin_b, 1, SagaStatus::Running), new_instance(Some("twin"))),
+        ];
+        let starts: Vec<_> = second.iter().map(|(d, n)| (d, n)).collect();
+        let wrote = insert_new(&pool, "n1", &starts, false).await.unwrap();
+        let mut created = wrote.written.clone();
+        created.sort_unstable();
+        let mut want = vec![fresh.0, twin_a.0];
+        want.sort_unstable();
+        assert_eq!(created, want, "only the starts whose id and key were free, the first of a shared key");
+        assert_eq!(wrote.outbox.len(), 2, "outbox rows of the created sagas only");
+        for (saga, history) in [(taken_id, 1), (keyed, 1), (other_key, 0), (fresh, 1), (twin_a, 1), (twin_b, 0)] {
+            assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.history WHERE saga_id = $1", saga).await, history, "{saga}");
+            assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.outbox WHERE saga_id = $1", saga).await, history, "{saga}");
+        }
+        let state: String =
+            sqlx::query_scalar("SELECT state::text FROM sagaflow.instances WHERE id = $1").bind(taken_id.0).fetch_one(&pool).await.unwrap();
+        assert_eq!(state, "{\"n\": 0}", "a taken id keeps its saga as it was");
+        assert_eq!(
+            count(&pool, "SELECT count(*) FROM sagaflow.instances WHERE id = $1 AND finished_at IS NOT NULL", fresh).await,
+            1,
+            "a saga that ends at its start is finished"
+        );
+        drop_database(pool, admin, name).await;
+    }
+
+    #[tokio::test]
+    async fn a_guarded_write_loses_to_a_changed_row_and_to_a_recorded_message() {
+        let (pool, admin, name) = database().await;
+        let saga = SagaId::new();
+        let d0 = decision(saga, 0, SagaStatus::Running);
+        insert_new(&pool, "n1", &[(&d0, &new_instance(None))], false).await.unwrap();
+
+        // Compare lost: another writer changed the row after it was read.
+        let read = version(&pool, saga).await;
+        sqlx::query("UPDATE sagaflow.instances SET decided_by = 'n2' WHERE id = $1").bind(saga.0).execute(&pool).await.unwrap();
+        let d1 = decision(saga, 1, SagaStatus::Running);
+        let guard = Guard { versions: vec![(saga.0, read)], marks: Vec::new() };
+        let wrote = write_guarded(&pool, "n1", &[&d1], &guard, false).await.unwrap();
+        assert!(wrote.locked.is_empty() && wrote.written.is_empty() && wrote.outbox.is_empty());
+        assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.history WHERE saga_id = $1", saga).await, 1, "nothing written");
+
+        // Duplicate input: its message id was recorded meanwhile.
+        let (message, read) = (uuid::Uuid::now_v7(), version(&pool, saga).await);
+        sqlx::query("INSERT INTO sagaflow.inbox (message_id, saga_id) VALUES ($1, $2)")
+            .bind(message)
+            .bind(saga.0)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let guard = Guard { versions: vec![(saga.0, read)], marks: vec![(message, saga.0)] };
+        let wrote = write_guarded(&pool, "n1", &[&d1], &guard, false).await.unwrap();
+        assert_eq!((wrote.locked, wrote.written), (vec![saga.0], Vec::new()), "locked, not written");
+        assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.history WHERE saga_id = $1", saga).await, 1);
+
+        // Still as read, a new message id: written, and the id recorded.
+        let fresh = uuid::Uuid::now_v7();
+        let guard = Guard { versions: vec![(saga.0, read)], marks: vec![(fresh, saga.0)] };
+        let wrote = write_guarded(&pool, "n1", &[&d1], &guard, false).await.unwrap();
+        assert_eq!(wrote.written, vec![saga.0]);
+        assert_eq!(wrote.outbox.len(), 1);
+        assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.history WHERE saga_id = $1", saga).await, 2);
+        assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.inbox WHERE saga_id = $1", saga).await, 2);
+        assert_ne!(version(&pool, saga).await, read, "the write changed the row's version");
+        drop_database(pool, admin, name).await;
+    }
+
+    #[tokio::test]
+    async fn a_locked_write_moves_a_timer_scheduled_and_cancelled_together() {
+        let (pool, admin, name) = database().await;
+        let saga = SagaId::new();
+        let (moved, gone) = (TimerKey::WaitDeadline { step: StepIndex(0) }, TimerKey::WaitDeadline { step: StepIndex(1) });
+        let mut d0 = decision(saga, 0, SagaStatus::Running);
+        (d0.schedule, d0.cancel) = store::timer_rows(&[(moved.clone(), Timestamp(10)), (gone.clone(), Timestamp(20))], &[]).unwrap();
+        insert_new(&pool, "n1", &[(&d0, &new_instance(None))], false).await.unwrap();
+        assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.timers WHERE saga_id = $1", saga).await, 2);
+
+        // One decision cancels both and schedules one of them again, later.
+        let mut d1 = decision(saga, 1, SagaStatus::Running);
+        (d1.schedule, d1.cancel) = store::timer_rows(&[(moved.clone(), Timestamp(30))], &[moved.clone(), gone.clone()]).unwrap();
+        assert_eq!(d1.cancel, vec![gone.id()], "a timer both cancelled and scheduled is moved, not deleted");
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM sagaflow.instances WHERE id = $1 FOR UPDATE").bind(saga.0).fetch_one(&mut *tx).await.unwrap();
+        let outbox = write_locked(&mut *tx, "n1", &[&d1], false).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(outbox.len(), 1);
+        let timers: Vec<(String, i64)> =
+            sqlx::query_as("SELECT key, due_ms FROM sagaflow.timers WHERE saga_id = $1").bind(saga.0).fetch_all(&pool).await.unwrap();
+        assert_eq!(timers, vec![(moved.id(), 30)]);
+        drop_database(pool, admin, name).await;
     }
 }
