@@ -1,19 +1,19 @@
 //! Sagaflow's runtime: it runs the sagas that the `sagas` crate defines, over RabbitMQ and
 //! PostgreSQL, on any number of nodes sharing one database and one broker.
 //!
-//! # Layout (the main flow, in order)
+//! # Layout (the main flow, in order; docs/architecture.md walks one saga through it)
 //! - [`runtime`]: a node: [`Orchestrator::connect`] (config, pool, migrations) then
 //!   [`start`](Orchestrator::start) (topology, consumers, relay, timers) and a graceful
-//!   shutdown; reconnects to RabbitMQ.
-//! - `consumers`: the reply and inbound queues: decode (refused → dead letter) → intake → ack.
-//! - [`intake`]: a transaction per input, or per batch of replies: inbox dedupe → lock →
-//!   `sagas::decide` → state, history, outbox, timers → commit. Also starts sagas ([`Engine::start`]).
+//!   shutdown; reconnects to RabbitMQ. Its loops: `runtime::consumers` (the reply and inbound
+//!   queues: decode, refused → dead letter, apply, ack) and `runtime::timers` (due timers fired
+//!   as inputs). It owns every task.
+//! - [`intake`]: the [`Engine`]: inputs applied to sagas (read → `sagas::decide` → one write,
+//!   guarded by each saga's row version), and starts ([`Engine::start`]; `starts` writes the
+//!   starts of one moment in one statement).
 //! - `outbound`: the outbox published: a decision's messages right after its commit (the
 //!   publisher), and what was not published that way by the relay (LISTEN/NOTIFY, `SKIP LOCKED`,
 //!   publish with confirms, delete); undeliverable commands handed back as data.
-//! - `starts`: sagas started at the same moment written in one statement.
-//! - `timers`: due timers fired as inputs.
-//! - [`store`]: the schema `sagaflow` and its queries.
+//! - [`store`]: the schema `sagaflow`, its reads, and the three ways a decision is written.
 //! - [`config`]: configuration (TOML file + `SAGAFLOW_*` variables); [`Error`]: what the
 //!   public API's calls return when they fail.
 //! - [`api`]: the HTTP API, the web page and `/metrics`; [`ops`]: what the API and the CLI
@@ -25,7 +25,6 @@
 pub mod api;
 pub mod cli;
 pub mod config;
-mod consumers;
 mod error;
 pub mod intake;
 pub mod metrics;
@@ -34,7 +33,6 @@ mod outbound;
 pub mod runtime;
 mod starts;
 pub mod store;
-mod timers;
 
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};

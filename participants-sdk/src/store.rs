@@ -61,6 +61,53 @@ impl Tx {
         Ok(())
     }
 
+    /// Record the final outcomes of `records` in the inbox and commit, in one round trip (the
+    /// insert and the `COMMIT` sent together); `false` when another delivery recorded one of
+    /// these steps first: nothing is committed, and the caller answers from that record.
+    /// Everything in the text is a literal made here from checked values; each outcome is
+    /// dollar-quoted with a tag it does not contain.
+    pub(crate) async fn record_and_commit(mut self, participant: &str, records: &[Record<'_>]) -> Result<bool, sqlx::Error> {
+        if records.is_empty() {
+            self.commit().await?;
+            return Ok(true);
+        }
+        let mut rows = Vec::with_capacity(records.len());
+        for r in records {
+            let outcome = serde_json::to_string(r.outcome).map_err(|e| sqlx::Error::Encode(e.into()))?;
+            let tag = loop {
+                let tag = format!("$sf{}$", uuid::Uuid::now_v7().simple());
+                if !outcome.contains(&tag) {
+                    break tag;
+                }
+            };
+            let c = r.cmd;
+            rows.push(format!(
+                "('{participant}', '{}'::uuid, {}, '{}', '{}'::uuid, {tag}{outcome}{tag}::jsonb)",
+                c.saga.saga_id,
+                step_i32(c),
+                c.kind.as_str(),
+                c.message_id,
+            ));
+        }
+        let sql = format!(
+            "INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome) VALUES {};
+             COMMIT",
+            rows.join(", ")
+        );
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *self.conn).await {
+            Ok(_) => {
+                self.open = false;
+                Ok(true)
+            }
+            // A step already recorded: the insert failed, so nothing was committed.
+            Err(e) if e.as_database_error().is_some_and(|d| d.is_unique_violation()) => {
+                self.rollback().await?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Roll back.
     pub(crate) async fn rollback(mut self) -> Result<(), sqlx::Error> {
         sqlx::raw_sql("ROLLBACK").execute(&mut *self.conn).await?;
@@ -133,41 +180,6 @@ pub(crate) struct Prior {
 pub(crate) struct Record<'a> {
     pub(crate) cmd: &'a InboundCommand,
     pub(crate) outcome: &'a ReplyOutcome,
-}
-
-/// Record the final outcomes of `records` in the inbox, in one statement; `false` when another
-/// delivery recorded one of these steps first (the caller rolls back and answers from that
-/// record).
-pub(crate) async fn record(tx: &mut PgConnection, participant: &str, records: &[Record<'_>]) -> Result<bool, sqlx::Error> {
-    if records.is_empty() {
-        return Ok(true);
-    }
-    let sagas: Vec<uuid::Uuid> = records.iter().map(|r| r.cmd.saga.saga_id.0).collect();
-    let steps: Vec<i32> = records.iter().map(|r| step_i32(r.cmd)).collect();
-    let kinds: Vec<&str> = records.iter().map(|r| r.cmd.kind.as_str()).collect();
-    let commands: Vec<uuid::Uuid> = records.iter().map(|r| r.cmd.message_id.0).collect();
-    let outcomes = records
-        .iter()
-        .map(|r| serde_json::to_value(r.outcome))
-        .collect::<Result<Vec<Value>, _>>()
-        .map_err(|e| sqlx::Error::Encode(e.into()))?;
-    let recorded: i64 = sqlx::query_scalar(
-        "WITH recorded AS (
-             INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome)
-             SELECT $1, * FROM UNNEST($2::uuid[], $3::int4[], $4::text[], $5::uuid[], $6::jsonb[])
-             ON CONFLICT DO NOTHING RETURNING 1
-         )
-         SELECT count(*) FROM recorded",
-    )
-    .bind(participant)
-    .bind(&sagas)
-    .bind(&steps)
-    .bind(&kinds)
-    .bind(&commands)
-    .bind(&outcomes)
-    .fetch_one(&mut *tx)
-    .await?;
-    Ok(usize::try_from(recorded).ok() == Some(records.len()))
 }
 
 /// A reply left in the outbox by an earlier version of the SDK, which published replies from

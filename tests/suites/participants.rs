@@ -384,3 +384,62 @@ async fn a_batch_of_commands_runs_each_once_and_a_refusal_undoes_only_its_own_wr
 
     rig.finish().await;
 }
+
+/// A command whose reply (or refusal) repeats its text.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Say {
+    text: String,
+}
+
+impl sagas::Command for Say {
+    const NAME: &'static str = "echo.say";
+    const PARTICIPANT: &'static str = "echo";
+    type Reply = serde_json::Value;
+}
+
+struct Echo;
+
+impl participants_sdk::Handler<Say> for Echo {
+    async fn handle(&self, _cx: &mut participants_sdk::Context<'_>, cmd: Say) -> participants_sdk::HandlerResult<serde_json::Value> {
+        if cmd.text.starts_with("refuse") {
+            return Err(participants_sdk::HandlerError::reject(cmd.text.clone(), cmd.text));
+        }
+        Ok(json!({ "text": cmd.text }))
+    }
+}
+
+/// An outcome is recorded with whatever text a handler put in it (quotes, dollar quotes, SQL,
+/// backslashes, emoji): the record holds it as it was, and a redelivery is answered from it alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_holding_any_text_is_recorded_as_it_is_and_answered_again_from_the_record() {
+    let env = TestEnv::start().await.unwrap();
+    let echo = Participant::builder("echo").handle::<Say>(Echo).config(env.participant_config()).build().unwrap();
+    let handle = echo.start(env.pool.clone(), &env.amqp_url).await.unwrap();
+    let rig = Rig::attach(env, "echo", "say", handle).await;
+    let tricky = "it's $sf$ $$ $sf0188$ '); DELETE FROM sagaflow_participant.inbox; -- \\ \" \u{1F600} \u{2028}";
+    for text in [tricky.to_owned(), format!("refuse {tricky}")] {
+        let saga = SagaId::new();
+        let msg = rig.message(saga, CommandKind::Invoke, "echo.say", json!({ "text": text }), 1);
+        rig.send(&msg).await;
+        rig.send(&msg).await;
+        let replies = rig.replies(2, Duration::from_secs(20)).await;
+        assert_eq!(replies.len(), 2, "{replies:?}");
+        assert_eq!(replies[0], replies[1], "the redelivery is answered from the record");
+        let want = if text.starts_with("refuse") {
+            ReplyOutcome::Rejected { code: text.clone(), message: text.clone() }
+        } else {
+            ReplyOutcome::Success { output: json!({ "text": text }) }
+        };
+        assert_eq!(replies[0].1, want);
+        let recorded: serde_json::Value =
+            sqlx::query_scalar("SELECT outcome FROM sagaflow_participant.inbox WHERE participant = 'echo' AND saga_id = $1")
+                .bind(saga.0)
+                .fetch_one(&rig.env.pool)
+                .await
+                .unwrap();
+        assert_eq!(serde_json::from_value::<ReplyOutcome>(recorded).unwrap(), want);
+    }
+    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow_participant.inbox").fetch_one(&rig.env.pool).await.unwrap();
+    assert_eq!(records, 2, "one record per step, nothing deleted");
+    rig.finish().await;
+}

@@ -186,12 +186,10 @@ impl Participant {
             .filter(|(_, (_, record))| *record)
             .map(|(cmd, (outcome, _))| store::Record { cmd, outcome })
             .collect();
-        if !store::record(tx.conn(), name, &records).await? {
-            tx.rollback().await?;
+        if !tx.record_and_commit(name, &records).await? {
             return Ok(Run::Conflict);
         }
         drop(records);
-        tx.commit().await?;
         let now = Timestamp::now();
         Ok(Run::Done(all.iter().zip(&outcomes).map(|(cmd, (o, _))| encode_reply(cmd, o, now)).collect()))
     }

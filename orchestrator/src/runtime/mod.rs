@@ -7,6 +7,9 @@
 //! connections and the pool. [`Orchestrator::client`] runs a client instead: no consumers, only
 //! a connection on which it publishes what its engine wrote.
 
+mod consumers;
+mod timers;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +26,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, redact};
-use crate::consumers::{Consumer, Queue};
 use crate::error::{Error, Result};
 use crate::intake::{Engine, Events};
 use crate::outbound::{self, Publisher, Publishing, Undeliverable, UndeliverableTx};
 use crate::starts::{Starting, Starts};
-use crate::{store, timers};
+use crate::store;
+use consumers::{Consumer, Queue};
 
 /// A node of the orchestrator, connected to PostgreSQL (migrated) but not yet running.
 pub struct Orchestrator {
