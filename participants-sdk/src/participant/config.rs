@@ -52,7 +52,7 @@ pub enum Error {
     /// RabbitMQ could not be reached or refused the topology.
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
-    /// A misconfiguration found by [`ParticipantBuilder::build`].
+    /// A misconfiguration found by [`ParticipantBuilder::build`](crate::ParticipantBuilder::build).
     #[error("invalid participant: {0}")]
     Invalid(String),
 }
