@@ -198,8 +198,8 @@ impl Orchestrator {
 fn spawn_outbound(tasks: &mut Tasks, engine: &Engine, publishing: Publishing, stop: CancellationToken) -> UndeliverableTx {
     let (undeliverable, told) = mpsc::unbounded_channel();
     let u = undeliverable.clone();
+    tasks.spawn(named("the undeliverable-command loop", tell_undeliverable(engine.clone(), told, stop.clone())));
     tasks.spawn(named("the publisher", ends(publishing.run(u, stop))));
-    tasks.spawn(named("the undeliverable-command loop", tell_undeliverable(engine.clone(), told)));
     undeliverable
 }
 
@@ -221,14 +221,27 @@ async fn ends(task: impl Future<Output = ()>) -> anyhow::Result<()> {
 }
 
 /// Apply commands that could not be delivered as failed attempts of their steps, off the
-/// publishing paths, until every path has stopped (retrying while the database is away).
-async fn tell_undeliverable(engine: Engine, mut rx: mpsc::UnboundedReceiver<Undeliverable>) -> anyhow::Result<()> {
+/// publishing paths, until every path has stopped, retrying while the database is away; once
+/// `stopping`, a command that cannot be recorded is given up with an error (its step's timeout,
+/// or an operator, moves the saga on) rather than holding the shutdown.
+async fn tell_undeliverable(
+    engine: Engine,
+    mut rx: mpsc::UnboundedReceiver<Undeliverable>,
+    stopping: CancellationToken,
+) -> anyhow::Result<()> {
     while let Some((saga, reply)) = rx.recv().await {
         let mut delay = Duration::from_millis(100);
         let input = Input::Reply(reply);
         while let Err(e) = engine.apply(saga, &input, None).await {
+            if stopping.is_cancelled() {
+                tracing::error!(error = %e, saga.id = %saga, "shutting down: an undeliverable command could not be recorded; its saga waits for the step's timeout or an operator");
+                break;
+            }
             tracing::warn!(error = %e, saga.id = %saga, "could not record an undeliverable command; retrying");
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = stopping.cancelled() => {}
+                () = tokio::time::sleep(delay) => {}
+            }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
