@@ -23,7 +23,7 @@ pub(crate) use relay::run as relay;
 use lapin::Channel;
 use sagaflow_amqp::transport::{self, TransportError};
 use sagas::protocol::{H_TRACEPARENT, ReplyOutcome, decode_command};
-use sagas::{Reply, SagaId};
+use sagas::{FailureCode, Reply, SagaId};
 use tokio::sync::mpsc;
 
 use crate::store::Claimed;
@@ -34,9 +34,6 @@ pub(crate) type Undeliverable = (SagaId, Reply);
 /// Where both paths hand [`Undeliverable`] commands. The receiving end ends once every path
 /// that holds a sender has stopped.
 pub(crate) type UndeliverableTx = mpsc::UnboundedSender<Undeliverable>;
-
-/// The code of the refusal a saga sees for a command that can never be published.
-pub(crate) const UNPUBLISHABLE: &str = "unpublishable";
 
 /// What publishing a batch of rows did.
 #[derive(Default)]
@@ -83,7 +80,9 @@ fn refusal(r: &Claimed, e: &TransportError) -> Option<ReplyOutcome> {
         }
         TransportError::TooLarge { .. } => {
             tracing::error!(saga.id = %r.saga, exchange = %r.exchange, routing_key = %r.routing_key, error = %e, "an outbox message can never be published; dropping it");
-            Some(ReplyOutcome::Rejected { code: UNPUBLISHABLE.into(), message: format!("{UNPUBLISHABLE}: {e}") })
+            // The refusal's code is the saga's failure code for it.
+            let code = FailureCode::Unpublishable.as_str();
+            Some(ReplyOutcome::Rejected { code: code.into(), message: format!("{code}: {e}") })
         }
         _ => None,
     }

@@ -149,7 +149,7 @@ pub(crate) async fn insert_new<'c>(
     let decisions: Vec<&DecisionRows> = starts.iter().map(|(d, _)| *d).collect();
     let params = Params::of(&decisions, false);
     let sql = statement(GATE_NEW, &params, wake_relays, true);
-    let (_, outbox, _, created): Row = params
+    let (outbox, _, created): Row = params
         .bind(sqlx::query_as(AssertSqlSafe(sql)), node, wake_relays)
         .bind(ids)
         .bind(defs)
@@ -183,7 +183,7 @@ pub(crate) async fn write_guarded<'c>(
     } else {
         query
     };
-    let (_, outbox, locked, written): Row = query.fetch_one(ex).await?;
+    let (outbox, locked, written): Row = query.fetch_one(ex).await?;
     Ok(Wrote { outbox, locked, written })
 }
 
@@ -196,13 +196,13 @@ pub(crate) async fn write_locked<'c>(
 ) -> Result<Vec<i64>, sqlx::Error> {
     let params = Params::of(decisions, true);
     let sql = statement(GATE_LOCKED, &params, wake_relays, false);
-    let (_, outbox, ..): Row = params.bind(sqlx::query_as(AssertSqlSafe(sql)), node, wake_relays).fetch_one(ex).await?;
+    let (outbox, ..): Row = params.bind(sqlx::query_as(AssertSqlSafe(sql)), node, wake_relays).fetch_one(ex).await?;
     Ok(outbox)
 }
 
-/// What every statement returns: whether any saga was written, the outbox ids, and for a
-/// guarded write the sagas locked and written.
-type Row = (bool, Vec<i64>, Vec<uuid::Uuid>, Vec<uuid::Uuid>);
+/// What every statement returns: the outbox ids, and (see [`statement`]) the sagas locked and
+/// written.
+type Row = (Vec<i64>, Vec<uuid::Uuid>, Vec<uuid::Uuid>);
 
 type Query<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, Row, sqlx::postgres::PgArguments>;
 
@@ -236,7 +236,7 @@ fn statement(gate: &str, params: &Params<'_>, wake_relays: bool, written: bool) 
     };
     // `wake` is not a write, so it runs only when the query reads it.
     let from = if outbox && wake_relays { " FROM (SELECT count(*) FROM wake) AS w" } else { "" };
-    format!("WITH {} SELECT EXISTS (SELECT 1 FROM ok), {ids}, {sagas}{from}", parts.join(", "))
+    format!("WITH {} SELECT {ids}, {sagas}{from}", parts.join(", "))
 }
 
 /// The arrays of a statement's parameters $2–$26, one entry per row to write.
