@@ -321,8 +321,13 @@ pub fn redact(url: &str) -> String {
 /// something else) must not hang the caller.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connect to RabbitMQ, retrying with exponential backoff for up to `give_up_after`.
+/// How often an outage that lasts is told again at WARN while [`connect`] retries.
+pub const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
+
+/// Connect to RabbitMQ, retrying with exponential backoff for up to `give_up_after`; the first
+/// failure is logged at WARN, then one line a [`OUTAGE_REMINDER`], the other retries at DEBUG.
 pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, lapin::Error> {
+    let mut told = None;
     let attempt = || async {
         match tokio::time::timeout(
             ATTEMPT_TIMEOUT.min(give_up_after.max(Duration::from_secs(1))),
@@ -342,7 +347,17 @@ pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, l
                 .with_total_delay(Some(give_up_after))
                 .without_max_times(),
         )
-        .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot connect to RabbitMQ; retrying"))
+        .notify(|e, wait| {
+            // An outage is told once, then every `OUTAGE_REMINDER` while it lasts: each retry
+            // is a line at DEBUG only.
+            let now = std::time::Instant::now();
+            if told.is_none_or(|t: std::time::Instant| now.duration_since(t) >= OUTAGE_REMINDER) {
+                told = Some(now);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot connect to RabbitMQ; retrying");
+            } else {
+                tracing::debug!(error = %e, retry_in_ms = wait.as_millis(), "cannot connect to RabbitMQ; retrying");
+            }
+        })
         .await?;
     FRAME_MAX.fetch_min(conn.configuration().frame_max(), Ordering::Relaxed);
     Ok(conn)

@@ -90,7 +90,7 @@ impl Cluster {
         let env = TestEnv::on_services(amqp, db).await?;
         // The client publishes its starts itself, as a service embedding the Rust API would.
         let client = orchestrator::Orchestrator::connect(env.config("client"), saga::registry()?).await?.client().await?;
-        participants_sdk::ensure_schema(&env.pool).await?;
+        participants_sdk::ensure_schema(&env.pool, false).await?;
         let engine = client.engine().clone();
         let mut vars = env.node_env("x");
         // Few connections each: this is a 2-core machine, and PostgreSQL allows 100 in all.

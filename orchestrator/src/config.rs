@@ -58,6 +58,9 @@ pub struct Config {
     pub retention_days: u32,
     /// Address of the HTTP API, web page and `/metrics`; empty to serve none. Default `127.0.0.1:8080`.
     pub api_addr: String,
+    /// Most clients waiting at once on this node for sagas to settle (`GET /sagas/{id}/wait`);
+    /// beyond it a wait is refused with 503 and `Retry-After`. Default 10000.
+    pub max_waiters: usize,
     /// Bearer token every API route but `/health` and `/ready` requires: at least 16
     /// characters, printable ASCII without spaces. Required when `api_addr` is not a loopback
     /// address. Default empty.
@@ -96,6 +99,7 @@ impl Default for Config {
             retention_days: 0,
             api_addr: "127.0.0.1:8080".into(),
             api_token: String::new(),
+            max_waiters: 10_000,
         }
     }
 }
@@ -162,6 +166,7 @@ impl Config {
             ("timer_poll_ms", self.timer_poll_ms),
             ("database_max_connections", u64::from(self.database_max_connections)),
             ("max_body_bytes", self.max_body_bytes as u64),
+            ("max_waiters", self.max_waiters as u64),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));

@@ -97,6 +97,8 @@ pub enum ErrorKind {
     Unstorable,
     /// The database, or a node that knows the saga's version, is not available: try again.
     Unavailable,
+    /// The node is at a bound (`max_waiters`): try again shortly, or another node.
+    Busy,
     /// The API token is missing or wrong.
     Unauthorized,
     /// Refused without a token (not a loopback host, another origin).
@@ -120,6 +122,7 @@ impl ErrorKind {
             Self::InvalidInput => "invalid_input",
             Self::Unstorable => "unstorable",
             Self::Unavailable => "unavailable",
+            Self::Busy => "busy",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::MethodNotAllowed => "method_not_allowed",

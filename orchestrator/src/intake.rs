@@ -1,5 +1,6 @@
 //! Inputs applied to sagas: read the instances (and, for inputs deduplicated by message id,
-//! the inbox) → `sagas::decide` for each input → one statement writes the states, history,
+//! the inbox), or take this node's copy of those it wrote last (`recent`) → `sagas::decide`
+//! for each input → one statement writes the states, history,
 //! outbox, timers and inbox entries of the sagas still as they were read, and the others are
 //! decided again ([`Engine::apply_batch`]; one input, or a batch of replies of distinct sagas).
 //! Starts are one statement; timers fire under a row lock (the write modes: `store::write`).
@@ -18,8 +19,10 @@ use sqlx::PgPool;
 use crate::error::ErrorKind;
 use crate::metrics::Metrics;
 use crate::outbound::Publisher;
+use crate::recent::Recent;
 use crate::starts::Starts;
 use crate::store::{self, Claimed, DecisionRows, HistoryRow, OutboxRow};
+use crate::waiters::Waiters;
 
 /// How far a due timer of a definition version this node does not have is pushed back.
 const UNKNOWN_VERSION_TIMER_DELAY_MS: u64 = 30_000;
@@ -140,6 +143,8 @@ struct Decided<'r> {
     state: SagaState,
     effects: Vec<Effect>,
     now: Timestamp,
+    /// The saga's trace context, kept with its state in [`Recent`].
+    traceparent: Option<String>,
 }
 
 /// Applies inputs to sagas. Shared by the consumers, the timers, the relay and the client.
@@ -153,6 +158,10 @@ pub struct Engine {
     pub(crate) publisher: Publisher,
     starts: Starts,
     events: Events,
+    /// The sagas this node wrote last, to decide their next input without reading them.
+    pub(crate) recent: Recent,
+    /// Who waits for sagas to settle (woken by this node's decisions and the lifecycle events).
+    pub(crate) waiters: Waiters,
 }
 
 /// Which optional lifecycle events a node publishes (the others it always does).
@@ -183,9 +192,11 @@ impl Engine {
         node: &str,
         events: Events,
         outbound: (Publisher, Starts),
+        max_waiters: usize,
     ) -> Self {
         let (publisher, starts) = outbound;
-        Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, starts, events }
+        let (recent, waiters) = (Recent::default(), Waiters::new(max_waiters));
+        Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, starts, events, recent, waiters }
     }
 
     /// This node's metrics.
@@ -246,6 +257,9 @@ impl Engine {
             return Ok(Started { saga_id: existing, created: false });
         };
         let written = self.to_publish(std::slice::from_mut(&mut d), ids.outbox, ids.woken);
+        if let Some(version) = ids.version {
+            self.recent.keep(&d.state, d.traceparent.as_deref(), version);
+        }
         self.committed(&d, &Input::Start);
         tracing::info!(saga.id = %id, saga.name = %def.name, "saga started");
         self.publish_written(written).await;
@@ -287,19 +301,35 @@ impl Engine {
         Ok(results.into_iter().map(|h| h.expect("every input is handled in some round")).collect())
     }
 
-    /// The inputs `round` of `inputs` (distinct sagas) in two statements and no transaction
-    /// around them: read the sagas and which message ids were applied before, decide, then write
-    /// every decision whose saga is still as it was read (see [`store::Guard`]). Returns the
-    /// inputs whose saga another writer changed in between, to be decided again.
+    /// The inputs `round` of `inputs` (distinct sagas) in at most two statements and no
+    /// transaction around them: read the sagas (and which message ids were applied before) that
+    /// this node did not write last, decide, then write every decision whose saga is still as
+    /// it was read or written (see [`store::Guard`]). Returns the inputs whose saga another
+    /// writer changed in between, to be decided again (read, then: their copy is gone).
     async fn apply_round(
         &self,
         inputs: &[(SagaId, &Input, Option<MessageId>)],
         round: &[usize],
         results: &mut [Option<Handled>],
     ) -> Result<Vec<usize>, sqlx::Error> {
-        let ids: Vec<uuid::Uuid> = round.iter().map(|&i| inputs[i].0.0).collect();
-        let messages: Vec<uuid::Uuid> = round.iter().filter_map(|&i| inputs[i].2.map(|m| m.0)).collect();
-        let mut read = store::read_batch(&self.pool, &ids, &messages).await?;
+        // The sagas this node wrote last are decided on its copy (an input whose message id was
+        // applied meanwhile is then caught by the write's guard instead of the read).
+        let mut kept = std::collections::HashMap::new();
+        let (mut ids, mut messages) = (Vec::with_capacity(round.len()), Vec::new());
+        for &i in round {
+            let (saga, _, inbox) = inputs[i];
+            match self.recent.take(saga) {
+                Some(copy) => {
+                    kept.insert(saga, copy);
+                }
+                None => {
+                    ids.push(saga.0);
+                    messages.extend(inbox.map(|m| m.0));
+                }
+            }
+        }
+        let mut read = if ids.is_empty() { store::ReadBatch::default() } else { store::read_batch(&self.pool, &ids, &messages).await? };
+        read.sagas.extend(kept);
         let (mut decided, mut at) = (Vec::new(), Vec::new());
         let mut guard = store::Guard { versions: Vec::new(), marks: Vec::new() };
         for &i in round {
@@ -338,9 +368,14 @@ impl Engine {
         let mut mine: Vec<Decided<'_>> = Vec::with_capacity(decided.len());
         let mut again = Vec::new();
         let mut applied_at = Vec::with_capacity(decided.len());
-        for (i, d) in at.into_iter().zip(decided) {
+        for ((i, d), (_, read_at)) in at.into_iter().zip(decided).zip(&guard.versions) {
             let saga = inputs[i].0.0;
             if written.contains(&saga) {
+                // An input that did not apply left the row as it was.
+                let version = if d.rows.applied.is_some() { wrote.version } else { Some(*read_at) };
+                if let Some(version) = version {
+                    self.recent.keep(&d.state, d.traceparent.as_deref(), version);
+                }
                 applied_at.push(i);
                 mine.push(d);
             } else if locked.contains(&saga) {
@@ -364,6 +399,8 @@ impl Engine {
 
     /// Fire timer `key` of saga `id` if it is still there and no other node holds the saga.
     pub(crate) async fn fire_timer(&self, id: SagaId, key: &str) -> Result<Handled, sqlx::Error> {
+        // Written under the row lock, not a guard: the next input reads the saga.
+        self.recent.forget(id);
         let mut tx = self.pool.begin().await?;
         let Some(locked) = store::lock(&mut tx, id, true).await? else {
             // The saga is being handled by someone else right now (or is gone): later.
@@ -477,6 +514,7 @@ impl Engine {
             state: t.state,
             effects: t.effects,
             now,
+            traceparent: traceparent.map(str::to_owned),
         })
     }
 
@@ -539,6 +577,7 @@ impl Engine {
         self.metrics.record(d.def, input, &d.state, &d.effects, d.now.0);
         if d.state.status.is_settled() {
             tracing::info!(saga.id = %d.state.id, saga.name = %d.def.name, status = d.state.status.as_str(), "saga settled");
+            self.waiters.settled(d.state.id);
         }
     }
 

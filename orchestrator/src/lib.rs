@@ -30,9 +30,11 @@ pub mod intake;
 pub mod metrics;
 pub mod ops;
 mod outbound;
+mod recent;
 pub mod runtime;
 mod starts;
 pub mod store;
+mod waiters;
 
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};

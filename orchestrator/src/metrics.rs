@@ -1,6 +1,7 @@
-//! Prometheus metrics, prefix `sagaflow_`. Counters and histograms are this node's; the gauges
-//! (outbox backlog, in-flight sagas, participant consumers) are read from PostgreSQL and
-//! RabbitMQ when `/metrics` is scraped, so every node reports the same cluster-wide values.
+//! Prometheus metrics, prefix `sagaflow_`. Counters and histograms are this node's, and so are
+//! the waiter gauges; the other gauges (outbox backlog, in-flight sagas, participant consumers)
+//! are read from PostgreSQL and RabbitMQ when `/metrics` is scraped, so every node reports the
+//! same cluster-wide values.
 
 use std::sync::Arc;
 
@@ -60,6 +61,9 @@ struct Inner {
     outbox_oldest_s: Gauge<f64, std::sync::atomic::AtomicU64>,
     in_flight: Gauge,
     consumers: Family<ParticipantLabels, Gauge>,
+    waiters: Gauge,
+    waiters_subscribed: Gauge,
+    reconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -89,6 +93,9 @@ impl Metrics {
             outbox_oldest_s: Gauge::default(),
             in_flight: Gauge::default(),
             consumers: Family::default(),
+            waiters: Gauge::default(),
+            waiters_subscribed: Gauge::default(),
+            reconnects: Counter::default(),
         };
         r.register("sagas_started", "Sagas started by this node", inner.started.clone());
         r.register("sagas_completed", "Sagas that completed, decided by this node", inner.completed.clone());
@@ -108,6 +115,13 @@ impl Metrics {
             "Consumers on each participant's queue (0: nobody is taking its commands)",
             inner.consumers.clone(),
         );
+        r.register("waiters", "Clients of this node waiting for sagas to settle", inner.waiters.clone());
+        r.register(
+            "waiters_subscribed",
+            "1 while this node is subscribed to the lifecycle events that wake its waiters",
+            inner.waiters_subscribed.clone(),
+        );
+        r.register("amqp_reconnects", "Times this node reconnected to RabbitMQ after losing it", inner.reconnects.clone());
         *inner.registry.lock().expect("not poisoned") = r;
         Self { inner: Arc::new(inner) }
     }
@@ -169,6 +183,17 @@ impl Metrics {
         for (p, n) in consumers {
             self.inner.consumers.get_or_create(&ParticipantLabels { participant: p.clone() }).set(*n);
         }
+    }
+
+    /// Set this node's waiter gauges.
+    pub(crate) fn set_waiters(&self, waiting: usize, subscribed: bool) {
+        self.inner.waiters.set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        self.inner.waiters_subscribed.set(i64::from(subscribed));
+    }
+
+    /// Count a reconnection to RabbitMQ.
+    pub(crate) fn reconnected(&self) {
+        self.inner.reconnects.inc();
     }
 
     /// The text exposition format.

@@ -357,16 +357,25 @@ fn view(engine: &Engine, st: &SagaState, decided_by: String, state_bytes: usize,
 
 /// Wait up to `timeout` for saga `id` to settle (completed, compensated or stopped); returns
 /// its view either way, and whether it settled.
+///
+/// The wait costs no database work while it sleeps: it reads the saga, then again only when the
+/// node says the saga may have settled (see `waiters`). At most `max_waiters` wait at once on a
+/// node; beyond that the wait is refused as [`ErrorKind::Busy`].
 pub async fn wait(engine: &Engine, id: SagaId, timeout: Duration) -> Result<(SagaView, bool), OpsError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut waiter = engine.waiters.enter(id).ok_or_else(|| {
+        let n = engine.waiters.waiting();
+        OpsError::new(ErrorKind::Busy, format!("{n} clients already wait on this node (max_waiters); try again shortly"))
+    })?;
     loop {
-        // Poll the state alone; build the full view (history count, step names) once.
+        // Read the state alone; build the full view (history count, step names) once.
         let st = store::load(engine.pool(), id).await?.ok_or_else(|| OpsError::new(ErrorKind::NotFound, format!("no saga {id}")))?;
         let settled = st.status.is_settled();
         if settled || tokio::time::Instant::now() >= deadline {
             return Ok((get(engine, id).await?, settled));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Until it may have settled, or the deadline.
+        let _ = tokio::time::timeout_at(deadline, waiter.woken()).await;
     }
 }
 

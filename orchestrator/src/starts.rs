@@ -25,6 +25,8 @@ const MAX_BATCH: usize = 256;
 pub(crate) struct Created {
     pub(crate) outbox: Vec<i64>,
     pub(crate) woken: bool,
+    /// The version its instance row was inserted at.
+    pub(crate) version: Option<i64>,
 }
 
 /// What became of a start: its rows back, and `None` when its saga id or idempotency key was
@@ -166,10 +168,14 @@ impl Writer {
 /// created (the statement returns the ids of the created sagas' rows in their order).
 fn answers<'a>(starts: impl Iterator<Item = &'a DecisionRows>, wrote: store::write::Wrote, woken: bool) -> Vec<Option<Created>> {
     let created: HashSet<uuid::Uuid> = wrote.written.into_iter().collect();
-    let mut ids = wrote.outbox.into_iter();
+    let (mut ids, version) = (wrote.outbox.into_iter(), wrote.version);
     starts
         .map(|rows| {
-            created.contains(&rows.history.saga.0).then(|| Created { outbox: ids.by_ref().take(rows.outbox.len()).collect(), woken })
+            created.contains(&rows.history.saga.0).then(|| Created {
+                outbox: ids.by_ref().take(rows.outbox.len()).collect(),
+                woken,
+                version,
+            })
         })
         .collect()
 }

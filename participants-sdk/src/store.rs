@@ -33,11 +33,34 @@ CREATE TABLE IF NOT EXISTS sagaflow_participant.outbox (
 CREATE INDEX IF NOT EXISTS outbox_participant_created ON sagaflow_participant.outbox (participant, created_at);
 ";
 
-/// Create the participant tables if they do not exist (safe to run concurrently).
-pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
+/// What retention needs: records found by age. A BRIN index (records are appended in time
+/// order), which costs the hot path next to nothing; created only by participants that prune.
+const RETENTION_INDEX: &str = "CREATE INDEX IF NOT EXISTS inbox_recorded_at ON sagaflow_participant.inbox USING brin (recorded_at)";
+
+/// Create the participant tables if they do not exist (safe to run concurrently); with
+/// `retention`, the index that pruning by age uses too.
+pub async fn ensure_schema(pool: &PgPool, retention: bool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
+    if retention {
+        sqlx::raw_sql(RETENTION_INDEX).execute(&mut *tx).await?;
+    }
     tx.commit().await
+}
+
+/// Delete up to `limit` records of `participant` older than `days` days; returns how many.
+pub(crate) async fn prune(pool: &PgPool, participant: &str, days: u32, limit: i64) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM sagaflow_participant.inbox WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM sagaflow_participant.inbox
+             WHERE participant = $1 AND recorded_at < now() - make_interval(days => $2) LIMIT $3))",
+    )
+    .bind(participant)
+    .bind(i32::try_from(days).unwrap_or(i32::MAX))
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// A transaction on a connection of its own, begun by [`begin_read`]: committed or rolled back

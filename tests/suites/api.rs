@@ -64,22 +64,7 @@ impl Api {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (StatusCode, Value, axum::http::HeaderMap) {
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = match body {
-            Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b.to_string())).unwrap(),
-            None => req.body(Body::empty()).unwrap(),
-        };
-        let resp = self.router.clone().oneshot(req).await.unwrap();
-        let (status, headers) = (resp.status(), resp.headers().clone());
-        let bytes = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024).await.unwrap();
-        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, v, headers)
+        request(&self.router, method, uri, token, body, headers).await
     }
 
     async fn ok(&self, method: Method, uri: &str, body: Option<Value>) -> Value {
@@ -239,6 +224,33 @@ async fn every_route_answers_and_every_error_has_a_stable_code() {
     a.finish().await;
 }
 
+/// One request to `router`: its status, its body as JSON (or as a string), its headers.
+async fn request(
+    router: &axum::Router,
+    method: Method,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = match body {
+        Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b.to_string())).unwrap(),
+        None => req.body(Body::empty()).unwrap(),
+    };
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024).await.unwrap();
+    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, v, headers)
+}
+
 fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         let rest = l.strip_prefix(name)?;
@@ -351,4 +363,55 @@ async fn the_cli_starts_shows_lists_waits_and_acts() {
     orders::stop_participants(parts).await.unwrap();
     node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_sleep_until_another_node_settles_their_saga_and_are_bounded() {
+    let a = api().await;
+    // Node B serves the waits; node A decides (B sees the saga settle only through the events).
+    let mut cfg = a.env.config("waiting-node");
+    (cfg.api_token, cfg.max_waiters) = (TOKEN.into(), 3);
+    let b = orchestrator::Orchestrator::connect(cfg, registry()).await.unwrap().start().await.unwrap();
+    let on_b = app(ApiState::new(b.engine().clone(), Some(TOKEN.into()), a.env.amqp_url.clone(), sagas::protocol::DEFAULT_MAX_BODY_BYTES));
+    let id = a.start("approval", &Plan::default()).await;
+    wait::until(&a.env.pool, id.parse().unwrap(), Duration::from_secs(30), |s| s.steps[1].status == sagas::StepStatus::Waiting)
+        .await
+        .unwrap();
+
+    // Three clients wait on B (a timeout far beyond the test's: a waiter that is not woken fails it).
+    let uri = format!("/sagas/{id}/wait?timeout_ms=120000");
+    let waits: Vec<_> = (0..3)
+        .map(|_| {
+            let (router, uri) = (on_b.clone(), uri.clone());
+            tokio::spawn(async move { request(&router, Method::GET, &uri, Some(TOKEN), None, &[]).await })
+        })
+        .collect();
+    // B holds them, subscribed to the lifecycle events: they sleep, they do not poll.
+    let gauges = || async {
+        let (_, text, _) = request(&on_b, Method::GET, "/metrics", Some(TOKEN), None, &[]).await;
+        let text = text.as_str().unwrap().to_owned();
+        (metric(&text, "sagaflow_waiters", ""), metric(&text, "sagaflow_waiters_subscribed", ""))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gauges().await != (Some(3.0), Some(1.0)) {
+        assert!(tokio::time::Instant::now() < deadline, "B never held 3 subscribed waiters: {:?}", gauges().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A fourth is refused, with when to come back.
+    let (s, v, h) = request(&on_b, Method::GET, &uri, Some(TOKEN), None, &[]).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("busy")), "{v}");
+    assert_eq!(h.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("1"));
+
+    // A settles the saga; the lifecycle event wakes B's waiters.
+    let v = a.ok(Method::POST, &format!("/sagas/{id}/events"), Some(json!({"event": "approved"}))).await;
+    assert_eq!(v["status"], "completed");
+    for w in waits {
+        let (s, v, _) = w.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!((v["settled"].as_bool(), v["saga"]["status"].as_str()), (Some(true), Some("completed")), "{v}");
+    }
+    assert_eq!(gauges().await.0, Some(0.0), "nobody waits any more");
+    b.shutdown().await.unwrap();
+    a.finish().await;
 }

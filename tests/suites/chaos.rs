@@ -136,7 +136,7 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
     client_cfg.amqp_url.clone_from(&amqp);
     let client = orchestrator::Orchestrator::connect(client_cfg, registry).await.unwrap();
     order_fulfilment::setup(&pool, &["widget"], i64::from(n) * 10).await.unwrap();
-    participants_sdk::ensure_schema(&pool).await.unwrap();
+    participants_sdk::ensure_schema(&pool, false).await.unwrap();
 
     let mut cluster = Cluster { env: &env, amqp: amqp.clone(), db: db.clone(), nodes: Vec::new(), participants: Vec::new(), spawned: 0 };
     cluster.spawn_node();

@@ -443,3 +443,62 @@ async fn an_outcome_holding_any_text_is_recorded_as_it_is_and_answered_again_fro
     assert_eq!(records, 2, "one record per step, nothing deleted");
     rig.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_the_old_records_of_its_own_participant_only() {
+    let env = TestEnv::start().await.unwrap();
+    order_fulfilment::setup(&env.pool, &["widget"], 100).await.unwrap();
+    participants_sdk::ensure_schema(&env.pool, false).await.unwrap();
+    // Inventory's records of 30 and 2 days ago, and another participant's of 30 days ago.
+    let (old, recent, others) = (SagaId::new(), SagaId::new(), SagaId::new());
+    for (participant, saga, age_days) in [("inventory", old, 30), ("inventory", recent, 2), ("payment", others, 30)] {
+        sqlx::query(
+            "INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome, recorded_at)
+             VALUES ($1, $2, 0, 'invoke', $3, '{}', now() - make_interval(days => $4))",
+        )
+        .bind(participant)
+        .bind(saga.0)
+        .bind(uuid::Uuid::now_v7())
+        .bind(age_days)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+    let pool = env.pool.clone();
+    let records = move |saga: SagaId| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sagaflow_participant.inbox WHERE saga_id = $1")
+                .bind(saga.0)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let mut cfg = env.participant_config();
+    cfg.retention_days = 7;
+    let inventory = Participant::builder("inventory")
+        .handle::<ReserveStock>(order_fulfilment::inventory::Inventory)
+        .compensate::<order_fulfilment::commands::ReleaseStock>(order_fulfilment::inventory::Inventory)
+        .config(cfg)
+        .build()
+        .unwrap()
+        .start(env.pool.clone(), &env.amqp_url)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while records(old).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the 30-day-old record was never deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(records(recent).await, 1, "a record younger than retention_days stays");
+    assert_eq!(records(others).await, 1, "another participant's records are its own to prune");
+
+    // It still serves commands, and records them.
+    let rig = Rig::attach(env, "inventory", "reserve_stock", inventory).await;
+    let saga = SagaId::new();
+    rig.send(&rig.command(saga, 1, 2)).await;
+    assert_eq!(rig.replies(1, Duration::from_secs(20)).await.len(), 1);
+    assert_eq!(records(saga).await, 1);
+    rig.finish().await;
+}

@@ -7,7 +7,7 @@ use participants_sdk::ParticipantConfig;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,lapin=off".into()))
         .with_writer(std::io::stderr)
         .init();
     let name = std::env::args().nth(1).context("usage: bench-participant inventory|payment|shipping")?;

@@ -152,6 +152,7 @@ impl From<OpsError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let busy = self.0.kind == ErrorKind::Busy;
         let status = match self.0.kind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Conflict => StatusCode::CONFLICT,
@@ -160,14 +161,18 @@ impl IntoResponse for ApiError {
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Unavailable | ErrorKind::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::InvalidRequest | ErrorKind::UnknownDefinition | ErrorKind::InvalidInput | ErrorKind::Unstorable => {
                 StatusCode::BAD_REQUEST
             }
         };
         // A message never repeats a large input whole.
         let message = clip(&self.0.message, 1024);
-        (status, Json(json!({"error": {"code": self.0.code(), "message": message}}))).into_response()
+        let mut r = (status, Json(json!({"error": {"code": self.0.code(), "message": message}}))).into_response();
+        if busy {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -313,6 +318,7 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult<Response> {
         .map_err(OpsError::from)?;
     let consumers = participant_consumers(&s).await;
     s.engine.metrics().set_gauges(backlog, oldest, in_flight, &consumers);
+    s.engine.metrics().set_waiters(s.engine.waiters.waiting(), s.engine.waiters.subscribed());
     Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.engine.metrics().encode())
         .into_response())
 }

@@ -64,11 +64,12 @@ pub fn main() -> ExitCode {
 /// of a deployment with its own sagas is `fn main() -> ExitCode { orchestrator::cli::main_with(my_registry) }`.
 pub fn main_with(registry: fn() -> anyhow::Result<Registry>) -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints one line per run; a node logs what it decides.
+    // The demo prints one line per run; a node logs what it decides. lapin's own lines are off
+    // by default: a lost connection is told once, with its cause, by the node.
     let default_filter = if matches!(cli.command, Command::Serve) {
-        "warn,orchestrator=info,participants_sdk=info,sagaflow_amqp=info,sagaflow=info"
+        "warn,orchestrator=info,participants_sdk=info,sagaflow_amqp=info,sagaflow=info,lapin=off"
     } else {
-        "warn"
+        "warn,lapin=off"
     };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::intake::{Engine, Events};
 use crate::outbound::{self, Publisher, Publishing, Undeliverable, UndeliverableTx};
 use crate::starts::{Starting, Starts};
-use crate::store;
+use crate::{store, waiters};
 use consumers::{Consumer, Queue};
 
 /// A node of the orchestrator, connected to PostgreSQL (migrated) but not yet running.
@@ -119,7 +119,7 @@ impl Orchestrator {
         let (publisher, publishing) = Publisher::new(pool.clone());
         let (starts, starting) = Starts::new(pool.clone(), config.node_id.as_str().into());
         let events = Events { steps: config.step_events, started: config.started_events };
-        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, events, (publisher, starts));
+        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, events, (publisher, starts), config.max_waiters);
         Ok(Self { node: Arc::new(Node { config, engine, names }), publishing, starting })
     }
 
@@ -132,6 +132,8 @@ impl Orchestrator {
     pub async fn start(self) -> Result<OrchestratorHandle> {
         let Self { node, publishing, starting } = self;
         let conn = node.connect_declared().await?;
+        // A node applies replies: it keeps the sagas it wrote (a client does not).
+        node.engine.recent.enable();
         let stop = CancellationToken::new();
         let mut tasks = Tasks::new();
         tasks.spawn(named("the start writer", ends(starting.run(stop.child_token()))));
@@ -283,6 +285,7 @@ impl Node {
                     () = stop.cancelled() => return,
                     c = self.open_publisher() => match c {
                         Ok((conn, ch)) => {
+                            self.engine.metrics().reconnected();
                             tracing::info!("reconnected to RabbitMQ; publishing again");
                             self.engine.publisher.set_channel(Some(ch.clone()));
                             (conn, ch)
@@ -359,13 +362,18 @@ impl Node {
         outbound: tokio_util::sync::DropGuard,
     ) -> anyhow::Result<()> {
         let mut conn = Some(first);
+        let mut lost_at = None;
         loop {
             let c = match conn.take() {
                 Some(c) => c,
                 None => tokio::select! {
                     () = stop.cancelled() => break,
                     c = transport::connect(&self.config.amqp_url, Duration::from_secs(3600)) => match c {
-                        Ok(c) => { tracing::info!("reconnected to RabbitMQ"); c }
+                        Ok(c) => {
+                            self.engine.metrics().reconnected();
+                            tracing::info!(down_ms = lost_at.map_or(0, |t: tokio::time::Instant| t.elapsed().as_millis()), "reconnected to RabbitMQ");
+                            c
+                        }
                         Err(e) => { tracing::error!(error = %e, "cannot reconnect to RabbitMQ"); continue; }
                     },
                 },
@@ -377,6 +385,7 @@ impl Node {
                 }
                 Ended::Lost(why) => {
                     tracing::warn!(why, "lost RabbitMQ; reconnecting");
+                    lost_at = Some(tokio::time::Instant::now());
                     let _ = c.close(200, "reconnecting".into()).await;
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -400,9 +409,10 @@ impl Node {
                 transport::confirm_channel(c).await?,
                 transport::confirm_channel(c).await?,
                 transport::confirm_channel(c).await?,
+                c.create_channel().await?,
             ])
         };
-        let [replies_ch, inbound_ch, relay_ch, publish_ch] = match channels.await {
+        let [replies_ch, inbound_ch, relay_ch, publish_ch, events_ch] = match channels.await {
             Ok(chs) => chs,
             Err(e) => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -418,6 +428,9 @@ impl Node {
             let (consumer, t) = (self.consumer(), consuming.clone());
             consumers.spawn(async move { consumer.run(qch, q, t).await });
         }
+        // The lifecycle events that wake the clients waiting for sagas to settle.
+        let (waiters, names, t) = (self.engine.waiters.clone(), self.names.clone(), consuming.clone());
+        consumers.spawn(async move { waiters::listen(waiters, events_ch, names, t).await });
         let poll = Duration::from_millis(cfg.relay_poll_ms);
         let relay = outbound::relay(self.engine.pool().clone(), relay_ch, cfg.relay_batch, poll, undeliverable.clone(), relaying.clone());
         let mut relay = tokio::spawn(relay);

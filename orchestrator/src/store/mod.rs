@@ -37,9 +37,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     migrator().run(pool).await
 }
 
-/// An instance row as read: its state and trace context.
 pub use sagaflow_amqp::is_unstorable;
 
+/// An instance row as read: its state and trace context.
 pub(crate) struct Instance {
     pub(crate) state: SagaState,
     pub(crate) traceparent: Option<String>,
@@ -59,6 +59,7 @@ pub(crate) async fn lock(tx: &mut PgConnection, id: SagaId, skip_locked: bool) -
 }
 
 /// What [`read_batch`] found.
+#[derive(Default)]
 pub(crate) struct ReadBatch {
     /// The instances that exist, by id, with the row version each was read at.
     pub(crate) sagas: HashMap<SagaId, (Instance, i64)>,

@@ -26,7 +26,7 @@ const GATE_NEW: &str = "ins AS (
     SELECT id, d, v, st, state::json, k, t, $1, CASE WHEN f THEN now() END
     FROM UNNEST($28::uuid[], $29::text[], $30::int4[], $31::text[], $32::text[], $33::text[], $34::text[], $35::bool[])
         AS n(id, d, v, st, state, k, t, f)
-    ON CONFLICT DO NOTHING RETURNING id
+    ON CONFLICT DO NOTHING RETURNING id, xmin::text::int8 AS v
 ), ok AS (SELECT id FROM ins)";
 
 /// Guarded: lock the sagas still at the version read (`cas`), in id order; `ok` is those.
@@ -60,6 +60,7 @@ const UPDATE_STATES: &str = "upd AS (
         finished_at = CASE WHEN u.finished THEN COALESCE(i.finished_at, now()) END
     FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bool[]) AS u(id, state, status, finished)
     WHERE i.id = u.id AND u.id IN (SELECT id FROM ok)
+    RETURNING i.xmin::text::int8 AS v
 )";
 
 /// One history row per decision.
@@ -116,6 +117,9 @@ pub(crate) struct Wrote {
     /// ... and of those, the ones written (the others' message id was recorded meanwhile);
     /// for starts, the sagas created.
     pub(crate) written: Vec<uuid::Uuid>,
+    /// The row version (`xmin`) of the instances it inserted or updated: the statement's
+    /// transaction id, the same for each. `None` when it changed no instance.
+    pub(crate) version: Option<i64>,
 }
 
 /// Start sagas: insert each instance with the decision that starts it (whose state it takes),
@@ -149,7 +153,7 @@ pub(crate) async fn insert_new<'c>(
     let decisions: Vec<&DecisionRows> = starts.iter().map(|(d, _)| *d).collect();
     let params = Params::of(&decisions, false);
     let sql = statement(GATE_NEW, &params, wake_relays, true);
-    let (outbox, _, created): Row = params
+    let (outbox, _, created, version): Row = params
         .bind(sqlx::query_as(AssertSqlSafe(sql)), node, wake_relays)
         .bind(ids)
         .bind(defs)
@@ -161,7 +165,7 @@ pub(crate) async fn insert_new<'c>(
         .bind(finished)
         .fetch_one(ex)
         .await?;
-    Ok(Wrote { outbox, locked: Vec::new(), written: created })
+    Ok(Wrote { outbox, locked: Vec::new(), written: created, version })
 }
 
 /// Write `decisions` of sagas read without a lock, each only as [`Guard`] allows.
@@ -183,8 +187,8 @@ pub(crate) async fn write_guarded<'c>(
     } else {
         query
     };
-    let (outbox, locked, written): Row = query.fetch_one(ex).await?;
-    Ok(Wrote { outbox, locked, written })
+    let (outbox, locked, written, version): Row = query.fetch_one(ex).await?;
+    Ok(Wrote { outbox, locked, written, version })
 }
 
 /// Write `decisions` of sagas whose rows the caller holds locked. Returns the outbox row ids.
@@ -200,14 +204,15 @@ pub(crate) async fn write_locked<'c>(
     Ok(outbox)
 }
 
-/// What every statement returns: the outbox ids, and (see [`statement`]) the sagas locked and
-/// written.
-type Row = (Vec<i64>, Vec<uuid::Uuid>, Vec<uuid::Uuid>);
+/// What every statement returns: the outbox ids, (see [`statement`]) the sagas locked and
+/// written, and the version of the instances it wrote.
+type Row = (Vec<i64>, Vec<uuid::Uuid>, Vec<uuid::Uuid>, Option<i64>);
 
 type Query<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, Row, sqlx::postgres::PgArguments>;
 
 /// The statement of `gate` and the parts `params` needs; with `written`, it returns which sagas
-/// were locked (a guarded gate) and written.
+/// were locked (a guarded gate) and written; it always returns the version of the instances it
+/// inserted or updated.
 fn statement(gate: &str, params: &Params<'_>, wake_relays: bool, written: bool) -> String {
     let mut parts = vec![gate];
     if !params.upd_ids.is_empty() {
@@ -234,9 +239,14 @@ fn statement(gate: &str, params: &Params<'_>, wake_relays: bool, written: bool) 
     } else {
         "'{}'::uuid[], '{}'::uuid[]".to_owned()
     };
+    let version = match (gate == GATE_NEW, params.upd_ids.is_empty()) {
+        (true, _) => "(SELECT max(v) FROM ins)",
+        (false, false) => "(SELECT max(v) FROM upd)",
+        (false, true) => "NULL::int8",
+    };
     // `wake` is not a write, so it runs only when the query reads it.
     let from = if outbox && wake_relays { " FROM (SELECT count(*) FROM wake) AS w" } else { "" };
-    format!("WITH {} SELECT {ids}, {sagas}{from}", parts.join(", "))
+    format!("WITH {} SELECT {ids}, {sagas}, {version}{from}", parts.join(", "))
 }
 
 /// The arrays of a statement's parameters $2–$26, one entry per row to write.
@@ -423,6 +433,7 @@ mod tests {
         let wrote = insert_new(&pool, "n1", &starts, false).await.unwrap();
         assert_eq!(wrote.written.len(), 2);
         assert_eq!(wrote.outbox.len(), 2, "one outbox row each");
+        assert_eq!(wrote.version, Some(version(&pool, keyed).await), "the version the instances were inserted at");
 
         // Again: the id is taken, the key is taken (by another id), and two new starts share a key.
         let (fresh, twin_a, twin_b, other_key) = (SagaId::new(), SagaId::new(), SagaId::new(), SagaId::new());
@@ -469,7 +480,7 @@ mod tests {
         let d1 = decision(saga, 1, SagaStatus::Running);
         let guard = Guard { versions: vec![(saga.0, read)], marks: Vec::new() };
         let wrote = write_guarded(&pool, "n1", &[&d1], &guard, false).await.unwrap();
-        assert!(wrote.locked.is_empty() && wrote.written.is_empty() && wrote.outbox.is_empty());
+        assert!(wrote.locked.is_empty() && wrote.written.is_empty() && wrote.outbox.is_empty() && wrote.version.is_none());
         assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.history WHERE saga_id = $1", saga).await, 1, "nothing written");
 
         // Duplicate input: its message id was recorded meanwhile.
@@ -491,6 +502,7 @@ mod tests {
         let wrote = write_guarded(&pool, "n1", &[&d1], &guard, false).await.unwrap();
         assert_eq!(wrote.written, vec![saga.0]);
         assert_eq!(wrote.outbox.len(), 1);
+        assert_eq!(wrote.version, Some(version(&pool, saga).await), "the version the write left the row at");
         assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.history WHERE saga_id = $1", saga).await, 2);
         assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.inbox WHERE saga_id = $1", saga).await, 2);
         assert_ne!(version(&pool, saga).await, read, "the write changed the row's version");

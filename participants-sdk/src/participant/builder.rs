@@ -95,6 +95,7 @@ impl ParticipantBuilder {
                 config: self.config,
                 names,
                 crash_after_commit: self.crash_after_commit,
+                reconnects: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

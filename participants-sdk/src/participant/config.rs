@@ -25,6 +25,12 @@ pub struct ParticipantConfig {
     /// How often replies an earlier version of the SDK left in its outbox are looked for and
     /// published (replies are now published right after the commit). Default 5 s.
     pub sweep_interval: Duration,
+    /// Delete this participant's records (the inbox: each step's outcome) older than this many
+    /// days, checked at start and every 10 minutes; 0 keeps everything. A record is what
+    /// answers a redelivered command and what tells a compensation that its step ran: set it
+    /// well beyond the longest a saga can run (its deadline), as the orchestrator's
+    /// `retention_days` is. Default 0.
+    pub retention_days: u32,
 }
 
 impl Default for ParticipantConfig {
@@ -38,6 +44,7 @@ impl Default for ParticipantConfig {
             quorum_queues: false,
             connect_timeout: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(5),
+            retention_days: 0,
         }
     }
 }

@@ -34,6 +34,9 @@ pub use config::{Error, ParticipantConfig};
 
 use builder::{CrashHook, Registered};
 
+/// How often a participant with `retention_days` deletes its old records.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
 struct Inner {
     /// Held while publishing on the channel and waiting for the confirms: one batch at a time,
     /// so a message the broker returns is carried by a confirm of its own batch (see
@@ -44,6 +47,8 @@ struct Inner {
     config: ParticipantConfig,
     names: Names,
     crash_after_commit: Option<CrashHook>,
+    /// Times the participant reconnected to RabbitMQ after losing it.
+    reconnects: std::sync::atomic::AtomicU64,
 }
 
 /// A service taking part in sagas. Cheap to clone.
@@ -77,10 +82,16 @@ impl Participant {
         &self.inner.name
     }
 
+    /// How many times it reconnected to RabbitMQ after losing it (for a metric of the service's).
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Create the tables, connect, declare the queue, and run in the background. Commands
     /// published once this returns reach the participant.
     pub async fn start(&self, pool: PgPool, amqp_url: &str) -> Result<ParticipantHandle, Error> {
-        crate::store::ensure_schema(&pool).await?;
+        let retention_days = self.inner.config.retention_days;
+        crate::store::ensure_schema(&pool, retention_days > 0).await?;
         let conn = transport::connect(amqp_url, self.inner.config.connect_timeout).await?;
         // Declared before returning, so commands published after `start` reach the queue.
         let ch = conn.create_channel().await?;
@@ -88,8 +99,48 @@ impl Participant {
         ch.close(200, "declared".into()).await?;
         let token = CancellationToken::new();
         let (this, url, t) = (self.clone(), amqp_url.to_owned(), token.clone());
-        let task = tokio::spawn(async move { this.serve(pool, &url, Some(conn), t).await });
+        let task = tokio::spawn(async move {
+            if retention_days == 0 {
+                return this.serve(pool, &url, Some(conn), t).await;
+            }
+            let pruning = this.clone().retention(pool.clone(), retention_days, t.clone());
+            tokio::join!(this.serve(pool, &url, Some(conn), t), pruning).0
+        });
         Ok(ParticipantHandle { token, task })
+    }
+
+    /// Delete the records older than `days`, at start and every [`RETENTION_EVERY`], until `stop`.
+    async fn retention(self, pool: PgPool, days: u32, stop: CancellationToken) {
+        const BATCH: i64 = 1000;
+        let name = &self.inner.name;
+        loop {
+            let mut deleted = 0;
+            loop {
+                let pruned = tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = crate::store::prune(&pool, name, days, BATCH) => r,
+                };
+                match pruned {
+                    Ok(n) => {
+                        deleted += n;
+                        if n < BATCH as u64 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(participant = %name, error = %e, "retention: database error; trying again later");
+                        break;
+                    }
+                }
+            }
+            if deleted > 0 {
+                tracing::info!(participant = %name, records = deleted, days, "retention: deleted old step records");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(RETENTION_EVERY) => {}
+            }
+        }
     }
 
     /// Run until `shutdown` completes (for a service: [`shutdown_signal`]).
@@ -114,6 +165,7 @@ impl Participant {
                     () = token.cancelled() => return Ok(()),
                     c = transport::connect(url, Duration::from_secs(24 * 3600)) => match c {
                         Ok(c) => {
+                            self.inner.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             tracing::info!(participant = %name, "reconnected to RabbitMQ");
                             c
                         }
