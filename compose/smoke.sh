@@ -37,6 +37,16 @@ for _ in $(seq 1 90); do
 done
 curl -fsS "$api/ready" >/dev/null || { echo "smoke: the orchestrator is not ready at $api"; exit 1; }
 echo "smoke: stack up, API at $api"
+for p in inventory payment shipping; do
+    health=
+    for _ in $(seq 1 60); do
+        health="$(docker inspect --format '{{.State.Health.Status}}' "$(docker-compose ps -q "$p")")"
+        [ "$health" = healthy ] && break
+        sleep 1
+    done
+    [ "$health" = healthy ] || { echo "smoke: participant $p is $health, not healthy"; exit 1; }
+done
+echo "smoke: participants healthy (consuming their queues)"
 
 run="$(date +%s)"
 ids=()

@@ -49,6 +49,8 @@ pub mod participant;
 mod store;
 
 pub use handler::{Context, Handler, HandlerError, HandlerResult};
-pub use participant::{Error, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, shutdown_signal};
+pub use participant::{
+    Error, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, READY_TOUCH, ready_file_is_fresh, shutdown_signal,
+};
 pub use sagaflow_amqp::transport::redact;
 pub use store::{ensure_schema, is_unstorable};

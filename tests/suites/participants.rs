@@ -502,3 +502,29 @@ async fn retention_deletes_the_old_records_of_its_own_participant_only() {
     assert_eq!(records(saga).await, 1);
     rig.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ready_file_is_fresh_while_consuming_and_gone_after_shutdown() {
+    let env = TestEnv::start().await.unwrap();
+    order_fulfilment::setup(&env.pool, &["widget"], 100).await.unwrap();
+    let path = std::env::temp_dir().join(format!("ready-{}", uuid::Uuid::now_v7()));
+    let cfg = participants_sdk::ParticipantConfig { ready_file: Some(path.clone()), ..env.participant_config() };
+    assert!(!participants_sdk::ready_file_is_fresh(&path, Duration::from_secs(15)), "not ready before it starts");
+    let inventory = Participant::builder("inventory")
+        .handle::<ReserveStock>(order_fulfilment::inventory::Inventory)
+        .compensate::<order_fulfilment::commands::ReleaseStock>(order_fulfilment::inventory::Inventory)
+        .config(cfg)
+        .build()
+        .unwrap()
+        .start(env.pool.clone(), &env.amqp_url)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !participants_sdk::ready_file_is_fresh(&path, Duration::from_secs(15)) {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    inventory.shutdown().await.unwrap();
+    assert!(!path.exists(), "removed when it stopped consuming");
+    env.cleanup(&["inventory"]).await.unwrap();
+}

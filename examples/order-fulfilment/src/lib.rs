@@ -84,16 +84,28 @@ pub const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 /// The `order-participant` command: run the participant named by the first argument until
 /// SIGTERM or Ctrl-C, configured by `SAGAFLOW_AMQP_URL`, `SAGAFLOW_DATABASE_URL` and
 /// `SAGAFLOW_NAMESPACE`. `ORDER_EXAMPLE_STOCK=sku=units,...` stocks skus that have no stock row yet.
+/// `order-participant ready <name>` exits 0 only while that participant (in this container or
+/// host) consumes its queue: its ready file was touched within 15 s (a health check).
 pub async fn participant_main() -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let name = std::env::args().nth(1).context("usage: order-participant inventory|payment|shipping")?;
+    let usage = "usage: order-participant inventory|payment|shipping, or order-participant ready inventory|payment|shipping";
+    let name = std::env::args().nth(1).context(usage)?;
+    if name == "ready" {
+        // The container's health check: is the participant of this container consuming?
+        let name = std::env::args().nth(2).context(usage)?;
+        let path = ready_file(&name);
+        if participants_sdk::ready_file_is_fresh(&path, participants_sdk::READY_TOUCH * 3) {
+            return Ok(());
+        }
+        anyhow::bail!("{name} is not consuming ({} is missing or older than 15 s)", path.display());
+    }
     let stock = match std::env::var("ORDER_EXAMPLE_STOCK") {
         Ok(spec) => parse_stock(&spec).map_err(|e| anyhow::anyhow!("ORDER_EXAMPLE_STOCK: {e}"))?,
         Err(_) => Vec::new(),
     };
     let amqp = std::env::var("SAGAFLOW_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let db = std::env::var("SAGAFLOW_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut config = ParticipantConfig::default();
+    let mut config = ParticipantConfig { ready_file: Some(ready_file(&name)), ..ParticipantConfig::default() };
     if let Ok(ns) = std::env::var("SAGAFLOW_NAMESPACE") {
         config.namespace = ns;
     }
@@ -125,6 +137,11 @@ pub async fn participant_main() -> anyhow::Result<()> {
     participants_sdk::shutdown_signal().await;
     handle.shutdown().await?;
     Ok(())
+}
+
+/// Where participant `name` of this example says it is consuming (for `order-participant ready`).
+fn ready_file(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("order-participant-{name}.ready"))
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ pub struct ParticipantConfig {
     /// well beyond the longest a saga can run (its deadline), as the orchestrator's
     /// `retention_days` is. Default 0.
     pub retention_days: u32,
+    /// A file that exists while the participant consumes its queue, touched every 5 s (and
+    /// removed when the connection is lost or the participant stops): a container's health
+    /// check asks [`ready_file_is_fresh`](crate::ready_file_is_fresh). Default none.
+    pub ready_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ParticipantConfig {
@@ -45,6 +49,7 @@ impl Default for ParticipantConfig {
             connect_timeout: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(5),
             retention_days: 0,
+            ready_file: None,
         }
     }
 }

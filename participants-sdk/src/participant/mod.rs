@@ -199,6 +199,7 @@ impl Participant {
         let tag = format!("{}-{}", inner.name, std::process::id());
         let consumer = ch.basic_consume(queue.as_str().into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
         tracing::info!(participant = %inner.name, queue, "consuming commands");
+        let _ready = inner.config.ready_file.clone().map(|path| Ready::keep(path, token.child_token()));
         let sweeping = token.child_token();
         let sweeper = tokio::spawn(self.clone().sweep_leftovers(pool.clone(), ch.clone(), sweeping.clone()));
         let result = transport::run_batch_consumer(&ch, consumer, inner.config.batch_max, inner.config.concurrency, token, |batch| {
@@ -232,6 +233,53 @@ impl Participant {
             }
         }
     }
+}
+
+/// How often a participant's ready file is touched while it consumes.
+pub const READY_TOUCH: Duration = Duration::from_secs(5);
+
+/// The ready file of a consuming participant: touched every [`READY_TOUCH`] until dropped, then
+/// removed.
+struct Ready {
+    path: std::path::PathBuf,
+    stop: CancellationToken,
+}
+
+impl Ready {
+    fn keep(path: std::path::PathBuf, stop: CancellationToken) -> Self {
+        let (p, t) = (path.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(READY_TOUCH);
+            loop {
+                tokio::select! {
+                    () = t.cancelled() => {
+                        // Also here: a touch racing the drop must not leave the file behind.
+                        let _ = std::fs::remove_file(&p);
+                        return;
+                    }
+                    _ = tick.tick() => {
+                        if let Err(e) = std::fs::write(&p, format!("{}\n", std::process::id())) {
+                            tracing::warn!(path = %p.display(), error = %e, "cannot write the ready file");
+                        }
+                    }
+                }
+            }
+        });
+        Self { path, stop }
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether the participant whose [`ParticipantConfig::ready_file`] is `path` is consuming: the
+/// file exists and was touched within `max_age` (give it a few [`READY_TOUCH`]es, e.g. 15 s).
+pub fn ready_file_is_fresh(path: &std::path::Path, max_age: Duration) -> bool {
+    std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age <= max_age))
 }
 
 /// Completes on SIGTERM or Ctrl-C: what a service process waits for before it shuts down
