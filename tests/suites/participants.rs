@@ -528,3 +528,40 @@ async fn the_ready_file_is_fresh_while_consuming_and_gone_after_shutdown() {
     assert!(!path.exists(), "removed when it stopped consuming");
     env.cleanup(&["inventory"]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_does_not_hold_the_replies_of_its_batch() {
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let conn = env.amqp().await.unwrap();
+    let ch = transport::confirm_channel(&conn).await.unwrap();
+    transport::declare_participant(&ch, &env.names(), "probe", transport::QueueOptions { quorum: false }).await.unwrap();
+    let replies = format!("{}.test-replies", env.namespace);
+    ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    let mut rig = Rig { env, conn, ch, replies, participant: "probe", step_name: "a", handle: None };
+    // The commands wait in the queue before the participant starts, and it runs one batch at a
+    // time: a first command alone (it takes 150 ms, below `slow_handler`), during which the
+    // others arrive and form the next batch: one whose handler takes 5 s, then ten that take
+    // nothing.
+    let (first, slow) = (SagaId::new(), SagaId::new());
+    let fast: Vec<SagaId> = (0..10).map(|_| SagaId::new()).collect();
+    let commands = [(first, Behavior::Slow { ms: 150 }), (slow, Behavior::Slow { ms: 5000 })];
+    for (saga, behavior) in commands.into_iter().chain(fast.iter().map(|s| (*s, Behavior::Ok))) {
+        let body = json!({"key": "a", "behavior": behavior});
+        rig.send(&rig.message(saga, CommandKind::Invoke, "probe.do", body, 1)).await;
+    }
+    let cfg = participants_sdk::ParticipantConfig { concurrency: 1, ..rig.env.participant_config() };
+    rig.handle = Some(probe::participant(cfg).start(rig.env.pool.clone(), &rig.env.amqp_url).await.unwrap());
+
+    let got = rig.decoded_replies(12, Duration::from_secs(30)).await;
+    let order: Vec<SagaId> = got.iter().map(|r| r.saga_id).collect();
+    assert_eq!(order.len(), 12, "every command is answered: {order:?}");
+    assert_eq!(order.first(), Some(&first), "{order:?}");
+    assert_eq!(order.last(), Some(&slow), "the ten fast replies of its batch come before the slow one: {order:?}");
+    assert!(got.iter().all(|r| matches!(r.reply.outcome, ReplyOutcome::Success { .. })), "{got:?}");
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM probe.effects").fetch_one(&rig.env.pool).await.unwrap();
+    assert_eq!(effects, 12, "each command's effect once: the stopped batch rolled back");
+    rig.finish().await;
+}

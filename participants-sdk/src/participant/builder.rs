@@ -96,6 +96,7 @@ impl ParticipantBuilder {
                 names,
                 crash_after_commit: self.crash_after_commit,
                 reconnects: std::sync::atomic::AtomicU64::new(0),
+                slow: std::sync::Mutex::default(),
             }),
         })
     }

@@ -35,6 +35,13 @@ pub struct ParticipantConfig {
     /// removed when the connection is lost or the participant stops): a container's health
     /// check asks [`ready_file_is_fresh`](crate::ready_file_is_fresh). Default none.
     pub ready_file: Option<std::path::PathBuf>,
+    /// In a batch, a handler still running after this long is stopped, the batch is rolled back
+    /// and run again without it, and that command runs in a transaction of its own, as do the
+    /// commands of its name until one of them runs faster than this again: one slow command
+    /// does not hold the replies of the others. Its handler runs again from the start (as after
+    /// a crash: its work outside the transaction must be safe to repeat). Zero never stops a
+    /// handler. Default 250 ms.
+    pub slow_handler: Duration,
 }
 
 impl Default for ParticipantConfig {
@@ -50,6 +57,7 @@ impl Default for ParticipantConfig {
             sweep_interval: Duration::from_secs(5),
             retention_days: 0,
             ready_file: None,
+            slow_handler: Duration::from_millis(250),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! from the record or run the handlers, record the outcomes, commit; the handlers' results
 //! become replies here, in one place.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -26,7 +26,21 @@ enum Run {
     /// The handler of command `at`, which used the transaction, did not succeed, and there was
     /// no savepoint to undo its writes alone: nothing was written. Its outcome is `outcome`.
     Undo { at: usize, outcome: ReplyOutcome },
+    /// The handler of command `at` ran past `slow_handler` in a batch: it was stopped, nothing
+    /// was written.
+    Slow { at: usize },
 }
+
+/// What [`Participant::execute`] did with a batch.
+enum Executed {
+    /// Committed: each command's reply, in order.
+    Done(Vec<WireMessage>),
+    /// Nothing was written: command `at` is slow; run it alone, and the others without it.
+    Split(usize),
+}
+
+/// A command ready to run: its delivery, the command, its handler.
+type Item<'a> = (Delivery, InboundCommand, &'a Registered);
 
 impl Participant {
     /// Handle one batch of deliveries: refuse what cannot be handled, run the commands (one per
@@ -41,31 +55,67 @@ impl Participant {
                 Err((code, detail)) => self.refuse(ch, &queue, &d, code, &detail).await,
             }
         }
+        // A command whose handler was slow last time runs alone, beside the others (unless
+        // another command of its step is here: they keep their order, in rounds).
+        let step = |c: &InboundCommand| (c.saga.saga_id, c.step);
+        let (alone, valid): (Vec<Item<'_>>, Vec<Item<'_>>) = {
+            let slow = self.inner.slow.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let steps: Vec<_> = valid.iter().map(|(_, c, _)| step(c)).collect();
+            valid.into_iter().partition(|(_, c, _)| slow.contains(&c.command) && steps.iter().filter(|s| **s == step(c)).count() == 1)
+        };
         // One command per step in a transaction: another of the same step (its compensation, a
         // redelivery) runs after it, in a transaction of its own.
-        let mut rounds: Vec<Vec<(Delivery, InboundCommand, &Registered)>> = Vec::new();
+        let mut rounds: Vec<Vec<Item<'_>>> = Vec::new();
         for item in valid {
-            let step = (item.1.saga.saga_id, item.1.step);
-            match rounds.iter_mut().find(|r| !r.iter().any(|(_, c, _)| (c.saga.saga_id, c.step) == step)) {
+            match rounds.iter_mut().find(|r| !r.iter().any(|(_, c, _)| step(c) == step(&item.1))) {
                 Some(round) => round.push(item),
                 None => rounds.push(vec![item]),
             }
         }
-        for round in rounds {
-            self.process_round(pool, ch, round).await;
+        let batched = async {
+            for round in rounds {
+                self.process_round(pool, ch, round).await;
+            }
+        };
+        // At most `concurrency` of them at once (each holds a connection).
+        let permits = tokio::sync::Semaphore::new(self.inner.config.concurrency.max(1));
+        let mut alone_runs = Vec::with_capacity(alone.len());
+        for item in alone {
+            alone_runs.push(self.process_alone(&permits, pool, ch, item));
         }
+        tokio::join!(batched, futures_util::future::join_all(alone_runs));
+    }
+
+    /// [`Self::process_round`] of one command, once `permits` has room.
+    async fn process_alone(&self, permits: &tokio::sync::Semaphore, pool: &PgPool, ch: &Channel, item: Item<'_>) {
+        let _permit = permits.acquire().await;
+        self.process_round(pool, ch, vec![item]).await;
     }
 
     /// Run commands of distinct steps in one transaction, then publish and ack; on a database
     /// failure, each goes back to the queue (or, refused by PostgreSQL, to the dead letters).
-    async fn process_round(&self, pool: &PgPool, ch: &Channel, round: Vec<(Delivery, InboundCommand, &Registered)>) {
+    async fn process_round(&self, pool: &PgPool, ch: &Channel, mut round: Vec<Item<'_>>) {
         let cmds: Vec<(&Registered, &InboundCommand)> = round.iter().map(|(_, c, r)| (*r, c)).collect();
+        let started = Instant::now();
         let result = self.execute(pool, &cmds).await;
         drop(cmds);
+        if let ([(_, cmd, _)], Ok(_)) = (round.as_slice(), &result) {
+            self.timed(&cmd.command, started.elapsed());
+        }
         match result {
-            Ok(replies) => {
+            Ok(Executed::Done(replies)) => {
                 let done = round.into_iter().map(|(d, c, _)| (d, c)).zip(replies).collect();
                 self.finish(ch, done).await;
+            }
+            Ok(Executed::Split(at)) => {
+                let slow = round.remove(at);
+                tracing::info!(
+                    participant = %self.inner.name, command = %slow.1.command, saga.id = %slow.1.saga.saga_id,
+                    slow_handler_ms = self.inner.config.slow_handler.as_millis(),
+                    "a handler ran past slow_handler in a batch: the batch runs again without it, and it runs alone"
+                );
+                self.inner.slow.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(slow.1.command.clone());
+                tokio::join!(Box::pin(self.process_round(pool, ch, vec![slow])), Box::pin(self.process_round(pool, ch, round)));
             }
             // PostgreSQL refuses the data itself (SQLSTATE class 22 or 54): the same every time.
             Err(e) if store::is_unstorable(&e) && round.len() > 1 => {
@@ -86,6 +136,14 @@ impl Participant {
                     let _ = transport::requeue(&d).await;
                 }
             }
+        }
+    }
+
+    /// A command named `command` ran alone in `took`: it is batched again once it is fast.
+    fn timed(&self, command: &str, took: Duration) {
+        let limit = self.inner.config.slow_handler;
+        if !limit.is_zero() && took < limit {
+            self.inner.slow.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(command);
         }
     }
 
@@ -119,12 +177,18 @@ impl Participant {
     /// run, and the run is made again with its outcome known (it does not run twice) and the
     /// other handlers in savepoints, so a refusal undoes only its own writes. A conflict (another
     /// delivery recorded a step first) runs again too, answering from that record.
-    async fn execute(&self, pool: &PgPool, cmds: &[(&Registered, &InboundCommand)]) -> Result<Vec<WireMessage>, sqlx::Error> {
+    ///
+    /// In a batch of several, a handler that runs past `slow_handler` is stopped and nothing is
+    /// written ([`Executed::Split`]).
+    async fn execute(&self, pool: &PgPool, cmds: &[(&Registered, &InboundCommand)]) -> Result<Executed, sqlx::Error> {
         let mut known: Vec<Option<ReplyOutcome>> = vec![None; cmds.len()];
         let mut savepoints = false;
+        let limit = self.inner.config.slow_handler;
+        let deadline = (cmds.len() > 1 && !limit.is_zero()).then_some(limit);
         loop {
-            match self.execute_once(pool, cmds, &mut known, savepoints).await? {
-                Run::Done(replies) => return Ok(replies),
+            match self.execute_once(pool, cmds, &mut known, savepoints, deadline).await? {
+                Run::Done(replies) => return Ok(Executed::Done(replies)),
+                Run::Slow { at } => return Ok(Executed::Split(at)),
                 Run::Conflict => {
                     tracing::info!(participant = %self.inner.name, "another delivery recorded a step first; answering from its record")
                 }
@@ -143,6 +207,7 @@ impl Participant {
         cmds: &[(&Registered, &InboundCommand)],
         known: &mut [Option<ReplyOutcome>],
         savepoints: bool,
+        deadline: Option<Duration>,
     ) -> Result<Run, sqlx::Error> {
         let name = &self.inner.name;
         let all: Vec<&InboundCommand> = cmds.iter().map(|(_, c)| *c).collect();
@@ -165,7 +230,16 @@ impl Participant {
                 savepoint = true;
             }
             let mut cx = Context { tx: tx.conn(), cmd, touched: false };
-            let result = reg.handler.call(&mut cx, cmd.body.clone()).instrument(span.clone()).await;
+            let call = reg.handler.call(&mut cx, cmd.body.clone()).instrument(span.clone());
+            let result = match deadline {
+                None => call.await,
+                Some(limit) => match tokio::time::timeout(limit, call).await {
+                    Ok(result) => result,
+                    // Stopped where it was: the transaction is dropped open, so its connection is
+                    // closed and everything the batch wrote rolls back.
+                    Err(_) => return Ok(Run::Slow { at: i }),
+                },
+            };
             let touched = cx.touched;
             let (outcome, record) = span.in_scope(|| outcome_of(result));
             let failed = !matches!(outcome, ReplyOutcome::Success { .. });

@@ -49,6 +49,9 @@ struct Inner {
     crash_after_commit: Option<CrashHook>,
     /// Times the participant reconnected to RabbitMQ after losing it.
     reconnects: std::sync::atomic::AtomicU64,
+    /// Commands (by name) whose handler ran longer than `slow_handler` last time: they run
+    /// alone, each in its own transaction.
+    slow: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A service taking part in sagas. Cheap to clone.
