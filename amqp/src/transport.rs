@@ -326,12 +326,18 @@ pub const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
 
 /// Connect to RabbitMQ, retrying with exponential backoff for up to `give_up_after`; the first
 /// failure is logged at WARN, then one line a [`OUTAGE_REMINDER`], the other retries at DEBUG.
+///
+/// An `amqps://` URL may name, in its query, a PEM file of CA certificates to trust besides the
+/// web PKI roots: `cacertfile=/path/ca.pem` (the name RabbitMQ's URI spec gives it). A broker
+/// whose certificate does not verify is refused at once, not retried ([`tls_refused`]).
 pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, lapin::Error> {
+    let tls = tls_config(url)?;
     let mut told = None;
     let attempt = || async {
+        let runtime = lapin::runtime::default_runtime()?;
         match tokio::time::timeout(
             ATTEMPT_TIMEOUT.min(give_up_after.max(Duration::from_secs(1))),
-            Connection::connect(url, ConnectionProperties::default()),
+            Connection::connect_with_config(url, ConnectionProperties::default(), tls.clone(), runtime),
         )
         .await
         {
@@ -358,9 +364,66 @@ pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, l
                 tracing::debug!(error = %e, retry_in_ms = wait.as_millis(), "cannot connect to RabbitMQ; retrying");
             }
         })
-        .await?;
+        .when(|e| !tls_refused(e))
+        .await
+        .map_err(|e| {
+            if tls_refused(&e) {
+                let why = format!(
+                    "{e}: the broker's certificate does not verify (it must chain to a web PKI root or to a CA in the URL's `cacertfile`, and name the host of the URL)"
+                );
+                lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
+            } else {
+                e
+            }
+        })?;
     FRAME_MAX.fetch_min(conn.configuration().frame_max(), Ordering::Relaxed);
     Ok(conn)
+}
+
+/// The TLS settings of `url`: the CA certificates of the file its query names as `cacertfile`.
+fn tls_config(url: &str) -> Result<lapin::tcp::OwnedTLSConfig, lapin::Error> {
+    let Some(path) = query_param(url, "cacertfile") else { return Ok(lapin::tcp::OwnedTLSConfig::default()) };
+    let pem = std::fs::read_to_string(&path).map_err(|e| {
+        lapin::Error::from(std::io::Error::new(e.kind(), format!("cannot read the CA file `{path}` (`cacertfile` in the AMQP URL): {e}")))
+    })?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        let why = format!("the CA file `{path}` (`cacertfile` in the AMQP URL) holds no PEM certificate");
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why).into());
+    }
+    Ok(lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: Some(pem) })
+}
+
+/// The value of query parameter `key` of `url`, percent-decoded.
+pub fn query_param(url: &str, key: &str) -> Option<String> {
+    let query = url.split_once('?')?.1.split('#').next()?;
+    let raw = query.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b'+', ..) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Whether `e` is the broker's certificate failing to verify: retrying cannot help.
+pub fn tls_refused(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("invalid peer certificate") || text.contains("certificate does not verify")
 }
 
 /// A channel with publisher confirms on.

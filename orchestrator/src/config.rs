@@ -209,7 +209,17 @@ pub fn check_amqp_url(url: &str) -> Result<(), String> {
     if host.is_empty() || host.starts_with(':') {
         return Err("names no host".into());
     }
-    url.parse::<lapin::uri::AMQPUri>().map(drop).map_err(|e| redact(&e))
+    url.parse::<lapin::uri::AMQPUri>().map_err(|e| redact(&e))?;
+    if let Some(path) = sagaflow_amqp::transport::query_param(url, "cacertfile") {
+        if url.starts_with("amqp://") {
+            return Err(format!("names `cacertfile={path}` but is not amqps://: the CA would not be used"));
+        }
+        let pem = std::fs::read_to_string(&path).map_err(|e| format!("cacertfile `{path}` cannot be read: {e}"))?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(format!("cacertfile `{path}` holds no PEM certificate"));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `url` is a PostgreSQL URL a connection can be made from (`sslmode` and the other
@@ -299,6 +309,9 @@ mod tests {
             ("amqp://", "names no host"),
             ("amqp://guest:secret@:5672/", "names no host"),
             ("amqp://guest:secret@h/?frame_max=-1", "frame_max"),
+            ("amqps://guest:secret@h/?cacertfile=/nonexistent/ca.pem", "cacertfile `/nonexistent/ca.pem` cannot be read"),
+            ("amqp://guest:secret@h/?cacertfile=%2Fetc%2Fhostname", "is not amqps://"),
+            ("amqps://guest:secret@h/?cacertfile=%2Fetc%2Fhostname", "holds no PEM certificate"),
         ] {
             let err = Config::load(None, env(&[("SAGAFLOW_AMQP_URL", url)])).unwrap_err().to_string();
             assert!(err.contains("amqp_url") && err.contains(why) && !err.contains("secret"), "{url}: {err}");

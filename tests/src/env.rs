@@ -191,7 +191,7 @@ impl TestEnv {
 
     /// A connection to the broker.
     pub async fn amqp(&self) -> anyhow::Result<lapin::Connection> {
-        Ok(lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await?)
+        Ok(sagaflow_amqp::transport::connect(&self.amqp_url, Duration::from_secs(20)).await?)
     }
 
     /// Drop the database and delete this namespace's queues and exchanges.

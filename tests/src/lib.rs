@@ -11,7 +11,8 @@
 //! - [`probe`]: a participant whose behaviour each saga plans (succeed, reject, flaky, slow),
 //!   recording every effect and undo in commit order.
 //! - [`wait`]: waiting for sagas and reading their history; [`sockets`]: the TCP connections
-//!   this process holds.
+//!   this process holds; [`tls`]: RabbitMQ and PostgreSQL speaking TLS only, with certificates
+//!   made by the test.
 //!
 //! To unit-test a saga definition without a broker, use [`sagas::testing::SagaTest`].
 
@@ -23,6 +24,7 @@ pub mod orders;
 pub mod probe;
 pub mod proxy;
 pub mod sockets;
+pub mod tls;
 pub mod wait;
 
 pub use env::TestEnv;

@@ -134,6 +134,8 @@ async fn every_route_answers_and_every_error_has_a_stable_code() {
     assert!(v["state_bytes"].as_u64().unwrap() > 0 && v["history_len"].as_i64() == Some(3));
     let h = a.ok(Method::GET, &format!("/sagas/{id}/history"), None).await;
     assert_eq!(h["history"].as_array().unwrap().len(), 3);
+    let at: Vec<i64> = h["history"].as_array().unwrap().iter().map(|e| e["at"].as_i64().expect("each entry has its time")).collect();
+    assert!(at.windows(2).all(|w| w[0] <= w[1]) && at[0] > 1_700_000_000_000, "milliseconds since the epoch, in order: {at:?}");
     a.err(Method::GET, "/sagas/not-a-uuid", None, StatusCode::BAD_REQUEST, "invalid_request").await;
     a.err(Method::GET, &format!("/sagas/{}", uuid::Uuid::now_v7()), None, StatusCode::NOT_FOUND, "not_found").await;
     a.err(Method::GET, &format!("/sagas/{}/history", uuid::Uuid::now_v7()), None, StatusCode::NOT_FOUND, "not_found").await;

@@ -46,3 +46,51 @@ async fn the_order_saga_runs_on_containers_and_survives_a_broker_restart() {
     node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_run_over_tls_to_both_services_and_a_certificate_that_does_not_verify_is_refused() {
+    let tls = testkit::tls::TlsServices::start().await.unwrap();
+    let (amqp, db) = (tls.amqp_url(&tls.ca_file).await.unwrap(), tls.database_url(&tls.ca_file).await.unwrap());
+    let env = TestEnv::on_services(amqp.clone(), db).await.unwrap();
+    let on_tls: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetch_one(&env.pool).await.unwrap();
+    assert!(on_tls, "the test's own connection is TLS");
+
+    // A node and the participants over TLS (the broker publishes only its TLS port).
+    let node = orchestrator::Orchestrator::connect(env.config("tls-node"), orders::registry()).await.unwrap().start().await.unwrap();
+    let parts = orders::start_participants(&env, &amqp, &order_fulfilment::PARTICIPANTS, 1000).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 1..=10 {
+        ids.push(node.engine().start(&testkit::orders::mixed("tls", i, 5), None).await.unwrap().saga_id);
+    }
+    let states = wait::all_settled(&env.pool, &ids, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(states.iter().filter(|s| s.status == SagaStatus::Completed).count(), 8);
+    assert_eq!(states.iter().filter(|s| s.status == SagaStatus::Compensated).count(), 2);
+    let node_tls: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'sagaflow node tls-node' AND s.ssl",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(node_tls > 0, "the node's connections are TLS");
+
+    // Trusting another CA: refused at once, with the setting to look at.
+    let started = std::time::Instant::now();
+    let mut cfg = env.config("distrustful-node");
+    cfg.amqp_url = tls.amqp_url(&tls.other_ca_file).await.unwrap();
+    let refused = orchestrator::Orchestrator::connect(cfg, orders::registry()).await.unwrap().start().await.err().expect("refused");
+    let text = format!("{refused:#}");
+    assert!(text.contains("certificate does not verify") && text.contains("cacertfile"), "{text}");
+    let mut cfg = env.config("distrustful-node");
+    cfg.database_url = tls.database_url(&tls.other_ca_file).await.unwrap();
+    let refused = orchestrator::Orchestrator::connect(cfg, orders::registry()).await.err().expect("refused");
+    let text = format!("{refused:#}");
+    assert!(text.contains("certificate does not verify") && text.contains("sslrootcert"), "{text}");
+    let participant = order_fulfilment::participant("payment", env.participant_config()).unwrap();
+    let refused = participant.start(env.pool.clone(), &tls.amqp_url(&tls.other_ca_file).await.unwrap()).await.err().expect("refused");
+    assert!(refused.to_string().contains("cacertfile"), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(15), "a certificate that does not verify is not retried for connect_timeout_s");
+
+    orders::stop_participants(parts).await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}

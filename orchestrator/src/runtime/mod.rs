@@ -100,12 +100,25 @@ pub async fn connect_pool(url: &str, application_name: &str, max_connections: u3
     };
     let conn = probe
         .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(5)).with_total_delay(Some(timeout)).without_max_times())
-        .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_)) && tokio::time::Instant::now() < deadline)
+        .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_)) && !certificate_refused(e) && tokio::time::Instant::now() < deadline)
         .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot reach PostgreSQL; retrying"))
         .await
-        .map_err(Error::database(format!("connecting to PostgreSQL at {} (connect_timeout_s {})", redact(url), timeout.as_secs())))?;
+        .map_err(|e| {
+            let hint = if certificate_refused(&e) {
+                ": the server's certificate does not verify (with sslmode=verify-ca or verify-full it must chain to the CA in the URL's `sslrootcert`, and with verify-full name the URL's host)"
+            } else {
+                ""
+            };
+            Error::database(format!("connecting to PostgreSQL at {} (connect_timeout_s {}){hint}", redact(url), timeout.as_secs()))(e)
+        })?;
     let _ = sqlx::Connection::close(conn).await;
     pool.connect_with(options).await.map_err(Error::database(format!("connecting to PostgreSQL at {}", redact(url))))
+}
+
+/// Whether `e` is the server's certificate failing to verify (sqlx reports rustls's refusal as
+/// an I/O error or a TLS one): retrying cannot help.
+fn certificate_refused(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Tls(_) | sqlx::Error::Io(_)) && e.to_string().contains("invalid peer certificate")
 }
 
 impl Orchestrator {
@@ -374,7 +387,16 @@ impl Node {
                             tracing::info!(down_ms = lost_at.map_or(0, |t: tokio::time::Instant| t.elapsed().as_millis()), "reconnected to RabbitMQ");
                             c
                         }
-                        Err(e) => { tracing::error!(error = %e, "cannot reconnect to RabbitMQ"); continue; }
+                        Err(e) => {
+                            // A refusal that retrying within `connect` cannot cure (a certificate
+                            // that does not verify): tried again after a pause, not in a loop.
+                            tracing::error!(error = %e, "cannot reconnect to RabbitMQ; trying again in 5 s");
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                            }
+                            continue;
+                        }
                     },
                 },
             };
@@ -480,6 +502,9 @@ impl Node {
         }
     }
 }
+
+/// The pause before trying again when reconnecting to RabbitMQ failed for good.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(5);
 
 /// How often a node deletes what is past `retention_days` (and once when it starts).
 const RETENTION_EVERY: Duration = Duration::from_secs(600);

@@ -327,7 +327,8 @@ pub async fn load(pool: &PgPool, id: SagaId) -> Result<Option<SagaState>, sqlx::
 /// One saga's history, oldest first.
 pub async fn history(pool: &PgPool, id: SagaId) -> Result<Vec<HistoryEntry>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT node, input_kind, input, outcome, detail, status, effects FROM sagaflow.history WHERE saga_id = $1 ORDER BY id",
+        "SELECT node, input_kind, input, outcome, detail, status, effects, (extract(epoch FROM at) * 1000)::int8
+         FROM sagaflow.history WHERE saga_id = $1 ORDER BY id",
     )
     .bind(id.0)
     .fetch_all(pool)
@@ -342,6 +343,7 @@ pub async fn history(pool: &PgPool, id: SagaId) -> Result<Vec<HistoryEntry>, sql
                 detail: r.try_get(4)?,
                 status: r.try_get(5)?,
                 effects: r.try_get(6)?,
+                at: r.try_get(7)?,
             })
         })
         .collect()
@@ -364,4 +366,6 @@ pub struct HistoryEntry {
     pub status: String,
     /// What the decision did.
     pub effects: Value,
+    /// When it was written, in milliseconds since the epoch.
+    pub at: i64,
 }

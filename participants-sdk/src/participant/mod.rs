@@ -173,7 +173,13 @@ impl Participant {
                             c
                         }
                         Err(e) => {
-                            tracing::error!(participant = %name, error = %e, "cannot reconnect to RabbitMQ; still trying");
+                            // A refusal that retrying within `connect` cannot cure (a certificate
+                            // that does not verify): tried again after a pause, not in a loop.
+                            tracing::error!(participant = %name, error = %e, "cannot reconnect to RabbitMQ; trying again in 5 s");
+                            tokio::select! {
+                                () = token.cancelled() => return Ok(()),
+                                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            }
                             continue;
                         }
                     },
