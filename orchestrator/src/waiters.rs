@@ -3,7 +3,7 @@
 //!
 //! - by this node, when it commits a decision that settles the saga ([`Waiters::settled`]);
 //! - by any node, through the lifecycle events: while anyone waits, the node's connection to
-//!   RabbitMQ binds one exclusive queue of its own to the events exchange for the `completed`,
+//!   RabbitMQ binds one exclusive queue of its own (`{ns}.waiters.<id>`) to the events exchange for the `completed`,
 //!   `compensated` and `stopped` events ([`listen`]), one subscription for any number of
 //!   waiters. With nobody waiting for [`UNBIND_AFTER`], the queue is unbound, so a node nobody
 //!   waits on costs RabbitMQ nothing;
@@ -158,8 +158,10 @@ impl Drop for Waiter {
 /// Keep the node subscribed to the settling lifecycle events on channel `ch` while anyone
 /// waits, until `stop` or the channel fails; wake the waiters of each saga an event names.
 pub(crate) async fn listen(waiters: Waiters, ch: Channel, names: Names, stop: CancellationToken) -> anyhow::Result<()> {
+    // Named in the namespace (not `amq.gen-*`), so a user limited to `<namespace>.*` may declare it.
     let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
-    let queue = ch.queue_declare("".into(), opts, FieldTable::default()).await?.name().clone();
+    let name = format!("{}.waiters.{}", names.namespace(), uuid::Uuid::now_v7().simple());
+    let queue = ch.queue_declare(name.as_str().into(), opts, FieldTable::default()).await?.name().clone();
     let consume = BasicConsumeOptions { no_ack: true, exclusive: true, ..BasicConsumeOptions::default() };
     let mut events = ch.basic_consume(queue.clone(), "".into(), consume, FieldTable::default()).await?;
     let exchange = names.events_exchange();

@@ -451,8 +451,16 @@ impl Node {
             consumers.spawn(async move { consumer.run(qch, q, t).await });
         }
         // The lifecycle events that wake the clients waiting for sagas to settle.
+        // Without them the node still serves waits (each reads its saga every second): a failure
+        // here does not take the consumers down.
         let (waiters, names, t) = (self.engine.waiters.clone(), self.names.clone(), consuming.clone());
-        consumers.spawn(async move { waiters::listen(waiters, events_ch, names, t).await });
+        consumers.spawn(async move {
+            if let Err(e) = waiters::listen(waiters, events_ch, names, t.clone()).await {
+                tracing::warn!(error = %format!("{e:#}"), "cannot hear the lifecycle events; clients waiting on this node read their saga every second");
+                t.cancelled().await;
+            }
+            Ok(())
+        });
         let poll = Duration::from_millis(cfg.relay_poll_ms);
         let relay = outbound::relay(self.engine.pool().clone(), relay_ch, cfg.relay_batch, poll, undeliverable.clone(), relaying.clone());
         let mut relay = tokio::spawn(relay);

@@ -87,6 +87,7 @@ impl ParticipantBuilder {
             return Err(Error::Invalid(format!("participant `{}`: {}", self.name, problems.join("; "))));
         }
         let names = Names::new(self.config.namespace.clone());
+        let alone = tokio::sync::Semaphore::new(self.config.concurrency.max(1));
         Ok(Participant {
             inner: Arc::new(Inner {
                 publishing: tokio::sync::Mutex::new(()),
@@ -97,6 +98,7 @@ impl ParticipantBuilder {
                 crash_after_commit: self.crash_after_commit,
                 reconnects: std::sync::atomic::AtomicU64::new(0),
                 slow: std::sync::Mutex::default(),
+                alone,
             }),
         })
     }

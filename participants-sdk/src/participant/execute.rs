@@ -77,18 +77,17 @@ impl Participant {
                 self.process_round(pool, ch, round).await;
             }
         };
-        // At most `concurrency` of them at once (each holds a connection).
-        let permits = tokio::sync::Semaphore::new(self.inner.config.concurrency.max(1));
         let mut alone_runs = Vec::with_capacity(alone.len());
         for item in alone {
-            alone_runs.push(self.process_alone(&permits, pool, ch, item));
+            alone_runs.push(self.process_alone(pool, ch, item));
         }
         tokio::join!(batched, futures_util::future::join_all(alone_runs));
     }
 
-    /// [`Self::process_round`] of one command, once `permits` has room.
-    async fn process_alone(&self, permits: &tokio::sync::Semaphore, pool: &PgPool, ch: &Channel, item: Item<'_>) {
-        let _permit = permits.acquire().await;
+    /// [`Self::process_round`] of one command, once fewer than `concurrency` commands run alone
+    /// in the whole participant (each holds a connection beside the batches').
+    async fn process_alone(&self, pool: &PgPool, ch: &Channel, item: Item<'_>) {
+        let _permit = self.inner.alone.acquire().await;
         self.process_round(pool, ch, vec![item]).await;
     }
 

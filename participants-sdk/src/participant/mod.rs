@@ -52,6 +52,8 @@ struct Inner {
     /// Commands (by name) whose handler ran longer than `slow_handler` last time: they run
     /// alone, each in its own transaction.
     slow: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Room for commands running alone: `concurrency` at once.
+    alone: tokio::sync::Semaphore,
 }
 
 /// A service taking part in sagas. Cheap to clone.
