@@ -329,7 +329,7 @@ pub const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
 ///
 /// An `amqps://` URL may name, in its query, a PEM file of CA certificates to trust besides the
 /// web PKI roots: `cacertfile=/path/ca.pem` (the name RabbitMQ's URI spec gives it). A broker
-/// whose certificate does not verify is refused at once, not retried ([`tls_refused`]).
+/// whose certificate does not verify is refused at once, not retried ([`certificate_refused`]).
 pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, lapin::Error> {
     let tls = tls_config(url)?;
     let mut told = None;
@@ -364,10 +364,10 @@ pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, l
                 tracing::debug!(error = %e, retry_in_ms = wait.as_millis(), "cannot connect to RabbitMQ; retrying");
             }
         })
-        .when(|e| !tls_refused(e))
+        .when(|e| !certificate_refused(e))
         .await
         .map_err(|e| {
-            if tls_refused(&e) {
+            if certificate_refused(&e) {
                 let why = format!(
                     "{e}: the broker's certificate does not verify (it must chain to a web PKI root or to a CA in the URL's `cacertfile`, and name the host of the URL)"
                 );
@@ -382,15 +382,19 @@ pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, l
 
 /// The TLS settings of `url`: the CA certificates of the file its query names as `cacertfile`.
 fn tls_config(url: &str) -> Result<lapin::tcp::OwnedTLSConfig, lapin::Error> {
-    let Some(path) = query_param(url, "cacertfile") else { return Ok(lapin::tcp::OwnedTLSConfig::default()) };
-    let pem = std::fs::read_to_string(&path).map_err(|e| {
-        lapin::Error::from(std::io::Error::new(e.kind(), format!("cannot read the CA file `{path}` (`cacertfile` in the AMQP URL): {e}")))
-    })?;
+    let cert_chain = ca_certificates(url).map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidData, why))?;
+    Ok(lapin::tcp::OwnedTLSConfig { identity: None, cert_chain })
+}
+
+/// The PEM text of the file `url` names as `cacertfile`, if it names one; `Err` says why the file
+/// cannot serve (unreadable, or no PEM certificate in it), naming the setting.
+pub fn ca_certificates(url: &str) -> Result<Option<String>, String> {
+    let Some(path) = query_param(url, "cacertfile") else { return Ok(None) };
+    let pem = std::fs::read_to_string(&path).map_err(|e| format!("cacertfile `{path}` cannot be read: {e}"))?;
     if !pem.contains("-----BEGIN CERTIFICATE-----") {
-        let why = format!("the CA file `{path}` (`cacertfile` in the AMQP URL) holds no PEM certificate");
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why).into());
+        return Err(format!("cacertfile `{path}` holds no PEM certificate"));
     }
-    Ok(lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: Some(pem) })
+    Ok(Some(pem))
 }
 
 /// The value of query parameter `key` of `url`, percent-decoded.
@@ -420,10 +424,10 @@ pub fn query_param(url: &str, key: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// Whether `e` is the broker's certificate failing to verify: retrying cannot help.
-pub fn tls_refused(e: &lapin::Error) -> bool {
-    let text = e.to_string();
-    text.contains("invalid peer certificate") || text.contains("certificate does not verify")
+/// Whether `e` (from lapin, or from sqlx) is rustls refusing the server's certificate: retrying
+/// cannot help.
+pub fn certificate_refused(e: &impl std::fmt::Display) -> bool {
+    e.to_string().contains("invalid peer certificate")
 }
 
 /// A channel with publisher confirms on.

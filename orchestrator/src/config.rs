@@ -210,16 +210,12 @@ pub fn check_amqp_url(url: &str) -> Result<(), String> {
         return Err("names no host".into());
     }
     url.parse::<lapin::uri::AMQPUri>().map_err(|e| redact(&e))?;
-    if let Some(path) = sagaflow_amqp::transport::query_param(url, "cacertfile") {
-        if url.starts_with("amqp://") {
-            return Err(format!("names `cacertfile={path}` but is not amqps://: the CA would not be used"));
-        }
-        let pem = std::fs::read_to_string(&path).map_err(|e| format!("cacertfile `{path}` cannot be read: {e}"))?;
-        if !pem.contains("-----BEGIN CERTIFICATE-----") {
-            return Err(format!("cacertfile `{path}` holds no PEM certificate"));
-        }
+    if let Some(path) = sagaflow_amqp::transport::query_param(url, "cacertfile")
+        && url.starts_with("amqp://")
+    {
+        return Err(format!("names `cacertfile={path}` but is not amqps://: the CA would not be used"));
     }
-    Ok(())
+    sagaflow_amqp::transport::ca_certificates(url).map(drop)
 }
 
 /// Whether `url` is a PostgreSQL URL a connection can be made from (`sslmode` and the other

@@ -257,11 +257,11 @@ impl Engine {
             return Ok(Started { saga_id: existing, created: false });
         };
         let written = self.to_publish(std::slice::from_mut(&mut d), ids.outbox, ids.woken);
-        if let Some(version) = ids.version {
-            self.recent.keep(&d.state, d.traceparent.as_deref(), version);
-        }
         self.committed(&d, &Input::Start);
         tracing::info!(saga.id = %id, saga.name = %def.name, "saga started");
+        if let Some(version) = ids.version {
+            self.recent.keep(d.state, d.traceparent, version);
+        }
         self.publish_written(written).await;
         Ok(Started { saga_id: id, created: true })
     }
@@ -367,16 +367,14 @@ impl Engine {
             (wrote.locked.into_iter().collect(), wrote.written.into_iter().collect());
         let mut mine: Vec<Decided<'_>> = Vec::with_capacity(decided.len());
         let mut again = Vec::new();
+        // Each written decision's input, and the row version its saga is at now.
         let mut applied_at = Vec::with_capacity(decided.len());
         for ((i, d), (_, read_at)) in at.into_iter().zip(decided).zip(&guard.versions) {
             let saga = inputs[i].0.0;
             if written.contains(&saga) {
                 // An input that did not apply left the row as it was.
                 let version = if d.rows.applied.is_some() { wrote.version } else { Some(*read_at) };
-                if let Some(version) = version {
-                    self.recent.keep(&d.state, d.traceparent.as_deref(), version);
-                }
-                applied_at.push(i);
+                applied_at.push((i, version));
                 mine.push(d);
             } else if locked.contains(&saga) {
                 // Another delivery of the same message was applied meanwhile.
@@ -386,9 +384,12 @@ impl Engine {
             }
         }
         let to_publish = self.to_publish(&mut mine, wrote.outbox, wake);
-        for (i, d) in applied_at.into_iter().zip(mine) {
+        for ((i, version), d) in applied_at.into_iter().zip(mine) {
             self.committed(&d, inputs[i].1);
             results[i] = Some(d.handled);
+            if let Some(version) = version {
+                self.recent.keep(d.state, d.traceparent, version);
+            }
         }
         if !again.is_empty() {
             tracing::debug!(inputs = again.len(), "sagas changed since they were read; deciding again");

@@ -36,8 +36,8 @@ impl Recent {
         self.lock().remove(&id)
     }
 
-    /// Keep `state` as saga `id`'s row at `version`; a settled saga is forgotten instead.
-    pub(crate) fn keep(&self, state: &SagaState, traceparent: Option<&str>, version: i64) {
+    /// Keep `state` as its saga's row at `version`; a settled saga is forgotten instead.
+    pub(crate) fn keep(&self, state: SagaState, traceparent: Option<String>, version: i64) {
         if !self.on.load(Ordering::Acquire) {
             return;
         }
@@ -52,8 +52,7 @@ impl Recent {
         {
             sagas.remove(&evicted);
         }
-        let copy = Instance { state: state.clone(), traceparent: traceparent.map(str::to_owned) };
-        sagas.insert(state.id, (copy, version));
+        sagas.insert(state.id, (Instance { state, traceparent }, version));
     }
 
     /// Forget saga `id` (it is being written some other way).
@@ -101,27 +100,27 @@ mod tests {
     fn keeps_running_sagas_within_capacity_and_forgets_settled_ones() {
         let recent = Recent::default();
         let running = state(SagaStatus::Running);
-        recent.keep(&running, None, 7);
+        recent.keep(running.clone(), None, 7);
         assert!(recent.take(running.id).is_none(), "nothing is kept until enabled");
 
         recent.enable();
-        recent.keep(&running, Some("t"), 7);
+        recent.keep(running.clone(), Some("t".into()), 7);
         let (copy, version) = recent.take(running.id).expect("kept");
         assert_eq!((copy.state.id, copy.traceparent.as_deref(), version), (running.id, Some("t"), 7));
         assert!(recent.take(running.id).is_none(), "taken");
 
-        recent.keep(&running, None, 8);
+        recent.keep(running.clone(), None, 8);
         let mut done = running.clone();
         done.status = SagaStatus::Completed;
-        recent.keep(&done, None, 9);
+        recent.keep(done, None, 9);
         assert!(recent.take(running.id).is_none(), "a settled saga is forgotten");
 
         for _ in 0..CAPACITY + 10 {
-            recent.keep(&state(SagaStatus::Running), None, 1);
+            recent.keep(state(SagaStatus::Running), None, 1);
         }
         assert_eq!(recent.len(), CAPACITY, "never more than the capacity");
         let last = state(SagaStatus::Running);
-        recent.keep(&last, None, 2);
+        recent.keep(last.clone(), None, 2);
         recent.forget(last.id);
         assert!(recent.take(last.id).is_none(), "forgotten");
     }

@@ -34,15 +34,20 @@ async fn rig(crash_first: bool) -> Rig {
     let env = TestEnv::start().await.unwrap();
     order_fulfilment::setup(&env.pool, &["widget"], 100).await.unwrap();
     let crashed = Arc::new(AtomicBool::new(!crash_first));
-    let mut builder = Participant::builder("inventory")
-        .handle::<ReserveStock>(order_fulfilment::inventory::Inventory)
-        .compensate::<order_fulfilment::commands::ReleaseStock>(order_fulfilment::inventory::Inventory)
-        .config(env.participant_config());
+    let mut builder = inventory_participant(env.participant_config());
     if crash_first {
         builder = builder.crash_after_commit(move |_| !crashed.swap(true, Ordering::SeqCst));
     }
     let inventory = builder.build().unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap();
     Rig::attach(env, "inventory", "reserve_stock", inventory).await
+}
+
+/// The example's inventory participant, configured by `cfg`.
+fn inventory_participant(cfg: participants_sdk::ParticipantConfig) -> participants_sdk::ParticipantBuilder {
+    Participant::builder("inventory")
+        .handle::<ReserveStock>(order_fulfilment::inventory::Inventory)
+        .compensate::<order_fulfilment::commands::ReleaseStock>(order_fulfilment::inventory::Inventory)
+        .config(cfg)
 }
 
 impl Rig {
@@ -477,15 +482,7 @@ async fn retention_deletes_the_old_records_of_its_own_participant_only() {
     };
     let mut cfg = env.participant_config();
     cfg.retention_days = 7;
-    let inventory = Participant::builder("inventory")
-        .handle::<ReserveStock>(order_fulfilment::inventory::Inventory)
-        .compensate::<order_fulfilment::commands::ReleaseStock>(order_fulfilment::inventory::Inventory)
-        .config(cfg)
-        .build()
-        .unwrap()
-        .start(env.pool.clone(), &env.amqp_url)
-        .await
-        .unwrap();
+    let inventory = inventory_participant(cfg).build().unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while records(old).await > 0 {
         assert!(tokio::time::Instant::now() < deadline, "the 30-day-old record was never deleted");
@@ -510,15 +507,7 @@ async fn the_ready_file_is_fresh_while_consuming_and_gone_after_shutdown() {
     let path = std::env::temp_dir().join(format!("ready-{}", uuid::Uuid::now_v7()));
     let cfg = participants_sdk::ParticipantConfig { ready_file: Some(path.clone()), ..env.participant_config() };
     assert!(!participants_sdk::ready_file_is_fresh(&path, Duration::from_secs(15)), "not ready before it starts");
-    let inventory = Participant::builder("inventory")
-        .handle::<ReserveStock>(order_fulfilment::inventory::Inventory)
-        .compensate::<order_fulfilment::commands::ReleaseStock>(order_fulfilment::inventory::Inventory)
-        .config(cfg)
-        .build()
-        .unwrap()
-        .start(env.pool.clone(), &env.amqp_url)
-        .await
-        .unwrap();
+    let inventory = inventory_participant(cfg).build().unwrap().start(env.pool.clone(), &env.amqp_url).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !participants_sdk::ready_file_is_fresh(&path, Duration::from_secs(15)) {
         assert!(tokio::time::Instant::now() < deadline, "never ready");

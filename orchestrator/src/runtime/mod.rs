@@ -118,7 +118,7 @@ pub async fn connect_pool(url: &str, application_name: &str, max_connections: u3
 /// Whether `e` is the server's certificate failing to verify (sqlx reports rustls's refusal as
 /// an I/O error or a TLS one): retrying cannot help.
 fn certificate_refused(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Tls(_) | sqlx::Error::Io(_)) && e.to_string().contains("invalid peer certificate")
+    matches!(e, sqlx::Error::Tls(_) | sqlx::Error::Io(_)) && transport::certificate_refused(e)
 }
 
 impl Orchestrator {
