@@ -14,7 +14,8 @@ use sqlx::PgConnection;
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     /// A business refusal: nothing changed and the saga compensates. Its business writes are
-    /// rolled back; the refusal is recorded so a redelivery gets the same answer.
+    /// rolled back; the refusal is recorded so a redelivery gets the same answer. A refused
+    /// compensation runs again for a new attempt (an operator's retry once the cause is fixed).
     #[error("rejected: {code}: {message}")]
     Reject {
         /// A stable code (`out_of_stock`).

@@ -95,6 +95,7 @@ impl Tx {
             return Ok(true);
         }
         let mut rows = Vec::with_capacity(records.len());
+        let mut replaced = Vec::new();
         for r in records {
             let outcome = serde_json::to_string(r.outcome).map_err(|e| sqlx::Error::Encode(e.into()))?;
             let tag = loop {
@@ -104,19 +105,25 @@ impl Tx {
                 }
             };
             let c = r.cmd;
-            rows.push(format!(
-                "('{participant}', '{}'::uuid, {}, '{}', '{}'::uuid, {tag}{outcome}{tag}::jsonb)",
-                c.saga.saga_id,
-                step_i32(c),
-                c.kind.as_str(),
-                c.message_id,
-            ));
+            let (saga, step, kind, id) = (c.saga.saga_id, step_i32(c), c.kind.as_str(), c.message_id);
+            if r.replaces {
+                replaced.push(format!(
+                    "UPDATE sagaflow_participant.inbox SET command_id = '{id}'::uuid, outcome = {tag}{outcome}{tag}::jsonb, recorded_at = now()
+                     WHERE participant = '{participant}' AND saga_id = '{saga}'::uuid AND step = {step} AND kind = '{kind}';"
+                ));
+            } else {
+                rows.push(format!("('{participant}', '{saga}'::uuid, {step}, '{kind}', '{id}'::uuid, {tag}{outcome}{tag}::jsonb)"));
+            }
         }
-        let sql = format!(
-            "INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome) VALUES {};
-             COMMIT",
-            rows.join(", ")
-        );
+        let inserted = if rows.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "INSERT INTO sagaflow_participant.inbox (participant, saga_id, step, kind, command_id, outcome) VALUES {};",
+                rows.join(", ")
+            )
+        };
+        let sql = format!("{}{inserted} COMMIT", replaced.concat());
         match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *self.conn).await {
             Ok(_) => {
                 self.open = false;
@@ -167,11 +174,12 @@ pub(crate) async fn begin_read(pool: &PgPool, participant: &str, cmds: &[&Inboun
         "BEGIN;
          SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest(ARRAY[{keys}]::text[]) AS k
            HAVING count(*) < 0;
-         SELECT u.n,
-                (SELECT outcome FROM sagaflow_participant.inbox x WHERE x.participant = '{participant}' AND x.saga_id = u.s AND x.step = u.st AND x.kind = u.k),
+         SELECT u.n, r.outcome, r.command_id,
                 EXISTS (SELECT 1 FROM sagaflow_participant.inbox x
                         WHERE x.participant = '{participant}' AND x.saga_id = u.s AND x.step = u.st AND x.kind = 'compensate')
-         FROM (VALUES {wanted}) AS u(n, s, st, k) ORDER BY u.n",
+         FROM (VALUES {wanted}) AS u(n, s, st, k)
+         LEFT JOIN sagaflow_participant.inbox r ON r.participant = '{participant}' AND r.saga_id = u.s AND r.step = u.st AND r.kind = u.k
+         ORDER BY u.n",
         keys = keys.join(","),
         wanted = wanted.join(","),
     );
@@ -183,7 +191,7 @@ pub(crate) async fn begin_read(pool: &PgPool, participant: &str, cmds: &[&Inboun
     for row in rows {
         let outcome: Option<Value> = row.try_get(1)?;
         let outcome = outcome.map(serde_json::from_value).transpose().map_err(|e| sqlx::Error::Decode(e.into()))?;
-        priors.push(Prior { outcome, compensated: row.try_get(2)? });
+        priors.push(Prior { outcome, command_id: row.try_get(2)?, compensated: row.try_get(3)? });
     }
     if priors.len() != cmds.len() {
         return Err(sqlx::Error::Protocol(format!("read {} step records for {} commands", priors.len(), cmds.len())));
@@ -195,6 +203,8 @@ pub(crate) async fn begin_read(pool: &PgPool, participant: &str, cmds: &[&Inboun
 pub(crate) struct Prior {
     /// The final outcome recorded for this command's kind (invoke or compensate), if any.
     pub(crate) outcome: Option<ReplyOutcome>,
+    /// The id of the command whose outcome that is.
+    pub(crate) command_id: Option<uuid::Uuid>,
     /// The step has a recorded compensation.
     pub(crate) compensated: bool,
 }
@@ -203,6 +213,10 @@ pub(crate) struct Prior {
 pub(crate) struct Record<'a> {
     pub(crate) cmd: &'a InboundCommand,
     pub(crate) outcome: &'a ReplyOutcome,
+    /// The step already has a record of this kind, which this one replaces (a rejected
+    /// compensation run again by a new message: see `execute::answer_from`). The step's lock,
+    /// held since the record was read, keeps anyone else from writing it in between.
+    pub(crate) replaces: bool,
 }
 
 /// A reply left in the outbox by an earlier version of the SDK, which published replies from

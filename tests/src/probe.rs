@@ -43,6 +43,9 @@ pub struct StepPlan {
     /// The undo fails transiently this many times first.
     #[serde(default)]
     pub undo_flaky: u32,
+    /// The undo refuses (code `probe_undo_blocked`) while `probe.blocks` holds this token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_blocked_by: Option<String>,
 }
 
 /// The data of a probe saga: a plan per step name (absent = succeed).
@@ -66,6 +69,12 @@ impl Plan {
     /// Make step `name`'s undo fail transiently `n` times first.
     pub fn undo_flaky(mut self, name: &str, n: u32) -> Self {
         self.steps.entry(name.into()).or_default().undo_flaky = n;
+        self
+    }
+
+    /// Make step `name`'s undo refuse while `probe.blocks` holds `token` ([`block`]).
+    pub fn undo_blocked_by(mut self, name: &str, token: &str) -> Self {
+        self.steps.entry(name.into()).or_default().undo_blocked_by = Some(token.into());
         self
     }
 
@@ -101,6 +110,9 @@ pub struct Undo {
     pub key: String,
     /// Fail transiently this many times first.
     pub flaky: u32,
+    /// Refuse while `probe.blocks` holds this token.
+    #[serde(default)]
+    pub blocked_by: Option<String>,
 }
 impl Command for Undo {
     const NAME: &'static str = "probe.undo";
@@ -110,8 +122,10 @@ impl Command for Undo {
 
 /// Configure `s` as probe step `name` (with an undo).
 pub fn step(s: StepBuilder<Plan, NoCommand>, name: &'static str) -> StepBuilder<Plan, Probe> {
-    s.invoke(move |d: &Plan| Probe { key: name.into(), behavior: d.plan(name).behavior })
-        .compensate(move |d: &Plan| Undo { key: name.into(), flaky: d.plan(name).undo_flaky })
+    s.invoke(move |d: &Plan| Probe { key: name.into(), behavior: d.plan(name).behavior }).compensate(move |d: &Plan| {
+        let plan = d.plan(name);
+        Undo { key: name.into(), flaky: plan.undo_flaky, blocked_by: plan.undo_blocked_by }
+    })
 }
 
 struct ProbeService;
@@ -141,6 +155,13 @@ impl Handler<Undo> for ProbeService {
         if cx.attempt() <= cmd.flaky {
             return Err(HandlerError::Transient(anyhow::anyhow!("undo {} fails attempt {}", cmd.key, cx.attempt())));
         }
+        if let Some(token) = &cmd.blocked_by {
+            let blocked: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM probe.blocks WHERE token = $1)").bind(token).fetch_one(cx.tx()).await?;
+            if blocked {
+                return Err(HandlerError::reject("probe_undo_blocked", format!("undo {} is blocked by `{token}`", cmd.key)));
+            }
+        }
         record(cx, &cmd.key, "undo").await
     }
 }
@@ -161,7 +182,8 @@ async fn record(cx: &mut Context<'_>, key: &str, kind: &str) -> HandlerResult<()
 pub async fn setup(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(
         "CREATE SCHEMA IF NOT EXISTS probe;
-         CREATE TABLE IF NOT EXISTS probe.effects (id bigserial PRIMARY KEY, saga_id uuid NOT NULL, key text NOT NULL, kind text NOT NULL, attempt int NOT NULL);",
+         CREATE TABLE IF NOT EXISTS probe.effects (id bigserial PRIMARY KEY, saga_id uuid NOT NULL, key text NOT NULL, kind text NOT NULL, attempt int NOT NULL);
+         CREATE TABLE IF NOT EXISTS probe.blocks (token text PRIMARY KEY);",
     )
     .execute(pool)
     .await
@@ -176,6 +198,16 @@ pub fn participant(config: ParticipantConfig) -> Participant {
         .config(config)
         .build()
         .expect("a valid participant")
+}
+
+/// Block (`true`) or unblock the undos planned with [`Plan::undo_blocked_by`] `token`.
+pub async fn block(pool: &PgPool, token: &str, blocked: bool) -> Result<(), sqlx::Error> {
+    let sql = if blocked {
+        "INSERT INTO probe.blocks (token) VALUES ($1) ON CONFLICT DO NOTHING"
+    } else {
+        "DELETE FROM probe.blocks WHERE token = $1"
+    };
+    sqlx::query(sql).bind(token).execute(pool).await.map(drop)
 }
 
 /// A saga's effects, in commit order: `"a:do"`, `"a:undo"`, ...

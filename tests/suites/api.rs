@@ -226,6 +226,39 @@ async fn every_route_answers_and_every_error_has_a_stable_code() {
     a.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_compensation_runs_again_when_the_operator_retries_after_the_cause_is_fixed() {
+    let a = api().await;
+    let token = format!("block-{}", uuid::Uuid::now_v7());
+    probe::block(&a.env.pool, &token, true).await.unwrap();
+    let stuck = a.start("slow", &Plan::default().with("b", Behavior::Reject).undo_blocked_by("a", &token)).await;
+    let w = a.ok(Method::GET, &format!("/sagas/{stuck}/wait?timeout_ms=30000"), None).await;
+    assert_eq!((w["saga"]["status"].as_str(), w["saga"]["stop"]["code"].as_str()), (Some("stopped"), Some("compensation_failed")));
+    assert!(w["saga"]["steps"][0]["last_error"].as_str().is_some_and(|e| e.contains("probe_undo_blocked")), "{w}");
+    // A retry while the cause is still there is refused again, and runs the undo again to learn it.
+    assert_eq!(a.ok(Method::POST, &format!("/sagas/{stuck}/retry"), None).await["status"], "compensating");
+    let w = a.ok(Method::GET, &format!("/sagas/{stuck}/wait?timeout_ms=30000"), None).await;
+    assert_eq!(w["saga"]["stop"]["code"], "compensation_failed", "still blocked: {w}");
+    // The cause fixed, the retry undoes the step, once.
+    probe::block(&a.env.pool, &token, false).await.unwrap();
+    assert_eq!(a.ok(Method::POST, &format!("/sagas/{stuck}/retry"), None).await["status"], "compensating");
+    let w = a.ok(Method::GET, &format!("/sagas/{stuck}/wait?timeout_ms=30000"), None).await;
+    assert_eq!((w["saga"]["status"].as_str(), w["saga"]["steps"][0]["status"].as_str()), (Some("compensated"), Some("compensated")), "{w}");
+    let id = stuck.parse().unwrap();
+    assert_eq!(probe::effects(&a.env.pool, id).await.unwrap(), ["a:do", "a:undo"]);
+    // The participant's record now holds the success: the same compensation delivered again
+    // is answered from it and undoes nothing more.
+    let recorded: serde_json::Value = sqlx::query_scalar(
+        "SELECT outcome FROM sagaflow_participant.inbox WHERE participant = 'probe' AND saga_id = $1 AND kind = 'compensate'",
+    )
+    .bind(id.0)
+    .fetch_one(&a.env.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded["type"], "success", "{recorded}");
+    a.finish().await;
+}
+
 /// One request to `router`: its status, its body as JSON (or as a string), its headers.
 async fn request(
     router: &axum::Router,

@@ -531,17 +531,17 @@ async fn a_slow_handler_does_not_hold_the_replies_of_its_batch() {
         .unwrap();
     let mut rig = Rig { env, conn, ch, replies, participant: "probe", step_name: "a", handle: None };
     // The commands wait in the queue before the participant starts, and it runs one batch at a
-    // time: a first command alone (it takes 150 ms, below `slow_handler`), during which the
-    // others arrive and form the next batch: one whose handler takes 5 s, then ten that take
-    // nothing.
+    // time: a first command alone (it takes 1 s, below `slow_handler` of 2 s: time enough, even on
+    // a loaded machine, for the client to have received the rest), during which the others
+    // arrive and form the next batch: one whose handler takes 5 s, then ten that take nothing.
     let (first, slow) = (SagaId::new(), SagaId::new());
     let fast: Vec<SagaId> = (0..10).map(|_| SagaId::new()).collect();
-    let commands = [(first, Behavior::Slow { ms: 150 }), (slow, Behavior::Slow { ms: 5000 })];
+    let commands = [(first, Behavior::Slow { ms: 1000 }), (slow, Behavior::Slow { ms: 5000 })];
     for (saga, behavior) in commands.into_iter().chain(fast.iter().map(|s| (*s, Behavior::Ok))) {
         let body = json!({"key": "a", "behavior": behavior});
         rig.send(&rig.message(saga, CommandKind::Invoke, "probe.do", body, 1)).await;
     }
-    let cfg = participants_sdk::ParticipantConfig { concurrency: 1, ..rig.env.participant_config() };
+    let cfg = participants_sdk::ParticipantConfig { concurrency: 1, slow_handler: Duration::from_secs(2), ..rig.env.participant_config() };
     rig.handle = Some(probe::participant(cfg).start(rig.env.pool.clone(), &rig.env.amqp_url).await.unwrap());
 
     let got = rig.decoded_replies(12, Duration::from_secs(30)).await;

@@ -212,6 +212,8 @@ impl Participant {
         let all: Vec<&InboundCommand> = cmds.iter().map(|(_, c)| *c).collect();
         let (mut tx, priors) = store::begin_read(pool, name, &all).await?;
         let mut outcomes: Vec<(ReplyOutcome, bool)> = Vec::with_capacity(cmds.len());
+        // Whether each command's step has a record of its kind already (one this run replaces).
+        let replaces: Vec<bool> = priors.iter().map(|p| p.outcome.is_some()).collect();
         let mut savepoint = false;
         for (i, ((reg, cmd), prior)) in cmds.iter().zip(priors).enumerate() {
             let span = self.span(cmd);
@@ -256,8 +258,9 @@ impl Participant {
         let records: Vec<store::Record<'_>> = all
             .iter()
             .zip(&outcomes)
-            .filter(|(_, (_, record))| *record)
-            .map(|(cmd, (outcome, _))| store::Record { cmd, outcome })
+            .zip(replaces)
+            .filter(|((_, (_, record)), _)| *record)
+            .map(|((cmd, (outcome, _)), replaces)| store::Record { cmd, outcome, replaces })
             .collect();
         if !tx.record_and_commit(name, &records).await? {
             return Ok(Run::Conflict);
@@ -293,6 +296,11 @@ fn recorded(outcome: ReplyOutcome) -> (ReplyOutcome, bool) {
 
 /// The answer a command gets without running, from what its step already recorded: the
 /// recorded outcome, or a refusal for a command that arrives after its compensation.
+///
+/// One exception: a compensation whose step recorded a refusal runs again when it arrives as a
+/// new message (another attempt: an operator's retry once the cause is fixed). A refusal wrote
+/// nothing, so running it again cannot undo twice; its new outcome replaces the refusal. The
+/// same message delivered again is answered from the record, as always.
 fn answer_from(cmd: &InboundCommand, prior: store::Prior) -> Option<ReplyOutcome> {
     if cmd.kind == CommandKind::Invoke && prior.compensated {
         tracing::info!("the step was already compensated; refusing the late command");
@@ -302,6 +310,13 @@ fn answer_from(cmd: &InboundCommand, prior: store::Prior) -> Option<ReplyOutcome
         });
     }
     let outcome = prior.outcome?;
+    let retried = cmd.kind == CommandKind::Compensate
+        && matches!(outcome, ReplyOutcome::Rejected { .. })
+        && prior.command_id != Some(cmd.message_id.0);
+    if retried {
+        tracing::info!(attempt = cmd.attempt, "the compensation was refused before; this attempt runs it again");
+        return None;
+    }
     tracing::info!("already handled; answering from the inbox");
     Some(outcome)
 }
