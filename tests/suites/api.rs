@@ -340,12 +340,12 @@ async fn the_web_page_lists_sagas_shows_a_timeline_and_aborts_in_headless_chromi
     let _ = std::fs::remove_file(&shot);
     let python =
         std::env::var("SAGAFLOW_PYTHON").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/ci-venv/bin/python").into());
-    let out = tokio::process::Command::new(python)
+    let out = tokio::process::Command::new(&python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/ui_test.py"))
         .args([url.as_str(), TOKEN, waiting.as_str(), shot.to_str().unwrap()])
         .output()
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("running {python} (a Python with selenium: scripts/setup.sh makes one): {e}"));
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "browser test failed:\n{log}");
     assert!(log.contains("ui: aborted"), "{log}");

@@ -1,6 +1,6 @@
 //! A participant in another language: the Python shipping service in
 //! `examples/python-shipping`, written from docs/protocol.md only, stands in for the Rust one.
-//! The interpreter is `SAGAFLOW_PYTHON`, else `target/ci-venv/bin/python` (what `.ci/run`
+//! The interpreter is `SAGAFLOW_PYTHON`, else `target/ci-venv/bin/python` (what `scripts/setup.sh`
 //! prepares), else `python3`; it needs `pika` and `psycopg`.
 
 use std::path::PathBuf;
