@@ -1,7 +1,8 @@
 //! Every command in the docs runs. The ```sh blocks of README.md, docs/ and compose/README.md
 //! are either run here, as written, by bash against real RabbitMQ and PostgreSQL, or run by CI:
-//! a command counts as run by CI when `.ci/run`, `scripts/test` or `compose/smoke.sh` runs the same program with
-//! (at least) the same flags, so CI may use smaller numbers than a long benchmark.
+//! a command counts as run by CI when `.ci/run` (with `scripts/setup.sh` and `scripts/test`) or
+//! `compose/smoke.sh` runs the same program with (at least) the same flags, so CI may use
+//! smaller numbers than a long benchmark.
 //!
 //! Here `sagaflow` and `order-participant` are this build's binaries (`sagaflow-node`,
 //! `testkit-order-participant`), `cargo run -p orchestrator --` is `sagaflow`, `cargo build` of
@@ -158,7 +159,7 @@ fn run_by_ci(cmd: &[String], ci: &[Vec<String>]) -> bool {
 /// Every simple command of CI's scripts.
 fn ci_commands() -> Vec<Vec<String>> {
     let mut out = Vec::new();
-    for script in [".ci/run", "scripts/test", "compose/smoke.sh"] {
+    for script in [".ci/run", "scripts/setup.sh", "scripts/test", "compose/smoke.sh"] {
         let text = std::fs::read_to_string(root().join(script)).expect("a CI script");
         for line in text.lines() {
             out.extend(simple_commands(line));
