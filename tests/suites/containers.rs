@@ -94,3 +94,36 @@ async fn sagas_run_over_tls_to_both_services_and_a_certificate_that_does_not_ver
     node.shutdown().await.unwrap();
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_starts_rabbitmq_and_postgresql_in_docker_when_nothing_answers_on_their_addresses_and_removes_them() {
+    // Two loopback ports nothing listens on, as on a machine without the services.
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (amqp_port, pg_port) = (free(), free());
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagaflow-node"))
+        .args(["demo", "--sagas", "10", "--fail-every", "5"])
+        .env_remove("SAGAFLOW_CONFIG")
+        .env("SAGAFLOW_AMQP_URL", format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"))
+        .env("SAGAFLOW_DATABASE_URL", format!("postgres://postgres@127.0.0.1:{pg_port}/postgres"))
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output()).await.expect("the demo ends").unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("demo: sagas=10 completed=8 compensated=2 stopped=0"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("nothing answers on 127.0.0.1:{amqp_port} (RabbitMQ); starting rabbitmq:4-management in Docker")),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("nothing answers on 127.0.0.1:{pg_port} (PostgreSQL); starting postgres:17 in Docker")), "{stderr}");
+    assert!(stderr.contains(&format!("removed sagaflow-demo-rabbitmq-{pid}, sagaflow-demo-postgres-{pid}")), "{stderr}");
+    let left = std::process::Command::new("docker")
+        .args(["ps", "--all", "--quiet", "--filter", &format!("name=sagaflow-demo-.*-{pid}$")])
+        .output()
+        .unwrap();
+    assert!(left.status.success() && left.stdout.is_empty(), "no container is left: {}", String::from_utf8_lossy(&left.stdout));
+}

@@ -788,7 +788,9 @@ async fn the_http_api_answers_schemathesis_without_a_server_error() {
         .env("NO_COLOR", "1")
         .output()
         .await
-        .unwrap_or_else(|e| panic!("running {} (pip install schemathesis beside SAGAFLOW_PYTHON, as scripts/setup.sh does): {e}", st.display()));
+        .unwrap_or_else(|e| {
+            panic!("running {} (pip install schemathesis beside SAGAFLOW_PYTHON, as scripts/setup.sh does): {e}", st.display())
+        });
     let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let cases = log.lines().find(|l| l.contains(" generated, ")).unwrap_or("").trim().to_owned();
     println!("schemathesis: {cases}");

@@ -3,6 +3,7 @@
 //! Configuration: `--config file.toml` and `SAGAFLOW_*` variables (see [`Config`]).
 
 mod demo;
+mod local;
 mod ops_cli;
 
 use std::process::ExitCode;
@@ -109,7 +110,15 @@ async fn run(cli: Cli, registry: fn() -> anyhow::Result<Registry>) -> anyhow::Re
             println!("migrate: the database schema is up to date");
             Ok(())
         }
-        Command::Demo(args) => demo::run(config, args).await,
+        Command::Demo(args) => {
+            let mut local = local::LocalServices::start_missing(&config).await?;
+            let result = tokio::select! {
+                result = demo::run(config, args) => result,
+                () = participants_sdk::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+            };
+            local.remove().await;
+            result
+        }
         other => ops_cli::run(config, registry()?, other).await,
     }
 }
