@@ -1,5 +1,5 @@
 # An orchestrator node (`sagaflow serve`) from a release build.
-# Build context: the repository root, after `cargo build --release -p orchestrator`.
+# Build context: the repository root, after `cargo build --release -p sagaflow`.
 FROM debian:trixie-slim
 RUN useradd --system --no-create-home --shell /usr/sbin/nologin sagaflow
 COPY target/release/sagaflow /usr/local/bin/sagaflow

@@ -14,7 +14,7 @@ api="http://127.0.0.1:$SAGAFLOW_HTTP_PORT"
 # The commands of compose/README.md, in a project of its own.
 export COMPOSE_PROJECT_NAME=sagaflow-smoke
 
-cargo build --release --locked -p orchestrator --bin sagaflow -p order-fulfilment --bin order-participant
+cargo build --release --locked -p sagaflow --bin sagaflow -p order-fulfilment --bin order-participant
 cd compose
 
 down() {

@@ -19,8 +19,9 @@
 //! - [`api`]: the HTTP API, the web page and `/metrics`; [`ops`]: what the API and the CLI
 //!   share (views, lists, operator actions); [`metrics`]: the Prometheus metrics.
 //!
-//! - [`cli`]: the `sagaflow` command line, serving the bundled example definitions; a
-//!   deployment with its own definitions writes the same few lines around [`Orchestrator`].
+//! - [`cli`]: the node's command line (`serve`, `migrate`, the operator commands) for a
+//!   binary serving its own definitions; the `sagaflow` crate's binary adds the bundled example
+//!   and `demo`.
 
 pub mod api;
 pub mod cli;

@@ -5,7 +5,7 @@
 //! smaller numbers than a long benchmark.
 //!
 //! Here `sagaflow` and `order-participant` are this build's binaries (`sagaflow-node`,
-//! `testkit-order-participant`), `cargo run -p orchestrator --` is `sagaflow`, `cargo build` of
+//! `testkit-order-participant`), `cargo run -p sagaflow --` is `sagaflow`, `cargo build` of
 //! those binaries is a no-op (`cargo test` built them), `python` is `SAGAFLOW_PYTHON`, and the
 //! variables point at this test's database and namespace. A command in the foreground that
 //! serves until stopped (`sagaflow serve`, a Python participant) gets a few seconds, then
@@ -186,8 +186,8 @@ python() {
 }
 cargo() {
     case "$*" in
-        "run -p orchestrator -- "*) shift 4; sagaflow "$@" ;;
-        "build -p orchestrator -p order-fulfilment") echo "docs test: built by cargo test" ;;
+        "run -p sagaflow -- "*) shift 4; sagaflow "$@" ;;
+        "build -p sagaflow -p order-fulfilment") echo "docs test: built by cargo test" ;;
         *) echo "docs test: no stand-in for: cargo $*" >&2; return 97 ;;
     esac
 }

@@ -1,9 +1,10 @@
-//! The `sagaflow` command line: run a node (`serve`), migrate the database (`migrate`), or
-//! run the order-fulfilment demo (`demo`). It serves the bundled example definitions.
-//! Configuration: `--config file.toml` and `SAGAFLOW_*` variables (see [`Config`]).
+//! The node's command line: run a node (`serve`), migrate the database (`migrate`), and the
+//! operator commands (`start`, `show`, `list`, ...). A deployment's whole binary is
+//! `fn main() -> ExitCode { orchestrator::cli::main_with(my_registry) }`; a binary with commands
+//! of its own (the `sagaflow` crate adds `demo`) flattens [`Command`] into its own and runs it
+//! with [`execute`] and [`run`]. Configuration: `--config file.toml` and `SAGAFLOW_*` variables
+//! (see [`Config`]).
 
-mod demo;
-mod local;
 mod ops_cli;
 
 use std::process::ExitCode;
@@ -12,6 +13,8 @@ use crate::{Config, Orchestrator};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sagas::Registry;
+
+pub use ops_cli::{AbortArgs, IdArgs, ListArgs, SignalArgs, StartArgs, VersionsArgs, WaitArgs};
 
 #[derive(Parser)]
 #[command(name = "sagaflow", version, about = "Saga orchestrator over RabbitMQ and PostgreSQL")]
@@ -23,15 +26,13 @@ struct Cli {
     command: Command,
 }
 
+/// The node's commands.
 #[derive(Subcommand)]
-pub(crate) enum Command {
+pub enum Command {
     /// Run an orchestrator node until SIGTERM or Ctrl-C.
     Serve,
     /// Create or upgrade the database schema, then exit.
     Migrate,
-    /// Run the order-fulfilment example in-process (orchestrator + inventory, payment and
-    /// shipping) and print the outcome counts.
-    Demo(demo::Args),
     /// Start a saga.
     Start(ops_cli::StartArgs),
     /// Show one saga: status, steps, compensations.
@@ -55,23 +56,31 @@ pub(crate) enum Command {
     Versions(ops_cli::VersionsArgs),
 }
 
-/// Parse the arguments, run the command, and map the result to an exit code; `serve` serves
-/// the bundled example definitions.
-pub fn main() -> ExitCode {
-    main_with(registry)
+impl Command {
+    /// Whether this command runs a node (its logs say what it decides).
+    pub fn serves(&self) -> bool {
+        matches!(self, Self::Serve)
+    }
 }
 
-/// Like [`main`], with `serve` serving the definitions `registry` returns: the whole binary
-/// of a deployment with its own sagas is `fn main() -> ExitCode { orchestrator::cli::main_with(my_registry) }`.
+/// Parse the arguments, run the command, and map the result to an exit code, with `serve`
+/// serving the definitions `registry` returns: the whole binary of a deployment with its own
+/// sagas is `fn main() -> ExitCode { orchestrator::cli::main_with(my_registry) }`.
 pub fn main_with(registry: fn() -> anyhow::Result<Registry>) -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints one line per run; a node logs what it decides. lapin's own lines are off
-    // by default: a lost connection is told once, with its cause, by the node.
-    let default_filter = if matches!(cli.command, Command::Serve) {
-        "warn,orchestrator=info,participants_sdk=info,sagaflow_amqp=info,sagaflow=info,lapin=off"
-    } else {
-        "warn,lapin=off"
-    };
+    execute(cli.command.serves(), async move {
+        let config = Config::load(cli.config.as_deref(), std::env::vars())?;
+        run(config, cli.command, registry).await
+    })
+}
+
+/// Set up logging (a node's lines when `serving`, else warnings only), run `command` on a
+/// runtime, and map its result to an exit code (an error is printed with its causes).
+pub fn execute(serving: bool, command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    // A node logs what it decides; other commands print their results. lapin's own lines are
+    // off by default: a lost connection is told once, with its cause, by the node.
+    let default_filter =
+        if serving { "warn,orchestrator=info,participants_sdk=info,sagaflow_amqp=info,sagaflow=info,lapin=off" } else { "warn,lapin=off" };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
@@ -83,7 +92,7 @@ pub fn main_with(registry: fn() -> anyhow::Result<Registry>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli, registry)) {
+    match rt.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sagaflow: {e:#}");
@@ -92,9 +101,9 @@ pub fn main_with(registry: fn() -> anyhow::Result<Registry>) -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, registry: fn() -> anyhow::Result<Registry>) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref(), std::env::vars())?;
-    match cli.command {
+/// Run `command` with `config`, a node serving the definitions `registry` returns.
+pub async fn run(config: Config, command: Command, registry: fn() -> anyhow::Result<Registry>) -> anyhow::Result<()> {
+    match command {
         Command::Serve => {
             let node = Orchestrator::connect(config, registry()?).await?;
             tracing::info!("serving");
@@ -110,22 +119,6 @@ async fn run(cli: Cli, registry: fn() -> anyhow::Result<Registry>) -> anyhow::Re
             println!("migrate: the database schema is up to date");
             Ok(())
         }
-        Command::Demo(args) => {
-            let mut local = local::LocalServices::start_missing(&config).await?;
-            let result = tokio::select! {
-                result = demo::run(config, args) => result,
-                () = participants_sdk::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
-            };
-            local.remove().await;
-            result
-        }
         other => ops_cli::run(config, registry()?, other).await,
     }
-}
-
-/// The definitions the `sagaflow` binary serves: the bundled examples.
-pub fn registry() -> anyhow::Result<Registry> {
-    let mut r = Registry::new();
-    r.register(order_fulfilment::definition()?.erased())?;
-    Ok(r)
 }

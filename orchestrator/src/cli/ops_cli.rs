@@ -12,8 +12,9 @@ use super::Command;
 use crate::ops::{self, ErrorKind, ListFilter, OpsError, SagaView};
 use crate::{Config, Orchestrator};
 
+/// The arguments of `show`, `retry`, `skip` and `resume`: a saga.
 #[derive(clap::Args)]
-pub(crate) struct IdArgs {
+pub struct IdArgs {
     /// The saga's id.
     id: String,
     /// Print JSON.
@@ -21,8 +22,9 @@ pub(crate) struct IdArgs {
     json: bool,
 }
 
+/// The arguments of `start`.
 #[derive(clap::Args)]
-pub(crate) struct StartArgs {
+pub struct StartArgs {
     /// Definition name.
     #[arg(long)]
     definition: String,
@@ -40,8 +42,9 @@ pub(crate) struct StartArgs {
     json: bool,
 }
 
+/// The arguments of `list`.
 #[derive(clap::Args)]
-pub(crate) struct ListArgs {
+pub struct ListArgs {
     /// Only this status.
     #[arg(long)]
     status: Option<String>,
@@ -59,8 +62,9 @@ pub(crate) struct ListArgs {
     json: bool,
 }
 
+/// The arguments of `wait`.
 #[derive(clap::Args)]
-pub(crate) struct WaitArgs {
+pub struct WaitArgs {
     /// The saga's id.
     id: String,
     /// Give up after this many seconds.
@@ -71,8 +75,9 @@ pub(crate) struct WaitArgs {
     json: bool,
 }
 
+/// The arguments of `signal`.
 #[derive(clap::Args)]
-pub(crate) struct SignalArgs {
+pub struct SignalArgs {
     /// The saga's id.
     id: String,
     /// The event's name.
@@ -85,8 +90,9 @@ pub(crate) struct SignalArgs {
     json: bool,
 }
 
+/// The arguments of `abort`.
 #[derive(clap::Args)]
-pub(crate) struct AbortArgs {
+pub struct AbortArgs {
     /// The saga's id.
     id: String,
     /// Why (recorded as the failure message).
@@ -97,8 +103,9 @@ pub(crate) struct AbortArgs {
     json: bool,
 }
 
+/// The arguments of `versions`.
 #[derive(clap::Args)]
-pub(crate) struct VersionsArgs {
+pub struct VersionsArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -164,7 +171,7 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
             let all = ops::versions(engine.pool(), engine.registry()).await?;
             return print_versions(&all, a.json);
         }
-        Command::Serve | Command::Migrate | Command::Demo(_) => unreachable!("handled by the caller"),
+        Command::Serve | Command::Migrate => unreachable!("handled by the caller"),
     };
     print_view(&out.0, out.1)
 }

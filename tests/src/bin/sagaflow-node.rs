@@ -2,5 +2,5 @@
 //! child processes (`CARGO_BIN_EXE_sagaflow-node`) and kill them.
 
 fn main() -> std::process::ExitCode {
-    orchestrator::cli::main()
+    sagaflow::main()
 }

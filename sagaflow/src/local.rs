@@ -35,7 +35,7 @@ struct Address {
 impl LocalServices {
     /// Start what `config` places on this machine and nothing answers for; `Ok` with nothing
     /// started when both answer or are elsewhere. Says on stderr what it starts.
-    pub(crate) async fn start_missing(config: &crate::Config) -> anyhow::Result<Self> {
+    pub(crate) async fn start_missing(config: &orchestrator::Config) -> anyhow::Result<Self> {
         let mut local = Self::default();
         let (amqp, database) = (missing(&config.amqp_url, 5672).await, missing(&config.database_url, 5432).await);
         // Both start at once; then each is waited for.

@@ -5,8 +5,8 @@ use std::io::{IsTerminal as _, Write as _};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::Orchestrator;
 use anyhow::Context as _;
+use orchestrator::Orchestrator;
 use participants_sdk::ParticipantConfig;
 use sagas::SagaStatus;
 use sagas::protocol::StartRequest;
@@ -25,10 +25,10 @@ pub(crate) struct Args {
     timeout_s: u64,
 }
 
-pub(crate) async fn run(config: crate::Config, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(config: orchestrator::Config, args: Args) -> anyhow::Result<()> {
     // The demo runs beside whatever else is running: no API port of its own.
-    let config = crate::Config { api_addr: String::new(), ..config };
-    let node = Orchestrator::connect(config.clone(), super::registry()?).await?;
+    let config = orchestrator::Config { api_addr: String::new(), ..config };
+    let node = Orchestrator::connect(config.clone(), crate::registry()?).await?;
     let pool = node.engine().pool().clone();
     order_fulfilment::setup(&pool, &["demo-widget"], i64::from(args.sagas) * 10 + 10).await.context("creating the example tables")?;
     let handle = node.start().await?;
@@ -66,7 +66,7 @@ pub(crate) async fn run(config: crate::Config, args: Args) -> anyhow::Result<()>
     }
     let (mut completed, mut compensated, mut stopped) = (0, 0, 0);
     for id in &ids {
-        let st = crate::wait_settled(&pool, *id, Duration::from_secs(args.timeout_s)).await?;
+        let st = orchestrator::wait_settled(&pool, *id, Duration::from_secs(args.timeout_s)).await?;
         match st.status {
             SagaStatus::Completed => completed += 1,
             SagaStatus::Compensated => compensated += 1,

@@ -1,5 +1,0 @@
-//! `sagaflow`: see [`orchestrator::cli`].
-
-fn main() -> std::process::ExitCode {
-    orchestrator::cli::main()
-}

@@ -1,0 +1,5 @@
+//! `sagaflow`: see the [`sagaflow`] library.
+
+fn main() -> std::process::ExitCode {
+    sagaflow::main()
+}
