@@ -26,8 +26,9 @@ use serde_json::{Value, json};
 use crate::intake::{Engine, StartError};
 use crate::ops::{self, ErrorKind, ListFilter, OpsError};
 
-/// The OpenAPI document (committed as docs/openapi.json; a test keeps them equal).
-pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+/// The OpenAPI document: docs/openapi.json, through the link `orchestrator/openapi.json` (so the
+/// packaged crate carries it); a test keeps it equal to what the API serves.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 const UI: &str = include_str!("ui.html");
 
