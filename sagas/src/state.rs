@@ -72,6 +72,9 @@ pub enum StopCode {
 }
 
 impl StopCode {
+    /// Every stop code (each has its page in docs/errors/; a test checks).
+    pub const ALL: [Self; 3] = [Self::CompensationFailed, Self::StepFailedAfterPivot, Self::TimedOut];
+
     /// The stable code.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -131,8 +134,8 @@ pub enum FailureCode {
 }
 
 impl FailureCode {
-    /// The orchestrator's own codes.
-    const OWN: [Self; 8] = [
+    /// The orchestrator's own codes (each documented in docs/concepts.md; a test checks).
+    pub const OWN: [Self; 8] = [
         Self::RetriesExhausted,
         Self::StepTimedOut,
         Self::WaitExpired,

@@ -136,6 +136,12 @@ async fn every_route_answers_and_every_error_has_a_stable_code() {
     assert_eq!(h["history"].as_array().unwrap().len(), 3);
     let at: Vec<i64> = h["history"].as_array().unwrap().iter().map(|e| e["at"].as_i64().expect("each entry has its time")).collect();
     assert!(at.windows(2).all(|w| w[0] <= w[1]) && at[0] > 1_700_000_000_000, "milliseconds since the epoch, in order: {at:?}");
+    // What the API returns has exactly the fields openapi.json describes, no more, no fewer.
+    let schemas = serde_json::from_str::<Value>(OPENAPI).unwrap()["components"]["schemas"].clone();
+    let fields = |v: &Value| v.as_object().map(|o| o.keys().cloned().collect::<std::collections::BTreeSet<_>>()).unwrap_or_default();
+    for (returned, schema) in [(&v, "SagaView"), (&v["steps"][0], "StepView"), (&h["history"][0], "HistoryEntry")] {
+        assert_eq!(fields(returned), fields(&schemas[schema]["properties"]), "the API's {schema} and openapi.json's");
+    }
     a.err(Method::GET, "/sagas/not-a-uuid", None, StatusCode::BAD_REQUEST, "invalid_request").await;
     a.err(Method::GET, &format!("/sagas/{}", uuid::Uuid::now_v7()), None, StatusCode::NOT_FOUND, "not_found").await;
     a.err(Method::GET, &format!("/sagas/{}/history", uuid::Uuid::now_v7()), None, StatusCode::NOT_FOUND, "not_found").await;

@@ -261,6 +261,9 @@ pub enum IgnoreReason {
 }
 
 impl IgnoreReason {
+    /// Both reasons (each explained in docs/protocol.md; a test checks).
+    pub const ALL: [Self; 2] = [Self::Duplicate, Self::Stale];
+
     /// `duplicate` or `stale`.
     pub fn as_str(self) -> &'static str {
         match self {
