@@ -417,3 +417,149 @@ pub async fn history(pool: &PgPool, id: SagaId) -> Result<Vec<store::HistoryEntr
     }
     Ok(h)
 }
+
+/// How many sagas of one definition version are in one status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Count {
+    /// Definition name.
+    pub definition: String,
+    /// Version.
+    pub version: u32,
+    /// Status.
+    pub status: String,
+    /// How many.
+    pub count: i64,
+}
+
+/// How many stopped sagas of one definition stopped for one reason.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoppedCount {
+    /// The stop code (`compensation_failed`, ...).
+    pub code: String,
+    /// Definition name.
+    pub definition: String,
+    /// How many.
+    pub count: i64,
+}
+
+/// Sagas that settled in one minute of the last hour.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Minute {
+    /// The minute's start (ms since the epoch).
+    pub at: u64,
+    /// Completed in it.
+    pub completed: i64,
+    /// Compensated in it.
+    pub compensated: i64,
+}
+
+/// What the console's overview shows: what is open and what is stuck, the oldest running sagas,
+/// and what settled in the last hour. Each part reads an index (open sagas by status, settled
+/// ones by when they finished), so its cost grows with what is open and recent, not with every
+/// saga ever kept.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Overview {
+    /// When this was read (ms since the epoch).
+    pub at: u64,
+    /// Sagas not yet completed or compensated, by definition version and status.
+    pub open: Vec<Count>,
+    /// Stopped sagas by stop code and definition, most first: what needs an operator.
+    pub stopped: Vec<StoppedCount>,
+    /// The oldest running or compensating sagas (up to 10), oldest first.
+    pub oldest_running: Vec<SagaSummary>,
+    /// Sagas that completed or compensated in the last hour, by definition version and status.
+    pub last_hour: Vec<Count>,
+    /// The same per minute, oldest first (minutes with none are left out).
+    pub per_minute: Vec<Minute>,
+    /// Compensated out of settled in the last hour (0 when none settled).
+    pub failure_rate: f64,
+}
+
+/// The overview (see [`Overview`]).
+pub async fn overview(pool: &PgPool) -> Result<Overview, OpsError> {
+    let open_statuses = SagaStatus::names_where(|s| !s.is_terminal());
+    let count = |r: &sqlx::postgres::PgRow| -> Result<Count, sqlx::Error> {
+        Ok(Count {
+            definition: r.try_get("definition")?,
+            version: u32::try_from(r.try_get::<i32, _>("version")?).unwrap_or(0),
+            status: r.try_get("status")?,
+            count: r.try_get("n")?,
+        })
+    };
+    let mut tx = pool.begin().await?;
+    // One snapshot for every part, so the parts agree with each other.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+    let at: i64 = sqlx::query_scalar("SELECT (extract(epoch FROM now()) * 1000)::bigint").fetch_one(&mut *tx).await?;
+    let open = sqlx::query(
+        "SELECT definition, version, status, count(*) AS n FROM sagaflow.instances WHERE status = ANY($1)
+         GROUP BY definition, version, status ORDER BY definition, version, status",
+    )
+    .bind(&open_statuses)
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(count)
+    .collect::<Result<Vec<_>, _>>()?;
+    let stopped = sqlx::query(
+        "SELECT coalesce(state->'stop'->>'code', 'unknown') AS code, definition, count(*) AS n FROM sagaflow.instances
+         WHERE status = 'stopped' GROUP BY 1, 2 ORDER BY n DESC, code, definition",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(|r| Ok(StoppedCount { code: r.try_get("code")?, definition: r.try_get("definition")?, count: r.try_get("n")? }))
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let oldest_running = sqlx::query(
+        "SELECT id, definition, version, status,
+                (extract(epoch FROM created_at) * 1000000)::bigint AS created_us,
+                (extract(epoch FROM updated_at) * 1000000)::bigint AS updated_us
+         FROM sagaflow.instances WHERE status IN ('running', 'compensating') ORDER BY created_at, id LIMIT 10",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(SagaSummary {
+            id: SagaId(r.try_get("id")?),
+            definition: r.try_get("definition")?,
+            version: u32::try_from(r.try_get::<i32, _>("version")?).unwrap_or(0),
+            status: r.try_get("status")?,
+            created_at: us_to_ms(r.try_get("created_us")?),
+            updated_at: us_to_ms(r.try_get("updated_us")?),
+        })
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let last_hour = sqlx::query(
+        "SELECT definition, version, status, count(*) AS n FROM sagaflow.instances
+         WHERE finished_at IS NOT NULL AND finished_at > now() - interval '1 hour'
+         GROUP BY definition, version, status ORDER BY definition, version, status",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(count)
+    .collect::<Result<Vec<_>, _>>()?;
+    let per_minute = sqlx::query(
+        "SELECT (extract(epoch FROM date_trunc('minute', finished_at)) * 1000)::bigint AS at,
+                count(*) FILTER (WHERE status = 'completed') AS completed, count(*) FILTER (WHERE status = 'compensated') AS compensated
+         FROM sagaflow.instances WHERE finished_at IS NOT NULL AND finished_at > now() - interval '1 hour'
+         GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(Minute {
+            at: u64::try_from(r.try_get::<i64, _>("at")?).unwrap_or(0),
+            completed: r.try_get("completed")?,
+            compensated: r.try_get("compensated")?,
+        })
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    tx.commit().await?;
+    let settled: i64 = last_hour.iter().map(|c| c.count).sum();
+    let compensated: i64 = last_hour.iter().filter(|c| c.status == "compensated").map(|c| c.count).sum();
+    #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+    let failure_rate = if settled == 0 { 0.0 } else { compensated as f64 / settled as f64 };
+    Ok(Overview { at: u64::try_from(at).unwrap_or(0), open, stopped, oldest_running, last_hour, per_minute, failure_rate })
+}

@@ -1,11 +1,15 @@
 """Drive Sagaflow's web page in headless Chromium (Debian's chromium + chromedriver, Selenium
-from PyPI): the list shows the sagas, a saga's timeline shows its steps and inputs, and the
-Abort button compensates a waiting saga. Saves a screenshot.
+from PyPI): a saga's own address opens it directly (and the token leaves the address), the
+overview shows the counts the API gives, the back and forward buttons move between views, the
+list shows the sagas, a saga's timeline shows its steps and inputs, and the Abort button
+compensates a waiting saga. Saves a screenshot.
 
 Usage: ui_test.py <page url> <api token> <id of a waiting saga> <screenshot path>
 """
 
+import json
 import sys
+import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -33,18 +37,45 @@ try:
         """The texts of the rows the selector names, read in one go (a re-render retries)."""
         return wait.until(lambda d: [r.text for r in d.find_elements(By.CSS_SELECTOR, selector)] or None)
 
-    driver.get(f"{url}#token={token}")
+    # A deep link: the saga's own address, opened directly.
+    driver.get(f"{url}#/saga/{waiting}?token={token}")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "saga-status"), "running"))
+    assert driver.find_element(By.ID, "detail").get_attribute("data-id") == waiting
+    assert "token" not in driver.current_url and driver.current_url.endswith(f"#/saga/{waiting}"), driver.current_url
+    print("ui: a saga's address opens it; the token leaves the address")
+
+    # The overview shows what the API says.
+    req = urllib.request.Request(url.rstrip("/") + "/overview", headers={"authorization": f"Bearer {token}"})
+    api = json.load(urllib.request.urlopen(req))
+    want = {f"{c['definition']}/{c['version']}/{c['status']}": str(c["count"]) for c in api["open"]}
+    shown = wait.until(lambda d: {r.get_attribute("data-key"): r.find_element(By.CSS_SELECTOR, "td.n").text
+                                  for r in d.find_elements(By.CSS_SELECTOR, "#ov-open tr[data-key]")} or None)
+    assert shown == want, (shown, want)
+    completed = sum(c["count"] for c in api["last_hour"] if c["status"] == "completed")
+    wait.until(lambda d: d.find_element(By.ID, "ov-hour").get_attribute("data-completed") == str(completed))
+    print(f"ui: the overview shows the API's counts: open {want}, completed in the last hour {completed}")
+
+    click("h1 a")
     rows = wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) >= 2 and d.find_elements(By.CSS_SELECTOR, "tr.saga"))
+    assert driver.find_element(By.ID, "detail").get_attribute("hidden") is not None
     print(f"ui: list shows {len(rows)} sagas")
-    # filter by status
+    # filter by status: an address of its own, and back
     driver.find_element(By.ID, "status").send_keys("completed")
     click("#filters button")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) == 1)
+    assert "status=completed" in driver.current_url, driver.current_url
     print("ui: the status filter narrows the list")
-    driver.find_element(By.ID, "status").send_keys("any")
-    click("#filters button")
+    driver.back()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) >= 2)
+    assert driver.find_element(By.ID, "status").get_attribute("value") == ""
     click(f"tr.saga[data-id='{waiting}']")
     wait.until(ec.text_to_be_present_in_element((By.ID, "saga-status"), "running"))
+    driver.back()
+    wait.until(lambda d: d.find_element(By.ID, "detail").get_attribute("hidden") is not None)
+    driver.forward()
+    wait.until(lambda d: d.find_element(By.ID, "detail").get_attribute("hidden") is None)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "saga-status"), "running"))
+    print("ui: back and forward move between the list and a saga")
     steps = rows_of("#steps tbody tr")
     timeline = rows_of("#timeline tbody tr")
     assert len(steps) == 2, f"{len(steps)} steps"

@@ -180,6 +180,41 @@ async fn every_route_answers_and_every_error_has_a_stable_code() {
     assert_eq!(v["status"], "compensating");
     let w = a.ok(Method::GET, &format!("/sagas/{stuck}/wait?timeout_ms=30000"), None).await;
     assert_eq!(w["saga"]["stop"]["code"], "compensation_failed", "it fails again");
+    // The overview says what the database holds: one stopped saga, two completed and one
+    // compensated in the last hour.
+    let o = a.ok(Method::GET, "/overview", None).await;
+    let open: Vec<(String, i32, String, i64)> = sqlx::query_as(
+        "SELECT definition, version, status, count(*) FROM sagaflow.instances WHERE status NOT IN ('completed', 'compensated')
+         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&a.env.pool)
+    .await
+    .unwrap();
+    let shown: Vec<(String, i32, String, i64)> = o["open"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["definition"].as_str().unwrap().into(),
+                i32::try_from(c["version"].as_i64().unwrap()).unwrap(),
+                c["status"].as_str().unwrap().into(),
+                c["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shown, open);
+    assert_eq!(open, [("slow".to_owned(), 1, "stopped".to_owned(), 1)]);
+    assert_eq!(o["stopped"], json!([{"code": "compensation_failed", "definition": "slow", "count": 1}]));
+    let settled = |status: &str| {
+        o["last_hour"].as_array().unwrap().iter().filter(|c| c["status"] == status).map(|c| c["count"].as_i64().unwrap()).sum::<i64>()
+    };
+    assert_eq!((settled("completed"), settled("compensated")), (2, 1), "{o}");
+    let per_minute: i64 =
+        o["per_minute"].as_array().unwrap().iter().map(|m| m["completed"].as_i64().unwrap() + m["compensated"].as_i64().unwrap()).sum();
+    assert_eq!(per_minute, 3);
+    assert!((o["failure_rate"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9, "{o}");
+    assert!(o["oldest_running"].as_array().unwrap().is_empty(), "nothing runs: {o}");
     let v = a.ok(Method::POST, &format!("/sagas/{stuck}/skip"), None).await;
     assert_eq!((v["status"].as_str(), v["steps"][0]["status"].as_str()), (Some("compensated"), Some("compensation_skipped")));
 

@@ -63,6 +63,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/sagas/{id}/events", post(signal))
         .route("/sagas/{id}/{action}", post(action))
         .route("/definitions", get(definitions))
+        .route("/overview", get(overview))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -296,6 +297,10 @@ async fn action(
 async fn definitions(State(s): State<ApiState>) -> Json<Value> {
     let defs: Vec<Value> = s.engine.registry().iter().map(|d| serde_json::to_value(d.spec()).unwrap_or(Value::Null)).collect();
     Json(json!({"definitions": defs}))
+}
+
+async fn overview(State(s): State<ApiState>) -> ApiResult<Json<ops::Overview>> {
+    Ok(Json(ops::overview(s.engine.pool()).await?))
 }
 
 async fn ready(State(s): State<ApiState>) -> Response {
