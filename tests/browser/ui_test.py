@@ -87,6 +87,16 @@ try:
     click(f"tr.saga[data-id='{waiting}']")
     wait.until(ec.text_to_be_present_in_element((By.ID, "saga-status"), "compensated"))
     print("ui: aborted")
+    # The timeline's bars, in time order: the step's command, the wait, then the step's undo.
+    segs = wait.until(lambda d: sorted(
+        (int(b.get_attribute("data-start")), int(b.get_attribute("data-end")), b.get_attribute("data-step"),
+         b.get_attribute("data-kind"), b.get_attribute("data-outcome"))
+        for b in d.find_elements(By.CSS_SELECTOR, "#bars .seg")) or None)
+    assert [g[2:] for g in segs] == [("a", "invoke", "success"), ("approved", "wait", "cancelled"), ("a", "compensate", "success")], segs
+    assert segs[0][1] <= segs[2][0] and all(g[0] <= g[1] for g in segs), segs
+    sizes = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#timeline details summary")]
+    assert sizes and all(t.endswith(" B") for t in sizes), sizes
+    print(f"ui: the timeline's bars: {[g[2:] for g in segs]}")
     driver.save_screenshot(shot)
     print(f"ui: screenshot {shot}")
 finally:
