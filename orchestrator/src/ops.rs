@@ -563,3 +563,140 @@ pub async fn overview(pool: &PgPool) -> Result<Overview, OpsError> {
     let failure_rate = if settled == 0 { 0.0 } else { compensated as f64 / settled as f64 };
     Ok(Overview { at: u64::try_from(at).unwrap_or(0), open, stopped, oldest_running, last_hour, per_minute, failure_rate })
 }
+
+/// Most sagas one bulk action touches; a filter matching more is refused (narrow it, or act in
+/// turns: what was acted on no longer matches a `stopped` filter).
+pub const BULK_MAX: i64 = 1000;
+
+/// Which sagas a bulk action acts on; every field is optional, and they all must match.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFilter {
+    /// Only this status.
+    pub status: Option<String>,
+    /// Only this definition.
+    pub definition: Option<String>,
+    /// Only sagas stopped with this stop code (`compensation_failed`, ...).
+    pub stop_code: Option<String>,
+    /// Created at or after (ms since the epoch).
+    pub since: Option<u64>,
+    /// Created before (ms since the epoch).
+    pub until: Option<u64>,
+}
+
+/// What a bulk action did, or (a preview) would do.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkOutcome {
+    /// How many sagas the filter matches.
+    pub matched: usize,
+    /// The sagas it matches (a preview) or acted on, oldest first.
+    pub ids: Vec<SagaId>,
+    /// Those the action applied to (0 for a preview).
+    pub applied: usize,
+    /// Those that refused it, with why (a saga that moved on since the preview, say).
+    pub refused: Vec<BulkRefusal>,
+}
+
+/// A saga a bulk action did not apply to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkRefusal {
+    /// The saga.
+    pub id: SagaId,
+    /// The error's code (`conflict`, ...).
+    pub code: String,
+    /// Why, in words.
+    pub message: String,
+}
+
+/// The sagas `f` matches, oldest first (at most [`BULK_MAX`]).
+async fn bulk_matches(pool: &PgPool, f: &BulkFilter) -> Result<Vec<SagaId>, OpsError> {
+    let bad = |m: String| OpsError::new(ErrorKind::InvalidRequest, m);
+    if let Some(s) = &f.status
+        && !STATUSES.contains(&s.as_str())
+    {
+        return Err(bad(format!("status `{s}` is not one of {}", STATUSES.join(", "))));
+    }
+    if let Some(d) = &f.definition {
+        sagas::protocol::check_name("definition", d).map_err(bad)?;
+    }
+    let stop_codes = sagas::StopCode::ALL.map(sagas::StopCode::as_str);
+    if let Some(c) = &f.stop_code
+        && !stop_codes.contains(&c.as_str())
+    {
+        return Err(bad(format!("stop_code `{c}` is not one of {}", stop_codes.join(", "))));
+    }
+    if f.since.into_iter().chain(f.until).any(|t| t > MAX_TIME_MS) {
+        return Err(bad(format!("since and until must be at most {MAX_TIME_MS} (ms since the epoch)")));
+    }
+    if f.status.is_none() && f.definition.is_none() && f.stop_code.is_none() && f.since.is_none() && f.until.is_none() {
+        return Err(bad("a bulk action needs a filter (status, definition, stop_code, since or until)".into()));
+    }
+    let to_us = |ms: Option<u64>| ms.map(|m| i64::try_from(m).unwrap_or(i64::MAX).saturating_mul(1000));
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT id FROM sagaflow.instances
+         WHERE ($1::text IS NULL OR status = $1)
+           AND ($2::text IS NULL OR definition = $2)
+           AND ($3::text IS NULL OR (status = 'stopped' AND state->'stop'->>'code' = $3))
+           AND ($4::bigint IS NULL OR created_at >= to_timestamp($4::float8 / 1000000))
+           AND ($5::bigint IS NULL OR created_at < to_timestamp($5::float8 / 1000000))
+         ORDER BY created_at, id LIMIT $6",
+    )
+    .bind(&f.status)
+    .bind(&f.definition)
+    .bind(&f.stop_code)
+    .bind(to_us(f.since))
+    .bind(to_us(f.until))
+    .bind(BULK_MAX + 1)
+    .fetch_all(pool)
+    .await?;
+    if i64::try_from(ids.len()).unwrap_or(i64::MAX) > BULK_MAX {
+        return Err(bad(format!("the filter matches more than {BULK_MAX} sagas; narrow it, or act in turns")));
+    }
+    Ok(ids.into_iter().map(SagaId).collect())
+}
+
+/// Preview `action` on the sagas `f` matches: how many and which, nothing changed.
+pub async fn bulk_preview(pool: &PgPool, action: &str, f: &BulkFilter) -> Result<BulkOutcome, OpsError> {
+    operator_command(action, None)?;
+    let ids = bulk_matches(pool, f).await?;
+    Ok(BulkOutcome { matched: ids.len(), ids, applied: 0, refused: Vec::new() })
+}
+
+/// Apply `action` to every saga `f` matches, one after the other, each as its own operator
+/// input (recorded in its history like a single action). `expect` is the count the preview
+/// showed: when the filter now matches another number, nothing is done (`conflict`), so what
+/// is confirmed is what is acted on.
+pub async fn bulk_apply(
+    engine: &Engine,
+    action: &str,
+    reason: Option<String>,
+    f: &BulkFilter,
+    expect: usize,
+) -> Result<BulkOutcome, OpsError> {
+    let cmd = operator_command(action, reason)?;
+    let ids = bulk_matches(engine.pool(), f).await?;
+    if ids.len() != expect {
+        return Err(OpsError::new(
+            ErrorKind::Conflict,
+            format!("the filter now matches {} sagas, not the {expect} confirmed; preview again", ids.len()),
+        ));
+    }
+    let mut out = BulkOutcome { matched: ids.len(), ids: ids.clone(), applied: 0, refused: Vec::new() };
+    for id in ids {
+        match act(engine, id, Input::Operator(cmd.clone())).await {
+            Ok(_) => out.applied += 1,
+            Err(e) if matches!(e.kind, ErrorKind::Conflict | ErrorKind::NotFound) => {
+                out.refused.push(BulkRefusal { id, code: e.code().into(), message: e.message });
+            }
+            Err(e) => {
+                // The database or the node is in trouble: stop here; what was applied is in
+                // each saga's history, the rest is untouched and matches the filter still.
+                tracing::warn!(action, saga.id = %id, error = %e, "a bulk operator action stopped");
+                out.refused.push(BulkRefusal { id, code: e.code().into(), message: format!("{}; the action stopped here", e.message) });
+                break;
+            }
+        }
+    }
+    tracing::info!(action, matched = out.matched, applied = out.applied, refused = out.refused.len(), "bulk operator action");
+    Ok(out)
+}

@@ -2,9 +2,10 @@
 from PyPI): a saga's own address opens it directly (and the token leaves the address), the
 overview shows the counts the API gives, the back and forward buttons move between views, the
 list shows the sagas, a saga's timeline shows its steps and inputs, and the Abort button
-compensates a waiting saga. Saves a screenshot.
+compensates a waiting saga; then every stopped saga is retried at once (previewed, confirmed).
+Saves two screenshots: the saga (at the path given) and the overview (beside it, -overview.png).
 
-Usage: ui_test.py <page url> <api token> <id of a waiting saga> <screenshot path>
+Usage: ui_test.py <page url> <api token> <id of a waiting saga> <screenshot path> <stopped sagas>
 """
 
 import json
@@ -16,9 +17,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 url, token, waiting, shot = sys.argv[1:5]
+stopped = int(sys.argv[5])
 opts = webdriver.ChromeOptions()
 opts.binary_location = "/usr/bin/chromium"
 for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
@@ -99,5 +101,25 @@ try:
     print(f"ui: the timeline's bars: {[g[2:] for g in segs]}")
     driver.save_screenshot(shot)
     print(f"ui: screenshot {shot}")
+
+    # Bulk: every stopped saga retried at once, previewed first and confirmed.
+    click("h1 a")
+    wait.until(lambda d: d.find_element(By.ID, "detail").get_attribute("hidden") is not None)
+    Select(driver.find_element(By.ID, "status")).select_by_visible_text("stopped")
+    click("#filters button")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) == stopped)
+    wait.until(lambda d: any(f"compensation_failed" in r.text and r.text.endswith(str(stopped))
+                             for r in d.find_elements(By.CSS_SELECTOR, "#ov-stopped tr")))
+    driver.save_screenshot(shot.replace(".png", "-overview.png"))
+    Select(driver.find_element(By.ID, "bulk-action")).select_by_visible_text("retry")
+    Select(driver.find_element(By.ID, "bulk-stop-code")).select_by_visible_text("compensation_failed")
+    click("#bulk-preview")
+    wait.until(lambda d: d.find_element(By.ID, "bulk-result").get_attribute("data-matched") == str(stopped))
+    click("#bulk-apply")
+    wait.until(ec.alert_is_present())
+    driver.switch_to.alert.accept()
+    wait.until(lambda d: d.find_element(By.ID, "bulk-result").get_attribute("data-applied") == str(stopped))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) == 0)
+    print(f"ui: bulk retried {stopped} stopped sagas")
 finally:
     driver.quit()

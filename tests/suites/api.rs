@@ -300,6 +300,69 @@ async fn a_rejected_compensation_runs_again_when_the_operator_retries_after_the_
     a.finish().await;
 }
 
+/// `n` sagas of definition `slow` stopped in `compensation_failed` (step b refused, step a's
+/// undo refused while blocked), then unblocked: a retry of each now compensates it.
+async fn stuck_sagas(a: &Api, n: usize) -> Vec<sagas::SagaId> {
+    let token = format!("block-{}", uuid::Uuid::now_v7());
+    probe::block(&a.env.pool, &token, true).await.unwrap();
+    let plan = Plan::default().with("b", Behavior::Reject).undo_blocked_by("a", &token);
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(a.start("slow", &plan).await.parse().unwrap());
+    }
+    for id in &ids {
+        let st = wait::settled(&a.env.pool, *id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(st.stop.map(|s| s.code), Some(sagas::StopCode::CompensationFailed));
+    }
+    probe::block(&a.env.pool, &token, false).await.unwrap();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_actions_preview_then_apply_to_what_was_confirmed() {
+    let a = api().await;
+    let done = a.start("pair", &Plan::default()).await;
+    let stuck = stuck_sagas(&a, 21).await;
+    wait::settled(&a.env.pool, done.parse().unwrap(), Duration::from_secs(30)).await.unwrap();
+    let filter = json!({"status": "stopped", "stop_code": "compensation_failed", "definition": "slow"});
+
+    a.err(Method::POST, "/bulk/retry", Some(json!({"filter": {}})), StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::POST, "/bulk/explode", Some(json!({"filter": filter})), StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::POST, "/bulk/retry", Some(json!({"filter": {"stop_code": "nope"}})), StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::POST, "/bulk/retry", Some(json!({"filter": {"status": "gone"}})), StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::POST, "/bulk/retry", Some(json!({"filter": filter, "colour": 1})), StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    // The preview names them, oldest first, and changes nothing.
+    let p = a.ok(Method::POST, "/bulk/retry", Some(json!({"filter": filter}))).await;
+    let ids: Vec<sagas::SagaId> = serde_json::from_value(p["ids"].clone()).unwrap();
+    assert_eq!((p["matched"].as_u64(), p["applied"].as_u64(), &ids), (Some(21), Some(0), &stuck));
+    let stopped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status = 'stopped'").fetch_one(&a.env.pool).await.unwrap();
+    assert_eq!(stopped, 21, "a preview acts on nothing");
+    // A confirmation of another count than the filter matches does nothing.
+    a.err(Method::POST, "/bulk/retry", Some(json!({"filter": filter, "confirm": 20})), StatusCode::CONFLICT, "conflict").await;
+    let v = a.ok(Method::POST, "/bulk/retry", Some(json!({"filter": filter, "confirm": 21}))).await;
+    assert_eq!((v["matched"].as_u64(), v["applied"].as_u64(), v["refused"].as_array().map(Vec::len)), (Some(21), Some(21), Some(0)), "{v}");
+    for id in &stuck {
+        let st = wait::settled(&a.env.pool, *id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(st.status, sagas::SagaStatus::Compensated, "{id}");
+        assert_eq!(probe::effects(&a.env.pool, *id).await.unwrap(), ["a:do", "a:undo"], "each undo once");
+        let operator = wait::history(&a.env.pool, *id).await.unwrap().into_iter().filter(|e| e.input_kind == "operator").count();
+        assert_eq!(operator, 1, "the retry is in each saga's history");
+    }
+    // Nothing matches any more: a preview says so.
+    assert_eq!(a.ok(Method::POST, "/bulk/retry", Some(json!({"filter": filter}))).await["matched"], 0);
+    // An action a saga cannot take is refused by that saga, with why; the others go on.
+    let running = a.start("slow", &Plan::default().with("b", Behavior::Slow { ms: 3000 })).await;
+    let v = a.ok(Method::POST, "/bulk/resume", Some(json!({"filter": {"definition": "pair"}, "confirm": 1}))).await;
+    assert_eq!((v["applied"].as_u64(), v["refused"][0]["code"].as_str()), (Some(0), Some("conflict")), "{v}");
+    let v = a.ok(Method::POST, "/bulk/abort", Some(json!({"filter": {"status": "running"}, "confirm": 1, "reason": "bulk"}))).await;
+    assert_eq!(v["applied"], 1, "{v}");
+    let w = a.ok(Method::GET, &format!("/sagas/{running}/wait?timeout_ms=30000"), None).await;
+    assert_eq!((w["saga"]["status"].as_str(), w["saga"]["failure"]["message"].as_str()), (Some("compensated"), Some("bulk")));
+    a.finish().await;
+}
+
 /// One request to `router`: its status, its body as JSON (or as a string), its headers.
 async fn request(
     router: &axum::Router,
@@ -375,6 +438,9 @@ async fn the_web_page_lists_sagas_shows_a_timeline_and_aborts_in_headless_chromi
     wait::until(&a.env.pool, waiting.parse().unwrap(), Duration::from_secs(30), |s| s.steps[1].status == sagas::StepStatus::Waiting)
         .await
         .unwrap();
+    // Twenty sagas stopped in compensation_failed, whose cause is then fixed: the page retries
+    // them all at once.
+    let stuck = stuck_sagas(&a, 20).await;
 
     let url = format!("http://{}/", a.node.api_addr().unwrap());
     let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshot.png");
@@ -383,13 +449,18 @@ async fn the_web_page_lists_sagas_shows_a_timeline_and_aborts_in_headless_chromi
         std::env::var("SAGAFLOW_PYTHON").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/ci-venv/bin/python").into());
     let out = tokio::process::Command::new(&python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/ui_test.py"))
-        .args([url.as_str(), TOKEN, waiting.as_str(), shot.to_str().unwrap()])
+        .args([url.as_str(), TOKEN, waiting.as_str(), shot.to_str().unwrap(), &stuck.len().to_string()])
         .output()
         .await
         .unwrap_or_else(|e| panic!("running {python} (a Python with selenium: scripts/setup.sh makes one): {e}"));
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "browser test failed:\n{log}");
-    assert!(log.contains("ui: aborted"), "{log}");
+    assert!(log.contains("ui: aborted") && log.contains("ui: bulk retried 20 stopped sagas"), "{log}");
+    for id in &stuck {
+        let st = wait::settled(&a.env.pool, *id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(st.status, sagas::SagaStatus::Compensated, "{id}");
+        assert_eq!(probe::effects(&a.env.pool, *id).await.unwrap(), ["a:do", "a:undo"]);
+    }
     assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 1000), "no screenshot at {}", shot.display());
     let st = wait::settled(&a.env.pool, waiting.parse().unwrap(), Duration::from_secs(30)).await.unwrap();
     assert_eq!(st.status, sagas::SagaStatus::Compensated, "the page's Abort button compensated the saga");

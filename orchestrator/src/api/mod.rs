@@ -64,6 +64,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/sagas/{id}/{action}", post(action))
         .route("/definitions", get(definitions))
         .route("/overview", get(overview))
+        .route("/bulk/{action}", post(bulk))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -297,6 +298,29 @@ async fn action(
 async fn definitions(State(s): State<ApiState>) -> Json<Value> {
     let defs: Vec<Value> = s.engine.registry().iter().map(|d| serde_json::to_value(d.spec()).unwrap_or(Value::Null)).collect();
     Json(json!({"definitions": defs}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkBody {
+    filter: ops::BulkFilter,
+    #[serde(default)]
+    reason: Option<String>,
+    /// The count a preview showed: present, the action is applied; absent, previewed.
+    #[serde(default)]
+    confirm: Option<usize>,
+}
+
+async fn bulk(
+    State(s): State<ApiState>,
+    Path(action): Path<String>,
+    raw: Result<axum::body::Bytes, BytesRejection>,
+) -> ApiResult<Json<ops::BulkOutcome>> {
+    let b: BulkBody = body(raw)?;
+    Ok(Json(match b.confirm {
+        None => ops::bulk_preview(s.engine.pool(), &action, &b.filter).await?,
+        Some(n) => ops::bulk_apply(&s.engine, &action, b.reason, &b.filter, n).await?,
+    }))
 }
 
 async fn overview(State(s): State<ApiState>) -> ApiResult<Json<ops::Overview>> {

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sagas::Registry;
 
-pub use ops_cli::{AbortArgs, IdArgs, ListArgs, SignalArgs, StartArgs, VersionsArgs, WaitArgs};
+pub use ops_cli::{AbortArgs, BulkArgs, IdArgs, ListArgs, SignalArgs, StartArgs, VersionsArgs, WaitArgs};
 
 #[derive(Parser)]
 #[command(name = "sagaflow", version, about = "Saga orchestrator over RabbitMQ and PostgreSQL")]
@@ -51,6 +51,9 @@ pub enum Command {
     Skip(ops_cli::IdArgs),
     /// Resume a stopped saga.
     Resume(ops_cli::IdArgs),
+    /// Abort, retry, skip or resume every saga matching a filter: previews how many, and acts
+    /// with `--yes <that count>`.
+    Bulk(ops_cli::BulkArgs),
     /// Every definition version this binary serves or the database has sagas of, with how many
     /// are still open: which versions a release may drop.
     Versions(ops_cli::VersionsArgs),

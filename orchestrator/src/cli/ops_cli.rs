@@ -103,6 +103,31 @@ pub struct AbortArgs {
     json: bool,
 }
 
+/// The arguments of `bulk`.
+#[derive(clap::Args)]
+pub struct BulkArgs {
+    /// The action: abort, retry, skip or resume.
+    action: String,
+    /// Only sagas in this status.
+    #[arg(long)]
+    status: Option<String>,
+    /// Only sagas of this definition.
+    #[arg(long)]
+    definition: Option<String>,
+    /// Only sagas stopped with this stop code (compensation_failed, step_failed_after_pivot, timed_out).
+    #[arg(long)]
+    stop_code: Option<String>,
+    /// Why (for abort: recorded as the failure message).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Apply it, confirming the count the preview printed; without it, only preview.
+    #[arg(long, value_name = "COUNT")]
+    yes: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// The arguments of `versions`.
 #[derive(clap::Args)]
 pub struct VersionsArgs {
@@ -170,6 +195,24 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
         Command::Versions(a) => {
             let all = ops::versions(engine.pool(), engine.registry()).await?;
             return print_versions(&all, a.json);
+        }
+        Command::Bulk(a) => {
+            let f = ops::BulkFilter { status: a.status, definition: a.definition, stop_code: a.stop_code, ..ops::BulkFilter::default() };
+            let out = match a.yes {
+                None => ops::bulk_preview(engine.pool(), &a.action, &f).await?,
+                Some(n) => ops::bulk_apply(engine, &a.action, a.reason, &f, n).await?,
+            };
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if a.yes.is_none() {
+                println!("bulk {}: {} sagas match; to apply: the same command with --yes {}", a.action, out.matched, out.matched);
+            } else {
+                println!("bulk {}: {} matched, {} applied, {} refused", a.action, out.matched, out.applied, out.refused.len());
+                for r in &out.refused {
+                    println!("  {}: {}: {}", r.id, r.code, r.message);
+                }
+            }
+            return Ok(());
         }
         Command::Serve | Command::Migrate => unreachable!("handled by the caller"),
     };
