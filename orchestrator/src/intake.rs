@@ -228,6 +228,8 @@ impl Engine {
         .ok_or_else(|| StartError::UnknownDefinition { definition: req.definition.clone(), version: req.version })?;
         req.check().map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
         def.check_input(&req.input).map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
+        let search_keys =
+            def.search_key_values(&req.input).map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
         let id = req.saga_id.unwrap_or_default();
         let state = SagaState::new(def, id, req.input.clone(), Timestamp::now());
         // A malformed trace context is dropped and a new trace started (W3C): it is copied
@@ -246,6 +248,7 @@ impl Engine {
             version: def.version,
             idempotency_key: req.idempotency_key.clone(),
             traceparent,
+            search_keys,
         };
         let (rows, created) = self.starts.insert(std::mem::take(&mut d.rows), new, self.wake_relays()).await?;
         d.rows = rows;

@@ -147,6 +147,11 @@ pub struct ListFilter {
     pub since: Option<u64>,
     /// Created before (ms since the epoch).
     pub until: Option<u64>,
+    /// Only sagas whose search key `key` (declared by their definition) has `value`; the two go
+    /// together.
+    pub key: Option<String>,
+    /// See `key`.
+    pub value: Option<String>,
     /// From a previous page's `next_cursor`.
     pub cursor: Option<String>,
     /// Page size (1..=500, default 50).
@@ -235,6 +240,14 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
             format!("since and until must be at most {MAX_TIME_MS} (ms since the epoch)"),
         ));
     }
+    match (&f.key, &f.value) {
+        (Some(k), Some(v)) => {
+            sagas::protocol::check_name("key", k).map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
+            sagas::check_search_value(k, v).map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
+        }
+        (None, None) => {}
+        _ => return Err(OpsError::new(ErrorKind::InvalidRequest, "key and value go together")),
+    }
     let limit = i64::from(f.limit.unwrap_or(50));
     if !(1..=500).contains(&limit) {
         return Err(OpsError::new(ErrorKind::InvalidRequest, "limit must be between 1 and 500"));
@@ -259,6 +272,7 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
            AND ($3::bigint IS NULL OR created_at >= to_timestamp($3::float8 / 1000000))
            AND ($4::bigint IS NULL OR created_at < to_timestamp($4::float8 / 1000000))
            AND ($5::bigint IS NULL OR ((extract(epoch FROM created_at) * 1000000)::bigint, id) < ($5, $6))
+           AND ($8::text IS NULL OR id IN (SELECT saga_id FROM sagaflow.search_keys WHERE key = $8 AND value = $9))
          ORDER BY created_at DESC, id DESC
          LIMIT $7",
     )
@@ -269,6 +283,8 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
     .bind(cursor.map(|c| c.0))
     .bind(cursor.map(|c| c.1))
     .bind(limit + 1)
+    .bind(&f.key)
+    .bind(&f.value)
     .fetch_all(pool)
     .await?;
     let mut items = Vec::with_capacity(rows.len());

@@ -50,6 +50,27 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> SagaData for T {}
 pub(crate) type BuildFn = Arc<dyn Fn(&Value) -> std::result::Result<Value, String> + Send + Sync>;
 pub(crate) type ApplyFn = Arc<dyn Fn(&mut Value, &Value) -> std::result::Result<(), String> + Send + Sync>;
 pub(crate) type PredicateFn = Arc<dyn Fn(&Value) -> std::result::Result<bool, String> + Send + Sync>;
+/// A definition's search keys, taken from a start's input: `(key, value)` pairs.
+type KeysFn = Arc<dyn Fn(&Value) -> std::result::Result<Vec<(String, String)>, String> + Send + Sync>;
+/// One search key of a builder: its name and how its value is read from the saga's data.
+type KeyFn<D> = (String, Arc<dyn Fn(&D) -> String + Send + Sync>);
+
+/// Most search keys a definition declares.
+pub const MAX_SEARCH_KEYS: usize = 8;
+/// Most bytes of a search key's value.
+pub const MAX_SEARCH_VALUE_BYTES: usize = 256;
+
+/// Whether `value` can be a search key's value: at most [`MAX_SEARCH_VALUE_BYTES`] bytes and no
+/// U+0000 (PostgreSQL's text cannot hold it).
+pub fn check_search_value(key: &str, value: &str) -> std::result::Result<(), String> {
+    if value.len() > MAX_SEARCH_VALUE_BYTES {
+        return Err(format!("search key `{key}` is {} bytes; at most {MAX_SEARCH_VALUE_BYTES}", value.len()));
+    }
+    if value.contains('\u{0}') {
+        return Err(format!("search key `{key}` holds U+0000"));
+    }
+    Ok(())
+}
 
 /// How a step relates to the point of no return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,7 +195,10 @@ pub struct Definition {
     pub nodes: Vec<Node>,
     /// Time allowed for the whole saga, in milliseconds.
     pub deadline_ms: Option<u64>,
+    /// The keys its sagas are found by (`order_id`), in declaration order.
+    pub search_keys: Vec<String>,
     check_input: PredicateFn,
+    keys_of: Option<KeysFn>,
 }
 
 impl fmt::Debug for Definition {
@@ -188,6 +212,18 @@ impl Definition {
     /// type), before an instance is created for it.
     pub fn check_input(&self, input: &Value) -> std::result::Result<(), String> {
         (self.check_input)(input).map(|_| ())
+    }
+
+    /// The search keys of a saga started with `input`: `(key, value)` for each declared key
+    /// whose value is not empty. A value longer than [`MAX_SEARCH_VALUE_BYTES`] or holding
+    /// U+0000 refuses the start (the error says which key).
+    pub fn search_key_values(&self, input: &Value) -> std::result::Result<Vec<(String, String)>, String> {
+        let Some(keys_of) = &self.keys_of else { return Ok(Vec::new()) };
+        let pairs = keys_of(input)?;
+        for (k, v) in &pairs {
+            check_search_value(k, v)?;
+        }
+        Ok(pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect())
     }
 
     /// The step at `index`.
@@ -207,6 +243,7 @@ impl Definition {
             name: self.name.clone(),
             version: self.version,
             deadline_ms: self.deadline_ms,
+            search_keys: self.search_keys.clone(),
             nodes: self.nodes.clone(),
             steps: self
                 .steps
@@ -247,6 +284,8 @@ pub struct DefinitionSpec {
     pub name: String,
     pub version: u32,
     pub deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub search_keys: Vec<String>,
     pub nodes: Vec<Node>,
     pub steps: Vec<StepSpec>,
 }
@@ -311,7 +350,7 @@ impl<D> fmt::Debug for SagaDefinition<D> {
 impl<D: SagaData> SagaDefinition<D> {
     /// Start building definition `name`, version `version` (≥ 1).
     pub fn builder(name: impl Into<String>, version: u32) -> SagaBuilder<D> {
-        SagaBuilder { name: name.into(), version, items: Vec::new(), deadline_ms: None, _data: PhantomData }
+        SagaBuilder { name: name.into(), version, items: Vec::new(), deadline_ms: None, keys: Vec::new(), _data: PhantomData }
     }
 
     /// The type-erased definition the runtime runs.
@@ -343,6 +382,7 @@ pub struct SagaBuilder<D> {
     version: u32,
     items: Vec<Item>,
     deadline_ms: Option<u64>,
+    keys: Vec<KeyFn<D>>,
     _data: PhantomData<fn(D) -> D>,
 }
 
@@ -395,6 +435,15 @@ impl<D: SagaData> SagaBuilder<D> {
         self
     }
 
+    /// A key its sagas are found by in the API, the CLI and the web page (`order_id`), read
+    /// from the saga's data at start and stored with it, indexed; an empty value is not
+    /// stored. At most [`MAX_SEARCH_KEYS`]; a value longer than [`MAX_SEARCH_VALUE_BYTES`]
+    /// refuses the start.
+    pub fn search_key(mut self, name: impl Into<String>, value: impl Fn(&D) -> String + Send + Sync + 'static) -> Self {
+        self.keys.push((name.into(), Arc::new(value)));
+        self
+    }
+
     /// Check the definition and build it.
     pub fn build(self) -> Result<SagaDefinition<D>> {
         let mut steps = Vec::new();
@@ -414,6 +463,23 @@ impl<D: SagaData> SagaBuilder<D> {
         if self.deadline_ms == Some(0) {
             return Err(invalid("the saga deadline must be longer than zero".into()));
         }
+        let mut key_names = HashSet::new();
+        for (k, _) in &self.keys {
+            if !valid_name(k) || !key_names.insert(k.clone()) {
+                return Err(invalid(format!("search key `{k}` is not a valid name or is declared twice")));
+            }
+        }
+        if self.keys.len() > MAX_SEARCH_KEYS {
+            return Err(invalid(format!("{} search keys; at most {MAX_SEARCH_KEYS}", self.keys.len())));
+        }
+        let search_keys: Vec<String> = self.keys.iter().map(|(k, _)| k.clone()).collect();
+        let keys_of: Option<KeysFn> = (!self.keys.is_empty()).then(|| {
+            let keys = self.keys;
+            Arc::new(move |v: &Value| {
+                let data = D::deserialize(v).map_err(|e| e.to_string())?;
+                Ok(keys.iter().map(|(k, f)| (k.clone(), f(&data))).collect())
+            }) as KeysFn
+        });
         let mut next = 0u32;
         let mut push = |p: PendingStep, steps: &mut Vec<StepDef>| -> std::result::Result<StepIndex, Error> {
             if !valid_name(&p.name) {
@@ -466,7 +532,9 @@ impl<D: SagaData> SagaBuilder<D> {
                 steps,
                 nodes,
                 deadline_ms: self.deadline_ms,
+                search_keys,
                 check_input: Arc::new(|v: &Value| serde_json::from_value::<D>(v.clone()).map(|_| true).map_err(|e| e.to_string())),
+                keys_of,
             }),
             _data: PhantomData,
         })

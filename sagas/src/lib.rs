@@ -65,7 +65,8 @@ pub use decide::{
     Effect, IgnoreReason, Input, InputOutcome, OperatorCommand, OutgoingCommand, Reply, SagaEvent, TimerKey, Transition, decide,
 };
 pub use definition::{
-    Command, Definition, DefinitionSpec, Event, NoCommand, Registry, SagaBuilder, SagaData, SagaDefinition, StepAction, StepDef, StepKind,
+    Command, Definition, DefinitionSpec, Event, MAX_SEARCH_KEYS, MAX_SEARCH_VALUE_BYTES, NoCommand, Registry, SagaBuilder, SagaData,
+    SagaDefinition, StepAction, StepDef, StepKind, check_search_value,
 };
 pub use error::{Error, Result};
 pub use ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};

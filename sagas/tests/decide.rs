@@ -524,3 +524,36 @@ fn registry_lists_every_participant_once_compensations_included() {
     r.register(other.erased()).unwrap();
     assert_eq!(r.participants(), ["inventory", "ledger", "payment", "shipping"]);
 }
+
+#[test]
+fn search_keys_are_read_from_the_input_checked_and_listed_in_the_spec() {
+    let step = |b: sagas::SagaBuilder<Order>| b.step("a", |s| s.invoke(|o: &Order| Reserve { order: o.id }));
+    let def = step(SagaDefinition::<Order>::builder("x", 1))
+        .search_key("order", |o: &Order| o.id.to_string())
+        .search_key("card", |o: &Order| o.card.clone().unwrap_or_default())
+        .build()
+        .unwrap();
+    assert_eq!(def.spec().search_keys, ["order", "card"]);
+    let input = serde_json::to_value(Order { id: 42, ..order() }).unwrap();
+    assert_eq!(def.search_key_values(&input).unwrap(), [("order".to_owned(), "42".to_owned())], "an empty value is left out");
+    let long = serde_json::to_value(Order { card: Some("c".repeat(sagas::MAX_SEARCH_VALUE_BYTES + 1)), ..order() }).unwrap();
+    assert!(def.search_key_values(&long).unwrap_err().contains("search key `card` is 257 bytes"));
+    let nul = serde_json::to_value(Order { card: Some("a\u{0}b".into()), ..order() }).unwrap();
+    assert!(def.search_key_values(&nul).unwrap_err().contains("U+0000"));
+    let none = step(SagaDefinition::<Order>::builder("y", 1)).build().unwrap();
+    assert!(none.search_key_values(&input).unwrap().is_empty() && none.spec().search_keys.is_empty());
+
+    let twice = step(SagaDefinition::<Order>::builder("x", 1))
+        .search_key("k", |_: &Order| String::new())
+        .search_key("k", |_: &Order| String::new());
+    assert!(build_err(twice).contains("search key `k`"));
+    assert!(
+        build_err(step(SagaDefinition::<Order>::builder("x", 1)).search_key("bad key", |_: &Order| String::new()))
+            .contains("search key `bad key`")
+    );
+    let mut many = step(SagaDefinition::<Order>::builder("x", 1));
+    for i in 0..=sagas::MAX_SEARCH_KEYS {
+        many = many.search_key(format!("k{i}"), |_: &Order| String::new());
+    }
+    assert!(build_err(many).contains("at most 8"));
+}

@@ -70,6 +70,15 @@ try:
     driver.back()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) >= 2)
     assert driver.find_element(By.ID, "status").get_attribute("value") == ""
+    # search by a business key (the definition's search key `case`)
+    driver.find_element(By.ID, "key").send_keys("case=o-42")
+    click("#filters button")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) == 1)
+    assert "key=case%3Do-42" in driver.current_url, driver.current_url
+    print("ui: found by its search key")
+    driver.back()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) >= 2)
+    assert driver.find_element(By.ID, "key").get_attribute("value") == ""
     click(f"tr.saga[data-id='{waiting}']")
     wait.until(ec.text_to_be_present_in_element((By.ID, "saga-status"), "running"))
     driver.back()

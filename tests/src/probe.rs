@@ -57,6 +57,9 @@ pub struct Plan {
     /// Payloads of the events received by wait steps.
     #[serde(default)]
     pub events: BTreeMap<String, serde_json::Value>,
+    /// A business key, for definitions that declare it as their search key `case`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case: Option<String>,
 }
 
 impl Plan {
@@ -69,6 +72,12 @@ impl Plan {
     /// Make step `name`'s undo fail transiently `n` times first.
     pub fn undo_flaky(mut self, name: &str, n: u32) -> Self {
         self.steps.entry(name.into()).or_default().undo_flaky = n;
+        self
+    }
+
+    /// Give the saga the business key `case`.
+    pub fn case(mut self, case: &str) -> Self {
+        self.case = Some(case.into());
         self
     }
 

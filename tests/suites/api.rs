@@ -18,8 +18,12 @@ const TOKEN: &str = "s3cret-token-of-24-chars";
 
 fn registry() -> Registry {
     let mut r = Registry::new();
-    let pair =
-        SagaDefinition::<Plan>::builder("pair", 1).step("a", |s| probe::step(s, "a")).step("b", |s| probe::step(s, "b")).build().unwrap();
+    let pair = SagaDefinition::<Plan>::builder("pair", 1)
+        .search_key("case", |p: &Plan| p.case.clone().unwrap_or_default())
+        .step("a", |s| probe::step(s, "a"))
+        .step("b", |s| probe::step(s, "b"))
+        .build()
+        .unwrap();
     let slow = SagaDefinition::<Plan>::builder("slow", 1)
         .step("a", |s| probe::step(s, "a").compensation_retry(RetryPolicy::fixed(Duration::from_millis(50), 2)))
         .step("b", |s| probe::step(s, "b").timeout(Duration::from_secs(30), OnTimeout::Fail))
@@ -300,6 +304,38 @@ async fn a_rejected_compensation_runs_again_when_the_operator_retries_after_the_
     a.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_are_found_by_the_search_keys_their_definition_declares() {
+    let a = api().await;
+    let o42 = a.start("pair", &Plan::default().case("o-42")).await;
+    let o43 = a.start("pair", &Plan::default().case("o-43")).await;
+    let none = a.start("pair", &Plan::default()).await;
+    for id in [&o42, &o43, &none] {
+        wait::settled(&a.env.pool, id.parse().unwrap(), Duration::from_secs(30)).await.unwrap();
+    }
+    let found = |v: Value| v["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(found(a.ok(Method::GET, "/sagas?key=case&value=o-42", None).await), [o42]);
+    assert_eq!(found(a.ok(Method::GET, "/sagas?key=case&value=o-43&status=completed", None).await), [o43]);
+    assert!(found(a.ok(Method::GET, "/sagas?key=case&value=o-44", None).await).is_empty());
+    assert!(found(a.ok(Method::GET, "/sagas?key=case&value=", None).await).is_empty(), "an empty value is not stored");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.search_keys").fetch_one(&a.env.pool).await.unwrap();
+    assert_eq!(stored, 2, "one key for each saga with a case");
+    // Refusals: a key without its value, a value too long, a value PostgreSQL cannot hold.
+    a.err(Method::GET, "/sagas?key=case", None, StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::GET, &format!("/sagas?key=case&value={}", "x".repeat(300)), None, StatusCode::BAD_REQUEST, "invalid_request").await;
+    a.err(Method::GET, "/sagas?key=case&value=a%00b", None, StatusCode::BAD_REQUEST, "invalid_request").await;
+    assert!(found(a.ok(Method::GET, "/sagas?key=no%20such&value=x", None).await).is_empty(), "a key no definition declares finds nothing");
+    // A start whose key cannot be stored is refused, saying which key.
+    let (s, v, _) =
+        a.call(Method::POST, "/sagas", Some(TOKEN), Some(json!({"definition": "pair", "input": {"case": "y".repeat(300)}})), &[]).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_input")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("search key `case`"), "{v}");
+    let d = a.ok(Method::GET, "/definitions", None).await;
+    let pair = d["definitions"].as_array().unwrap().iter().find(|d| d["name"] == "pair").unwrap().clone();
+    assert_eq!(pair["search_keys"], json!(["case"]));
+    a.finish().await;
+}
+
 /// `n` sagas of definition `slow` stopped in `compensation_failed` (step b refused, step a's
 /// undo refused while blocked), then unblocked: a retry of each now compensates it.
 async fn stuck_sagas(a: &Api, n: usize) -> Vec<sagas::SagaId> {
@@ -432,7 +468,7 @@ async fn metrics_count_what_ran() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_page_lists_sagas_shows_a_timeline_and_aborts_in_headless_chromium() {
     let a = api().await;
-    let done = a.start("pair", &Plan::default()).await;
+    let done = a.start("pair", &Plan::default().case("o-42")).await;
     wait::settled(&a.env.pool, done.parse().unwrap(), Duration::from_secs(30)).await.unwrap();
     let waiting = a.start("approval", &Plan::default()).await;
     wait::until(&a.env.pool, waiting.parse().unwrap(), Duration::from_secs(30), |s| s.steps[1].status == sagas::StepStatus::Waiting)
@@ -455,7 +491,10 @@ async fn the_web_page_lists_sagas_shows_a_timeline_and_aborts_in_headless_chromi
         .unwrap_or_else(|e| panic!("running {python} (a Python with selenium: scripts/setup.sh makes one): {e}"));
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "browser test failed:\n{log}");
-    assert!(log.contains("ui: aborted") && log.contains("ui: bulk retried 20 stopped sagas"), "{log}");
+    assert!(
+        log.contains("ui: aborted") && log.contains("ui: found by its search key") && log.contains("ui: bulk retried 20 stopped sagas"),
+        "{log}"
+    );
     for id in &stuck {
         let st = wait::settled(&a.env.pool, *id, Duration::from_secs(30)).await.unwrap();
         assert_eq!(st.status, sagas::SagaStatus::Compensated, "{id}");
@@ -495,6 +534,14 @@ async fn the_cli_starts_shows_lists_waits_and_acts() {
     assert!(out.lines().next().unwrap().starts_with("SAGA") && out.contains(&id), "{out}");
     let (_, out, _) = cli(&env, &["list", "--status", "completed", "--json"]).await;
     assert!(serde_json::from_str::<Value>(&out).unwrap()["items"].as_array().unwrap().is_empty());
+    // Found by its order: the example declares `order_id` as its search key.
+    let (_, out, _) = cli(&env, &["list", "--key", "order_id=cli-1", "--json"]).await;
+    let items = serde_json::from_str::<Value>(&out).unwrap()["items"].clone();
+    assert_eq!((items.as_array().map(Vec::len), items[0]["id"].as_str()), (Some(1), Some(id.as_str())), "{out}");
+    let (_, out, _) = cli(&env, &["list", "--key", "order_id=cli-2", "--json"]).await;
+    assert!(serde_json::from_str::<Value>(&out).unwrap()["items"].as_array().unwrap().is_empty());
+    let (code, _, err) = cli(&env, &["list", "--key", "order_id"]).await;
+    assert!(code != 0 && err.contains("--key takes name=value"), "{err}");
 
     // Refusals come back with their code and a non-zero exit.
     let (code, _, err) = cli(&env, &["abort", &id]).await;

@@ -38,6 +38,8 @@ pub struct Order {
 pub fn definition() -> sagas::Result<SagaDefinition<Order>> {
     let quick = RetryPolicy::exponential(Duration::from_millis(50), 2.0, 5).max_delay(Duration::from_secs(2));
     SagaDefinition::<Order>::builder("order_fulfilment", 1)
+        // Found by its order in the API, the CLI and the web page.
+        .search_key("order_id", |o: &Order| o.order_id.clone())
         .step("reserve_stock", |s| {
             s.invoke(|o: &Order| ReserveStock { order_id: o.order_id.clone(), sku: o.sku.clone(), quantity: o.quantity })
                 .on_reply(|o, r| o.reservation_id = Some(r.reservation_id))

@@ -51,6 +51,9 @@ pub struct ListArgs {
     /// Only this definition.
     #[arg(long)]
     definition: Option<String>,
+    /// Only sagas found by this search key: `name=value` (`order_id=o-42`).
+    #[arg(long, value_name = "NAME=VALUE")]
+    key: Option<String>,
     /// Page size.
     #[arg(long, default_value_t = 50)]
     limit: u32,
@@ -167,8 +170,20 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
         }
         Command::Show(a) => (ops::get(engine, id(&a.id)?).await?, a.json),
         Command::List(a) => {
-            let f =
-                ListFilter { status: a.status, definition: a.definition, limit: Some(a.limit), cursor: a.cursor, ..ListFilter::default() };
+            let (key, value) = match a.key.as_deref().map(|k| k.split_once('=')) {
+                None => (None, None),
+                Some(Some((k, v))) => (Some(k.to_owned()), Some(v.to_owned())),
+                Some(None) => return Err(OpsError::new(ErrorKind::InvalidRequest, "--key takes name=value").into()),
+            };
+            let f = ListFilter {
+                status: a.status,
+                definition: a.definition,
+                key,
+                value,
+                limit: Some(a.limit),
+                cursor: a.cursor,
+                ..ListFilter::default()
+            };
             let page = ops::list(engine.pool(), &f).await?;
             return print_list(&page, a.json);
         }

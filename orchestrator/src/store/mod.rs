@@ -25,6 +25,7 @@ pub fn migrator() -> Migrator {
         migration(2, "retention", include_str!("../../migrations/0002_retention.sql")),
         migration(3, "hot_updates", include_str!("../../migrations/0003_hot_updates.sql")),
         migration(4, "json_documents", include_str!("../../migrations/0004_json_documents.sql")),
+        migration(5, "search_keys", include_str!("../../migrations/0005_search_keys.sql")),
     ];
     let mut m = Migrator::with_migrations(migrations);
     m.create_schema("sagaflow");
@@ -110,6 +111,8 @@ pub(crate) struct NewInstance {
     pub(crate) version: u32,
     pub(crate) idempotency_key: Option<String>,
     pub(crate) traceparent: String,
+    /// `(key, value)`: what the saga is found by (its definition's search keys).
+    pub(crate) search_keys: Vec<(String, String)>,
 }
 
 /// What one decision writes, serialized (see [`write`]).

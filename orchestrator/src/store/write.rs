@@ -29,6 +29,12 @@ const GATE_NEW: &str = "ins AS (
     ON CONFLICT DO NOTHING RETURNING id, xmin::text::int8 AS v
 ), ok AS (SELECT id FROM ins)";
 
+/// Starts' search keys, for the sagas inserted.
+const INSERT_SEARCH_KEYS: &str = "sk AS (
+    INSERT INTO sagaflow.search_keys (saga_id, key, value)
+    SELECT s, k, v FROM UNNEST($36::uuid[], $37::text[], $38::text[]) AS x(s, k, v) WHERE x.s IN (SELECT id FROM ok)
+)";
+
 /// Guarded: lock the sagas still at the version read (`cas`), in id order; `ok` is those.
 const GATE_GUARDED: &str = "cas AS (
     SELECT i.id FROM sagaflow.instances i JOIN UNNEST($28::uuid[], $29::int8[]) AS g(id, v) ON i.id = g.id
@@ -152,8 +158,18 @@ pub(crate) async fn insert_new<'c>(
     }
     let decisions: Vec<&DecisionRows> = starts.iter().map(|(d, _)| *d).collect();
     let params = Params::of(&decisions, false);
-    let sql = statement(GATE_NEW, &params, wake_relays, true);
-    let (outbox, _, created, version): Row = params
+    let (mut sk_saga, mut sk_key, mut sk_value) = (Vec::new(), Vec::new(), Vec::new());
+    for (d, new) in starts {
+        for (k, v) in &new.search_keys {
+            sk_saga.push(d.history.saga.0);
+            sk_key.push(k.as_str());
+            sk_value.push(v.as_str());
+        }
+    }
+    // Only starts of definitions with search keys pay for the part that writes them.
+    let extra: &[&str] = if sk_saga.is_empty() { &[] } else { &[INSERT_SEARCH_KEYS] };
+    let sql = statement(GATE_NEW, extra, &params, wake_relays, true);
+    let query = params
         .bind(sqlx::query_as(AssertSqlSafe(sql)), node, wake_relays)
         .bind(ids)
         .bind(defs)
@@ -162,9 +178,9 @@ pub(crate) async fn insert_new<'c>(
         .bind(states)
         .bind(keys)
         .bind(traces)
-        .bind(finished)
-        .fetch_one(ex)
-        .await?;
+        .bind(finished);
+    let query = if sk_saga.is_empty() { query } else { query.bind(sk_saga).bind(sk_key).bind(sk_value) };
+    let (outbox, _, created, version): Row = query.fetch_one(ex).await?;
     Ok(Wrote { outbox, locked: Vec::new(), written: created, version })
 }
 
@@ -178,7 +194,7 @@ pub(crate) async fn write_guarded<'c>(
 ) -> Result<Wrote, sqlx::Error> {
     let (gate, marked) = if guard.marks.is_empty() { (GATE_GUARDED, false) } else { (GATE_GUARDED_MARKED, true) };
     let params = Params::of(decisions, true);
-    let sql = statement(gate, &params, wake_relays, true);
+    let sql = statement(gate, &[], &params, wake_relays, true);
     let (g_saga, g_version): (Vec<uuid::Uuid>, Vec<i64>) = guard.versions.iter().copied().unzip();
     let query = params.bind(sqlx::query_as(AssertSqlSafe(sql)), node, wake_relays).bind(g_saga).bind(g_version);
     let query = if marked {
@@ -199,7 +215,7 @@ pub(crate) async fn write_locked<'c>(
     wake_relays: bool,
 ) -> Result<Vec<i64>, sqlx::Error> {
     let params = Params::of(decisions, true);
-    let sql = statement(GATE_LOCKED, &params, wake_relays, false);
+    let sql = statement(GATE_LOCKED, &[], &params, wake_relays, false);
     let (outbox, ..): Row = params.bind(sqlx::query_as(AssertSqlSafe(sql)), node, wake_relays).fetch_one(ex).await?;
     Ok(outbox)
 }
@@ -210,11 +226,12 @@ type Row = (Vec<i64>, Vec<uuid::Uuid>, Vec<uuid::Uuid>, Option<i64>);
 
 type Query<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, Row, sqlx::postgres::PgArguments>;
 
-/// The statement of `gate` and the parts `params` needs; with `written`, it returns which sagas
-/// were locked (a guarded gate) and written; it always returns the version of the instances it
-/// inserted or updated.
-fn statement(gate: &str, params: &Params<'_>, wake_relays: bool, written: bool) -> String {
+/// The statement of `gate`, the `extra` parts after it, and the parts `params` needs; with
+/// `written`, it returns which sagas were locked (a guarded gate) and written; it always
+/// returns the version of the instances it inserted or updated.
+fn statement(gate: &str, extra: &[&str], params: &Params<'_>, wake_relays: bool, written: bool) -> String {
     let mut parts = vec![gate];
+    parts.extend_from_slice(extra);
     if !params.upd_ids.is_empty() {
         parts.push(UPDATE_STATES);
     }
@@ -409,7 +426,13 @@ mod tests {
     }
 
     fn new_instance(key: Option<&str>) -> NewInstance {
-        NewInstance { definition: "d".into(), version: 1, idempotency_key: key.map(str::to_owned), traceparent: "t".into() }
+        NewInstance {
+            definition: "d".into(),
+            version: 1,
+            idempotency_key: key.map(str::to_owned),
+            traceparent: "t".into(),
+            search_keys: Vec::new(),
+        }
     }
 
     async fn count(pool: &PgPool, sql: &str, saga: SagaId) -> i64 {
