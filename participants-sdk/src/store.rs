@@ -85,7 +85,8 @@ impl Tx {
     }
 
     /// Record the final outcomes of `records` in the inbox and commit, in one round trip (the
-    /// insert and the `COMMIT` sent together); `false` when another delivery recorded one of
+    /// updates of the records replaced, the insert of the new ones and the `COMMIT` sent
+    /// together); `false` when another delivery recorded one of
     /// these steps first: nothing is committed, and the caller answers from that record.
     /// Everything in the text is a literal made here from checked values; each outcome is
     /// dollar-quoted with a tag it does not contain.
