@@ -13,7 +13,8 @@
 //! their states, history rows, outbox rows and timers. Every part costs PostgreSQL executor
 //! work even with no rows, so a statement carries only the parts its decisions need. The
 //! parameters are numbered the same in every statement: $1 the node, $2–$27 the decisions'
-//! rows (bound by every mode, referenced or not), $28 on those of the mode's gate.
+//! rows (bound by every mode, referenced or not), $28 on those of the mode's gate, then (starts
+//! with search keys only) $36–$38 the keys.
 
 use sqlx::{AssertSqlSafe, PgExecutor};
 
