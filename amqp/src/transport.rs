@@ -401,6 +401,12 @@ pub fn ca_certificates(url: &str) -> Result<Option<String>, String> {
 pub fn query_param(url: &str, key: &str) -> Option<String> {
     let query = url.split_once('?')?.1.split('#').next()?;
     let raw = query.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))?;
+    Some(percent_decode(raw, true))
+}
+
+/// `raw` (a part of a URL) percent-decoded; with `plus_is_space` (a query), `+` is a space. An
+/// escape that is not one is left as it is; bytes that are not UTF-8 become U+FFFD.
+pub fn percent_decode(raw: &str, plus_is_space: bool) -> String {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -411,7 +417,7 @@ pub fn query_param(url: &str, key: &str) -> Option<String> {
                 out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
                 i += 3;
             }
-            (b'+', ..) => {
+            (b'+', ..) if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
@@ -421,7 +427,7 @@ pub fn query_param(url: &str, key: &str) -> Option<String> {
             }
         }
     }
-    Some(String::from_utf8_lossy(&out).into_owned())
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether `e` (from lapin, or from sqlx) is rustls refusing the server's certificate: retrying

@@ -227,7 +227,7 @@ impl Engine {
         }
         .ok_or_else(|| StartError::UnknownDefinition { definition: req.definition.clone(), version: req.version })?;
         req.check().map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
-        def.check_input(&req.input).map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
+        // Decodes the input as the definition's data (refusing what does not) and reads its keys.
         let search_keys =
             def.search_key_values(&req.input).map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
         let id = req.saga_id.unwrap_or_default();

@@ -226,20 +226,7 @@ pub async fn versions(pool: &PgPool, registry: &sagas::Registry) -> Result<Vec<V
 
 /// Sagas matching `f`, newest first.
 pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
-    if let Some(s) = &f.status
-        && !STATUSES.contains(&s.as_str())
-    {
-        return Err(OpsError::new(ErrorKind::InvalidRequest, format!("status `{s}` is not one of {}", STATUSES.join(", "))));
-    }
-    if let Some(d) = &f.definition {
-        sagas::protocol::check_name("definition", d).map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
-    }
-    if f.since.into_iter().chain(f.until).any(|t| t > MAX_TIME_MS) {
-        return Err(OpsError::new(
-            ErrorKind::InvalidRequest,
-            format!("since and until must be at most {MAX_TIME_MS} (ms since the epoch)"),
-        ));
-    }
+    check_filter(f.status.as_deref(), f.definition.as_deref(), f.since, f.until)?;
     match (&f.key, &f.value) {
         (Some(k), Some(v)) => {
             sagas::protocol::check_name("key", k).map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
@@ -261,7 +248,6 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
         }
         None => None,
     };
-    let to_us = |ms: Option<u64>| ms.map(|m| i64::try_from(m).unwrap_or(i64::MAX).saturating_mul(1000));
     let rows = sqlx::query(
         "SELECT id, definition, version, status,
                 (extract(epoch FROM created_at) * 1000000)::bigint AS created_us,
@@ -290,20 +276,47 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<Page, OpsError> {
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
     for r in rows.iter().take(usize::try_from(limit).unwrap_or(50)) {
-        let id: uuid::Uuid = r.try_get("id")?;
         let created: i64 = r.try_get("created_us")?;
-        last = Some(format!("{created}_{id}"));
-        items.push(SagaSummary {
-            id: SagaId(id),
-            definition: r.try_get("definition")?,
-            version: u32::try_from(r.try_get::<i32, _>("version")?).unwrap_or(0),
-            status: r.try_get("status")?,
-            created_at: us_to_ms(created),
-            updated_at: us_to_ms(r.try_get("updated_us")?),
-        });
+        let item = summary(r)?;
+        last = Some(format!("{created}_{}", item.id));
+        items.push(item);
     }
     let more = rows.len() > items.len();
     Ok(Page { items, next_cursor: if more { last } else { None } })
+}
+
+/// The fields both [`ListFilter`] and [`BulkFilter`] have, checked.
+fn check_filter(status: Option<&str>, definition: Option<&str>, since: Option<u64>, until: Option<u64>) -> Result<(), OpsError> {
+    let bad = |m: String| OpsError::new(ErrorKind::InvalidRequest, m);
+    if let Some(s) = status
+        && !STATUSES.contains(&s)
+    {
+        return Err(bad(format!("status `{s}` is not one of {}", STATUSES.join(", "))));
+    }
+    if let Some(d) = definition {
+        sagas::protocol::check_name("definition", d).map_err(bad)?;
+    }
+    if since.into_iter().chain(until).any(|t| t > MAX_TIME_MS) {
+        return Err(bad(format!("since and until must be at most {MAX_TIME_MS} (ms since the epoch)")));
+    }
+    Ok(())
+}
+
+/// A time in ms since the epoch as the µs the queries compare with.
+fn to_us(ms: Option<u64>) -> Option<i64> {
+    ms.map(|m| i64::try_from(m).unwrap_or(i64::MAX).saturating_mul(1000))
+}
+
+/// A list line from a row with `id`, `definition`, `version`, `status`, `created_us`, `updated_us`.
+fn summary(r: &sqlx::postgres::PgRow) -> Result<SagaSummary, sqlx::Error> {
+    Ok(SagaSummary {
+        id: SagaId(r.try_get("id")?),
+        definition: r.try_get("definition")?,
+        version: u32::try_from(r.try_get::<i32, _>("version")?).unwrap_or(0),
+        status: r.try_get("status")?,
+        created_at: us_to_ms(r.try_get("created_us")?),
+        updated_at: us_to_ms(r.try_get("updated_us")?),
+    })
 }
 
 /// One saga, with its steps.
@@ -534,16 +547,7 @@ pub async fn overview(pool: &PgPool) -> Result<Overview, OpsError> {
     .fetch_all(&mut *tx)
     .await?
     .iter()
-    .map(|r| {
-        Ok(SagaSummary {
-            id: SagaId(r.try_get("id")?),
-            definition: r.try_get("definition")?,
-            version: u32::try_from(r.try_get::<i32, _>("version")?).unwrap_or(0),
-            status: r.try_get("status")?,
-            created_at: us_to_ms(r.try_get("created_us")?),
-            updated_at: us_to_ms(r.try_get("updated_us")?),
-        })
-    })
+    .map(summary)
     .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let last_hour = sqlx::query(
         "SELECT definition, version, status, count(*) AS n FROM sagaflow.instances
@@ -627,27 +631,16 @@ pub struct BulkRefusal {
 /// The sagas `f` matches, oldest first (at most [`BULK_MAX`]).
 async fn bulk_matches(pool: &PgPool, f: &BulkFilter) -> Result<Vec<SagaId>, OpsError> {
     let bad = |m: String| OpsError::new(ErrorKind::InvalidRequest, m);
-    if let Some(s) = &f.status
-        && !STATUSES.contains(&s.as_str())
-    {
-        return Err(bad(format!("status `{s}` is not one of {}", STATUSES.join(", "))));
-    }
-    if let Some(d) = &f.definition {
-        sagas::protocol::check_name("definition", d).map_err(bad)?;
-    }
+    check_filter(f.status.as_deref(), f.definition.as_deref(), f.since, f.until)?;
     let stop_codes = sagas::StopCode::ALL.map(sagas::StopCode::as_str);
     if let Some(c) = &f.stop_code
         && !stop_codes.contains(&c.as_str())
     {
         return Err(bad(format!("stop_code `{c}` is not one of {}", stop_codes.join(", "))));
     }
-    if f.since.into_iter().chain(f.until).any(|t| t > MAX_TIME_MS) {
-        return Err(bad(format!("since and until must be at most {MAX_TIME_MS} (ms since the epoch)")));
-    }
     if f.status.is_none() && f.definition.is_none() && f.stop_code.is_none() && f.since.is_none() && f.until.is_none() {
         return Err(bad("a bulk action needs a filter (status, definition, stop_code, since or until)".into()));
     }
-    let to_us = |ms: Option<u64>| ms.map(|m| i64::try_from(m).unwrap_or(i64::MAX).saturating_mul(1000));
     let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
         "SELECT id FROM sagaflow.instances
          WHERE ($1::text IS NULL OR status = $1)

@@ -14,9 +14,8 @@ use sagas::Registry;
 #[derive(Parser)]
 #[command(name = "sagaflow", version, about = "Saga orchestrator over RabbitMQ and PostgreSQL")]
 struct Cli {
-    /// TOML configuration file; `SAGAFLOW_*` environment variables override it.
-    #[arg(long, global = true, env = "SAGAFLOW_CONFIG")]
-    config: Option<String>,
+    #[command(flatten)]
+    config: orchestrator::cli::ConfigArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,7 +35,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(&cli.command, Command::Node(c) if c.serves());
     orchestrator::cli::execute(serving, async move {
-        let config = orchestrator::Config::load(cli.config.as_deref(), std::env::vars())?;
+        let config = cli.config.load()?;
         match cli.command {
             Command::Demo(args) => {
                 let mut local = local::LocalServices::start_missing(&config).await?;

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use sagaflow_amqp::transport::percent_decode;
 use tokio::process::Command;
 
 /// The images, the same the test suites' containers use.
@@ -195,7 +196,7 @@ fn address(url: &str, default_port: u16) -> Option<Address> {
     let rest = url.split_once("://")?.1;
     let rest = rest.split(['?', '#']).next().unwrap_or(rest);
     let (authority, path) = match rest.split_once('/') {
-        Some((a, p)) => (a, Some(percent_decode(p))),
+        Some((a, p)) => (a, Some(percent_decode(p, false))),
         None => (rest, None),
     };
     let (userinfo, hostport) = match authority.rsplit_once('@') {
@@ -204,8 +205,8 @@ fn address(url: &str, default_port: u16) -> Option<Address> {
     };
     let (user, password) = match userinfo {
         Some(u) => match u.split_once(':') {
-            Some((u, p)) => (Some(percent_decode(u)), Some(percent_decode(p))),
-            None => (Some(percent_decode(u)), None),
+            Some((u, p)) => (Some(percent_decode(u, false)), Some(percent_decode(p, false))),
+            None => (Some(percent_decode(u, false)), None),
         },
         None => (None, None),
     };
@@ -214,26 +215,6 @@ fn address(url: &str, default_port: u16) -> Option<Address> {
         None => (hostport, default_port),
     };
     Some(Address { host: host.to_owned(), port, user, password, path })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

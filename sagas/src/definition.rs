@@ -50,7 +50,8 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> SagaData for T {}
 pub(crate) type BuildFn = Arc<dyn Fn(&Value) -> std::result::Result<Value, String> + Send + Sync>;
 pub(crate) type ApplyFn = Arc<dyn Fn(&mut Value, &Value) -> std::result::Result<(), String> + Send + Sync>;
 pub(crate) type PredicateFn = Arc<dyn Fn(&Value) -> std::result::Result<bool, String> + Send + Sync>;
-/// A definition's search keys, taken from a start's input: `(key, value)` pairs.
+/// A start's input decoded as the definition's data, and its search keys read from it:
+/// `(key, value)` pairs (none when it declares none).
 type KeysFn = Arc<dyn Fn(&Value) -> std::result::Result<Vec<(String, String)>, String> + Send + Sync>;
 /// One search key of a builder: its name and how its value is read from the saga's data.
 type KeyFn<D> = (String, Arc<dyn Fn(&D) -> String + Send + Sync>);
@@ -197,8 +198,7 @@ pub struct Definition {
     pub deadline_ms: Option<u64>,
     /// The keys its sagas are found by (`order_id`), in declaration order.
     pub search_keys: Vec<String>,
-    check_input: PredicateFn,
-    keys_of: Option<KeysFn>,
+    read_input: KeysFn,
 }
 
 impl fmt::Debug for Definition {
@@ -211,15 +211,15 @@ impl Definition {
     /// Check that `input` is valid data for this saga (it decodes as the definition's data
     /// type), before an instance is created for it.
     pub fn check_input(&self, input: &Value) -> std::result::Result<(), String> {
-        (self.check_input)(input).map(|_| ())
+        (self.read_input)(input).map(drop)
     }
 
-    /// The search keys of a saga started with `input`: `(key, value)` for each declared key
-    /// whose value is not empty. A value longer than [`MAX_SEARCH_VALUE_BYTES`] or holding
-    /// U+0000 refuses the start (the error says which key).
+    /// [`Self::check_input`], and (decoded once) the search keys of a saga started with
+    /// `input`: `(key, value)` for each declared key whose value is not empty. A value longer
+    /// than [`MAX_SEARCH_VALUE_BYTES`] or holding U+0000 refuses the start (the error says
+    /// which key).
     pub fn search_key_values(&self, input: &Value) -> std::result::Result<Vec<(String, String)>, String> {
-        let Some(keys_of) = &self.keys_of else { return Ok(Vec::new()) };
-        let pairs = keys_of(input)?;
+        let pairs = (self.read_input)(input)?;
         for (k, v) in &pairs {
             check_search_value(k, v)?;
         }
@@ -473,12 +473,10 @@ impl<D: SagaData> SagaBuilder<D> {
             return Err(invalid(format!("{} search keys; at most {MAX_SEARCH_KEYS}", self.keys.len())));
         }
         let search_keys: Vec<String> = self.keys.iter().map(|(k, _)| k.clone()).collect();
-        let keys_of: Option<KeysFn> = (!self.keys.is_empty()).then(|| {
-            let keys = self.keys;
-            Arc::new(move |v: &Value| {
-                let data = D::deserialize(v).map_err(|e| e.to_string())?;
-                Ok(keys.iter().map(|(k, f)| (k.clone(), f(&data))).collect())
-            }) as KeysFn
+        let keys = self.keys;
+        let read_input: KeysFn = Arc::new(move |v: &Value| {
+            let data = D::deserialize(v).map_err(|e| e.to_string())?;
+            Ok(keys.iter().map(|(k, f)| (k.clone(), f(&data))).collect())
         });
         let mut next = 0u32;
         let mut push = |p: PendingStep, steps: &mut Vec<StepDef>| -> std::result::Result<StepIndex, Error> {
@@ -533,8 +531,7 @@ impl<D: SagaData> SagaBuilder<D> {
                 nodes,
                 deadline_ms: self.deadline_ms,
                 search_keys,
-                check_input: Arc::new(|v: &Value| serde_json::from_value::<D>(v.clone()).map(|_| true).map_err(|e| e.to_string())),
-                keys_of,
+                read_input,
             }),
             _data: PhantomData,
         })

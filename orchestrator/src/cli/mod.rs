@@ -1,9 +1,9 @@
 //! The node's command line: run a node (`serve`), migrate the database (`migrate`), and the
 //! operator commands (`start`, `show`, `list`, ...). A deployment's whole binary is
 //! `fn main() -> ExitCode { orchestrator::cli::main_with(my_registry) }`; a binary with commands
-//! of its own (the `sagaflow` crate adds `demo`) flattens [`Command`] into its own and runs it
-//! with [`execute`] and [`run`]. Configuration: `--config file.toml` and `SAGAFLOW_*` variables
-//! (see [`Config`]).
+//! of its own (the `sagaflow` crate adds `demo`) flattens [`Command`] and [`ConfigArg`] into its
+//! own parser and runs them with [`execute`] and [`run`]. Configuration: `--config file.toml`
+//! and `SAGAFLOW_*` variables (see [`Config`]).
 
 mod ops_cli;
 
@@ -19,11 +19,26 @@ pub use ops_cli::{AbortArgs, BulkArgs, IdArgs, ListArgs, SignalArgs, StartArgs, 
 #[derive(Parser)]
 #[command(name = "sagaflow", version, about = "Saga orchestrator over RabbitMQ and PostgreSQL")]
 struct Cli {
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The `--config` option of every command; a binary with commands of its own flattens it into
+/// its parser.
+#[derive(clap::Args)]
+pub struct ConfigArg {
     /// TOML configuration file; `SAGAFLOW_*` environment variables override it.
     #[arg(long, global = true, env = "SAGAFLOW_CONFIG")]
     config: Option<String>,
-    #[command(subcommand)]
-    command: Command,
+}
+
+impl ConfigArg {
+    /// The configuration: the file, then the `SAGAFLOW_*` variables.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(self.config.as_deref(), std::env::vars())?)
+    }
 }
 
 /// The node's commands.
@@ -71,10 +86,7 @@ impl Command {
 /// sagas is `fn main() -> ExitCode { orchestrator::cli::main_with(my_registry) }`.
 pub fn main_with(registry: fn() -> anyhow::Result<Registry>) -> ExitCode {
     let cli = Cli::parse();
-    execute(cli.command.serves(), async move {
-        let config = Config::load(cli.config.as_deref(), std::env::vars())?;
-        run(config, cli.command, registry).await
-    })
+    execute(cli.command.serves(), async move { run(cli.config.load()?, cli.command, registry).await })
 }
 
 /// Set up logging (a node's lines when `serving`, else warnings only), run `command` on a
