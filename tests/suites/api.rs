@@ -330,6 +330,12 @@ async fn sagas_are_found_by_the_search_keys_their_definition_declares() {
         a.call(Method::POST, "/sagas", Some(TOKEN), Some(json!({"definition": "pair", "input": {"case": "y".repeat(300)}})), &[]).await;
     assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_input")), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("search key `case`"), "{v}");
+    // U+0000 anywhere in a request is refused before the start is read (the key's own check
+    // covers starts that arrive otherwise).
+    let (s, v, _) =
+        a.call(Method::POST, "/sagas", Some(TOKEN), Some(json!({"definition": "pair", "input": {"case": "a\u{0}b"}})), &[]).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("U+0000"), "{v}");
     let d = a.ok(Method::GET, "/definitions", None).await;
     let pair = d["definitions"].as_array().unwrap().iter().find(|d| d["name"] == "pair").unwrap().clone();
     assert_eq!(pair["search_keys"], json!(["case"]));
