@@ -7,6 +7,7 @@
 #   Docker engine, docker-compose and the images rabbitmq:4-management and postgres:17
 #                                        the containers suite (testcontainers) and compose/smoke.sh
 #   jq, ss                               compose/smoke.sh and the shutdown suite
+#   promtool (Debian's prometheus)       the docs suite checks monitoring/'s alerting rules
 #   a Python venv in target/ci-venv      the Python participant, schema checks, the API fuzzer
 
 setup_step() { printf '\n== %s\n' "$*"; }
@@ -43,7 +44,7 @@ done
 setup_listening 5672 || setup_fail "RabbitMQ did not come up on 127.0.0.1:5672"
 setup_listening 5432 || setup_fail "PostgreSQL did not come up on 127.0.0.1:5432"
 
-setup_step "tools: Chromium, Docker, docker-compose, jq, ss"
+setup_step "tools: Chromium, Docker, docker-compose, jq, ss, promtool"
 setup_missing=()
 command -v chromium >/dev/null || setup_missing+=(chromium)
 command -v chromedriver >/dev/null || setup_missing+=(chromium-driver)
@@ -52,6 +53,7 @@ command -v docker-compose >/dev/null || setup_missing+=(docker-compose)
 command -v debootstrap >/dev/null || setup_missing+=(debootstrap)
 command -v jq >/dev/null || setup_missing+=(jq)
 command -v ss >/dev/null || setup_missing+=(iproute2)
+command -v promtool >/dev/null || setup_missing+=(prometheus)
 if [ ${#setup_missing[@]} -gt 0 ]; then setup_install "${setup_missing[@]}"; fi
 
 setup_step "the Docker engine and the RabbitMQ/PostgreSQL images for testcontainers"

@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use sagaflow_amqp::telemetry;
 use sagaflow_amqp::transport::Names;
 use sagas::protocol::{LifecycleEvent, SagaRef, StartRequest, encode_command, encode_lifecycle, valid_traceparent};
 use sagas::{Definition, Effect, Input, InputOutcome, MessageId, Registry, SagaId, SagaState, SagaStatus, Timestamp, Transition, decide};
@@ -471,6 +472,7 @@ impl Engine {
     ) -> Result<Decided<'r>, Handled> {
         let trace_id = traceparent.and_then(|t| t.split('-').nth(1)).unwrap_or("");
         let span = tracing::info_span!("decide", saga.id = %st.id, saga.name = %def.name, input = input.kind(), trace.id = trace_id, node = %self.node);
+        telemetry::follow(&span, traceparent);
         let _entered = span.enter();
         let now = Timestamp::now();
         let t = match decide(def, st, input, now) {
@@ -596,8 +598,11 @@ impl Engine {
     ) -> Result<Outgoing, serde_json::Error> {
         let saga = SagaRef { saga_id: st.id, definition: def.name.clone(), version: def.version };
         let reply_to = self.names.replies_queue();
-        // A trace context stored before starts were checked may be one no command can carry.
-        let traceparent = traceparent.filter(|t| valid_traceparent(t));
+        // Commands name the decision's span as their parent when spans are exported; else they
+        // carry the saga's context, unless it was stored before starts were checked and is one no
+        // command can carry.
+        let exported = telemetry::traceparent_of(&tracing::Span::current());
+        let traceparent = exported.as_deref().or(traceparent.filter(|t| valid_traceparent(t)));
         let mut outbox = Vec::new();
         let (mut schedule, mut cancel) = (Vec::new(), Vec::new());
         for e in effects {

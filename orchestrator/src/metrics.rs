@@ -1,7 +1,8 @@
 //! Prometheus metrics, prefix `sagaflow_`. Counters and histograms are this node's, and so are
-//! the waiter gauges; the other gauges (outbox backlog, in-flight sagas, participant consumers)
-//! are read from PostgreSQL and RabbitMQ when `/metrics` is scraped, so every node reports the
-//! same cluster-wide values.
+//! the waiter gauges; the other gauges (outbox backlog, in-flight and stopped sagas, consumers
+//! and messages waiting in the queues) are read from PostgreSQL and RabbitMQ when `/metrics` is
+//! scraped, so every node reports the same deployment-wide values. The alerting rules and the
+//! dashboard in `monitoring/` are written against these names (a test checks that they exist).
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use sagas::{Definition, Effect, Input, SagaEvent, SagaState, TimerKey};
 
@@ -35,6 +37,26 @@ struct ParticipantLabels {
     participant: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueNameLabels {
+    queue: String,
+}
+
+/// The deployment-wide readings of one scrape, from PostgreSQL and RabbitMQ.
+#[derive(Debug, Default)]
+pub(crate) struct Readings {
+    /// Rows in the outbox, and the age of the oldest in seconds.
+    pub(crate) outbox: (i64, f64),
+    /// Sagas not settled.
+    pub(crate) in_flight: i64,
+    /// Sagas stopped, waiting for an operator.
+    pub(crate) stopped: i64,
+    /// Consumers on each participant's queue.
+    pub(crate) consumers: Vec<(String, i64)>,
+    /// Ready messages in each queue the broker told (a queue it does not have is left out).
+    pub(crate) queued: Vec<(String, i64)>,
+}
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0].into_iter()
 }
@@ -43,6 +65,25 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
+    series: Arc<Vec<String>>,
+}
+
+/// The registry being filled, and the series names of what was registered.
+struct Names {
+    registry: Registry,
+    series: Vec<String>,
+}
+
+impl Names {
+    fn add<M: prometheus_client::registry::Metric + TypedMetric>(&mut self, name: &str, help: &str, metric: M) {
+        let suffixes: &[&str] = match M::TYPE {
+            MetricType::Counter => &["_total"],
+            MetricType::Histogram => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        self.series.extend(suffixes.iter().map(|s| format!("sagaflow_{name}{s}")));
+        self.registry.register(name, help, metric);
+    }
 }
 
 struct Inner {
@@ -60,7 +101,9 @@ struct Inner {
     outbox_backlog: Gauge,
     outbox_oldest_s: Gauge<f64, std::sync::atomic::AtomicU64>,
     in_flight: Gauge,
+    awaiting_operator: Gauge,
     consumers: Family<ParticipantLabels, Gauge>,
+    queued: Family<QueueNameLabels, Gauge>,
     waiters: Gauge,
     waiters_subscribed: Gauge,
     reconnects: Counter,
@@ -75,7 +118,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Fresh metrics.
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("sagaflow");
+        let mut r = Names { registry: Registry::with_prefix("sagaflow"), series: Vec::new() };
         let hist = || Histogram::new(latency_buckets());
         let inner = Inner {
             registry: std::sync::Mutex::new(Registry::default()),
@@ -92,38 +135,48 @@ impl Metrics {
             outbox_backlog: Gauge::default(),
             outbox_oldest_s: Gauge::default(),
             in_flight: Gauge::default(),
+            awaiting_operator: Gauge::default(),
             consumers: Family::default(),
+            queued: Family::default(),
             waiters: Gauge::default(),
             waiters_subscribed: Gauge::default(),
             reconnects: Counter::default(),
         };
-        r.register("sagas_started", "Sagas started by this node", inner.started.clone());
-        r.register("sagas_completed", "Sagas that completed, decided by this node", inner.completed.clone());
-        r.register("sagas_compensated", "Sagas that ended compensated, decided by this node", inner.compensated.clone());
-        r.register("sagas_stopped", "Sagas stopped for an operator, decided by this node", inner.stopped.clone());
-        r.register("step_retries", "Step attempts scheduled after a failure", inner.retries.clone());
-        r.register("step_timeouts", "Step attempts that got no reply in time", inner.timeouts.clone());
-        r.register("step_escalations", "Timeouts that escalated", inner.escalations.clone());
-        r.register("step_duration_seconds", "From a step's first attempt to its success", inner.step_latency.clone());
-        r.register("saga_duration_seconds", "From start to completed or compensated", inner.saga_latency.clone());
-        r.register("dead_lettered", "Messages this node dead-lettered, by queue and reason", inner.dead_letters.clone());
-        r.register("outbox_backlog", "Messages waiting in the outbox", inner.outbox_backlog.clone());
-        r.register("outbox_oldest_seconds", "Age of the oldest message in the outbox", inner.outbox_oldest_s.clone());
-        r.register("sagas_in_flight", "Sagas not yet completed, compensated or stopped", inner.in_flight.clone());
-        r.register(
-            "participant_consumers",
-            "Consumers on each participant's queue (0: nobody is taking its commands)",
-            inner.consumers.clone(),
+        r.add("sagas_started", "Sagas started by this node", inner.started.clone());
+        r.add("sagas_completed", "Sagas that completed, decided by this node", inner.completed.clone());
+        r.add("sagas_compensated", "Sagas that ended compensated, decided by this node", inner.compensated.clone());
+        r.add("sagas_stopped", "Sagas stopped for an operator, decided by this node", inner.stopped.clone());
+        r.add("step_retries", "Step attempts scheduled after a failure", inner.retries.clone());
+        r.add("step_timeouts", "Step attempts that got no reply in time", inner.timeouts.clone());
+        r.add("step_escalations", "Timeouts that escalated", inner.escalations.clone());
+        r.add("step_duration_seconds", "From a step's first attempt to its success", inner.step_latency.clone());
+        r.add("saga_duration_seconds", "From start to completed or compensated", inner.saga_latency.clone());
+        r.add("dead_lettered", "Messages this node dead-lettered, by queue and reason", inner.dead_letters.clone());
+        r.add("outbox_backlog", "Messages waiting in the outbox", inner.outbox_backlog.clone());
+        r.add("outbox_oldest_seconds", "Age of the oldest message in the outbox", inner.outbox_oldest_s.clone());
+        r.add("sagas_in_flight", "Sagas not yet completed, compensated or stopped", inner.in_flight.clone());
+        r.add("participant_consumers", "Consumers on each participant's queue (0: nobody is taking its commands)", inner.consumers.clone());
+        r.add("sagas_awaiting_operator", "Sagas stopped and waiting for an operator", inner.awaiting_operator.clone());
+        r.add(
+            "queue_messages",
+            "Messages ready in each queue (participants' commands, replies, inbound starts, their dead letters), not yet delivered",
+            inner.queued.clone(),
         );
-        r.register("waiters", "Clients of this node waiting for sagas to settle", inner.waiters.clone());
-        r.register(
+        r.add("waiters", "Clients of this node waiting for sagas to settle", inner.waiters.clone());
+        r.add(
             "waiters_subscribed",
             "1 while this node is subscribed to the lifecycle events that wake its waiters",
             inner.waiters_subscribed.clone(),
         );
-        r.register("amqp_reconnects", "Times this node reconnected to RabbitMQ after losing it", inner.reconnects.clone());
-        *inner.registry.lock().expect("not poisoned") = r;
-        Self { inner: Arc::new(inner) }
+        r.add("amqp_reconnects", "Times this node reconnected to RabbitMQ after losing it", inner.reconnects.clone());
+        *inner.registry.lock().expect("not poisoned") = r.registry;
+        Self { inner: Arc::new(inner), series: Arc::new(r.series) }
+    }
+
+    /// The name of every series this node can export (a counter's `_total`, a histogram's
+    /// `_bucket`, `_sum` and `_count`), whether or not it has a value yet.
+    pub fn series(&self) -> &[String] {
+        &self.series
     }
 
     /// Count what a decision did.
@@ -175,13 +228,17 @@ impl Metrics {
         self.inner.dead_letters.get_or_create(&QueueLabels { queue: queue.to_owned(), reason: reason.to_owned() }).inc();
     }
 
-    /// Set the cluster-wide gauges.
-    pub(crate) fn set_gauges(&self, outbox: i64, oldest_s: f64, in_flight: i64, consumers: &[(String, i64)]) {
-        self.inner.outbox_backlog.set(outbox);
-        self.inner.outbox_oldest_s.set(oldest_s);
-        self.inner.in_flight.set(in_flight);
-        for (p, n) in consumers {
+    /// Set the deployment-wide gauges.
+    pub(crate) fn set_gauges(&self, r: &Readings) {
+        self.inner.outbox_backlog.set(r.outbox.0);
+        self.inner.outbox_oldest_s.set(r.outbox.1);
+        self.inner.in_flight.set(r.in_flight);
+        self.inner.awaiting_operator.set(r.stopped);
+        for (p, n) in &r.consumers {
             self.inner.consumers.get_or_create(&ParticipantLabels { participant: p.clone() }).set(*n);
+        }
+        for (q, n) in &r.queued {
+            self.inner.queued.get_or_create(&QueueNameLabels { queue: q.clone() }).set(*n);
         }
     }
 

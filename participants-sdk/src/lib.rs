@@ -52,5 +52,6 @@ pub use handler::{Context, Handler, HandlerError, HandlerResult};
 pub use participant::{
     Error, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, READY_TOUCH, ready_file_is_fresh, shutdown_signal,
 };
+pub use sagaflow_amqp::telemetry;
 pub use sagaflow_amqp::transport::redact;
 pub use store::{ensure_schema, is_unstorable};

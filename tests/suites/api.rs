@@ -468,7 +468,51 @@ async fn metrics_count_what_ran() {
     assert_eq!(metric(text, "sagaflow_sagas_in_flight", ""), Some(0.0));
     assert!(metric(text, "sagaflow_outbox_backlog", "").is_some());
     assert_eq!(metric(text, "sagaflow_participant_consumers", "{participant=\"probe\"}"), Some(1.0), "the probe is consuming");
+    assert_eq!(metric(text, "sagaflow_sagas_awaiting_operator", ""), Some(0.0));
+
+    // Two sagas stopped, and two messages in the probe's dead-letter queue: both gauges say so.
+    stuck_sagas(&a, 2).await;
+    let names = a.env.names();
+    let probe_queue = names.participant_queue("probe");
+    let dead = sagaflow_amqp::transport::Names::dead_letter_queue(&probe_queue);
+    let ch = a.env.amqp().await.unwrap().create_channel().await.unwrap();
+    for _ in 0..2 {
+        ch.basic_publish("".into(), dead.as_str().into(), Default::default(), b"{}", Default::default()).await.unwrap();
+    }
+    let (_, text, _) = a.call(Method::GET, "/metrics", Some(TOKEN), None, &[]).await;
+    let text = text.as_str().unwrap();
+    assert_eq!(metric(text, "sagaflow_sagas_awaiting_operator", ""), Some(2.0), "{text}");
+    let queued = |q: &str| metric(text, "sagaflow_queue_messages", &format!("{{queue=\"{q}\"}}"));
+    assert_eq!(queued(&dead), Some(2.0), "{text}");
+    assert_eq!(queued(&probe_queue), Some(0.0));
+    assert_eq!(queued(&names.replies_queue()), Some(0.0));
+
+    // The alerting rules and the dashboard of monitoring/ name only metrics a node exports; the
+    // node's list of what it exports holds every series of this scrape.
+    let exported = a.node.engine().metrics().series();
+    let scraped: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    assert!(scraped.iter().all(|n| exported.iter().any(|e| e == n)), "{scraped:?} in {exported:?}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["monitoring/alerts.yml", "monitoring/dashboard.json"] {
+        let body = std::fs::read_to_string(root.join(file)).unwrap();
+        let used = metric_names(&body);
+        assert!(used.len() >= 8, "{file} names {used:?}");
+        let unknown: Vec<&String> = used.iter().filter(|n| !exported.contains(n)).collect();
+        assert!(unknown.is_empty(), "{file} names metrics no node exports: {unknown:?}");
+    }
     a.finish().await;
+}
+
+/// Every `sagaflow_…` metric name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("sagaflow_") {
+        let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        rest = &rest[i + name.len()..];
+        out.insert(name);
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -294,3 +294,31 @@ fn command_lines_split_into_simple_commands() {
     assert!(run_by_ci(&simple_commands("target/release/order-saga-3 --variant both --measure all --runs 3 --nodes 1,2")[0], &ci));
     assert!(!run_by_ci(&simple_commands("target/release/order-saga-3 --sustain-minutes 10")[0], &ci));
 }
+
+/// Every query of `monitoring/dashboard.json` is PromQL that Prometheus parses: written as
+/// recording rules (`$__rate_interval` as `5m`) for `promtool check rules`, which parses each.
+#[test]
+fn the_dashboard_queries_parse() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("monitoring/dashboard.json")).unwrap()).unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut n = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap().replace("$__rate_interval", "5m");
+            rules.push_str(&format!("      - record: dashboard:query_{n}\n        expr: {}\n", serde_json::Value::from(expr)));
+            n += 1;
+        }
+    }
+    assert!(n >= 15, "{n} queries");
+    let file = std::env::temp_dir().join(format!("sagaflow-dashboard-{}.yml", std::process::id()));
+    std::fs::write(&file, rules).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("promtool (Debian's prometheus package; scripts/setup.sh installs it): {e}"));
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("SUCCESS: {n} rules found")));
+}

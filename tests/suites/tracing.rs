@@ -1,7 +1,8 @@
 //! One saga is one trace: the orchestrator's `decide` spans and the participants' `command`
 //! spans of a saga carry the same W3C trace id, propagated through the outbox, the AMQP
-//! `traceparent` header and the participants SDK. (Its own test binary: it installs the
-//! global subscriber that records the spans.)
+//! `traceparent` header and the participants SDK; with an OTLP endpoint configured, a node and
+//! the participants, each its own process, export them to a collector as one trace. (Its own
+//! test binary: it installs the global subscriber that records the spans.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -81,4 +82,133 @@ async fn one_saga_is_one_trace_across_orchestrator_and_participants() {
     p.shutdown().await.unwrap();
     node.shutdown().await.unwrap();
     env.cleanup(&["probe"]).await.unwrap();
+}
+
+/// A span as an OTLP collector received it.
+#[derive(Clone, Debug)]
+struct Exported {
+    service: String,
+    name: String,
+    trace: String,
+    id: String,
+    parent: String,
+    saga: String,
+}
+
+/// A local OTLP/HTTP collector: it takes `POST /v1/traces` (protobuf) and keeps the spans.
+async fn collector() -> (String, Arc<Mutex<Vec<Exported>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message as _;
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("an OTLP export request");
+                let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(Value::StringValue(s)) => s.clone(),
+                    _ => String::new(),
+                };
+                let mut spans = keep.lock().unwrap();
+                for rs in req.resource_spans {
+                    let attrs = rs.resource.map(|r| r.attributes).unwrap_or_default();
+                    let service = attrs.iter().find(|a| a.key == "service.name").map(|a| text(&a.value)).unwrap_or_default();
+                    for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                        let saga = span.attributes.iter().find(|a| a.key == "saga.id").map(|a| text(&a.value)).unwrap_or_default();
+                        spans.push(Exported {
+                            service: service.clone(),
+                            name: span.name,
+                            trace: hex(&span.trace_id),
+                            id: hex(&span.span_id),
+                            parent: hex(&span.parent_span_id),
+                            saga,
+                        });
+                    }
+                }
+                axum::body::Bytes::from(
+                    opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::default().encode_to_vec(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), got)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_receives_one_saga_as_one_trace_from_a_node_and_its_participants() {
+    use testkit::node::Node;
+    let (endpoint, exported) = collector().await;
+    let env = TestEnv::start().await.unwrap();
+    order_fulfilment::setup(&env.pool, &["widget"], 100).await.unwrap();
+    let api = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let otel = |vars: &mut Vec<(String, String)>| {
+        vars.retain(|(k, _)| k != "SAGAFLOW_API_ADDR");
+        vars.push(("SAGAFLOW_API_ADDR".into(), api.clone()));
+        vars.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
+        vars.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()));
+    };
+    let mut vars = env.node_env("otlp-node");
+    otel(&mut vars);
+    let mut procs = vec![Node::spawn_with(env!("CARGO_BIN_EXE_sagaflow-node"), &["serve"], vars.clone(), "otlp-node").unwrap()];
+    for p in order_fulfilment::PARTICIPANTS {
+        procs.push(Node::spawn_with(env!("CARGO_BIN_EXE_testkit-order-participant"), &[p], vars.clone(), &format!("otlp-{p}")).unwrap());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !testkit::http::request(&api, "GET", "/ready", &[], b"").await.is_ok_and(|r| r.status == 200) {
+        assert!(std::time::Instant::now() < deadline, "the node did not come up: {}", procs[0].logged());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An order that shipping refuses: three commands, then two compensations.
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let caller = "b7ad6b7169203331";
+    let body = serde_json::to_vec(&testkit::orders::order("o-otlp", order_fulfilment::UNREACHABLE, 0)).unwrap();
+    let tp = format!("00-{trace}-{caller}-01");
+    let r =
+        testkit::http::request(&api, "POST", "/sagas", &[("Content-Type", "application/json"), ("traceparent", &tp)], &body).await.unwrap();
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let id: sagas::SagaId = r.json()["saga_id"].as_str().unwrap().parse().unwrap();
+    let st = wait::settled(&env.pool, id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(st.status, sagas::SagaStatus::Compensated);
+
+    // Five commands ran (reserve, charge, ship refused, refund, release); six inputs were decided.
+    let mine = |spans: &[Exported]| -> Vec<Exported> { spans.iter().filter(|s| s.saga == id.to_string()).cloned().collect() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let spans = loop {
+        let spans = mine(&exported.lock().unwrap());
+        let count = |n: &str| spans.iter().filter(|s| s.name == n).count();
+        if count("command") >= 5 && count("decide") >= 6 {
+            break spans;
+        }
+        assert!(std::time::Instant::now() < deadline, "the collector got {spans:#?}\nnode: {}", procs[0].logged());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(spans.iter().all(|s| s.trace == trace), "every span is in the caller's trace: {spans:#?}");
+    let decides: Vec<&Exported> = spans.iter().filter(|s| s.name == "decide").collect();
+    let commands: Vec<&Exported> = spans.iter().filter(|s| s.name == "command").collect();
+    assert_eq!((decides.len(), commands.len()), (6, 5), "{spans:#?}");
+    assert!(decides.iter().all(|d| d.service == "sagaflow" && d.parent == caller), "decisions hang under the caller's span: {decides:#?}");
+    let services: BTreeSet<&str> = commands.iter().map(|c| c.service.as_str()).collect();
+    assert_eq!(services, BTreeSet::from(order_fulfilment::PARTICIPANTS), "each participant exports as itself");
+    for c in &commands {
+        assert!(decides.iter().any(|d| d.id == c.parent), "command {c:?} hangs under the decision that sent it: {decides:#?}");
+    }
+
+    for p in procs {
+        assert!(p.terminate().await.unwrap(), "a graceful exit");
+    }
+    env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
 }

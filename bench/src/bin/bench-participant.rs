@@ -6,11 +6,8 @@ use participants_sdk::ParticipantConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,lapin=off".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let name = std::env::args().nth(1).context("usage: bench-participant inventory|payment|shipping")?;
+    let _telemetry = participants_sdk::telemetry::init("warn,lapin=off", &name)?;
     let amqp = std::env::var("SAGAFLOW_AMQP_URL").context("SAGAFLOW_AMQP_URL")?;
     let db = std::env::var("SAGAFLOW_DATABASE_URL").context("SAGAFLOW_DATABASE_URL")?;
     let mut config = ParticipantConfig::default();

@@ -18,6 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use sagaflow_amqp::transport::Names;
 use sagas::protocol::{StartRequest, check_name, clip, json_has_nul};
 use sagas::{Input, SagaId};
 use serde::Deserialize;
@@ -336,51 +337,63 @@ async fn ready(State(s): State<ApiState>) -> Response {
 
 async fn metrics(State(s): State<ApiState>) -> ApiResult<Response> {
     let pool = s.engine.pool();
-    let (backlog, oldest): (i64, f64) =
+    let outbox: (i64, f64) =
         sqlx::query_as("SELECT count(*), COALESCE(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM sagaflow.outbox")
             .fetch_one(pool)
             .await
             .map_err(OpsError::from)?;
-    let in_flight: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status = ANY($1)")
-        .bind(sagas::SagaStatus::names_where(|s| !s.is_settled()))
-        .fetch_one(pool)
-        .await
-        .map_err(OpsError::from)?;
-    let consumers = participant_consumers(&s).await;
-    s.engine.metrics().set_gauges(backlog, oldest, in_flight, &consumers);
-    s.engine.metrics().set_waiters(s.engine.waiters.waiting(), s.engine.waiters.subscribed());
-    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.engine.metrics().encode())
-        .into_response())
+    // Both counts from the status index: the statuses not settled, and `stopped`.
+    let (in_flight, stopped): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status <> 'stopped'), count(*) FILTER (WHERE status = 'stopped') \
+         FROM sagaflow.instances WHERE status = ANY($1)",
+    )
+    .bind(sagas::SagaStatus::names_where(|s| !s.is_terminal()))
+    .fetch_one(pool)
+    .await
+    .map_err(OpsError::from)?;
+    let (consumers, queued) = broker_queues(&s).await;
+    let metrics = s.engine.metrics();
+    metrics.set_gauges(&crate::metrics::Readings { outbox, in_flight, stopped, consumers, queued });
+    metrics.set_waiters(s.engine.waiters.waiting(), s.engine.waiters.subscribed());
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode()).into_response())
 }
 
-/// Consumers on each participant's queue; a queue the broker does not have counts 0. Asked on
-/// one connection kept between scrapes (opened again once it is lost).
-async fn participant_consumers(s: &ApiState) -> Vec<(String, i64)> {
+/// What the broker says of the deployment's queues: the consumers on each participant's queue
+/// (a queue the broker does not have counts 0), and the ready messages of every queue it has
+/// among the participants' queues, the replies and inbound queues and their dead-letter queues.
+/// Asked on one connection kept between scrapes (opened again once it is lost).
+async fn broker_queues(s: &ApiState) -> (Vec<(String, i64)>, Vec<(String, i64)>) {
+    let names = s.engine.names();
     let participants: Vec<String> = s.engine.registry().participants().into_iter().map(str::to_owned).collect();
+    let mut queues: Vec<String> = participants.iter().map(|p| names.participant_queue(p)).collect();
+    queues.extend([names.replies_queue(), names.inbound_queue()]);
+    let dead: Vec<String> = queues.iter().map(|q| Names::dead_letter_queue(q)).collect();
+    queues.extend(dead);
+
     let mut broker = s.broker.lock().await;
     if !broker.as_ref().is_some_and(|c| c.status().connected()) {
         let connect = lapin::Connection::connect(&s.amqp_url, lapin::ConnectionProperties::default());
         *broker = tokio::time::timeout(Duration::from_secs(3), connect).await.ok().and_then(Result::ok);
     }
     let Some(conn) = broker.as_ref() else {
-        return participants.into_iter().map(|p| (p, 0)).collect();
+        return (participants.into_iter().map(|p| (p, 0)).collect(), Vec::new());
     };
-    let mut out = Vec::new();
-    for p in participants {
-        let queue = s.engine.names().participant_queue(&p);
+    let mut read = Vec::new();
+    for queue in queues {
         // A failed passive declare closes the channel: one channel per queue.
-        let n = match conn.create_channel().await {
-            Ok(ch) => ch
-                .queue_declare(
-                    queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                    Default::default(),
-                )
-                .await
-                .map_or(0, |q| i64::from(q.consumer_count())),
-            Err(_) => 0,
-        };
-        out.push((p, n));
+        let Ok(ch) = conn.create_channel().await else { continue };
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        if let Ok(q) = ch.queue_declare(queue.as_str().into(), options, Default::default()).await {
+            read.push((queue, i64::from(q.consumer_count()), i64::from(q.message_count())));
+        }
     }
-    out
+    let consumers = participants
+        .into_iter()
+        .map(|p| {
+            let queue = names.participant_queue(&p);
+            let n = read.iter().find(|(q, ..)| *q == queue).map_or(0, |(_, c, _)| *c);
+            (p, n)
+        })
+        .collect();
+    (consumers, read.into_iter().map(|(q, _, m)| (q, m)).collect())
 }

@@ -89,17 +89,23 @@ pub fn main_with(registry: fn() -> anyhow::Result<Registry>) -> ExitCode {
     execute(cli.command.serves(), async move { run(cli.config.load()?, cli.command, registry).await })
 }
 
-/// Set up logging (a node's lines when `serving`, else warnings only), run `command` on a
+/// Set up logging (a node's lines when `serving`, else warnings only) and the span export (when
+/// configured), run `command` on a
 /// runtime, and map its result to an exit code (an error is printed with its causes).
 pub fn execute(serving: bool, command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     // A node logs what it decides; other commands print their results. lapin's own lines are
     // off by default: a lost connection is told once, with its cause, by the node.
     let default_filter =
         if serving { "warn,orchestrator=info,participants_sdk=info,sagaflow_amqp=info,sagaflow=info,lapin=off" } else { "warn,lapin=off" };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
-        .with_writer(std::io::stderr)
-        .init();
+    // Spans also leave the process when an OTLP endpoint is configured (OTEL_EXPORTER_OTLP_*);
+    // the guard sends the last ones when the command ends.
+    let _telemetry = match sagaflow_amqp::telemetry::init(default_filter, "sagaflow") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sagaflow: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

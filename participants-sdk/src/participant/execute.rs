@@ -164,7 +164,9 @@ impl Participant {
     /// The span of one command's handling.
     fn span(&self, cmd: &InboundCommand) -> tracing::Span {
         let trace_id = cmd.traceparent.as_deref().and_then(|t| t.split('-').nth(1)).unwrap_or("");
-        tracing::info_span!("command", participant = %self.inner.name, saga.id = %cmd.saga.saga_id, step.name = %cmd.step_name, kind = cmd.kind.as_str(), attempt = cmd.attempt, message.id = %cmd.message_id, trace.id = trace_id)
+        let span = tracing::info_span!("command", participant = %self.inner.name, saga.id = %cmd.saga.saga_id, step.name = %cmd.step_name, kind = cmd.kind.as_str(), attempt = cmd.attempt, message.id = %cmd.message_id, trace.id = trace_id);
+        sagaflow_amqp::telemetry::follow(&span, cmd.traceparent.as_deref());
+        span
     }
 
     /// Run `cmds` (of distinct steps) once in effect; returns their replies, in order.

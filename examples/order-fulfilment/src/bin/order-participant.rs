@@ -3,8 +3,9 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lapin=off".into()))
-        .init();
+    // Logs to stderr; spans over OTLP too when OTEL_EXPORTER_OTLP_ENDPOINT is set, as the
+    // service named after the participant.
+    let service = std::env::args().nth(1).unwrap_or_else(|| "order-participant".into());
+    let _telemetry = participants_sdk::telemetry::init("info,lapin=off", &service)?;
     order_fulfilment::participant_main().await
 }
