@@ -16,20 +16,49 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use sagas::SagaId;
 use sagas::protocol::{H_DEAD_LETTER_DETAIL, H_DEAD_LETTER_REASON, HeaderValue, ProtocolError, WireMessage, clip};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// The names of every AMQP object of one deployment, derived from its namespace.
+/// The names of every AMQP object of one deployment, derived from its namespace (and, for the
+/// replies, from how many partitions they are spread over).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Names {
     ns: String,
+    partitions: u16,
 }
 
 impl Names {
-    /// Names under `namespace` (`sagaflow` by default).
+    /// Names under `namespace` (`sagaflow` by default), replies in the one queue `{ns}.replies`.
     pub fn new(namespace: impl Into<String>) -> Self {
-        Self { ns: namespace.into() }
+        Self { ns: namespace.into(), partitions: 0 }
+    }
+
+    /// The same names with the replies spread by saga over `partitions` queues (0: the one
+    /// queue `{ns}.replies`).
+    pub fn with_partitions(mut self, partitions: u16) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// How many partition queues the replies are spread over (0: none, the one queue).
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// `{ns}.replies.{partition}`: one of the partition queues of the replies.
+    pub fn partition_queue(&self, partition: u16) -> String {
+        format!("{}.replies.{partition}", self.ns)
+    }
+
+    /// The queue the replies of `saga` go to: its partition's ([`partition_of`]), or
+    /// `{ns}.replies` without partitions.
+    pub fn reply_queue_for(&self, saga: SagaId) -> String {
+        match self.partitions {
+            0 => self.replies_queue(),
+            n => self.partition_queue(partition_of(saga, n)),
+        }
     }
 
     /// The namespace.
@@ -450,11 +479,31 @@ pub async fn closed(conn: &Connection, ch: &Channel) {
     }
 }
 
+/// The partition, of `partitions`, whose queue takes the replies of `saga`: a jump consistent
+/// hash (Lamping and Veach) of the saga id, so every process computes the same one and going
+/// from n to n + 1 partitions moves only a 1/(n + 1) share of the sagas.
+pub fn partition_of(saga: SagaId, partitions: u16) -> u16 {
+    // Fold the id: a v7 id's high bits are its time, its low bits random.
+    let (high, low) = saga.0.as_u64_pair();
+    let mut key = high ^ low;
+    let (mut b, mut j) = (0u64, 0u64);
+    while j < u64::from(partitions) {
+        b = j;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        // ((b + 1) * 2^31 / ((key >> 33) + 1)) in integers: no float rounding to disagree on.
+        j = (b + 1).saturating_mul(1 << 31) / ((key >> 33) + 1);
+    }
+    u16::try_from(b).unwrap_or(0)
+}
+
 /// How queues are declared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueOptions {
     /// Quorum queues (replicated; for RabbitMQ clusters) instead of classic queues.
     pub quorum: bool,
+    /// One consumer at a time takes the queue's messages (`x-single-active-consumer`); the
+    /// others wait as standbys, in the order they subscribed.
+    pub single_active: bool,
 }
 
 /// Declare a durable exchange (idempotent; every exchange of the protocol is durable).
@@ -472,6 +521,9 @@ pub async fn declare_queue(ch: &Channel, names: &Names, queue: &str, opts: Queue
         let mut args = FieldTable::default();
         if opts.quorum {
             args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        if dead_letter && opts.single_active {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
         if dead_letter {
             args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
@@ -762,4 +814,39 @@ pub async fn publish_dead_letter(
     let confirm =
         within("a publish", ch.basic_publish(exchange.as_str().into(), queue.into(), BasicPublishOptions::default(), body, props)).await?;
     PendingConfirm { confirm, exchange, routing_key: queue.to_owned(), message_id: None }.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<SagaId> {
+        (0..n).map(|_| SagaId::new()).collect()
+    }
+
+    #[test]
+    fn sagas_spread_evenly_over_the_partitions_and_few_move_when_one_is_added() {
+        let sagas = ids(20_000);
+        let mut counts = [0usize; 8];
+        for s in &sagas {
+            counts[usize::from(partition_of(*s, 8))] += 1;
+        }
+        // 2,500 each on average.
+        assert!(counts.iter().all(|&c| (2_200..=2_800).contains(&c)), "{counts:?}");
+        // From 8 to 9 partitions about 1/9 of the sagas move, all of them to the new one.
+        let moved: Vec<u16> = sagas.iter().map(|s| partition_of(*s, 9)).filter(|&p| p == 8).collect();
+        let changed = sagas.iter().filter(|s| partition_of(**s, 8) != partition_of(**s, 9)).count();
+        assert_eq!(changed, moved.len(), "a saga that moves goes to the new partition");
+        assert!((1_900..=2_600).contains(&changed), "{changed} of 20,000 moved");
+        assert!(sagas.iter().all(|s| partition_of(*s, 1) == 0 && partition_of(*s, 0) == 0));
+    }
+
+    #[test]
+    fn the_replies_queue_of_a_saga_follows_the_partitions() {
+        let saga = SagaId::new();
+        assert_eq!(Names::new("shop").reply_queue_for(saga), "shop.replies");
+        let names = Names::new("shop").with_partitions(4);
+        assert_eq!(names.reply_queue_for(saga), format!("shop.replies.{}", partition_of(saga, 4)));
+        assert_eq!(names.reply_queue_for(saga), names.reply_queue_for(saga));
+    }
 }

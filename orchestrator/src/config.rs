@@ -31,6 +31,11 @@ pub struct Config {
     pub batch_max: usize,
     /// Declare quorum queues instead of classic ones. Default false.
     pub quorum_queues: bool,
+    /// Spread the replies by saga over this many queues (`{ns}.replies.0` …), each taken by one
+    /// node at a time, so a saga's replies reach one node, in order, and its batches never
+    /// conflict with another node's; the nodes share the partitions out among themselves. 0
+    /// keeps the one queue `{ns}.replies` every node takes from. At most 1024. Default 0.
+    pub partitions: u16,
     /// Declare every participant's queue at start, so commands wait for a participant that is
     /// not running yet. Default true.
     pub declare_participant_queues: bool,
@@ -67,6 +72,9 @@ pub struct Config {
     pub api_token: String,
 }
 
+/// Most reply partitions (each is a queue and, on the node that takes it, a consumer).
+pub const MAX_PARTITIONS: u16 = 1024;
+
 /// Shortest `api_token` accepted.
 pub const MIN_TOKEN_CHARS: usize = 16;
 
@@ -87,6 +95,7 @@ impl Default for Config {
             concurrency: 8,
             batch_max: 128,
             quorum_queues: false,
+            partitions: 0,
             declare_participant_queues: true,
             relay_batch: 256,
             relay_poll_ms: 1000,
@@ -171,6 +180,9 @@ impl Config {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
+        }
+        if self.partitions > MAX_PARTITIONS {
+            return bad(format!("partitions must be at most {MAX_PARTITIONS} (it is {})", self.partitions));
         }
         if !self.api_token.is_empty() && (self.api_token.len() < MIN_TOKEN_CHARS || !self.api_token.bytes().all(|b| b.is_ascii_graphic())) {
             return bad(format!(
@@ -296,6 +308,15 @@ mod tests {
         // The project's other variables are not settings, and are not refused.
         let others = [("SAGAFLOW_CONFIG", "x.toml"), ("SAGAFLOW_TEST_AMQP_URL", "amqp://h"), ("SAGAFLOW_CHAOS_SEED", "1")];
         Config::load(None, env(&others)).unwrap();
+    }
+
+    #[test]
+    fn partitions_are_bounded() {
+        assert_eq!(Config::load(None, env(&[("SAGAFLOW_PARTITIONS", "16")])).unwrap().partitions, 16);
+        let err = Config::load(None, env(&[("SAGAFLOW_PARTITIONS", "1025")])).unwrap_err().to_string();
+        assert!(err.contains("partitions must be at most 1024"), "{err}");
+        let err = Config::load(None, env(&[("SAGAFLOW_PARTITIONS", "-1")])).unwrap_err().to_string();
+        assert!(err.contains("partitions"), "{err}");
     }
 
     #[test]

@@ -597,7 +597,7 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Outgoing, serde_json::Error> {
         let saga = SagaRef { saga_id: st.id, definition: def.name.clone(), version: def.version };
-        let reply_to = self.names.replies_queue();
+        let reply_to = self.names.reply_queue_for(st.id);
         // Commands name the decision's span as their parent when spans are exported; else they
         // carry the saga's context, unless it was stored before starts were checked and is one no
         // command can carry.

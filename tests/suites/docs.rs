@@ -203,7 +203,7 @@ fn python() -> String {
 async fn every_command_in_the_docs_runs() {
     let env = TestEnv::start().await.unwrap();
     let ci = ci_commands();
-    let runnable = ["sagaflow", "order-participant", "python", "cargo"];
+    let runnable = ["sagaflow", "order-participant", "python", "cargo", "promtool"];
     let mut ran = Vec::new();
     let mut by_ci = Vec::new();
     let mut uncovered = Vec::new();

@@ -524,7 +524,7 @@ async fn a_slow_handler_does_not_hold_the_replies_of_its_batch() {
     probe::setup(&env.pool).await.unwrap();
     let conn = env.amqp().await.unwrap();
     let ch = transport::confirm_channel(&conn).await.unwrap();
-    transport::declare_participant(&ch, &env.names(), "probe", transport::QueueOptions { quorum: false }).await.unwrap();
+    transport::declare_participant(&ch, &env.names(), "probe", transport::QueueOptions::default()).await.unwrap();
     let replies = format!("{}.test-replies", env.namespace);
     ch.queue_declare(replies.as_str().into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
         .await

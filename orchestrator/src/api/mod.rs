@@ -367,6 +367,7 @@ async fn broker_queues(s: &ApiState) -> (Vec<(String, i64)>, Vec<(String, i64)>)
     let participants: Vec<String> = s.engine.registry().participants().into_iter().map(str::to_owned).collect();
     let mut queues: Vec<String> = participants.iter().map(|p| names.participant_queue(p)).collect();
     queues.extend([names.replies_queue(), names.inbound_queue()]);
+    queues.extend((0..names.partitions()).map(|p| names.partition_queue(p)));
     let dead: Vec<String> = queues.iter().map(|q| Names::dead_letter_queue(q)).collect();
     queues.extend(dead);
 

@@ -24,7 +24,10 @@ use crate::store;
 /// Which queue a consumer serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Queue {
+    /// `{ns}.replies`, taken by every node.
     Replies,
+    /// One reply partition's queue, taken by one node at a time (`partitions.rs`).
+    Partition(u16),
     Inbound,
 }
 
@@ -55,7 +58,7 @@ impl Consumer {
         let deliveries = ch.basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
         let result = match queue {
             // Replies are applied in batches: one read and one write for what arrived together.
-            Queue::Replies => {
+            Queue::Replies | Queue::Partition(_) => {
                 let order = InOrder::default();
                 transport::run_batch_consumer(&ch, deliveries, self.batch_max, self.concurrency, &token, |batch| {
                     let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
@@ -88,6 +91,7 @@ impl Consumer {
     fn queue_name(&self, queue: Queue) -> String {
         match queue {
             Queue::Replies => self.names.replies_queue(),
+            Queue::Partition(p) => self.names.partition_queue(p),
             Queue::Inbound => self.names.inbound_queue(),
         }
     }

@@ -8,6 +8,7 @@
 //! a connection on which it publishes what its engine wrote.
 
 mod consumers;
+mod partitions;
 mod timers;
 
 use std::future::Future;
@@ -128,7 +129,7 @@ impl Orchestrator {
         let name = application_name(&config.node_id);
         let pool = connect_pool(&config.database_url, &name, config.database_max_connections, config.connect_timeout()).await?;
         store::migrate(&pool).await?;
-        let names = Names::new(config.namespace.clone());
+        let names = Names::new(config.namespace.clone()).with_partitions(config.partitions);
         let (publisher, publishing) = Publisher::new(pool.clone());
         let (starts, starting) = Starts::new(pool.clone(), config.node_id.as_str().into());
         let events = Events { steps: config.step_events, started: config.started_events };
@@ -354,8 +355,14 @@ impl Node {
         let ch = conn.create_channel().await?;
         transport::declare_exchange(&ch, &self.names.commands_exchange(), ExchangeKind::Direct).await?;
         transport::declare_exchange(&ch, &self.names.events_exchange(), ExchangeKind::Topic).await?;
-        let opts = QueueOptions { quorum: self.config.quorum_queues };
+        let opts = QueueOptions { quorum: self.config.quorum_queues, single_active: false };
+        // The one replies queue stays with partitions too: replies to commands written before
+        // they were turned on, or by a client without them, still arrive there.
         transport::declare_queue(&ch, &self.names, &self.names.replies_queue(), opts).await?;
+        let partition = QueueOptions { single_active: true, ..opts };
+        for p in 0..self.names.partitions() {
+            transport::declare_queue(&ch, &self.names, &self.names.partition_queue(p), partition).await?;
+        }
         transport::declare_queue(&ch, &self.names, &self.names.inbound_queue(), opts).await?;
         if self.config.declare_participant_queues {
             for p in self.engine.registry().participants() {
@@ -400,6 +407,7 @@ impl Node {
                     },
                 },
             };
+            let c = Arc::new(c);
             match self.run_connection(&c, &undeliverable, &stop).await {
                 Ended::Shutdown => {
                     let _ = c.close(200, "shutdown".into()).await;
@@ -420,7 +428,7 @@ impl Node {
     /// One connection's life: declare, open the channels, run the consumers and the relay until
     /// `stop` or a failure, then stop consuming, let in-flight inputs commit and ack, and flush
     /// the outbox.
-    async fn run_connection(&self, c: &Connection, undeliverable: &UndeliverableTx, stop: &CancellationToken) -> Ended {
+    async fn run_connection(&self, c: &Arc<Connection>, undeliverable: &UndeliverableTx, stop: &CancellationToken) -> Ended {
         if let Err(e) = self.declare(c).await {
             tokio::time::sleep(Duration::from_secs(1)).await;
             return Ended::Lost(format!("declaring the topology failed: {e}"));
@@ -449,6 +457,11 @@ impl Node {
         for (q, qch) in [(Queue::Replies, replies_ch), (Queue::Inbound, inbound_ch)] {
             let (consumer, t) = (self.consumer(), consuming.clone());
             consumers.spawn(async move { consumer.run(qch, q, t).await });
+        }
+        if self.names.partitions() > 0 {
+            let (consumer, conn, pool, t) = (self.consumer(), Arc::clone(c), self.engine.pool().clone(), consuming.clone());
+            let (node, n) = (self.config.node_id.clone(), self.names.partitions());
+            consumers.spawn(partitions::run(consumer, conn, pool, node, n, t));
         }
         // The lifecycle events that wake the clients waiting for sagas to settle.
         // Without them the node still serves waits (each reads its saga every second): a failure

@@ -26,6 +26,7 @@ pub fn migrator() -> Migrator {
         migration(3, "hot_updates", include_str!("../../migrations/0003_hot_updates.sql")),
         migration(4, "json_documents", include_str!("../../migrations/0004_json_documents.sql")),
         migration(5, "search_keys", include_str!("../../migrations/0005_search_keys.sql")),
+        migration(6, "nodes", include_str!("../../migrations/0006_nodes.sql")),
     ];
     let mut m = Migrator::with_migrations(migrations);
     m.create_schema("sagaflow");
