@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -321,6 +321,10 @@ where
 /// A URL (or a message holding one) with its passwords hidden: the one in the user part and
 /// any `password=` query parameter.
 pub fn redact(url: &str) -> String {
+    // A list of brokers is redacted address by address.
+    if url.contains(',') {
+        return url.split(',').map(redact).collect::<Vec<_>>().join(",");
+    }
     let out = match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
@@ -353,18 +357,39 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an outage that lasts is told again at WARN while [`connect`] retries.
 pub const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
 
+/// The brokers of `urls`: one URL, or several separated by commas (the nodes of a cluster).
+pub fn broker_urls(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
+/// Which broker of a list the next connection tries (plus the process id, so the processes of a
+/// deployment start on different brokers), process-wide: after the one that answered last, so
+/// a connection lost with its broker moves on to the next.
+static NEXT_BROKER: AtomicUsize = AtomicUsize::new(0);
+
 /// Connect to RabbitMQ, retrying with exponential backoff for up to `give_up_after`; the first
 /// failure is logged at WARN, then one line a [`OUTAGE_REMINDER`], the other retries at DEBUG.
+///
+/// `urls` may name several brokers, separated by commas (the nodes of a cluster): each attempt
+/// tries the next one, starting after the broker the process connected to last, so a
+/// connection lost with its broker comes back on another.
 ///
 /// An `amqps://` URL may name, in its query, a PEM file of CA certificates to trust besides the
 /// web PKI roots: `cacertfile=/path/ca.pem` (the name RabbitMQ's URI spec gives it). A broker
 /// whose certificate does not verify is refused at once, not retried ([`certificate_refused`]).
-pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, lapin::Error> {
-    let tls = tls_config(url)?;
+pub async fn connect(urls: &str, give_up_after: Duration) -> Result<Connection, lapin::Error> {
+    let brokers: Vec<(&str, lapin::tcp::OwnedTLSConfig)> =
+        broker_urls(urls).into_iter().map(|u| Ok((u, tls_config(u)?))).collect::<Result<_, lapin::Error>>()?;
+    if brokers.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no RabbitMQ URL given").into());
+    }
     let mut told = None;
     let attempt = || async {
+        let pid = usize::try_from(std::process::id()).unwrap_or(0);
+        let i = NEXT_BROKER.fetch_add(1, Ordering::Relaxed).wrapping_add(pid) % brokers.len();
+        let (url, tls) = &brokers[i];
         let runtime = lapin::runtime::default_runtime()?;
-        match tokio::time::timeout(
+        let conn = match tokio::time::timeout(
             ATTEMPT_TIMEOUT.min(give_up_after.max(Duration::from_secs(1))),
             Connection::connect_with_config(url, ConnectionProperties::default(), tls.clone(), runtime),
         )
@@ -372,6 +397,17 @@ pub async fn connect(url: &str, give_up_after: Duration) -> Result<Connection, l
         {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no AMQP handshake in time").into()),
+        };
+        match conn {
+            // The next connection starts after this broker.
+            Ok(c) => {
+                if brokers.len() > 1 {
+                    tracing::info!(broker = %redact(url), "connected to RabbitMQ");
+                }
+                Ok(c)
+            }
+            Err(e) if brokers.len() > 1 => Err(lapin::Error::from(std::io::Error::other(format!("{}: {e}", redact(url))))),
+            Err(e) => Err(e),
         }
     };
     let conn = attempt

@@ -37,6 +37,9 @@ struct Args {
     /// Sagas per throughput run.
     #[arg(long, default_value_t = 5000)]
     sagas: u64,
+    /// Reply partitions (the nodes' and the client's `partitions`); 0 for the one replies queue.
+    #[arg(long, default_value_t = 0)]
+    partitions: u16,
     /// Sagas in flight during a throughput run.
     #[arg(long, default_value_t = 200)]
     concurrency: usize,
@@ -85,11 +88,12 @@ fn sibling(name: &str) -> anyhow::Result<String> {
 }
 
 impl Cluster {
-    async fn start(nodes: usize) -> anyhow::Result<Self> {
+    async fn start(nodes: usize, partitions: u16) -> anyhow::Result<Self> {
         let (amqp, db) = services();
         let env = TestEnv::on_services(amqp, db).await?;
         // The client publishes its starts itself, as a service embedding the Rust API would.
-        let client = orchestrator::Orchestrator::connect(env.config("client"), saga::registry()?).await?.client().await?;
+        let config = orchestrator::Config { partitions, ..env.config("client") };
+        let client = orchestrator::Orchestrator::connect(config, saga::registry()?).await?.client().await?;
         participants_sdk::ensure_schema(&env.pool, false).await?;
         let engine = client.engine().clone();
         let mut vars = env.node_env("x");
@@ -97,6 +101,7 @@ impl Cluster {
         vars.retain(|(k, _)| k != "SAGAFLOW_DATABASE_MAX_CONNECTIONS");
         vars.push(("SAGAFLOW_DATABASE_MAX_CONNECTIONS".into(), "10".into()));
         vars.retain(|(k, _)| k != "SAGAFLOW_TIMER_POLL_MS" && k != "SAGAFLOW_RELAY_POLL_MS");
+        vars.push(("SAGAFLOW_PARTITIONS".into(), partitions.to_string()));
         let node_exe = sibling("bench-node")?;
         let part_exe = sibling("bench-participant")?;
         let mut ns = Vec::new();
@@ -256,7 +261,7 @@ struct Run {
 }
 
 async fn measure(kind: &str, variant: &str, nodes: usize, args: &Args) -> anyhow::Result<Run> {
-    let cluster = Cluster::start(nodes).await?;
+    let cluster = Cluster::start(nodes, args.partitions).await?;
     let fail20 = variant == "fail20";
     let (count, concurrency) = if kind == "throughput" { (args.sagas, args.concurrency) } else { (args.latency_sagas, 1) };
     let before = cluster.usage();
@@ -298,7 +303,7 @@ async fn measure(kind: &str, variant: &str, nodes: usize, args: &Args) -> anyhow
 }
 
 async fn sustain(args: &Args) -> anyhow::Result<()> {
-    let cluster = Arc::new(Cluster::start(1).await?);
+    let cluster = Arc::new(Cluster::start(1, args.partitions).await?);
     let end = Instant::now() + Duration::from_secs(args.sustain_minutes * 60);
     let permits = Arc::new(Semaphore::new(args.concurrency));
     let c = Arc::clone(&cluster);

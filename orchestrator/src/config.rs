@@ -209,10 +209,19 @@ impl Config {
     }
 }
 
-/// Whether `url` is an AMQP URL a connection can be made from: the scheme, a host, and query
-/// parameters of the right types (`heartbeat`, `frame_max`, …), checked at start instead of
-/// failing every connection attempt.
-pub fn check_amqp_url(url: &str) -> Result<(), String> {
+/// Whether `urls` (one AMQP URL, or several separated by commas) can be connected to: each with
+/// the scheme, a host, and query parameters of the right types (`heartbeat`, `frame_max`, …),
+/// checked at start instead of failing every connection attempt.
+pub fn check_amqp_url(urls: &str) -> Result<(), String> {
+    let brokers = sagaflow_amqp::transport::broker_urls(urls);
+    if brokers.is_empty() {
+        return Err("names no broker".into());
+    }
+    brokers.into_iter().try_for_each(check_one_amqp_url)
+}
+
+/// One broker's URL, checked as [`check_amqp_url`] says.
+fn check_one_amqp_url(url: &str) -> Result<(), String> {
     let Some(rest) = url.strip_prefix("amqp://").or_else(|| url.strip_prefix("amqps://")) else {
         return Err("must start with amqp:// or amqps://".into());
     };
@@ -333,6 +342,14 @@ mod tests {
             let err = Config::load(None, env(&[("SAGAFLOW_AMQP_URL", url)])).unwrap_err().to_string();
             assert!(err.contains("amqp_url") && err.contains(why) && !err.contains("secret"), "{url}: {err}");
         }
+        // A cluster: several brokers, each checked.
+        let cluster = "amqp://guest:secret@h1:5672/%2f, amqp://guest:secret@h2:5672/%2f";
+        assert_eq!(Config::load(None, env(&[("SAGAFLOW_AMQP_URL", cluster)])).unwrap().amqp_url, cluster);
+        for (urls, why) in [("amqp://guest:secret@h1/,http://guest:secret@h2/", "must start with"), (" , ", "names no broker")] {
+            let err = Config::load(None, env(&[("SAGAFLOW_AMQP_URL", urls)])).unwrap_err().to_string();
+            assert!(err.contains(why) && !err.contains("secret"), "{urls}: {err}");
+        }
+        assert_eq!(redact("amqp://u:a@h1/,amqp://u:b@h2/"), "amqp://u:***@h1/,amqp://u:***@h2/");
         let err =
             Config::load(None, env(&[("SAGAFLOW_DATABASE_URL", "postgres://u:secret@h/db?sslmode=sometimes")])).unwrap_err().to_string();
         assert!(err.contains("database_url") && !err.contains("secret"), "{err}");

@@ -155,6 +155,10 @@ impl Drop for LocalServices {
 
 /// `url`'s address when it is on this machine and nothing accepts connections there.
 async fn missing(url: &str, default_port: u16) -> Option<Address> {
+    // A list of brokers is a cluster somewhere: nothing to start here.
+    if url.contains(',') {
+        return None;
+    }
     let a = address(url, default_port)?;
     if !matches!(a.host.as_str(), "127.0.0.1" | "localhost") {
         return None;

@@ -16,6 +16,7 @@
 //!
 //! To unit-test a saga definition without a broker, use [`sagas::testing::SagaTest`].
 
+pub mod cluster;
 pub mod env;
 pub mod http;
 pub mod messages;

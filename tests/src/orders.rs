@@ -62,3 +62,75 @@ pub async fn stop_participants(participants: Vec<participants_sdk::ParticipantHa
     }
     Ok(())
 }
+
+/// Order `{prefix}-{i}` of a long run under faults: every fifth is refused by shipping (it must
+/// end compensated), every seventh ships after two transient failures; idempotent by its id, so
+/// a start that failed mid-fault can be made again.
+pub fn numbered(prefix: &str, i: u32) -> StartRequest {
+    let dest = if i.is_multiple_of(5) { order_fulfilment::UNREACHABLE } else { "Main St 1" };
+    let mut req = order(&format!("{prefix}-{i}"), dest, if i.is_multiple_of(7) { 2 } else { 0 });
+    req.idempotency_key = Some(format!("{prefix}-{i}"));
+    req
+}
+
+/// How a run of `n` [`numbered`] orders ended, from the participants' own tables.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Orders with no saga, ended the wrong way, or missing an effect.
+    pub lost: i64,
+    /// Orders with an effect (reservation, charge, shipment, release, refund) made twice.
+    pub duplicate_effects: i64,
+    /// Compensated orders whose refund did not come before the release.
+    pub misordered: i64,
+    /// Orders whose saga has not settled.
+    pub stuck: i64,
+}
+
+/// One order's records: id, reserved, released, charged, refunded, shipped, refund before
+/// release, saga status.
+type OrderRecord = (String, i64, i64, i64, i64, i64, Option<bool>, String);
+
+/// Check every one of the `n` [`numbered`] orders of `prefix` against its saga and its effects.
+pub async fn tally(pool: &sqlx::PgPool, prefix: &str, n: u32) -> anyhow::Result<Tally> {
+    let per_order: Vec<OrderRecord> = sqlx::query_as(
+        "SELECT o.order_id,
+                (SELECT count(*) FROM example_inventory.reservations r WHERE r.order_id = o.order_id),
+                (SELECT count(*) FROM example_inventory.reservations r WHERE r.order_id = o.order_id AND released_at IS NOT NULL),
+                (SELECT count(*) FROM example_payment.charges c WHERE c.order_id = o.order_id),
+                (SELECT count(*) FROM example_payment.charges c WHERE c.order_id = o.order_id AND refunded_at IS NOT NULL),
+                (SELECT count(*) FROM example_shipping.shipments s WHERE s.order_id = o.order_id),
+                (SELECT bool_and(c.refunded_at < r.released_at) FROM example_payment.charges c JOIN example_inventory.reservations r USING (order_id) WHERE c.order_id = o.order_id),
+                i.status
+         FROM (SELECT state->'data'->>'order_id' AS order_id, id FROM sagaflow.instances) o JOIN sagaflow.instances i USING (id)
+         WHERE o.order_id LIKE $1 || '-%'",
+    )
+    .bind(prefix)
+    .fetch_all(pool)
+    .await?;
+    let mut t = Tally { lost: i64::from(n) - i64::try_from(per_order.len())?, ..Tally::default() };
+    for (order_id, reserved, released, charged, refunded, shipped, refund_first, status) in &per_order {
+        let i: u32 = order_id.strip_prefix(prefix).and_then(|s| s.strip_prefix('-')).unwrap_or_default().parse()?;
+        let compensates = i.is_multiple_of(5);
+        let twice = *reserved > 1 || *charged > 1 || *shipped > 1 || *released > 1 || *refunded > 1;
+        if twice {
+            t.duplicate_effects += 1;
+        }
+        let expected_status = if compensates { "compensated" } else { "completed" };
+        if status.as_str() != expected_status {
+            if matches!(status.as_str(), "completed" | "compensated" | "stopped") {
+                t.lost += 1; // ended, but not the way its input says it must
+            } else {
+                t.stuck += 1;
+            }
+            continue;
+        }
+        let expected = if compensates { (1, 1, 1, 1, 0) } else { (1, 0, 1, 0, 1) };
+        if (*reserved, *released, *charged, *refunded, *shipped) != expected && !twice {
+            t.lost += 1; // an effect missing
+        }
+        if compensates && *refund_first != Some(true) {
+            t.misordered += 1;
+        }
+    }
+    Ok(t)
+}

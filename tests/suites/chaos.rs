@@ -13,13 +13,9 @@ use std::time::{Duration, Instant};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use sagaflow_amqp::transport::{self, Names};
-use sagas::protocol::{StartRequest, TYPE_START, WireMessage};
+use sagas::protocol::{TYPE_START, WireMessage};
 use sagas::{MessageId, Registry, SagaId};
 use testkit::{Node, Proxy, TestEnv};
-
-/// One order's records: id, reserved, released, charged, refunded, shipped, refund before
-/// release, saga status.
-type OrderRecord = (String, i64, i64, i64, i64, i64, Option<bool>, String);
 
 struct Rng(u64);
 
@@ -34,13 +30,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn order(i: u32) -> StartRequest {
-    let dest = if i.is_multiple_of(5) { order_fulfilment::UNREACHABLE } else { "Main St 1" };
-    let mut req = testkit::orders::order(&format!("chaos-{i}"), dest, if i.is_multiple_of(7) { 2 } else { 0 });
-    req.idempotency_key = Some(format!("chaos-{i}"));
-    req
 }
 
 struct Cluster<'a> {
@@ -159,7 +148,7 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
         for _ in 0..50 {
             if i < n {
                 // Starting is idempotent by key, so a start that failed mid-restart is retried.
-                let req = order(i + 1);
+                let req = testkit::orders::numbered("chaos", i + 1);
                 match client.engine().start(&req, None).await {
                     Ok(s) => {
                         ids.push(s.saga_id);
@@ -251,45 +240,7 @@ async fn chaos_every_saga_ends_right_with_each_effect_once() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let per_order: Vec<OrderRecord> = sqlx::query_as(
-        "SELECT o.order_id,
-                (SELECT count(*) FROM example_inventory.reservations r WHERE r.order_id = o.order_id),
-                (SELECT count(*) FROM example_inventory.reservations r WHERE r.order_id = o.order_id AND released_at IS NOT NULL),
-                (SELECT count(*) FROM example_payment.charges c WHERE c.order_id = o.order_id),
-                (SELECT count(*) FROM example_payment.charges c WHERE c.order_id = o.order_id AND refunded_at IS NOT NULL),
-                (SELECT count(*) FROM example_shipping.shipments s WHERE s.order_id = o.order_id),
-                (SELECT bool_and(c.refunded_at < r.released_at) FROM example_payment.charges c JOIN example_inventory.reservations r USING (order_id) WHERE c.order_id = o.order_id),
-                i.status
-         FROM (SELECT state->'data'->>'order_id' AS order_id, id FROM sagaflow.instances) o JOIN sagaflow.instances i USING (id)",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    let (mut lost, mut duplicate_effects, mut misordered, mut stuck) = (0, 0, 0, 0);
-    lost += i64::from(n) - i64::try_from(per_order.len()).unwrap();
-    for (order_id, reserved, released, charged, refunded, shipped, refund_first, status) in &per_order {
-        let i: u32 = order_id.trim_start_matches("chaos-").parse().unwrap();
-        let compensates = i.is_multiple_of(5);
-        if reserved > &1 || charged > &1 || shipped > &1 || released > &1 || refunded > &1 {
-            duplicate_effects += 1;
-        }
-        let expected_status = if compensates { "compensated" } else { "completed" };
-        if status.as_str() != expected_status {
-            if matches!(status.as_str(), "completed" | "compensated" | "stopped") {
-                lost += 1; // ended, but not the way its input says it must
-            } else {
-                stuck += 1;
-            }
-            continue;
-        }
-        let expected = if compensates { (1, 1, 1, 1, 0) } else { (1, 0, 1, 0, 1) };
-        if (*reserved, *released, *charged, *refunded, *shipped) != expected && !(reserved > &1 || charged > &1 || shipped > &1) {
-            lost += 1; // an effect missing
-        }
-        if compensates && *refund_first != Some(true) {
-            misordered += 1;
-        }
-    }
+    let testkit::orders::Tally { lost, duplicate_effects, misordered, stuck } = testkit::orders::tally(&pool, "chaos", n).await.unwrap();
     let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let dead = |q: String| {

@@ -82,8 +82,8 @@ pub fn participant(name: &str, config: ParticipantConfig) -> Result<Participant,
 pub const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 
 /// The `order-participant` command: run the participant named by the first argument until
-/// SIGTERM or Ctrl-C, configured by `SAGAFLOW_AMQP_URL`, `SAGAFLOW_DATABASE_URL` and
-/// `SAGAFLOW_NAMESPACE`. `ORDER_EXAMPLE_STOCK=sku=units,...` stocks skus that have no stock row yet.
+/// SIGTERM or Ctrl-C, configured by `SAGAFLOW_AMQP_URL` (one broker, or a cluster's, separated by
+/// commas), `SAGAFLOW_DATABASE_URL`, `SAGAFLOW_NAMESPACE` and `SAGAFLOW_QUORUM_QUEUES`. `ORDER_EXAMPLE_STOCK=sku=units,...` stocks skus that have no stock row yet.
 /// `order-participant ready <name>` exits 0 only while that participant (in this container or
 /// host) consumes its queue: its ready file was touched within 15 s (a health check).
 pub async fn participant_main() -> anyhow::Result<()> {
@@ -108,6 +108,9 @@ pub async fn participant_main() -> anyhow::Result<()> {
     let mut config = ParticipantConfig { ready_file: Some(ready_file(&name)), ..ParticipantConfig::default() };
     if let Ok(ns) = std::env::var("SAGAFLOW_NAMESPACE") {
         config.namespace = ns;
+    }
+    if let Ok(q) = std::env::var("SAGAFLOW_QUORUM_QUEUES") {
+        config.quorum_queues = q.parse().map_err(|e| anyhow::anyhow!("SAGAFLOW_QUORUM_QUEUES=`{q}`: {e}"))?;
     }
     let participant = participant(&name, config)?;
     // The services may be restarting when this process starts: keep trying for a while.

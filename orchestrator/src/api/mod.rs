@@ -18,7 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sagaflow_amqp::transport::Names;
+use sagaflow_amqp::transport::{self, Names};
 use sagas::protocol::{StartRequest, check_name, clip, json_has_nul};
 use sagas::{Input, SagaId};
 use serde::Deserialize;
@@ -373,8 +373,8 @@ async fn broker_queues(s: &ApiState) -> (Vec<(String, i64)>, Vec<(String, i64)>)
 
     let mut broker = s.broker.lock().await;
     if !broker.as_ref().is_some_and(|c| c.status().connected()) {
-        let connect = lapin::Connection::connect(&s.amqp_url, lapin::ConnectionProperties::default());
-        *broker = tokio::time::timeout(Duration::from_secs(3), connect).await.ok().and_then(Result::ok);
+        // As the node connects: any broker of the list, the URL's TLS settings.
+        *broker = transport::connect(&s.amqp_url, Duration::from_secs(3)).await.ok();
     }
     let Some(conn) = broker.as_ref() else {
         return (participants.into_iter().map(|p| (p, 0)).collect(), Vec::new());
