@@ -239,13 +239,21 @@ fn check_one_amqp_url(url: &str) -> Result<(), String> {
     sagaflow_amqp::transport::ca_certificates(url).map(drop)
 }
 
-/// Whether `url` is a PostgreSQL URL a connection can be made from (`sslmode` and the other
-/// parameters parse), checked at start.
-pub fn check_database_url(url: &str) -> Result<(), String> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err("must start with postgres:// or postgresql://".into());
+/// Whether `urls` (one PostgreSQL URL, or a primary and its standbys separated by commas) can be
+/// connected to: each with the scheme, and `sslmode` and the other parameters parsing, checked
+/// at start.
+pub fn check_database_url(urls: &str) -> Result<(), String> {
+    let servers = sagaflow_amqp::pg::database_urls(urls);
+    if servers.is_empty() {
+        return Err("names no server".into());
     }
-    url.parse::<sqlx::postgres::PgConnectOptions>().map(drop).map_err(|e| redact(&e.to_string()))
+    for url in servers {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err("must start with postgres:// or postgresql://".into());
+        }
+        url.parse::<sqlx::postgres::PgConnectOptions>().map(drop).map_err(|e| redact(&e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The key of `keys` nearest to `field` by edit distance, if near enough to be a typo.
@@ -350,6 +358,13 @@ mod tests {
             assert!(err.contains(why) && !err.contains("secret"), "{urls}: {err}");
         }
         assert_eq!(redact("amqp://u:a@h1/,amqp://u:b@h2/"), "amqp://u:***@h1/,amqp://u:***@h2/");
+        // A primary and its standby.
+        let db = "postgres://u:secret@pg1/db,postgres://u:secret@pg2/db";
+        assert_eq!(Config::load(None, env(&[("SAGAFLOW_DATABASE_URL", db)])).unwrap().database_url, db);
+        let err = Config::load(None, env(&[("SAGAFLOW_DATABASE_URL", "postgres://u:secret@pg1/db,mysql://u:secret@pg2/db")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must start with postgres://") && !err.contains("secret"), "{err}");
         let err =
             Config::load(None, env(&[("SAGAFLOW_DATABASE_URL", "postgres://u:secret@h/db?sslmode=sometimes")])).unwrap_err().to_string();
         assert!(err.contains("database_url") && !err.contains("secret"), "{err}");

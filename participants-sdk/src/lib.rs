@@ -54,4 +54,4 @@ pub use participant::{
 };
 pub use sagaflow_amqp::telemetry;
 pub use sagaflow_amqp::transport::redact;
-pub use store::{ensure_schema, is_unstorable};
+pub use store::{connect_pool, ensure_schema, is_unstorable};

@@ -261,3 +261,18 @@ fn step_i32(cmd: &InboundCommand) -> i32 {
     // Step indexes come from a definition's step count; a header beyond i32 would not name a step.
     i32::try_from(cmd.step.0).unwrap_or(i32::MAX)
 }
+
+/// A pool of at most `max_connections` on `urls`: one PostgreSQL server, or a primary and its
+/// standbys separated by commas, in which case the pool connects to the one that accepts writes
+/// and follows a failover ([`sagaflow_amqp::pg`]). Use it (or any pool of your own on the
+/// primary) for [`crate::Participant::run`].
+pub async fn connect_pool(urls: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let servers = sagaflow_amqp::pg::parse_servers(urls, |o| o).map_err(|why| sqlx::Error::Configuration(why.into()))?;
+    let (primary, conn) = sagaflow_amqp::pg::find_primary(&servers).await?;
+    let _ = sqlx::Connection::close(conn).await;
+    let options = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .test_before_acquire(false)
+        .acquire_timeout(std::time::Duration::from_secs(10));
+    sagaflow_amqp::pg::pool_following(options, servers, primary).await
+}

@@ -1,7 +1,8 @@
-//! A RabbitMQ cluster in containers: n nodes of the RabbitMQ image on a Docker network of their
-//! own, formed by RabbitMQ's classic peer discovery, with `pause_minority` partition handling
-//! (a node cut off from the majority pauses itself), each node's AMQP port published on a fixed
-//! host port so it keeps its address across a restart. Removed when dropped.
+//! Services of more than one machine, in containers, each on a Docker network of its own and
+//! published on fixed host ports (an address survives a restart): [`RabbitCluster`], n RabbitMQ
+//! nodes formed by classic peer discovery with `pause_minority` partition handling (a node cut
+//! off from the majority pauses itself); [`PgPair`], a PostgreSQL primary and a synchronous
+//! streaming standby. Removed when dropped.
 
 use std::time::Duration;
 
@@ -122,6 +123,116 @@ impl Drop for RabbitCluster {
     fn drop(&mut self) {
         // The containers go first (their own drop), then the network; this runs before them,
         // so remove them here to free the network.
+        for name in &self.names {
+            let _ = docker(&["rm", "-f", "-v", name.as_str()]);
+        }
+        let _ = docker(&["network", "rm", self.network.as_str()]);
+    }
+}
+
+/// A PostgreSQL primary and a streaming standby in containers on a Docker network of their own,
+/// with synchronous replication (a commit returns once the standby has it), each published on a
+/// fixed host port. Removed when dropped.
+pub struct PgPair {
+    /// The primary, then the standby.
+    pub servers: Vec<ContainerAsync<GenericImage>>,
+    /// Their container (and host) names.
+    pub names: Vec<String>,
+    /// Their ports on 127.0.0.1.
+    pub ports: Vec<u16>,
+    /// The Docker network they share.
+    pub network: String,
+}
+
+impl PgPair {
+    /// Start the primary, then the standby from a base backup of it, then make the replication
+    /// synchronous.
+    pub async fn start() -> anyhow::Result<Self> {
+        let tag = &uuid::Uuid::now_v7().simple().to_string()[20..];
+        let network = format!("sagaflow-pg-{tag}");
+        let names = vec![format!("pg1-{tag}"), format!("pg2-{tag}")];
+        let ports = vec![free_port()?, free_port()?];
+        let image = std::env::var("SAGAFLOW_TEST_POSTGRES_IMAGE").unwrap_or_else(|_| "postgres:17".into());
+        let (repo, version) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+        let primary = GenericImage::new(repo, version)
+            .with_wait_for(WaitFor::message_on_stderr("database system is ready to accept connections"))
+            .with_network(network.clone())
+            .with_container_name(names[0].clone())
+            .with_hostname(names[0].clone())
+            .with_mapped_port(ports[0], 5432.tcp())
+            .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+            .with_copy_to(
+                "/docker-entrypoint-initdb.d/10-replication.sh",
+                b"echo 'host replication all all trust' >> \"$PGDATA/pg_hba.conf\"\n".to_vec(),
+            )
+            .with_cmd(["postgres", "-c", "wal_level=replica", "-c", "max_wal_senders=10", "-c", "wal_keep_size=256MB"])
+            .with_startup_timeout(Duration::from_secs(120))
+            .start()
+            .await
+            .with_context(|| format!("starting the PostgreSQL primary (is docker running and the image {image} available?)"))?;
+        let standby_script = format!(
+            "set -e; chown postgres \"$PGDATA\"; chmod 700 \"$PGDATA\"; \
+             until gosu postgres pg_basebackup -h {} -U postgres -D \"$PGDATA\" -R -X stream -c fast; do sleep 1; rm -rf \"$PGDATA\"/*; done; \
+             exec gosu postgres postgres -c hot_standby=on",
+            names[0]
+        );
+        let standby = GenericImage::new(repo, version)
+            .with_wait_for(WaitFor::message_on_stderr("database system is ready to accept read-only connections"))
+            .with_network(network.clone())
+            .with_container_name(names[1].clone())
+            .with_hostname(names[1].clone())
+            .with_mapped_port(ports[1], 5432.tcp())
+            .with_cmd(["bash", "-c", standby_script.as_str()])
+            .with_startup_timeout(Duration::from_secs(120))
+            .start()
+            .await
+            .context("starting the PostgreSQL standby")?;
+        let pair = Self { servers: vec![primary, standby], names, ports, network };
+        // Synchronous from now on: a commit waits for the standby to have it on disk.
+        let admin = sqlx::PgPool::connect(&pair.url(0, "postgres")).await?;
+        sqlx::query("ALTER SYSTEM SET synchronous_standby_names = '*'").execute(&admin).await?;
+        sqlx::query("SELECT pg_reload_conf()").execute(&admin).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let sync: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'").fetch_one(&admin).await?;
+            if sync == 1 {
+                break;
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the standby did not become synchronous");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        admin.close().await;
+        Ok(pair)
+    }
+
+    /// Server `i`'s URL for `database` (user postgres, trust).
+    pub fn url(&self, i: usize, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.ports[i])
+    }
+
+    /// Both servers' URLs for `database`, separated by commas: the `database_url` of a process.
+    pub fn urls(&self, database: &str) -> String {
+        format!("{},{}", self.url(0, database), self.url(1, database))
+    }
+
+    /// Fail over: stop the primary, promote the standby, wait until it accepts writes.
+    pub async fn fail_over(&self) -> anyhow::Result<()> {
+        self.servers[0].stop().await?;
+        let standby = sqlx::PgPool::connect(&self.url(1, "postgres")).await?;
+        sqlx::query("SELECT pg_promote()").execute(&standby).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()").fetch_one(&standby).await? {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the standby was not promoted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        standby.close().await;
+        Ok(())
+    }
+}
+
+impl Drop for PgPair {
+    fn drop(&mut self) {
         for name in &self.names {
             let _ = docker(&["rm", "-f", "-v", name.as_str()]);
         }

@@ -126,6 +126,11 @@ impl TestEnv {
         Self::on(amqp_url, admin_database_url, None).await
     }
 
+    /// The name of this test's database.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
     /// The containers, when this environment started them.
     pub fn containers(&self) -> Option<&Containers> {
         self.containers.as_ref()
@@ -201,10 +206,22 @@ impl TestEnv {
             self.pool.close().await;
             return Ok(());
         }
+        self.cleanup_broker(participants).await?;
+        self.pool.close().await;
+        let admin = connect_retrying(&self.admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database))).execute(&admin).await?;
+        Ok(())
+    }
+
+    /// Delete this test's queues (those of `participants` and of up to 16 reply partitions
+    /// among them) and exchanges on the broker; the database stays (a test whose database
+    /// server is gone ends with this).
+    pub async fn cleanup_broker(&self, participants: &[&str]) -> anyhow::Result<()> {
         let names = self.names();
         let conn = self.amqp().await?;
         let ch = conn.create_channel().await?;
         let mut queues = vec![names.replies_queue(), names.inbound_queue()];
+        queues.extend((0..16).map(|p| names.partition_queue(p)));
         queues.extend(participants.iter().map(|p| names.participant_queue(p)));
         for q in queues {
             for name in [Names::dead_letter_queue(&q), q] {
@@ -215,9 +232,6 @@ impl TestEnv {
             let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
         let _ = conn.close(200, "cleanup".into()).await;
-        self.pool.close().await;
-        let admin = connect_retrying(&self.admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database))).execute(&admin).await?;
         Ok(())
     }
 }

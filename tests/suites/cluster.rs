@@ -127,5 +127,5 @@ async fn a_rabbitmq_cluster_loses_a_node_and_a_partition_and_every_saga_ends_rig
     for p in procs {
         assert!(p.terminate().await.unwrap(), "a graceful exit");
     }
-    let _ = env.cleanup(&[]).await;
+    env.cleanup(&[]).await.unwrap();
 }

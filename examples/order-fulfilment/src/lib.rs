@@ -83,7 +83,7 @@ pub const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 
 /// The `order-participant` command: run the participant named by the first argument until
 /// SIGTERM or Ctrl-C, configured by `SAGAFLOW_AMQP_URL` (one broker, or a cluster's, separated by
-/// commas), `SAGAFLOW_DATABASE_URL`, `SAGAFLOW_NAMESPACE` and `SAGAFLOW_QUORUM_QUEUES`. `ORDER_EXAMPLE_STOCK=sku=units,...` stocks skus that have no stock row yet.
+/// commas), `SAGAFLOW_DATABASE_URL` (one server, or a primary and its standbys), `SAGAFLOW_NAMESPACE` and `SAGAFLOW_QUORUM_QUEUES`. `ORDER_EXAMPLE_STOCK=sku=units,...` stocks skus that have no stock row yet.
 /// `order-participant ready <name>` exits 0 only while that participant (in this container or
 /// host) consumes its queue: its ready file was touched within 15 s (a health check).
 pub async fn participant_main() -> anyhow::Result<()> {
@@ -118,10 +118,8 @@ pub async fn participant_main() -> anyhow::Result<()> {
     let handle = loop {
         let attempt = async {
             // A short wait per try: the loop around retries, and says why each try failed.
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect(&db)
+            // One server, or a primary and its standbys (the pool follows a failover).
+            let pool = participants_sdk::connect_pool(&db, 8)
                 .await
                 .with_context(|| format!("connecting to PostgreSQL at {}", participants_sdk::redact(&db)))?;
             setup(&pool, &[], 0).await.context("creating the example tables")?;

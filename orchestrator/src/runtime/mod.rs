@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::{Connection, ExchangeKind};
+use sagaflow_amqp::pg;
 use sagaflow_amqp::transport::{self, Names, QueueOptions};
 use sagas::{Input, Registry, SagaId, SagaState};
 use sqlx::PgPool;
@@ -68,20 +69,22 @@ pub struct OrchestratorHandle {
     tasks: Tasks,
 }
 
-/// Connect a pool to `url`, retrying for up to `timeout`. Its connections show in
-/// `pg_stat_activity` as `application_name` (unless the URL names one).
+/// Connect a pool to `url` (one server, or a primary and its standbys separated by commas: the
+/// pool follows the one that accepts writes, see [`sagaflow_amqp::pg`]), retrying for up to
+/// `timeout`. Its connections show in `pg_stat_activity` as `application_name` (unless the URL
+/// names one).
 pub async fn connect_pool(url: &str, application_name: &str, max_connections: u32, timeout: Duration) -> Result<PgPool> {
-    let mut options: PgConnectOptions = url.parse().map_err(Error::database(format!("database_url {}", redact(url))))?;
-    if options.get_application_name().is_none() {
-        options = options.application_name(application_name);
-    }
     // The statements are prepared once per connection, and PostgreSQL soon reuses one generic
     // plan for them. Chosen while the tables were small (a new deployment, or statistics
     // autovacuum has not refreshed), that plan scans whole tables and keeps doing so as they
     // grow. Every statement of a node finds its rows through an index, so sequential scans are
     // off for its connections; planning every execution instead (`plan_cache_mode`) cost ~8 %
     // of the machine's CPU in the benchmark.
-    let options = options.options([("enable_seqscan", "off")]);
+    let servers = pg::parse_servers(url, |o: PgConnectOptions| {
+        let o = if o.get_application_name().is_none() { o.application_name(application_name) } else { o };
+        o.options([("enable_seqscan", "off")])
+    })
+    .map_err(|why| Error::database(format!("database_url {}", redact(url)))(sqlx::Error::Configuration(why.into())))?;
     // No ping before each use: it would cost a round trip per transaction, and a connection
     // that died shows as an error of the statement, which every caller handles anyway.
     let pool = PgPoolOptions::new()
@@ -93,15 +96,19 @@ pub async fn connect_pool(url: &str, application_name: &str, max_connections: u3
     let deadline = tokio::time::Instant::now() + timeout;
     let probe = || async {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(100));
-        match tokio::time::timeout(left, <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)).await {
-            Ok(Ok(conn)) => Ok(conn),
+        match tokio::time::timeout(left, pg::find_primary(&servers)).await {
+            Ok(Ok(found)) => Ok(found),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from PostgreSQL"))),
         }
     };
-    let conn = probe
+    let (primary, conn) = probe
         .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(5)).with_total_delay(Some(timeout)).without_max_times())
-        .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_)) && !certificate_refused(e) && tokio::time::Instant::now() < deadline)
+        .when(|e| {
+            matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Configuration(_))
+                && !certificate_refused(e)
+                && tokio::time::Instant::now() < deadline
+        })
         .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "cannot reach PostgreSQL; retrying"))
         .await
         .map_err(|e| {
@@ -113,7 +120,7 @@ pub async fn connect_pool(url: &str, application_name: &str, max_connections: u3
             Error::database(format!("connecting to PostgreSQL at {} (connect_timeout_s {}){hint}", redact(url), timeout.as_secs()))(e)
         })?;
     let _ = sqlx::Connection::close(conn).await;
-    pool.connect_with(options).await.map_err(Error::database(format!("connecting to PostgreSQL at {}", redact(url))))
+    pg::pool_following(pool, servers, primary).await.map_err(Error::database(format!("connecting to PostgreSQL at {}", redact(url))))
 }
 
 /// Whether `e` is the server's certificate failing to verify (sqlx reports rustls's refusal as

@@ -1,0 +1,117 @@
+//! PostgreSQL fails over in the middle of the order sagas: a primary and a synchronous
+//! streaming standby in containers; two orchestrator nodes, the three participants and the
+//! client get both addresses. While the sagas run the primary is stopped and the standby
+//! promoted: nothing committed may be lost (every saga whose start returned is there and
+//! settles), each effect once, nothing left in the outbox.
+//!
+//! `SAGAFLOW_FAILOVER_SAGAS` (default 1000) sets the size. Needs Docker and the PostgreSQL image
+//! (`scripts/setup.sh`).
+
+use std::time::{Duration, Instant};
+
+use orchestrator::Orchestrator;
+use sagas::SagaId;
+use testkit::cluster::PgPair;
+use testkit::orders::{self, Tally};
+use testkit::{Node, TestEnv};
+
+async fn start_orders(client: &orchestrator::Engine, from: u32, to: u32, ids: &mut Vec<SagaId>) {
+    for i in from..=to {
+        let give_up = Instant::now() + Duration::from_secs(120);
+        loop {
+            // Idempotent by the order id: a start that failed in the failover is made again.
+            match client.start(&orders::numbered("failover", i), None).await {
+                Ok(s) => {
+                    ids.push(s.saga_id);
+                    break;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < give_up, "order {i} could not be started: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_fails_over_and_nothing_committed_is_lost() {
+    let n: u32 = std::env::var("SAGAFLOW_FAILOVER_SAGAS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let pg = PgPair::start().await.unwrap();
+    let (amqp, _) = testkit::env::service_urls().unwrap_or_else(|| ("amqp://guest:guest@127.0.0.1:5672/%2f".into(), String::new()));
+    let env = TestEnv::on_services(amqp, pg.url(0, "postgres")).await.unwrap();
+    order_fulfilment::setup(&env.pool, &["widget"], i64::from(n) * 10).await.unwrap();
+    participants_sdk::ensure_schema(&env.pool, false).await.unwrap();
+    let database = pg.urls(env.database());
+    let vars = |id: &str| {
+        let mut v = env.node_env(id);
+        v.retain(|(k, _)| k != "SAGAFLOW_DATABASE_URL" && k != "SAGAFLOW_API_ADDR");
+        v.extend([("SAGAFLOW_DATABASE_URL".to_owned(), database.clone()), ("SAGAFLOW_API_ADDR".to_owned(), String::new())]);
+        v
+    };
+    let mut procs: Vec<Node> = ["failover-node-a", "failover-node-b"]
+        .iter()
+        .map(|id| Node::spawn_with(env!("CARGO_BIN_EXE_sagaflow-node"), &["serve"], vars(id), id).unwrap())
+        .collect();
+    for p in order_fulfilment::PARTICIPANTS {
+        procs.push(Node::spawn_with(env!("CARGO_BIN_EXE_testkit-order-participant"), &[p], vars(p), &format!("failover-{p}")).unwrap());
+    }
+    let config = orchestrator::Config { database_url: database.clone(), ..env.config("failover-client") };
+    let client = Orchestrator::connect(config, orders::registry()).await.unwrap().client().await.unwrap();
+    let engine = client.engine().clone();
+
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    let cut = n * 2 / 5;
+    start_orders(&engine, 1, cut, &mut ids).await;
+    // Sagas are in flight: the primary goes, the standby takes over.
+    pg.fail_over().await.unwrap();
+    start_orders(&engine, cut + 1, n, &mut ids).await;
+
+    // From here on the test reads the promoted standby.
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&pg.url(1, env.database())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let settled: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status IN ('completed', 'compensated', 'stopped')")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if settled >= i64::from(n) {
+            break;
+        }
+        let logs: Vec<String> = procs.iter().map(|p| format!("{}:\n{}", p.id, p.logged())).collect();
+        assert!(Instant::now() < deadline, "{settled} of {n} settled\n{}", logs.join("\n"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let elapsed = started.elapsed();
+    let mut outbox_left: i64 = 0;
+    for _ in 0..300 {
+        outbox_left = sqlx::query_scalar("SELECT count(*) FROM sagaflow.outbox").fetch_one(&pool).await.unwrap();
+        if outbox_left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every saga whose start returned was committed on both servers: it is here.
+    let uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+    let present: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE id = ANY($1)").bind(&uuids).fetch_one(&pool).await.unwrap();
+    let Tally { lost, duplicate_effects, misordered, stuck } = orders::tally(&pool, "failover", n).await.unwrap();
+    let line =
+        format!("failover: sagas={n} promoted=1 lost={lost} duplicate_effects={duplicate_effects} misordered={misordered} stuck={stuck}");
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("elapsed_s={:.1} outbox_left={outbox_left} started_and_present={present}\n{line}\n", elapsed.as_secs_f64()).as_bytes(),
+    );
+    assert_eq!(present, i64::try_from(ids.len()).unwrap(), "a saga whose start returned is missing");
+    assert_eq!((lost, duplicate_effects, misordered, stuck), (0, 0, 0, 0), "{line}");
+    assert_eq!(outbox_left, 0, "messages left unpublished");
+
+    client.shutdown().await.unwrap();
+    for p in procs {
+        assert!(p.terminate().await.unwrap(), "a graceful exit");
+    }
+    // The database went with the containers.
+    env.cleanup_broker(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
