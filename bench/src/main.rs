@@ -40,6 +40,10 @@ struct Args {
     /// Reply partitions (the nodes' and the client's `partitions`); 0 for the one replies queue.
     #[arg(long, default_value_t = 0)]
     partitions: u16,
+    /// Declare quorum queues (nodes, participants, client): for a RabbitMQ cluster, named by
+    /// `SAGAFLOW_TEST_AMQP_URL` as several URLs separated by commas.
+    #[arg(long)]
+    quorum_queues: bool,
     /// Sagas in flight during a throughput run.
     #[arg(long, default_value_t = 200)]
     concurrency: usize,
@@ -88,11 +92,11 @@ fn sibling(name: &str) -> anyhow::Result<String> {
 }
 
 impl Cluster {
-    async fn start(nodes: usize, partitions: u16) -> anyhow::Result<Self> {
+    async fn start(nodes: usize, partitions: u16, quorum_queues: bool) -> anyhow::Result<Self> {
         let (amqp, db) = services();
         let env = TestEnv::on_services(amqp, db).await?;
         // The client publishes its starts itself, as a service embedding the Rust API would.
-        let config = orchestrator::Config { partitions, ..env.config("client") };
+        let config = orchestrator::Config { partitions, quorum_queues, ..env.config("client") };
         let client = orchestrator::Orchestrator::connect(config, saga::registry()?).await?.client().await?;
         participants_sdk::ensure_schema(&env.pool, false).await?;
         let engine = client.engine().clone();
@@ -102,6 +106,7 @@ impl Cluster {
         vars.push(("SAGAFLOW_DATABASE_MAX_CONNECTIONS".into(), "10".into()));
         vars.retain(|(k, _)| k != "SAGAFLOW_TIMER_POLL_MS" && k != "SAGAFLOW_RELAY_POLL_MS");
         vars.push(("SAGAFLOW_PARTITIONS".into(), partitions.to_string()));
+        vars.push(("SAGAFLOW_QUORUM_QUEUES".into(), quorum_queues.to_string()));
         let node_exe = sibling("bench-node")?;
         let part_exe = sibling("bench-participant")?;
         let mut ns = Vec::new();
@@ -261,7 +266,7 @@ struct Run {
 }
 
 async fn measure(kind: &str, variant: &str, nodes: usize, args: &Args) -> anyhow::Result<Run> {
-    let cluster = Cluster::start(nodes, args.partitions).await?;
+    let cluster = Cluster::start(nodes, args.partitions, args.quorum_queues).await?;
     let fail20 = variant == "fail20";
     let (count, concurrency) = if kind == "throughput" { (args.sagas, args.concurrency) } else { (args.latency_sagas, 1) };
     let before = cluster.usage();
@@ -303,7 +308,7 @@ async fn measure(kind: &str, variant: &str, nodes: usize, args: &Args) -> anyhow
 }
 
 async fn sustain(args: &Args) -> anyhow::Result<()> {
-    let cluster = Arc::new(Cluster::start(1, args.partitions).await?);
+    let cluster = Arc::new(Cluster::start(1, args.partitions, args.quorum_queues).await?);
     let end = Instant::now() + Duration::from_secs(args.sustain_minutes * 60);
     let permits = Arc::new(Semaphore::new(args.concurrency));
     let c = Arc::clone(&cluster);

@@ -62,7 +62,9 @@ try:
     assert driver.find_element(By.ID, "detail").get_attribute("hidden") is not None
     print(f"ui: list shows {len(rows)} sagas")
     # filter by status: an address of its own, and back
-    driver.find_element(By.ID, "status").send_keys("completed")
+    # By value: typing into a <select> picks by type-ahead, which a slow key stream resets
+    # (and `comp…` matches three statuses).
+    Select(driver.find_element(By.ID, "status")).select_by_visible_text("completed")
     click("#filters button")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) == 1)
     assert "status=completed" in driver.current_url, driver.current_url

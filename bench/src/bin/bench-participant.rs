@@ -1,5 +1,6 @@
 //! One benchmark participant as its own process: `bench-participant inventory|payment|shipping`,
-//! configured by `SAGAFLOW_AMQP_URL`, `SAGAFLOW_DATABASE_URL`, `SAGAFLOW_NAMESPACE`.
+//! configured by `SAGAFLOW_AMQP_URL`, `SAGAFLOW_DATABASE_URL`, `SAGAFLOW_NAMESPACE`,
+//! `SAGAFLOW_QUORUM_QUEUES`.
 
 use anyhow::Context as _;
 use participants_sdk::ParticipantConfig;
@@ -13,6 +14,9 @@ async fn main() -> anyhow::Result<()> {
     let mut config = ParticipantConfig::default();
     if let Ok(ns) = std::env::var("SAGAFLOW_NAMESPACE") {
         config.namespace = ns;
+    }
+    if let Ok(q) = std::env::var("SAGAFLOW_QUORUM_QUEUES") {
+        config.quorum_queues = q.parse().with_context(|| format!("SAGAFLOW_QUORUM_QUEUES=`{q}`"))?;
     }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)

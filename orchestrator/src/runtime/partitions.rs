@@ -96,18 +96,23 @@ pub(crate) async fn run(
     partitions: u16,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut owned: BTreeMap<u16, CancellationToken> = BTreeMap::new();
-    let mut tasks: JoinSet<(u16, anyhow::Result<()>)> = JoinSet::new();
+    // Each partition taken, with the number of its consumer (a partition released and taken
+    // again has a new one while the old one may still be finishing) and what stops it.
+    let mut owned: BTreeMap<u16, (u64, CancellationToken)> = BTreeMap::new();
+    let mut consumers: JoinSet<(u16, u64, anyhow::Result<()>)> = JoinSet::new();
+    let mut started = 0u64;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let result = loop {
+    let result = 'run: loop {
         tokio::select! {
             () = stop.cancelled() => break Ok(()),
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
-                // A partition this node released has let go.
-                Ok((p, Ok(()))) if !owned.contains_key(&p) => {}
-                Ok((p, Ok(()))) => break Err(anyhow::anyhow!("the consumer of reply partition {p} stopped")),
-                Ok((p, Err(e))) => break Err(e.context(format!("reply partition {p}"))),
+            Some(done) = consumers.join_next(), if !consumers.is_empty() => match done {
+                Ok((p, n, Ok(()))) if owned.get(&p).is_some_and(|(current, _)| *current == n) => {
+                    break Err(anyhow::anyhow!("the consumer of reply partition {p} stopped"));
+                }
+                // A consumer of a partition this node released has let go.
+                Ok((_, _, Ok(()))) => {}
+                Ok((p, _, Err(e))) => break Err(e.context(format!("reply partition {p}"))),
                 Err(e) => break Err(anyhow::anyhow!("a reply partition's consumer panicked: {e}")),
             },
             _ = tick.tick() => {
@@ -132,7 +137,7 @@ pub(crate) async fn run(
                     continue;
                 }
                 for p in owned.keys().copied().filter(|p| !want.contains(p)).collect::<Vec<_>>() {
-                    if let Some(t) = owned.remove(&p) {
+                    if let Some((_, t)) = owned.remove(&p) {
                         t.cancel();
                     }
                 }
@@ -140,22 +145,22 @@ pub(crate) async fn run(
                 for p in gained {
                     let ch = match transport::confirm_channel(&conn).await {
                         Ok(ch) => ch,
-                        Err(e) => return Err(anyhow::anyhow!("opening a channel for reply partition {p}: {e}")),
+                        Err(e) => break 'run Err(anyhow::anyhow!("opening a channel for reply partition {p}: {e}")),
                     };
-                    let t = stop.child_token();
-                    owned.insert(p, t.clone());
-                    let c = consumer.clone();
-                    tasks.spawn(async move { (p, c.run(ch, Queue::Partition(p), t).await) });
+                    started += 1;
+                    let (n, t, c) = (started, stop.child_token(), consumer.clone());
+                    owned.insert(p, (n, t.clone()));
+                    consumers.spawn(async move { (p, n, c.run(ch, Queue::Partition(p), t).await) });
                 }
                 tracing::info!(nodes = nodes.len(), partitions = ?want, of = partitions, "taking these reply partitions");
             }
         }
     };
     // Release every partition: in-flight replies commit and ack, then the consumers cancel.
-    for t in owned.values() {
+    for (_, t) in owned.values() {
         t.cancel();
     }
-    while tasks.join_next().await.is_some() {}
+    while consumers.join_next().await.is_some() {}
     if let Err(e) = sqlx::query(LEAVE).bind(&node_id).execute(&pool).await {
         tracing::warn!(error = %e, "cannot delete this node's row; the others take its reply partitions once it is old");
     }
