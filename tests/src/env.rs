@@ -203,11 +203,11 @@ impl TestEnv {
     /// Containers are simply removed.
     pub async fn cleanup(self, participants: &[&str]) -> anyhow::Result<()> {
         if self.containers.is_some() {
-            self.pool.close().await;
+            close_pool(&self.pool).await;
             return Ok(());
         }
         self.cleanup_broker(participants).await?;
-        self.pool.close().await;
+        close_pool(&self.pool).await;
         let admin = connect_retrying(&self.admin_url).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database))).execute(&admin).await?;
         Ok(())
@@ -267,6 +267,12 @@ pub fn init_logs() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
+}
+
+/// Close `pool`, waiting at most 10 s: sqlx's `close` can miss a connection handed back in the
+/// same moment and wait for ever, and a test's cleanup must not hang on that.
+async fn close_pool(pool: &PgPool) {
+    let _ = tokio::time::timeout(Duration::from_secs(10), pool.close()).await;
 }
 
 #[cfg(test)]

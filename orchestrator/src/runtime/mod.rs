@@ -615,8 +615,21 @@ async fn wind_down(engine: &Engine, stop: &CancellationToken, mut tasks: Tasks) 
         tracing::warn!(error = %failure, "while shutting down");
         first.get_or_insert(failure);
     }
-    engine.pool().close().await;
+    close_pool(engine.pool()).await;
     first.map_or(Ok(()), Err)
+}
+
+/// How long closing the pool may wait for its connections at shutdown.
+const POOL_CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Close `pool`, waiting at most [`POOL_CLOSE_WAIT`] for its connections. sqlx's `close` waits
+/// for every connection to come back, and one handed back in the same moment can be missed
+/// (it then waits for ever): a shutdown must not hang on that, and what is left open is closed
+/// with the process (or when the pool's last handle goes).
+async fn close_pool(pool: &PgPool) {
+    if tokio::time::timeout(POOL_CLOSE_WAIT, pool.close()).await.is_err() {
+        tracing::warn!(open = pool.size(), "the database pool did not close within 10 s; leaving its last connections to be dropped");
+    }
 }
 
 /// Wait until saga `id` is settled (completed, compensated or stopped) or `timeout` passes.
