@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
-use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+use testcontainers::{ContainerAsync, GenericImage, Image as _, ImageExt};
 
 /// The cluster's nodes, in the order they were started.
 pub struct RabbitCluster {
@@ -46,12 +46,13 @@ impl RabbitCluster {
         for (i, name) in names.iter().enumerate() {
             conf.push_str(&format!("cluster_formation.classic_config.nodes.{} = rabbit@{name}\n", i + 1));
         }
-        let image = std::env::var("SAGAFLOW_TEST_RABBITMQ_IMAGE").unwrap_or_else(|_| "rabbitmq:4-management".into());
-        let (repo, version) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+        let image = crate::env::image("SAGAFLOW_TEST_RABBITMQ_IMAGE", "rabbitmq:4-management");
+        let shown = format!("{}:{}", image.name(), image.tag());
         // All at once: a new node waits for the peers its configuration lists before it boots.
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect::<anyhow::Result<_>>()?;
         let starts = names.iter().zip(&ports).map(|(name, &port)| {
-            let request = GenericImage::new(repo, version)
+            let request = image
+                .clone()
                 .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
                 .with_network(network.clone())
                 .with_container_name(name.clone())
@@ -61,12 +62,12 @@ impl RabbitCluster {
                 .with_env_var("RABBITMQ_NODENAME", format!("rabbit@{name}"))
                 .with_copy_to("/etc/rabbitmq/conf.d/20-cluster.conf", conf.clone().into_bytes())
                 .with_startup_timeout(Duration::from_secs(120));
-            let image = &image;
+            let shown = &shown;
             async move {
                 request
                     .start()
                     .await
-                    .with_context(|| format!("starting RabbitMQ node {name} (is docker running and the image {image} available?)"))
+                    .with_context(|| format!("starting RabbitMQ node {name} (is docker running and the image {shown} available?)"))
             }
         });
         let nodes = futures_util::future::try_join_all(starts).await?;
@@ -121,13 +122,17 @@ impl RabbitCluster {
 
 impl Drop for RabbitCluster {
     fn drop(&mut self) {
-        // The containers go first (their own drop), then the network; this runs before them,
-        // so remove them here to free the network.
-        for name in &self.names {
-            let _ = docker(&["rm", "-f", "-v", name.as_str()]);
-        }
-        let _ = docker(&["network", "rm", self.network.as_str()]);
+        remove(&self.names, &self.network);
     }
+}
+
+/// Remove the containers `names` and then their `network`. A drop runs before the containers'
+/// own (which would remove them), so they are removed here to free the network.
+fn remove(names: &[String], network: &str) {
+    for name in names {
+        let _ = docker(&["rm", "-f", "-v", name.as_str()]);
+    }
+    let _ = docker(&["network", "rm", network]);
 }
 
 /// A PostgreSQL primary and a streaming standby in containers on a Docker network of their own,
@@ -152,9 +157,10 @@ impl PgPair {
         let network = format!("sagaflow-pg-{tag}");
         let names = vec![format!("pg1-{tag}"), format!("pg2-{tag}")];
         let ports = vec![free_port()?, free_port()?];
-        let image = std::env::var("SAGAFLOW_TEST_POSTGRES_IMAGE").unwrap_or_else(|_| "postgres:17".into());
-        let (repo, version) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
-        let primary = GenericImage::new(repo, version)
+        let image = crate::env::image("SAGAFLOW_TEST_POSTGRES_IMAGE", "postgres:17");
+        let shown = format!("{}:{}", image.name(), image.tag());
+        let primary = image
+            .clone()
             .with_wait_for(WaitFor::message_on_stderr("database system is ready to accept connections"))
             .with_network(network.clone())
             .with_container_name(names[0].clone())
@@ -169,14 +175,14 @@ impl PgPair {
             .with_startup_timeout(Duration::from_secs(120))
             .start()
             .await
-            .with_context(|| format!("starting the PostgreSQL primary (is docker running and the image {image} available?)"))?;
+            .with_context(|| format!("starting the PostgreSQL primary (is docker running and the image {shown} available?)"))?;
         let standby_script = format!(
             "set -e; chown postgres \"$PGDATA\"; chmod 700 \"$PGDATA\"; \
              until gosu postgres pg_basebackup -h {} -U postgres -D \"$PGDATA\" -R -X stream -c fast; do sleep 1; rm -rf \"$PGDATA\"/*; done; \
              exec gosu postgres postgres -c hot_standby=on",
             names[0]
         );
-        let standby = GenericImage::new(repo, version)
+        let standby = image
             .with_wait_for(WaitFor::message_on_stderr("database system is ready to accept read-only connections"))
             .with_network(network.clone())
             .with_container_name(names[1].clone())
@@ -233,9 +239,6 @@ impl PgPair {
 
 impl Drop for PgPair {
     fn drop(&mut self) {
-        for name in &self.names {
-            let _ = docker(&["rm", "-f", "-v", name.as_str()]);
-        }
-        let _ = docker(&["network", "rm", self.network.as_str()]);
+        remove(&self.names, &self.network);
     }
 }

@@ -35,7 +35,8 @@ pub struct Containers {
     pub postgres: ContainerAsync<GenericImage>,
 }
 
-fn image(var: &str, default: &str) -> GenericImage {
+/// The image `var` names (`repo:tag`), else `default`.
+pub(crate) fn image(var: &str, default: &str) -> GenericImage {
     let name = std::env::var(var).unwrap_or_else(|_| default.to_owned());
     let (repo, tag) = name.rsplit_once(':').unwrap_or((name.as_str(), "latest"));
     GenericImage::new(repo, tag)

@@ -134,3 +134,55 @@ pub async fn tally(pool: &sqlx::PgPool, prefix: &str, n: u32) -> anyhow::Result<
     }
     Ok(t)
 }
+
+/// Start [`numbered`] orders `from..=to` of `prefix` through `client` and push their saga ids
+/// to `ids`, retrying each for up to 2 minutes while a service is away (a start is idempotent
+/// by its order id). Panics naming the order that could not be started.
+pub async fn start_numbered(client: &orchestrator::Engine, prefix: &str, from: u32, to: u32, ids: &mut Vec<sagas::SagaId>) {
+    for i in from..=to {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            match client.start(&numbered(prefix, i), None).await {
+                Ok(s) => {
+                    ids.push(s.saga_id);
+                    break;
+                }
+                Err(e) => {
+                    assert!(std::time::Instant::now() < give_up, "order {prefix}-{i} could not be started: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Wait until `n` sagas are settled (completed, compensated or stopped), for up to 10 minutes;
+/// on time out, panic with how many were and what `logs` returns (the processes' logs).
+pub async fn wait_all_settled(pool: &sqlx::PgPool, n: u32, logs: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let settled: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status IN ('completed', 'compensated', 'stopped')")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if settled >= i64::from(n) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{settled} of {n} settled\n{}", logs());
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Wait up to 60 s for the orchestrator's outbox to empty; the rows left.
+pub async fn outbox_left(pool: &sqlx::PgPool) -> i64 {
+    let mut left = 0;
+    for _ in 0..300 {
+        left = sqlx::query_scalar("SELECT count(*) FROM sagaflow.outbox").fetch_one(pool).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    left
+}

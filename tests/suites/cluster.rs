@@ -10,34 +10,9 @@
 use std::time::{Duration, Instant};
 
 use orchestrator::Orchestrator;
-use sagas::SagaId;
 use testkit::cluster::RabbitCluster;
 use testkit::orders::{self, Tally};
 use testkit::{Node, TestEnv};
-
-/// Start orders `from..=to` through `client`, retrying a start that fails while a broker is
-/// away (a start is idempotent by its order id).
-async fn start_orders(client: &orchestrator::Engine, from: u32, to: u32, ids: &mut Vec<SagaId>) {
-    for i in from..=to {
-        let give_up = Instant::now() + Duration::from_secs(120);
-        loop {
-            match client.start(&orders::numbered("cluster", i), None).await {
-                Ok(s) => {
-                    ids.push(s.saga_id);
-                    break;
-                }
-                Err(e) => {
-                    assert!(Instant::now() < give_up, "order {i} could not be started: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    }
-}
-
-async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rabbitmq_cluster_loses_a_node_and_a_partition_and_every_saga_ends_right() {
@@ -74,11 +49,11 @@ async fn a_rabbitmq_cluster_loses_a_node_and_a_partition_and_every_saga_ends_rig
     let started = Instant::now();
     let mut ids = Vec::new();
     let third = n / 3;
-    start_orders(&engine, 1, third, &mut ids).await;
+    orders::start_numbered(&engine, "cluster", 1, third, &mut ids).await;
 
     // A broker stops (its connections close), the sagas go on, it comes back and rejoins.
     brokers.nodes[1].stop().await.unwrap();
-    start_orders(&engine, third + 1, 2 * third, &mut ids).await;
+    orders::start_numbered(&engine, "cluster", third + 1, 2 * third, &mut ids).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     brokers.nodes[1].start().await.unwrap();
     brokers.wait_whole(0, Duration::from_secs(90)).await.unwrap();
@@ -86,31 +61,15 @@ async fn a_rabbitmq_cluster_loses_a_node_and_a_partition_and_every_saga_ends_rig
     // Another is cut off the network: it goes silent, pauses itself (the minority), and comes
     // back when the network does.
     brokers.cut(2, true).unwrap();
-    start_orders(&engine, 2 * third + 1, n, &mut ids).await;
+    orders::start_numbered(&engine, "cluster", 2 * third + 1, n, &mut ids).await;
     tokio::time::sleep(Duration::from_secs(15)).await;
     brokers.cut(2, false).unwrap();
     brokers.wait_whole(0, Duration::from_secs(90)).await.unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let settled =
-            count(&env.pool, "SELECT count(*) FROM sagaflow.instances WHERE status IN ('completed', 'compensated', 'stopped')").await;
-        if settled >= i64::from(n) {
-            break;
-        }
-        let logs: Vec<String> = procs.iter().map(|p| format!("{}:\n{}", p.id, p.logged())).collect();
-        assert!(Instant::now() < deadline, "{settled} of {n} settled\n{}", logs.join("\n"));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let logs = || procs.iter().map(|p| format!("{}:\n{}", p.id, p.logged())).collect::<Vec<_>>().join("\n");
+    orders::wait_all_settled(&env.pool, n, logs).await;
     let elapsed = started.elapsed();
-    let mut outbox_left = 0;
-    for _ in 0..300 {
-        outbox_left = count(&env.pool, "SELECT count(*) FROM sagaflow.outbox").await;
-        if outbox_left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let outbox_left = orders::outbox_left(&env.pool).await;
     let Tally { lost, duplicate_effects, misordered, stuck } = orders::tally(&env.pool, "cluster", n).await.unwrap();
     let line = format!(
         "cluster: sagas={n} broker_nodes=3 stopped=1 partitioned=1 lost={lost} duplicate_effects={duplicate_effects} misordered={misordered} stuck={stuck}"

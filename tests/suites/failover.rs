@@ -7,32 +7,12 @@
 //! `SAGAFLOW_FAILOVER_SAGAS` (default 1000) sets the size. Needs Docker and the PostgreSQL image
 //! (`scripts/setup.sh`).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use orchestrator::Orchestrator;
-use sagas::SagaId;
 use testkit::cluster::PgPair;
 use testkit::orders::{self, Tally};
 use testkit::{Node, TestEnv};
-
-async fn start_orders(client: &orchestrator::Engine, from: u32, to: u32, ids: &mut Vec<SagaId>) {
-    for i in from..=to {
-        let give_up = Instant::now() + Duration::from_secs(120);
-        loop {
-            // Idempotent by the order id: a start that failed in the failover is made again.
-            match client.start(&orders::numbered("failover", i), None).await {
-                Ok(s) => {
-                    ids.push(s.saga_id);
-                    break;
-                }
-                Err(e) => {
-                    assert!(Instant::now() < give_up, "order {i} could not be started: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_fails_over_and_nothing_committed_is_lost() {
@@ -63,36 +43,17 @@ async fn the_database_fails_over_and_nothing_committed_is_lost() {
     let started = Instant::now();
     let mut ids = Vec::new();
     let cut = n * 2 / 5;
-    start_orders(&engine, 1, cut, &mut ids).await;
+    orders::start_numbered(&engine, "failover", 1, cut, &mut ids).await;
     // Sagas are in flight: the primary goes, the standby takes over.
     pg.fail_over().await.unwrap();
-    start_orders(&engine, cut + 1, n, &mut ids).await;
+    orders::start_numbered(&engine, "failover", cut + 1, n, &mut ids).await;
 
     // From here on the test reads the promoted standby.
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&pg.url(1, env.database())).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let settled: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM sagaflow.instances WHERE status IN ('completed', 'compensated', 'stopped')")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        if settled >= i64::from(n) {
-            break;
-        }
-        let logs: Vec<String> = procs.iter().map(|p| format!("{}:\n{}", p.id, p.logged())).collect();
-        assert!(Instant::now() < deadline, "{settled} of {n} settled\n{}", logs.join("\n"));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let logs = || procs.iter().map(|p| format!("{}:\n{}", p.id, p.logged())).collect::<Vec<_>>().join("\n");
+    orders::wait_all_settled(&pool, n, logs).await;
     let elapsed = started.elapsed();
-    let mut outbox_left: i64 = 0;
-    for _ in 0..300 {
-        outbox_left = sqlx::query_scalar("SELECT count(*) FROM sagaflow.outbox").fetch_one(&pool).await.unwrap();
-        if outbox_left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let outbox_left = orders::outbox_left(&pool).await;
     // Every saga whose start returned was committed on both servers: it is here.
     let uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
     let present: i64 =
