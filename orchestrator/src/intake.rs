@@ -348,6 +348,11 @@ impl Engine {
             }
             // `Err`: nothing of it is written, its message id is not kept either.
             match self.decide_on(saga, input) {
+                // A stale heartbeat: nothing to write, and no history row either.
+                Ok(d) if d.rows.writes_nothing() => {
+                    results[i] = Some(d.handled);
+                    self.recent.keep(d.state, d.traceparent, version);
+                }
                 Ok(d) => {
                     guard.versions.push((id.0, version));
                     guard.marks.extend(inbox.map(|m| (m.0, id.0)));
@@ -452,10 +457,15 @@ impl Engine {
             );
             return Err(Handled::UnknownVersion { definition: st.definition.clone(), version: st.version });
         };
-        if let Input::Reply(r) = input
-            && def.step(r.step).is_none()
+        let step = match input {
+            Input::Reply(r) => Some(r.step),
+            Input::Heartbeat(h) => Some(h.step),
+            _ => None,
+        };
+        if let Some(step) = step
+            && def.step(step).is_none()
         {
-            let detail = format!("`{}` version {} has no step {}", def.name, def.version, r.step.0);
+            let detail = format!("`{}` version {} has no step {}", def.name, def.version, step.0);
             return Err(Handled::Invalid { code: "unknown_step", detail });
         }
         self.decide(def, st, saga.traceparent.as_deref(), input, None)
@@ -504,8 +514,11 @@ impl Engine {
             effects: rows.effects,
             state_bytes: rows.state.len(),
         };
-        if !applied {
+        if !applied && !matches!(input, Input::Heartbeat(_)) {
             tracing::info!(saga.id = %st.id, input = input.kind(), outcome, detail = detail.as_deref().unwrap_or(""), "input did not apply");
+        } else if !applied {
+            // A heartbeat that crossed its attempt's reply or timeout: routine, and frequent.
+            tracing::debug!(saga.id = %st.id, outcome, detail = detail.as_deref().unwrap_or(""), "heartbeat did not apply");
         }
         Ok(Decided {
             def,

@@ -217,7 +217,8 @@ impl Metrics {
                 self.inner.saga_latency.get_or_create(&d()).observe(now_ms.saturating_sub(after.created_at.0) as f64 / 1000.0);
             }
         }
-        if let Input::Timer(TimerKey::StepTimeout { step, .. }) = input {
+        // A missed heartbeat is a timeout of the attempt too.
+        if let Input::Timer(TimerKey::StepTimeout { step, .. } | TimerKey::Heartbeat { step, .. }) = input {
             let name = def.step(*step).map_or_else(String::new, |sd| sd.name.clone());
             self.inner.timeouts.get_or_create(&s(&name)).inc();
         }

@@ -81,6 +81,10 @@ pub struct StepView {
     pub last_error: Option<String>,
     /// Its output.
     pub output: Option<Value>,
+    /// What the participant reported of its progress in the last heartbeat (of any attempt).
+    pub progress: Option<Value>,
+    /// When that heartbeat was applied (ms since the epoch).
+    pub heartbeat_at: Option<u64>,
 }
 
 /// One saga as an operator sees it.
@@ -362,6 +366,8 @@ fn view(engine: &Engine, st: &SagaState, decided_by: String, state_bytes: usize,
                 escalated: s.escalated,
                 last_error: s.last_error.clone(),
                 output: s.output.clone(),
+                progress: s.progress.clone(),
+                heartbeat_at: s.heartbeat_at.map(|t| t.0),
             }
         })
         .collect();

@@ -5,8 +5,13 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 
-use sagas::protocol::InboundCommand;
-use sagas::{Command, CommandKind, SagaId, StepIndex};
+use std::time::{Duration, Instant};
+
+use lapin::Channel;
+use sagaflow_amqp::transport;
+use sagas::protocol::{InboundCommand, MAX_HEARTBEAT_BYTES, encode_heartbeat};
+use sagas::{Command, CommandKind, MessageId, SagaId, StepIndex, Timestamp};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
 
@@ -57,7 +62,20 @@ pub struct Context<'c> {
     pub(crate) cmd: &'c InboundCommand,
     /// The handler asked for the transaction (so a refusal may have writes to undo).
     pub(crate) touched: bool,
+    /// Where heartbeats go.
+    pub(crate) beats: Beats<'c>,
 }
+
+/// The channel heartbeats are published on, and when the last one left.
+pub(crate) struct Beats<'c> {
+    pub(crate) ch: &'c Channel,
+    /// Held while publishing on the channel (one batch of confirms at a time).
+    pub(crate) publishing: &'c tokio::sync::Mutex<()>,
+    pub(crate) last: Option<Instant>,
+}
+
+/// Heartbeats go at most this often when the step's heartbeat timeout is not known.
+const DEFAULT_HEARTBEAT_PACE: Duration = Duration::from_secs(1);
 
 impl Context<'_> {
     /// The open transaction: business writes made here commit together with the inbox record
@@ -85,6 +103,47 @@ impl Context<'_> {
     /// The attempt (1 for the first).
     pub fn attempt(&self) -> u32 {
         self.cmd.attempt
+    }
+
+    /// The step's heartbeat timeout, when it declares one: call [`heartbeat`](Self::heartbeat)
+    /// well within it, or the attempt times out.
+    pub fn heartbeat_timeout(&self) -> Option<Duration> {
+        self.cmd.heartbeat_ms.map(Duration::from_millis)
+    }
+
+    /// What an earlier attempt of this step reported in its last heartbeat, to carry on from
+    /// (`None` on a first attempt, or when no attempt reported any).
+    pub fn progress(&self) -> Option<&Value> {
+        self.cmd.progress.as_ref()
+    }
+
+    /// Tell the orchestrator this command is still being worked on, with `details` of the
+    /// progress (any JSON, at most [`MAX_HEARTBEAT_BYTES`] encoded). It keeps the attempt
+    /// alive past the step's heartbeat timeout; the saga shows the last details, and the next
+    /// attempt, if there is one, gets them as [`progress`](Self::progress).
+    ///
+    /// Call it as often as is convenient: one heartbeat leaves per third of the heartbeat
+    /// timeout (per second when the step has none), and calls in between send nothing (the
+    /// details of the next one that leaves are the newest). A heartbeat is published with a
+    /// confirm, outside the transaction: it reports liveness, not an effect. An error here
+    /// (details too large, the broker gone) is the handler's to return or ignore; with `?` the
+    /// attempt ends as a transient failure.
+    pub async fn heartbeat<T: Serialize + ?Sized>(&mut self, details: &T) -> anyhow::Result<()> {
+        let pace = self.cmd.heartbeat_ms.map_or(DEFAULT_HEARTBEAT_PACE, |ms| Duration::from_millis(ms) / 3);
+        if self.beats.last.is_some_and(|at| at.elapsed() < pace) {
+            return Ok(());
+        }
+        let details = serde_json::to_value(details).map_err(|e| anyhow::anyhow!("heartbeat details do not encode: {e}"))?;
+        let msg = encode_heartbeat(self.cmd, &details, MessageId::new_random(), Timestamp::now());
+        if msg.body.len() > MAX_HEARTBEAT_BYTES {
+            anyhow::bail!("heartbeat details are {} bytes encoded, over the limit of {MAX_HEARTBEAT_BYTES}", msg.body.len());
+        }
+        let one_batch = self.beats.publishing.lock().await;
+        transport::publish_confirmed(self.beats.ch, "", &self.cmd.reply_to, &msg, false).await?;
+        drop(one_batch);
+        self.beats.last = Some(Instant::now());
+        tracing::debug!(saga.id = %self.cmd.saga.saga_id, step = %self.cmd.step_name, attempt = self.cmd.attempt, "heartbeat sent");
+        Ok(())
     }
 
     /// A key for the effect that is the same for every attempt and redelivery of this step:

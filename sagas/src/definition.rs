@@ -110,7 +110,7 @@ impl StepDef {
 #[derive(Clone)]
 pub enum StepAction {
     /// Send a command to a participant.
-    Command(CommandStep),
+    Command(Box<CommandStep>),
     /// Wait for an external event.
     Wait(WaitStep),
 }
@@ -126,6 +126,10 @@ pub struct CommandStep {
     pub retry: RetryPolicy,
     /// Per-attempt timeout and its consequence.
     pub timeout: Option<TimeoutPolicy>,
+    /// Longest time (ms) an attempt may go without a heartbeat from the participant; a missed
+    /// heartbeat is a timeout of the attempt, with the consequence of [`Self::timeout`]
+    /// (`OnTimeout::Retry` when the step has no timeout).
+    pub heartbeat_ms: Option<u64>,
     /// The compensation, if the step changed something that must be undone.
     pub compensation: Option<Compensation>,
     pub(crate) build: BuildFn,
@@ -258,6 +262,7 @@ impl Definition {
                             command: c.command.clone(),
                             retry: c.retry.clone(),
                             timeout: c.timeout,
+                            heartbeat_ms: c.heartbeat_ms,
                             compensation: c.compensation.as_ref().map(|k| CompensationSpec {
                                 participant: k.participant.clone(),
                                 command: k.command.clone(),
@@ -310,6 +315,8 @@ pub enum StepActionSpec {
         command: String,
         retry: RetryPolicy,
         timeout: Option<TimeoutPolicy>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_ms: Option<u64>,
         compensation: Option<CompensationSpec>,
     },
     Wait {
@@ -553,6 +560,9 @@ fn check_step_settings(s: &StepDef) -> std::result::Result<(), String> {
             if c.timeout.is_some_and(|t| t.after_ms == 0) {
                 return Err(format!("step `{}`: timeout must be longer than zero", s.name));
             }
+            if c.heartbeat_ms == Some(0) {
+                return Err(format!("step `{}`: heartbeat timeout must be longer than zero", s.name));
+            }
             if c.command.is_empty() || c.participant.is_empty() {
                 return Err(format!("step `{}`: command and participant names must not be empty", s.name));
             }
@@ -632,6 +642,7 @@ pub struct StepBuilder<D, C> {
     compensation_retry: Option<RetryPolicy>,
     compensation_timeout: Option<u64>,
     timeout: Option<TimeoutPolicy>,
+    heartbeat: Option<u64>,
     condition: Option<PredicateFn>,
     meta: Option<(&'static str, &'static str)>,
     _types: PhantomData<fn(D, C)>,
@@ -649,6 +660,7 @@ impl<D: SagaData> StepBuilder<D, NoCommand> {
             compensation_retry: None,
             compensation_timeout: None,
             timeout: None,
+            heartbeat: None,
             condition: None,
             meta: None,
             _types: PhantomData,
@@ -668,6 +680,7 @@ impl<D: SagaData> StepBuilder<D, NoCommand> {
             compensation_retry: self.compensation_retry,
             compensation_timeout: self.compensation_timeout,
             timeout: self.timeout,
+            heartbeat: self.heartbeat,
             condition: self.condition,
             meta: Some((C::NAME, C::PARTICIPANT)),
             _types: PhantomData,
@@ -689,11 +702,12 @@ impl<D: SagaData, C: Command> StepBuilder<D, C> {
             name: self.name,
             kind: self.kind,
             condition: self.condition,
-            action: StepAction::Command(CommandStep {
+            action: StepAction::Command(Box::new(CommandStep {
                 participant: participant.to_owned(),
                 command: command.to_owned(),
                 retry: self.retry.unwrap_or(default_retry),
                 timeout: self.timeout,
+                heartbeat_ms: self.heartbeat,
                 compensation: self.compensation.map(|(command, participant, build)| Compensation {
                     participant,
                     command,
@@ -703,7 +717,7 @@ impl<D: SagaData, C: Command> StepBuilder<D, C> {
                 }),
                 build: self.build.unwrap_or_else(|| Arc::new(|_| Err("step has no command".into()))),
                 on_reply: self.on_reply,
-            }),
+            })),
         }
     }
 }
@@ -738,6 +752,16 @@ impl<D: SagaData, C> StepBuilder<D, C> {
     /// Time allowed for each attempt, and the consequence when it passes.
     pub fn timeout(mut self, after: Duration, then: OnTimeout) -> Self {
         self.timeout = Some(TimeoutPolicy { after_ms: millis(after), then });
+        self
+    }
+
+    /// Longest time each attempt may go without a heartbeat (`cx.heartbeat(details)` in the
+    /// participants SDK, a `sagaflow.heartbeat` message on the wire). A missed heartbeat is a
+    /// timeout of the attempt, with the consequence given to [`timeout`](Self::timeout)
+    /// (retried when the step has no timeout). For long steps: the overall timeout can be
+    /// hours while a worker that died is noticed within `after`.
+    pub fn heartbeat_timeout(mut self, after: Duration) -> Self {
+        self.heartbeat = Some(millis(after));
         self
     }
 

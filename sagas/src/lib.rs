@@ -62,7 +62,7 @@ pub mod state;
 pub mod testing;
 
 pub use decide::{
-    Effect, IgnoreReason, Input, InputOutcome, OperatorCommand, OutgoingCommand, Reply, SagaEvent, TimerKey, Transition, decide,
+    Effect, Heartbeat, IgnoreReason, Input, InputOutcome, OperatorCommand, OutgoingCommand, Reply, SagaEvent, TimerKey, Transition, decide,
 };
 pub use definition::{
     Command, Definition, DefinitionSpec, Event, MAX_SEARCH_KEYS, MAX_SEARCH_VALUE_BYTES, NoCommand, Registry, SagaBuilder, SagaData,

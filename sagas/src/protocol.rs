@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::decide::{OutgoingCommand, Reply, SagaEvent};
+use crate::decide::{Heartbeat, OutgoingCommand, Reply, SagaEvent};
 use crate::ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
 
 /// Header: the saga's id (string, UUID).
@@ -35,9 +35,15 @@ pub const H_DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
 pub const H_DEAD_LETTER_DETAIL: &str = "x-dead-letter-detail";
 /// Header on start messages: the idempotency key.
 pub const H_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
+/// Header on commands of a step with a heartbeat timeout: the timeout, in ms (integer).
+pub const H_HEARTBEAT_MS: &str = "x-saga-heartbeat-ms";
+/// Header on commands: the details of an earlier attempt's last heartbeat (JSON text).
+pub const H_PROGRESS: &str = "x-saga-progress";
 
 /// AMQP `type` of replies.
 pub const TYPE_REPLY: &str = "sagaflow.reply";
+/// AMQP `type` of heartbeats (a participant working on a command reports that it is alive).
+pub const TYPE_HEARTBEAT: &str = "sagaflow.heartbeat";
 /// AMQP `type` of start requests.
 pub const TYPE_START: &str = "sagaflow.start";
 /// AMQP `type` of external events delivered to a saga.
@@ -48,6 +54,9 @@ pub const TYPE_LIFECYCLE_PREFIX: &str = "sagaflow.lifecycle.";
 pub const CONTENT_TYPE: &str = "application/json";
 /// Default largest accepted body, in bytes (1 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest heartbeat body accepted, in bytes: its details are kept in the saga's state and
+/// carried by the next attempt's command in a header.
+pub const MAX_HEARTBEAT_BYTES: usize = 4096;
 /// Longest idempotency key accepted, in bytes: PostgreSQL indexes it, and a b-tree entry holds
 /// about 2.7 kB at most.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
@@ -60,8 +69,19 @@ pub const MAX_HEADER_BYTES: usize = 4096;
 const QUOTE_CHARS: usize = 80;
 
 /// The protocol's headers: the ones a decoder reads, checked for size and U+0000.
-const PROTOCOL_HEADERS: [&str; 9] =
-    [H_SAGA_ID, H_DEFINITION, H_VERSION, H_STEP, H_STEP_NAME, H_KIND, H_ATTEMPT, H_TRACEPARENT, H_IDEMPOTENCY_KEY];
+const PROTOCOL_HEADERS: [&str; 11] = [
+    H_SAGA_ID,
+    H_DEFINITION,
+    H_VERSION,
+    H_STEP,
+    H_STEP_NAME,
+    H_KIND,
+    H_ATTEMPT,
+    H_TRACEPARENT,
+    H_IDEMPOTENCY_KEY,
+    H_HEARTBEAT_MS,
+    H_PROGRESS,
+];
 
 /// `s` quoted for an error message: at most 80 characters, control characters
 /// escaped, and the full size when it was cut. A refusal never repeats a large value whole.
@@ -199,6 +219,19 @@ impl WireMessage {
         let v = value.ok_or(ProtocolError::MissingProperty(what))?;
         uuid::Uuid::parse_str(v)
             .map_err(|e| ProtocolError::InvalidProperty { property: what, detail: format!("{} is not a UUID: {e}", quote(v)) })
+    }
+
+    /// What a reply and a heartbeat say of the command they answer: the saga, the command's
+    /// id (`correlation_id`), the step, the kind and the attempt.
+    fn answer_headers(&self) -> Result<(SagaId, MessageId, StepIndex, CommandKind, u32), ProtocolError> {
+        let in_reply_to = MessageId(WireMessage::uuid_prop(self.correlation_id.as_deref(), "correlation_id")?);
+        let saga_id = self.header_str(H_SAGA_ID)?;
+        let saga_id = saga_id
+            .parse::<SagaId>()
+            .map_err(|e| ProtocolError::InvalidHeader { header: H_SAGA_ID, detail: format!("{} is not a UUID: {e}", quote(saga_id)) })?;
+        let kind =
+            self.header_str(H_KIND)?.parse::<CommandKind>().map_err(|detail| ProtocolError::InvalidHeader { header: H_KIND, detail })?;
+        Ok((saga_id, in_reply_to, StepIndex(self.header_u32(H_STEP)?), kind, self.header_u32(H_ATTEMPT)?))
     }
 
     /// The checks every decoder makes first: the body's size, then the protocol headers and the
@@ -353,6 +386,12 @@ pub fn encode_command(saga: &SagaRef, cmd: &OutgoingCommand, reply_to: &str, tra
     if let Some(tp) = traceparent {
         headers.insert(H_TRACEPARENT.to_owned(), HeaderValue::Str(tp.to_owned()));
     }
+    if let Some(ms) = cmd.heartbeat_ms {
+        headers.insert(H_HEARTBEAT_MS.to_owned(), HeaderValue::Int(i64::try_from(ms).unwrap_or(i64::MAX)));
+    }
+    if let Some(p) = &cmd.progress {
+        headers.insert(H_PROGRESS.to_owned(), HeaderValue::Str(p.to_string()));
+    }
     WireMessage {
         message_id: Some(cmd.message_id.to_string()),
         correlation_id: Some(saga.saga_id.to_string()),
@@ -388,6 +427,10 @@ pub struct InboundCommand {
     pub traceparent: Option<String>,
     /// The JSON body.
     pub body: Value,
+    /// The step's heartbeat timeout (ms), when it has one: send heartbeats well within it.
+    pub heartbeat_ms: Option<u64>,
+    /// What an earlier attempt reported in its last heartbeat, to carry on from.
+    pub progress: Option<Value>,
 }
 
 /// Validate a command message (what a participant does before running a handler).
@@ -412,7 +455,59 @@ pub fn decode_command(msg: &WireMessage, max_body: usize) -> Result<InboundComma
         reply_to,
         traceparent: msg.traceparent(),
         body: msg.json_body()?,
+        heartbeat_ms: match msg.headers.get(H_HEARTBEAT_MS) {
+            None => None,
+            Some(_) => Some(u64::from(msg.header_u32(H_HEARTBEAT_MS)?)),
+        },
+        progress: match msg.header_opt(H_PROGRESS) {
+            None => None,
+            Some(p) => Some(serde_json::from_str(p).map_err(|e| ProtocolError::InvalidHeader {
+                header: H_PROGRESS,
+                detail: format!("not JSON: {}", clip(&e.to_string(), 200)),
+            })?),
+        },
     })
+}
+
+/// Build a heartbeat with id `message_id` for `cmd`, reporting `details` (any JSON; `null` for
+/// none). Give each heartbeat a new id: heartbeats are not deduplicated, the saga keeps the last.
+pub fn encode_heartbeat(cmd: &InboundCommand, details: &Value, message_id: MessageId, now: Timestamp) -> WireMessage {
+    let mut msg = encode_reply(cmd, &ReplyOutcome::Success { output: Value::Null }, now);
+    msg.message_id = Some(message_id.to_string());
+    msg.kind = Some(TYPE_HEARTBEAT.to_owned());
+    msg.body = serde_json::to_vec(&HeartbeatBody { details: details.clone() }).unwrap_or_default();
+    msg
+}
+
+/// The body of a heartbeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatBody {
+    /// What the participant reports of its progress.
+    #[serde(default)]
+    pub details: Value,
+}
+
+/// What arrives on a reply queue: a reply or a heartbeat.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InboundReplyOrHeartbeat {
+    /// A reply.
+    Reply(InboundReply),
+    /// A heartbeat, for the saga.
+    Heartbeat(SagaId, Heartbeat),
+}
+
+/// Validate a message from a reply queue: a reply ([`decode_reply`]) or a heartbeat (at most
+/// [`MAX_HEARTBEAT_BYTES`], the reply's properties and headers, a [`HeartbeatBody`]).
+pub fn decode_reply_or_heartbeat(msg: &WireMessage, max_body: usize) -> Result<InboundReplyOrHeartbeat, ProtocolError> {
+    if msg.kind.as_deref() != Some(TYPE_HEARTBEAT) {
+        return decode_reply(msg, max_body).map(InboundReplyOrHeartbeat::Reply);
+    }
+    msg.check_envelope(max_body.min(MAX_HEARTBEAT_BYTES))?;
+    WireMessage::uuid_prop(msg.message_id.as_deref(), "message_id")?;
+    let (saga_id, in_reply_to, step, kind, attempt) = msg.answer_headers()?;
+    let body: HeartbeatBody = msg.json_body()?;
+    Ok(InboundReplyOrHeartbeat::Heartbeat(saga_id, Heartbeat { in_reply_to, step, kind, attempt, details: body.details }))
 }
 
 /// Build the reply to `cmd`. Its id is [`MessageId::for_reply`] of the command's, so a
@@ -463,22 +558,11 @@ pub fn decode_reply(msg: &WireMessage, max_body: usize) -> Result<InboundReply, 
         None => return Err(ProtocolError::MissingProperty("type")),
     }
     let message_id = MessageId(WireMessage::uuid_prop(msg.message_id.as_deref(), "message_id")?);
-    let in_reply_to = MessageId(WireMessage::uuid_prop(msg.correlation_id.as_deref(), "correlation_id")?);
-    let saga_id = msg.header_str(H_SAGA_ID)?;
-    let saga_id = saga_id
-        .parse::<SagaId>()
-        .map_err(|e| ProtocolError::InvalidHeader { header: H_SAGA_ID, detail: format!("{} is not a UUID: {e}", quote(saga_id)) })?;
-    let kind = msg.header_str(H_KIND)?.parse::<CommandKind>().map_err(|detail| ProtocolError::InvalidHeader { header: H_KIND, detail })?;
+    let (saga_id, in_reply_to, step, kind, attempt) = msg.answer_headers()?;
     Ok(InboundReply {
         message_id,
         saga_id,
-        reply: Reply {
-            in_reply_to,
-            step: StepIndex(msg.header_u32(H_STEP)?),
-            kind,
-            attempt: msg.header_u32(H_ATTEMPT)?,
-            outcome: msg.json_body()?,
-        },
+        reply: Reply { in_reply_to, step, kind, attempt, outcome: msg.json_body()? },
         traceparent: msg.traceparent(),
     })
 }

@@ -263,6 +263,13 @@ pub struct StepState {
     pub last_error: Option<String>,
     /// The reply's output (or the event's payload).
     pub output: Option<Value>,
+    /// The details of the last heartbeat of any attempt (what the participant reported of its
+    /// progress); the next attempt's command carries them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
+    /// When the last heartbeat was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_at: Option<Timestamp>,
 }
 
 impl StepState {
@@ -280,6 +287,8 @@ impl StepState {
             compensated_at: None,
             last_error: None,
             output: None,
+            progress: None,
+            heartbeat_at: None,
         }
     }
 

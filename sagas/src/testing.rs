@@ -29,7 +29,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::decide::{Effect, Input, InputOutcome, OperatorCommand, OutgoingCommand, Reply, SagaEvent, TimerKey, Transition, decide};
+use crate::decide::{
+    Effect, Heartbeat, Input, InputOutcome, OperatorCommand, OutgoingCommand, Reply, SagaEvent, TimerKey, Transition, decide,
+};
 use crate::definition::{Definition, SagaData, SagaDefinition};
 use crate::error::Result;
 use crate::ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
@@ -121,6 +123,15 @@ impl SagaTest {
     /// When: `step`'s current attempt fails transiently.
     pub fn fail_transiently(&mut self, step: &str) -> InputOutcome {
         self.answer(step, CommandKind::Invoke, ReplyOutcome::TransientFailure { message: "transient (test)".into() })
+    }
+
+    /// When: the participant running `step`'s current attempt sends a heartbeat with `details`.
+    pub fn heartbeat(&mut self, step: &str, details: Value) -> InputOutcome {
+        let i = self.step_index(step);
+        let attempt = self.state.steps[i.get()].attempts;
+        let in_reply_to = MessageId::for_command(self.state.id, i, CommandKind::Invoke, attempt);
+        let h = Heartbeat { in_reply_to, step: i, kind: CommandKind::Invoke, attempt, details };
+        self.apply(&Input::Heartbeat(h)).expect("decide").outcome
     }
 
     /// When: `step`'s current compensation attempt succeeds.

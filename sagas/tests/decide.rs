@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::*;
 use sagas::testing::SagaTest;
 use sagas::{
-    Command, CommandKind, Effect, IgnoreReason, Input, InputOutcome, MessageId, OnDeadline, OnTimeout, OperatorCommand, Reply,
+    Command, CommandKind, Effect, Heartbeat, IgnoreReason, Input, InputOutcome, MessageId, OnDeadline, OnTimeout, OperatorCommand, Reply,
     ReplyOutcome, SagaDefinition, SagaEvent, SagaState, SagaStatus, StepIndex, StepStatus, StopCode, TimerKey, Timestamp, decide,
 };
 use serde_json::{Value, json};
@@ -156,6 +156,136 @@ fn timeout_with_retry_resends_and_a_late_success_of_the_first_attempt_settles_th
             .iter()
             .all(|(k, _)| !matches!(k, TimerKey::StepTimeout { step: StepIndex(1), .. } | TimerKey::Retry { step: StepIndex(1), .. }))
     );
+}
+
+fn charge_timers(t: &SagaTest) -> Vec<TimerKey> {
+    let of_charge = |k: &TimerKey| match k {
+        TimerKey::Retry { step, .. } | TimerKey::StepTimeout { step, .. } | TimerKey::Heartbeat { step, .. } => *step == StepIndex(1),
+        _ => false,
+    };
+    let mut keys: Vec<TimerKey> = t.timers().into_iter().map(|(k, _)| k).filter(of_charge).collect();
+    keys.sort_by_key(TimerKey::id);
+    keys
+}
+
+#[test]
+fn heartbeats_keep_a_long_step_alive_past_its_heartbeat_timeout() {
+    let mut t = SagaTest::start(&order_saga_with_heartbeat(None), &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    assert_eq!(charge_timers(&t), vec![TimerKey::Heartbeat { step: StepIndex(1), attempt: 1 }]);
+    // 30 s of work, a heartbeat every 2 s: the 5 s heartbeat timeout never passes.
+    for n in 1..=15 {
+        t.advance(2_000);
+        assert_eq!(t.heartbeat("charge", json!({"done": n})), InputOutcome::Applied);
+        let due = t.timers().into_iter().find(|(k, _)| matches!(k, TimerKey::Heartbeat { .. })).unwrap().1;
+        assert_eq!(due, t.now().plus_ms(5_000), "each heartbeat moves the timer");
+    }
+    assert_eq!(t.step_status("charge"), StepStatus::Running);
+    assert_eq!(t.state().steps[1].progress, Some(json!({"done": 15})));
+    assert_eq!(t.state().steps[1].heartbeat_at, Some(t.now()));
+    assert_eq!(t.invocations_sent(), vec!["reserve", "charge"]);
+    t.succeed("charge", json!({"charge": "c-1"}));
+    assert!(charge_timers(&t).is_empty(), "the reply cancels the heartbeat timer: {:?}", t.timers());
+    t.succeed("ship", Value::Null);
+    assert_eq!(t.status(), SagaStatus::Completed);
+    assert!(t.timers().is_empty());
+}
+
+#[test]
+fn a_missed_heartbeat_retries_and_the_next_attempt_carries_the_progress() {
+    let mut t = SagaTest::start(&order_saga_with_heartbeat(Some(OnTimeout::Retry)), &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    t.advance(1_000);
+    t.heartbeat("charge", json!({"rows": 500}));
+    let first = t.sent().last().unwrap().clone();
+    assert_eq!(first.progress, None, "a first attempt carries no progress");
+    // Silence: 5 s after the last heartbeat the attempt timed out (not 5 s after the send).
+    t.advance(4_999);
+    assert_eq!(t.step_status("charge"), StepStatus::Running);
+    t.advance(1);
+    assert_eq!(t.step_status("charge"), StepStatus::RetryScheduled);
+    assert!(t.state().steps[1].last_error.as_deref().unwrap().contains("no heartbeat within 5000 ms"));
+    assert_eq!(
+        charge_timers(&t),
+        vec![TimerKey::Retry { step: StepIndex(1), kind: CommandKind::Invoke, attempt: 2 }],
+        "the attempt's 60 s timeout was cancelled with it"
+    );
+    t.advance(100);
+    let second = t.sent().last().unwrap().clone();
+    assert_eq!((second.step_name.as_str(), second.attempt), ("charge", 2));
+    assert_eq!(second.progress, Some(json!({"rows": 500})), "the next attempt starts from the last progress");
+    // The first attempt's late heartbeat is stale and changes nothing.
+    let late = Heartbeat { in_reply_to: first.message_id, step: StepIndex(1), kind: CommandKind::Invoke, attempt: 1, details: json!(1) };
+    let before = t.state().clone();
+    let tr = t.apply(&Input::Heartbeat(late)).unwrap();
+    assert!(ignored(&tr.outcome, IgnoreReason::Stale), "{:?}", tr.outcome);
+    assert_eq!(tr.state, before);
+    t.heartbeat("charge", json!({"rows": 900}));
+    t.succeed("charge", json!({"charge": "c-1"}));
+    assert_eq!(t.state().steps[1].progress, Some(json!({"rows": 900})), "the last progress stays visible");
+    assert_eq!(t.invocations_sent(), vec!["reserve", "charge", "charge", "ship"]);
+}
+
+#[test]
+fn a_missed_heartbeat_with_on_timeout_fail_compensates_the_step_that_may_have_run() {
+    let mut t = SagaTest::start(&order_saga_with_heartbeat(Some(OnTimeout::Fail)), &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    t.advance(5_000);
+    assert_eq!(t.status(), SagaStatus::Compensating);
+    let failure = t.state().failure.clone().unwrap();
+    assert_eq!((failure.code.as_str(), failure.step.as_deref()), ("step_timed_out", Some("charge")));
+    assert!(failure.message.contains("no heartbeat"), "{}", failure.message);
+    assert_eq!(t.compensations_sent(), vec!["charge"], "a timed-out attempt may have run: it is compensated");
+    t.succeed_compensation("charge");
+    t.succeed_compensation("reserve");
+    assert_eq!(t.status(), SagaStatus::Compensated);
+    assert!(t.timers().is_empty(), "{:?}", t.timers());
+}
+
+#[test]
+fn a_missed_heartbeat_with_escalate_raises_an_event_and_keeps_waiting() {
+    let mut t = SagaTest::start(&order_saga_with_heartbeat(Some(OnTimeout::Escalate)), &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    t.advance(5_000);
+    assert_eq!(t.step_status("charge"), StepStatus::Running);
+    assert!(t.events().contains(&SagaEvent::Escalated { step: "charge".into(), attempt: 1 }));
+    // A heartbeat after the escalation is still kept; the attempt escalates once.
+    assert_eq!(t.heartbeat("charge", json!("back")), InputOutcome::Applied);
+    t.advance(5_000);
+    assert_eq!(t.events().iter().filter(|e| matches!(e, SagaEvent::Escalated { .. })).count(), 1);
+    t.succeed("charge", json!({"charge": "c-1"}));
+    t.succeed("ship", Value::Null);
+    assert_eq!(t.status(), SagaStatus::Completed);
+}
+
+#[test]
+fn heartbeats_of_compensations_unknown_commands_and_settled_steps_are_stale() {
+    let mut t = SagaTest::start(&order_saga_with_heartbeat(None), &order()).unwrap();
+    let reserve = t.sent()[0].clone();
+    let stale = |t: &mut SagaTest, h: Heartbeat| {
+        let before = t.state().clone();
+        let tr = t.apply(&Input::Heartbeat(h)).unwrap();
+        assert!(ignored(&tr.outcome, IgnoreReason::Stale), "{:?}", tr.outcome);
+        assert_eq!((tr.state, tr.effects), (before, vec![]));
+    };
+    let hb = |m: MessageId, step: u32, kind: CommandKind, attempt: u32| Heartbeat {
+        in_reply_to: m,
+        step: StepIndex(step),
+        kind,
+        attempt,
+        details: json!({}),
+    };
+    stale(&mut t, hb(MessageId::new_random(), 0, CommandKind::Invoke, 1));
+    stale(&mut t, hb(reserve.message_id, 0, CommandKind::Invoke, 2));
+    stale(&mut t, hb(reserve.message_id, 7, CommandKind::Invoke, 1));
+    let id = t.state().id;
+    stale(&mut t, hb(MessageId::for_command(id, StepIndex(0), CommandKind::Compensate, 1), 0, CommandKind::Compensate, 1));
+    // A step without a heartbeat timeout keeps the progress but schedules nothing.
+    assert_eq!(t.heartbeat("reserve", json!({"half": true})), InputOutcome::Applied);
+    assert!(t.timers().is_empty());
+    assert_eq!(t.state().steps[0].progress, Some(json!({"half": true})));
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    stale(&mut t, hb(reserve.message_id, 0, CommandKind::Invoke, 1));
 }
 
 #[test]

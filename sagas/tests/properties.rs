@@ -1,6 +1,7 @@
 //! Property tests of `decide`: random definitions (steps, parallel groups, waits, conditions,
 //! pivots, retry and timeout policies) driven by random inputs, including duplicate and stale
-//! replies, timers fired in any order, events and operator commands.
+//! replies, heartbeats (current and stale), timers fired in any order, events and operator
+//! commands.
 //!
 //! Invariants:
 //! 1. an ignored or refused input changes neither state nor effects;
@@ -23,8 +24,8 @@ use proptest::prelude::*;
 use sagas::definition::StepBuilder;
 use sagas::testing::SagaTest;
 use sagas::{
-    Command, CommandKind, Definition, Effect, Input, InputOutcome, NoCommand, OnDeadline, OnTimeout, OperatorCommand, Reply, ReplyOutcome,
-    RetryPolicy, SagaDefinition, SagaStatus, StepAction, StepKind, StepStatus, TimerKey,
+    Command, CommandKind, Definition, Effect, Heartbeat, Input, InputOutcome, NoCommand, OnDeadline, OnTimeout, OperatorCommand, Reply,
+    ReplyOutcome, RetryPolicy, SagaDefinition, SagaStatus, StepAction, StepKind, StepStatus, TimerKey,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -52,6 +53,7 @@ struct CmdSpec {
     timeout: Option<OnTimeout>,
     comp_timeout: bool,
     cond: Option<usize>,
+    heartbeat: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -77,8 +79,17 @@ fn cmd_spec() -> impl Strategy<Value = CmdSpec> {
         prop_oneof![Just(None), Just(Some(OnTimeout::Retry)), Just(Some(OnTimeout::Fail)), Just(Some(OnTimeout::Escalate))],
         any::<bool>(),
         prop_oneof![3 => Just(None), 1 => (0usize..4).prop_map(Some)],
+        any::<bool>(),
     )
-        .prop_map(|(comp, max, comp_max, timeout, comp_timeout, cond)| CmdSpec { comp, max, comp_max, timeout, comp_timeout, cond })
+        .prop_map(|(comp, max, comp_max, timeout, comp_timeout, cond, heartbeat)| CmdSpec {
+            comp,
+            max,
+            comp_max,
+            timeout,
+            comp_timeout,
+            cond,
+            heartbeat,
+        })
 }
 
 fn node_spec() -> impl Strategy<Value = NodeSpec> {
@@ -97,7 +108,15 @@ fn saga_spec() -> impl Strategy<Value = SagaSpec> {
             if let Some(p) = pivot {
                 if let NodeSpec::Cmd(_) = nodes[p] {
                 } else {
-                    nodes[p] = NodeSpec::Cmd(CmdSpec { comp: true, max: 2, comp_max: 2, timeout: None, comp_timeout: false, cond: None });
+                    nodes[p] = NodeSpec::Cmd(CmdSpec {
+                        comp: true,
+                        max: 2,
+                        comp_max: 2,
+                        timeout: None,
+                        comp_timeout: false,
+                        cond: None,
+                        heartbeat: false,
+                    });
                 }
                 for n in nodes.iter_mut().skip(p + 1) {
                     match n {
@@ -125,6 +144,9 @@ fn configure(s: StepBuilder<Value, NoCommand>, c: &CmdSpec, kind: Option<StepKin
     }
     if let Some(t) = c.timeout {
         s = s.timeout(Duration::from_millis(300), t);
+    }
+    if c.heartbeat {
+        s = s.heartbeat_timeout(Duration::from_millis(120));
     }
     if let Some(k) = c.cond {
         s = s.when(move |d: &Value| d["flags"][k].as_bool().unwrap_or(true));
@@ -184,6 +206,7 @@ fn build(spec: &SagaSpec) -> SagaDefinition<Value> {
 enum Action {
     Reply(usize, u8),
     Replay(usize, u8),
+    Heartbeat(usize),
     Timer(usize),
     OldTimer(usize),
     Event(usize),
@@ -195,6 +218,7 @@ fn action() -> impl Strategy<Value = Action> {
     prop_oneof![
         6 => (any::<usize>(), 0u8..10).prop_map(|(p, o)| Action::Reply(p, o)),
         1 => (any::<usize>(), 0u8..10).prop_map(|(p, o)| Action::Replay(p, o)),
+        2 => any::<usize>().prop_map(Action::Heartbeat),
         3 => any::<usize>().prop_map(Action::Timer),
         1 => any::<usize>().prop_map(Action::OldTimer),
         1 => any::<usize>().prop_map(Action::Event),
@@ -339,6 +363,12 @@ impl Checker<'_> {
                 let k = TimerKey::Retry { step: step_index(i), kind: CommandKind::Invoke, attempt: s.attempts + 1 };
                 prop_assert!(timers.contains(&k.id()), "retry scheduled without its timer: {:?}", k);
             }
+            // a running attempt of a step with a heartbeat timeout is watched until it escalated
+            let heartbeat = matches!(&self.def.steps[i].action, StepAction::Command(c) if c.heartbeat_ms.is_some());
+            if s.status == StepStatus::Running && heartbeat && !s.escalated {
+                let k = TimerKey::Heartbeat { step: step_index(i), attempt: s.attempts };
+                prop_assert!(timers.contains(&k.id()), "running attempt without its heartbeat timer: {:?}", k);
+            }
         }
         match st.status {
             SagaStatus::Completed | SagaStatus::Compensated => {
@@ -420,6 +450,15 @@ fn run(spec: SagaSpec, actions: Vec<Action>) -> Result<(), TestCaseError> {
                 }
                 let c = &t.sent()[p % t.sent().len()];
                 Input::Reply(Reply { in_reply_to: c.message_id, step: c.step, kind: c.kind, attempt: c.attempt, outcome: outcome(o) })
+            }
+            // a heartbeat about any command sent: current, stale or a compensation's
+            Action::Heartbeat(p) => {
+                if t.sent().is_empty() {
+                    continue;
+                }
+                let c = &t.sent()[p % t.sent().len()];
+                let details = json!({"done": p % 100});
+                Input::Heartbeat(Heartbeat { in_reply_to: c.message_id, step: c.step, kind: c.kind, attempt: c.attempt, details })
             }
             Action::Timer(p) => {
                 let timers = t.timers();

@@ -7,8 +7,9 @@
 use std::path::PathBuf;
 
 use sagas::protocol::{
-    DEFAULT_MAX_BODY_BYTES, EventDelivery, H_DEFINITION, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, H_STEP_NAME, HeaderValue, LifecycleEvent,
-    ReplyOutcome, SagaRef, TYPE_EVENT, TYPE_START, WireMessage, decode_command, decode_event, decode_reply, decode_start, encode_command,
+    DEFAULT_MAX_BODY_BYTES, EventDelivery, H_DEFINITION, H_IDEMPOTENCY_KEY, H_KIND, H_PROGRESS, H_SAGA_ID, H_STEP_NAME, HeaderValue,
+    InboundReplyOrHeartbeat, LifecycleEvent, MAX_HEARTBEAT_BYTES, ReplyOutcome, SagaRef, TYPE_EVENT, TYPE_START, WireMessage,
+    decode_command, decode_event, decode_reply, decode_reply_or_heartbeat, decode_start, encode_command, encode_heartbeat,
     encode_lifecycle, encode_reply,
 };
 use sagas::{CommandKind, MessageId, OutgoingCommand, SagaEvent, SagaId, StepIndex, StopCode, Timestamp};
@@ -39,6 +40,8 @@ fn command(kind: CommandKind, attempt: u32) -> OutgoingCommand {
             CommandKind::Compensate => "payment.refund".into(),
         },
         body: json!({"order_id": "o-42", "amount_cents": 1999}),
+        heartbeat_ms: None,
+        progress: None,
     }
 }
 
@@ -104,6 +107,54 @@ fn reply_envelopes_are_pinned_and_round_trip() {
         assert_eq!(got.reply.outcome, outcome);
         assert_eq!(got.traceparent.as_deref(), Some(TRACEPARENT));
     }
+}
+
+#[test]
+fn a_long_step_s_command_carries_its_heartbeat_timeout_and_the_last_progress() {
+    let sent = OutgoingCommand { heartbeat_ms: Some(5_000), progress: Some(json!({"rows": 500})), ..command(CommandKind::Invoke, 2) };
+    let msg = encode_command(&saga(), &sent, "sagaflow.replies.1", Some(TRACEPARENT), NOW);
+    golden("command_with_progress", &msg.to_json());
+    let got = decode_command(&msg, DEFAULT_MAX_BODY_BYTES).unwrap();
+    assert_eq!((got.heartbeat_ms, got.progress), (Some(5_000), Some(json!({"rows": 500}))));
+    // A first attempt of a step without a heartbeat timeout carries neither.
+    let plain = decode_command(&encode_command(&saga(), &command(CommandKind::Invoke, 1), "r", None, NOW), DEFAULT_MAX_BODY_BYTES).unwrap();
+    assert_eq!((plain.heartbeat_ms, plain.progress), (None, None));
+    // Progress that is not JSON is refused like any bad header.
+    let mut bad = msg.clone();
+    bad.headers.insert(H_PROGRESS.into(), HeaderValue::Str("{rows".into()));
+    assert_eq!(decode_command(&bad, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "invalid_headers");
+}
+
+#[test]
+fn heartbeats_are_pinned_round_trip_and_are_refused_when_too_large() {
+    let cmd = decode_command(
+        &encode_command(&saga(), &command(CommandKind::Invoke, 1), "sagaflow.replies", Some(TRACEPARENT), NOW),
+        DEFAULT_MAX_BODY_BYTES,
+    )
+    .unwrap();
+    let id: MessageId = "5b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d".parse().unwrap();
+    let msg = encode_heartbeat(&cmd, &json!({"rows": 500, "of": 2000}), id, NOW);
+    golden("heartbeat", &msg.to_json());
+    let InboundReplyOrHeartbeat::Heartbeat(saga, h) = decode_reply_or_heartbeat(&msg, DEFAULT_MAX_BODY_BYTES).unwrap() else {
+        panic!("a heartbeat decodes as one")
+    };
+    assert_eq!(saga, saga_id());
+    assert_eq!((h.in_reply_to, h.step, h.kind, h.attempt), (cmd.message_id, StepIndex(1), CommandKind::Invoke, 1));
+    assert_eq!(h.details, json!({"rows": 500, "of": 2000}));
+    // A reply on the same queue still decodes as a reply.
+    let reply = encode_reply(&cmd, &ReplyOutcome::Success { output: Value::Null }, NOW);
+    assert!(matches!(decode_reply_or_heartbeat(&reply, DEFAULT_MAX_BODY_BYTES), Ok(InboundReplyOrHeartbeat::Reply(_))));
+    // Details over the limit, U+0000, another field in the body, or no command id: refused.
+    let big = encode_heartbeat(&cmd, &json!("x".repeat(MAX_HEARTBEAT_BYTES)), id, NOW);
+    assert_eq!(decode_reply_or_heartbeat(&big, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "oversized");
+    let nul = encode_heartbeat(&cmd, &json!("a\u{0}b"), id, NOW);
+    assert_eq!(decode_reply_or_heartbeat(&nul, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
+    let mut extra = msg.clone();
+    extra.body = br#"{"details": 1, "done": true}"#.to_vec();
+    assert_eq!(decode_reply_or_heartbeat(&extra, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
+    let mut orphan = msg.clone();
+    orphan.correlation_id = None;
+    assert_eq!(decode_reply_or_heartbeat(&orphan, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "invalid_properties");
 }
 
 #[test]

@@ -34,5 +34,7 @@ pub fn charge_command(saga: SagaId, step: u32, reply_to: &str) -> InboundCommand
         reply_to: reply_to.into(),
         traceparent: None,
         body: serde_json::json!({}),
+        heartbeat_ms: None,
+        progress: None,
     }
 }

@@ -32,6 +32,25 @@ pub enum Behavior {
     },
     /// Record the effect, then refuse (code `probe_rejected`): the refusal must undo the write.
     WriteThenReject,
+    /// Work for `ms` milliseconds, calling `cx.heartbeat({"done_ms": ..})` every `every_ms`,
+    /// then succeed.
+    Beating {
+        /// The work's length.
+        ms: u64,
+        /// How often the handler calls `heartbeat`.
+        every_ms: u64,
+    },
+    /// A worker that dies on the first attempt: it reports `{"done": n}` for n = 1..=`beats`
+    /// (one heartbeat every `every_ms`), then goes silent for `silent_ms` and fails
+    /// transiently (nothing recorded). Later attempts succeed at once.
+    BeatThenDie {
+        /// Heartbeats before it goes silent.
+        beats: u32,
+        /// Between heartbeats.
+        every_ms: u64,
+        /// How long it stays silent before failing.
+        silent_ms: u64,
+    },
 }
 
 /// One step's plan: the command's behaviour and how often its undo fails first.
@@ -105,6 +124,9 @@ pub struct Probe {
 pub struct Probed {
     /// The step.
     pub key: String,
+    /// The progress an earlier attempt reported ([`Context::progress`]), when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<serde_json::Value>,
 }
 impl Command for Probe {
     const NAME: &'static str = "probe.do";
@@ -153,9 +175,25 @@ impl Handler<Probe> for ProbeService {
                 record(cx, &cmd.key, "do").await?;
                 return Err(HandlerError::reject("probe_rejected", format!("step {} refuses after writing", cmd.key)));
             }
+            Behavior::Beating { ms, every_ms } => {
+                let started = tokio::time::Instant::now();
+                while started.elapsed() < Duration::from_millis(ms) {
+                    cx.heartbeat(&serde_json::json!({"done_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)})).await?;
+                    tokio::time::sleep(Duration::from_millis(every_ms)).await;
+                }
+            }
+            Behavior::BeatThenDie { beats, every_ms, silent_ms } if cx.attempt() == 1 => {
+                for n in 1..=beats {
+                    cx.heartbeat(&serde_json::json!({"done": n})).await?;
+                    tokio::time::sleep(Duration::from_millis(every_ms)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(silent_ms)).await;
+                return Err(HandlerError::Transient(anyhow::anyhow!("step {} died after {beats} heartbeats", cmd.key)));
+            }
+            Behavior::BeatThenDie { .. } => {}
         }
         record(cx, &cmd.key, "do").await?;
-        Ok(Probed { key: cmd.key })
+        Ok(Probed { key: cmd.key, resumed_from: cx.progress().cloned() })
     }
 }
 

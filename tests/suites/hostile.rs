@@ -147,6 +147,8 @@ fn command(saga: SagaId, reply_to: &str, attempt: u32) -> WireMessage {
         participant: "payment".into(),
         command: "payment.charge".into(),
         body: json!({"order_id": format!("hostile-{saga}"), "amount_cents": 100}),
+        heartbeat_ms: None,
+        progress: None,
     };
     let saga = SagaRef { saga_id: saga, definition: "order_fulfilment".into(), version: 1 };
     encode_command(&saga, &cmd, reply_to, None, Timestamp::now())

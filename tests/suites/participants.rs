@@ -83,6 +83,8 @@ impl Rig {
             participant: self.participant.into(),
             command: command.into(),
             body,
+            heartbeat_ms: None,
+            progress: None,
         };
         encode_command(
             &SagaRef { saga_id: saga, definition: "order_fulfilment".into(), version: 1 },

@@ -158,6 +158,63 @@ async fn a_timeout_compensates_and_an_escalation_does_not_fail_the_saga() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_a_30_second_step_alive_and_a_silent_worker_times_out_its_attempt() {
+    // A 5 s heartbeat timeout; the step's own timeout (2 min) never comes into play.
+    let def = SagaDefinition::<Plan>::builder("long", 1)
+        .step("a", |s| probe::step(s, "a"))
+        .step("work", |s| {
+            probe::step(s, "work").heartbeat_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(120), OnTimeout::Retry)
+        })
+        .build()
+        .unwrap();
+    let (env, node, p) = probe_env(vec![def]).await;
+    // 30 s of work with a heartbeat call every second (one leaves every 5/3 s at most).
+    let alive = start_probe(&node, "long", &Plan::default().with("work", Behavior::Beating { ms: 30_000, every_ms: 1_000 })).await;
+    // Two heartbeats 2 s apart, then silence for 8 s before the worker gives up.
+    let dies = Behavior::BeatThenDie { beats: 2, every_ms: 2_000, silent_ms: 8_000 };
+    let silent = start_probe(&node, "long", &Plan::default().with("work", dies)).await;
+
+    // Well past the heartbeat timeout, the first attempt is still the one running, and the
+    // API shows its progress.
+    let mid = wait::until(&env.pool, alive, WAIT, |st| {
+        st.steps[1].progress.as_ref().and_then(|p| p["done_ms"].as_u64()).is_some_and(|ms| ms >= 12_000)
+    })
+    .await
+    .unwrap();
+    assert_eq!((mid.status, mid.steps[1].status, mid.steps[1].attempts), (SagaStatus::Running, StepStatus::Running, 1));
+    let view = orchestrator::ops::get(node.engine(), alive).await.unwrap();
+    assert_eq!((view.steps[1].status.as_str(), view.steps[1].attempts), ("running", 1));
+    assert!(view.steps[1].progress.as_ref().is_some_and(|p| p["done_ms"].as_u64() >= Some(12_000)), "{:?}", view.steps[1]);
+    assert!(view.steps[1].heartbeat_at.is_some());
+
+    let states = wait::all_settled(&env.pool, &[alive, silent], Duration::from_secs(90)).await.unwrap();
+    let (alive_st, silent_st) = (&states[0], &states[1]);
+    assert_eq!(alive_st.status, SagaStatus::Completed);
+    assert_eq!(alive_st.steps[1].attempts, 1, "heartbeats kept the only attempt alive: {:?}", alive_st.steps[1]);
+    assert!(alive_st.steps[1].progress.as_ref().and_then(|p| p["done_ms"].as_u64()).is_some_and(|ms| ms >= 25_000));
+    assert_eq!(probe::effects(&env.pool, alive).await.unwrap(), ["a:do", "work:do"]);
+    // Heartbeats are kept in the state, not as history rows.
+    let h = wait::history(&env.pool, alive).await.unwrap();
+    assert!(h.iter().all(|e| e.input_kind != "heartbeat"), "{h:?}");
+    assert!(h.iter().all(|e| e.input_kind != "timer"), "no timer fired for the step that kept beating: {h:?}");
+
+    // The silent worker's attempt timed out on its heartbeat (long before its 2 min timeout),
+    // was retried, and the retry started from the last progress reported.
+    assert_eq!(silent_st.status, SagaStatus::Completed);
+    assert_eq!(silent_st.steps[1].attempts, 2, "{:?}", silent_st.steps[1]);
+    assert_eq!(silent_st.steps[1].output.as_ref().unwrap()["resumed_from"], json!({"done": 2}));
+    let h = wait::history(&env.pool, silent).await.unwrap();
+    let timed_out = h.iter().find(|e| e.input_kind == "timer" && e.input["timer"] == "heartbeat").expect("a heartbeat timeout");
+    assert_eq!((timed_out.outcome.as_str(), &timed_out.input["attempt"]), ("applied", &json!(1)));
+    assert!(timed_out.effects.to_string().contains("no heartbeat within 5000 ms"), "{timed_out:?}");
+    assert_eq!(probe::effects(&env.pool, silent).await.unwrap(), ["a:do", "work:do"], "the dead attempt recorded nothing");
+
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_completes_on_an_external_event_and_expires_on_its_deadline() {
     let def = SagaDefinition::<Plan>::builder("approval", 1)
         .step("a", |s| probe::step(s, "a"))
@@ -244,6 +301,8 @@ async fn duplicate_and_stale_replies_are_recorded_and_change_nothing() {
         reply_to: env.names().replies_queue(),
         traceparent: None,
         body: json!({}),
+        heartbeat_ms: None,
+        progress: None,
     };
     let conn = env.amqp().await.unwrap();
     let ch = transport::confirm_channel(&conn).await.unwrap();

@@ -13,7 +13,9 @@ use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use sagaflow_amqp::transport::{self, Names};
-use sagas::protocol::{H_SAGA_ID, HeaderValue, TYPE_EVENT, TYPE_START, decode_event, decode_reply, decode_start};
+use sagas::protocol::{
+    H_SAGA_ID, HeaderValue, InboundReplyOrHeartbeat, TYPE_EVENT, TYPE_START, decode_event, decode_reply_or_heartbeat, decode_start,
+};
 use sagas::{Input, MessageId, SagaId};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -124,15 +126,16 @@ impl Consumer {
         }
     }
 
-    /// Decode the replies of `batch` (refused → dead letter) and apply them together, once the
+    /// Decode the replies and heartbeats of `batch` (refused → dead letter) and apply them together, once the
     /// batches before it with replies of the same sagas are applied (`turn`).
     async fn replies(&self, batch: Vec<Delivery>, mut turn: Turn) -> Vec<(Delivery, Verdict)> {
         tracing::debug!(replies = batch.len(), "applying a batch of replies");
         let mut settled = Vec::with_capacity(batch.len());
         let mut decoded = Vec::with_capacity(batch.len());
         for d in batch {
-            match transport::wire_from_delivery(&d, self.max_body).and_then(|m| decode_reply(&m, self.max_body)) {
-                Ok(r) => decoded.push((d, r.saga_id, Input::Reply(r.reply))),
+            match transport::wire_from_delivery(&d, self.max_body).and_then(|m| decode_reply_or_heartbeat(&m, self.max_body)) {
+                Ok(InboundReplyOrHeartbeat::Reply(r)) => decoded.push((d, r.saga_id, Input::Reply(r.reply))),
+                Ok(InboundReplyOrHeartbeat::Heartbeat(saga, h)) => decoded.push((d, saga, Input::Heartbeat(h))),
                 Err(e) => settled.push((d, Verdict::DeadLetter(e.code(), e.to_string()))),
             }
         }

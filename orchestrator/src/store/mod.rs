@@ -132,6 +132,14 @@ pub(crate) struct DecisionRows {
     pub(crate) cancel: Vec<String>,
 }
 
+impl DecisionRows {
+    /// Whether writing it would change nothing: an input that did not apply and whose history
+    /// row is not recorded (a stale heartbeat).
+    pub(crate) fn writes_nothing(&self) -> bool {
+        self.applied.is_none() && !self.history.recorded() && self.outbox.is_empty() && self.schedule.is_empty() && self.cancel.is_empty()
+    }
+}
+
 /// A timer to schedule.
 pub(crate) struct TimerRow {
     pub(crate) key: String,
@@ -175,6 +183,14 @@ pub(crate) struct HistoryRow {
     /// What the decision did, as JSON.
     pub(crate) effects: String,
     pub(crate) state_bytes: usize,
+}
+
+impl HistoryRow {
+    /// Whether the row is written: every input's but a heartbeat's (`INSERT_HISTORY` in
+    /// write.rs says the same in SQL).
+    pub(crate) fn recorded(&self) -> bool {
+        self.input_kind != "heartbeat"
+    }
 }
 
 /// A message to publish.

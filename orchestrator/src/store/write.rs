@@ -70,13 +70,14 @@ const UPDATE_STATES: &str = "upd AS (
     RETURNING i.xmin::text::int8 AS v
 )";
 
-/// One history row per decision.
+/// One history row per decision, except on a heartbeat: the state keeps the last one, and a
+/// long step's heartbeats would bury its history (see [`super::HistoryRow::recorded`]).
 const INSERT_HISTORY: &str = "h AS (
     INSERT INTO sagaflow.history (saga_id, node, input_kind, input, outcome, detail, status, effects, input_bytes, state_bytes)
     SELECT s, $1, k, i::json, o, d, st, e::json, ib, sb
     FROM UNNEST($6::uuid[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::int4[], $14::int4[])
          AS x(s, k, i, o, d, st, e, ib, sb)
-    WHERE x.s IN (SELECT id FROM ok)
+    WHERE x.s IN (SELECT id FROM ok) AND x.k <> 'heartbeat'
 )";
 
 /// The messages to publish.

@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 
 use super::Participant;
 use super::builder::Registered;
-use crate::handler::{Context, HandlerError, HandlerResult};
+use crate::handler::{Beats, Context, HandlerError, HandlerResult};
 use crate::store;
 
 /// How a run of [`Participant::execute`] ended.
@@ -96,7 +96,7 @@ impl Participant {
     async fn process_round(&self, pool: &PgPool, ch: &Channel, mut round: Vec<Item<'_>>) {
         let cmds: Vec<(&Registered, &InboundCommand)> = round.iter().map(|(_, c, r)| (*r, c)).collect();
         let started = Instant::now();
-        let result = self.execute(pool, &cmds).await;
+        let result = self.execute(pool, ch, &cmds).await;
         drop(cmds);
         if let ([(_, cmd, _)], Ok(_)) = (round.as_slice(), &result) {
             self.timed(&cmd.command, started.elapsed());
@@ -181,13 +181,13 @@ impl Participant {
     ///
     /// In a batch of several, a handler that runs past `slow_handler` is stopped and nothing is
     /// written ([`Executed::Split`]).
-    async fn execute(&self, pool: &PgPool, cmds: &[(&Registered, &InboundCommand)]) -> Result<Executed, sqlx::Error> {
+    async fn execute(&self, pool: &PgPool, ch: &Channel, cmds: &[(&Registered, &InboundCommand)]) -> Result<Executed, sqlx::Error> {
         let mut known: Vec<Option<ReplyOutcome>> = vec![None; cmds.len()];
         let mut savepoints = false;
         let limit = self.inner.config.slow_handler;
         let deadline = (cmds.len() > 1 && !limit.is_zero()).then_some(limit);
         loop {
-            match self.execute_once(pool, cmds, &mut known, savepoints, deadline).await? {
+            match self.execute_once(pool, ch, cmds, &mut known, savepoints, deadline).await? {
                 Run::Done(replies) => return Ok(Executed::Done(replies)),
                 Run::Slow { at } => return Ok(Executed::Split(at)),
                 Run::Conflict => {
@@ -205,6 +205,7 @@ impl Participant {
     async fn execute_once(
         &self,
         pool: &PgPool,
+        ch: &Channel,
         cmds: &[(&Registered, &InboundCommand)],
         known: &mut [Option<ReplyOutcome>],
         savepoints: bool,
@@ -232,7 +233,8 @@ impl Participant {
                 sqlx::raw_sql(set).execute(tx.conn()).await?;
                 savepoint = true;
             }
-            let mut cx = Context { tx: tx.conn(), cmd, touched: false };
+            let beats = Beats { ch, publishing: &self.inner.publishing, last: None };
+            let mut cx = Context { tx: tx.conn(), cmd, touched: false, beats };
             let call = reg.handler.call(&mut cx, cmd.body.clone()).instrument(span.clone());
             let result = match deadline {
                 None => call.await,

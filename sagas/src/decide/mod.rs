@@ -7,6 +7,7 @@
 //! `on_operator`; this file holds what they share.
 
 mod on_event;
+mod on_heartbeat;
 mod on_operator;
 mod on_reply;
 mod on_start;
@@ -29,6 +30,8 @@ pub enum Input {
     Start,
     /// A participant's reply.
     Reply(Reply),
+    /// A participant working on a command reported that it is alive, with its progress.
+    Heartbeat(Heartbeat),
     /// A timer came due.
     Timer(TimerKey),
     /// An external event was delivered.
@@ -48,6 +51,7 @@ impl Input {
         match self {
             Input::Start => "start",
             Input::Reply(_) => "reply",
+            Input::Heartbeat(_) => "heartbeat",
             Input::Timer(_) => "timer",
             Input::Event { .. } => "event",
             Input::Operator(_) => "operator",
@@ -68,6 +72,21 @@ pub struct Reply {
     pub attempt: u32,
     /// What happened.
     pub outcome: ReplyOutcome,
+}
+
+/// A participant's heartbeat for one command attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The message id of the command it is about (AMQP `correlation_id`).
+    pub in_reply_to: MessageId,
+    /// The step.
+    pub step: StepIndex,
+    /// Command or compensation (only a step's command keeps heartbeats).
+    pub kind: CommandKind,
+    /// The attempt.
+    pub attempt: u32,
+    /// What the participant reports of its progress (`null` when nothing).
+    pub details: Value,
 }
 
 /// A durable timer of one instance. The runtime stores one row per `(saga, key)`.
@@ -92,6 +111,13 @@ pub enum TimerKey {
         /// The attempt.
         attempt: u32,
     },
+    /// Attempt `attempt` of a step's command sent no heartbeat in time.
+    Heartbeat {
+        /// The step.
+        step: StepIndex,
+        /// The attempt.
+        attempt: u32,
+    },
     /// A wait for an external event passed its deadline.
     WaitDeadline {
         /// The wait step.
@@ -108,6 +134,7 @@ impl TimerKey {
         match self {
             TimerKey::Retry { step, kind, attempt } => format!("retry/{step}/{}/{attempt}", kind.as_str()),
             TimerKey::StepTimeout { step, kind, attempt } => format!("timeout/{step}/{}/{attempt}", kind.as_str()),
+            TimerKey::Heartbeat { step, attempt } => format!("heartbeat/{step}/{attempt}"),
             TimerKey::WaitDeadline { step } => format!("wait_deadline/{step}"),
             TimerKey::SagaDeadline => "saga_deadline".to_owned(),
         }
@@ -151,6 +178,13 @@ pub struct OutgoingCommand {
     pub command: String,
     /// The JSON body.
     pub body: Value,
+    /// The step's heartbeat timeout (ms), for the participant to pace its heartbeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+    /// The progress an earlier attempt reported in its last heartbeat, for this attempt to
+    /// carry on from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
 }
 
 /// A lifecycle event, published on the events exchange for listeners.
@@ -329,6 +363,7 @@ pub fn decide(def: &Definition, state: &SagaState, input: &Input, now: Timestamp
     let outcome = match input {
         Input::Start => on_start::handle(&mut cx),
         Input::Reply(r) => on_reply::handle(&mut cx, r),
+        Input::Heartbeat(h) => on_heartbeat::handle(&mut cx, h),
         Input::Timer(t) => on_timer::handle(&mut cx, t),
         Input::Event { name, payload } => on_event::handle(&mut cx, name, payload),
         Input::Operator(op) => on_operator::handle(&mut cx, op),
@@ -468,12 +503,13 @@ impl Cx<'_> {
                 return false;
             }
         };
-        let (participant, command, timeout) = (c.participant.clone(), c.command.clone(), c.timeout);
+        let (participant, command, timeout, heartbeat) = (c.participant.clone(), c.command.clone(), c.timeout, c.heartbeat_ms);
         let attempt = self.st.steps[i.get()].attempts + 1;
         let s = self.step_mut(i);
         s.attempts = attempt;
         s.status = StepStatus::Running;
         s.escalated = false;
+        let progress = s.progress.clone();
         let step_name = self.name(i);
         self.fx.push(Effect::Send(OutgoingCommand {
             message_id: MessageId::for_command(self.st.id, i, CommandKind::Invoke, attempt),
@@ -484,12 +520,36 @@ impl Cx<'_> {
             participant,
             command,
             body,
+            heartbeat_ms: heartbeat,
+            progress,
         }));
         if let Some(t) = timeout {
             self.schedule(TimerKey::StepTimeout { step: i, kind: CommandKind::Invoke, attempt }, self.now.plus_ms(t.after_ms));
         }
+        if let Some(ms) = heartbeat {
+            self.schedule(TimerKey::Heartbeat { step: i, attempt }, self.now.plus_ms(ms));
+        }
         self.emit(SagaEvent::StepStarted { step: step_name, attempt });
         true
+    }
+
+    /// Cancel the timers that wait on the running attempt of step `i`'s command (its timeout
+    /// and its heartbeat), except `but` (the one firing, which is consumed).
+    fn cancel_attempt_timers(&mut self, i: StepIndex, but: Option<&TimerKey>) {
+        let attempt = self.st.steps[i.get()].attempts;
+        let Some(c) = self.command_step(i) else { return };
+        let mut keys = Vec::with_capacity(2);
+        if c.timeout.is_some() {
+            keys.push(TimerKey::StepTimeout { step: i, kind: CommandKind::Invoke, attempt });
+        }
+        if c.heartbeat_ms.is_some() {
+            keys.push(TimerKey::Heartbeat { step: i, attempt });
+        }
+        for key in keys {
+            if Some(&key) != but {
+                self.cancel(key);
+            }
+        }
     }
 
     /// Step `i` failed in a way that did not change anything (its command could not be built,
@@ -623,6 +683,8 @@ impl Cx<'_> {
             participant: k.participant,
             command: k.command,
             body,
+            heartbeat_ms: None,
+            progress: None,
         }));
         if let Some(ms) = k.timeout_ms {
             self.schedule(TimerKey::StepTimeout { step: i, kind: CommandKind::Compensate, attempt }, self.now.plus_ms(ms));

@@ -59,9 +59,7 @@ fn cancel_attempt_timers(cx: &mut Cx<'_>, i: StepIndex) {
     let s = &cx.st.steps[i.get()];
     let attempt = s.attempts;
     match s.status {
-        StepStatus::Running if cx.command_step(i).is_some_and(|c| c.timeout.is_some()) => {
-            cx.cancel(TimerKey::StepTimeout { step: i, kind: CommandKind::Invoke, attempt });
-        }
+        StepStatus::Running => cx.cancel_attempt_timers(i, None),
         StepStatus::RetryScheduled => cx.cancel(TimerKey::Retry { step: i, kind: CommandKind::Invoke, attempt: attempt + 1 }),
         _ => {}
     }

@@ -1,4 +1,4 @@
-//! `Input::Timer`: a retry, timeout, wait deadline or saga deadline came due. A timer that no
+//! `Input::Timer`: a retry, timeout, heartbeat timeout, wait deadline or saga deadline came due. A timer that no
 //! longer matches the saga (its step moved on) is ignored as stale.
 
 use super::{Cx, IgnoreReason, InputOutcome, SagaEvent, TimerKey};
@@ -27,7 +27,7 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
             let _ = (kind, attempt);
             stale("no such step")
         }
-        TimerKey::WaitDeadline { step } if step.get() >= cx.def.steps.len() => stale("no such step"),
+        TimerKey::WaitDeadline { step } | TimerKey::Heartbeat { step, .. } if step.get() >= cx.def.steps.len() => stale("no such step"),
         TimerKey::Retry { step, kind: CommandKind::Invoke, attempt } => {
             let s = &cx.st.steps[step.get()];
             if cx.st.status != SagaStatus::Running || s.status != StepStatus::RetryScheduled || attempt != s.attempts + 1 {
@@ -48,7 +48,10 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
             InputOutcome::Applied
         }
         TimerKey::StepTimeout { step, kind: CommandKind::Invoke, attempt } => {
-            invoke_timeout(cx, step, attempt).unwrap_or_else(|| stale("the attempt was answered"))
+            invoke_timeout(cx, key, step, attempt).unwrap_or_else(|| stale("the attempt was answered"))
+        }
+        TimerKey::Heartbeat { step, attempt } => {
+            invoke_timeout(cx, key, step, attempt).unwrap_or_else(|| stale("the attempt was answered"))
         }
         TimerKey::StepTimeout { step, kind: CommandKind::Compensate, attempt } => {
             let s = &cx.st.steps[step.get()];
@@ -95,19 +98,30 @@ fn wait_deadline(cx: &mut Cx<'_>, step: StepIndex) -> Option<InputOutcome> {
     Some(InputOutcome::Applied)
 }
 
-fn invoke_timeout(cx: &mut Cx<'_>, i: StepIndex, attempt: u32) -> Option<InputOutcome> {
+/// Attempt `attempt` of step `i`'s command timed out: timer `key` (its timeout, or its heartbeat
+/// timeout) fired. The step's timeout policy says what follows (a heartbeat timeout on a step
+/// without one retries); `None` when the attempt is no longer running.
+fn invoke_timeout(cx: &mut Cx<'_>, key: &TimerKey, i: StepIndex, attempt: u32) -> Option<InputOutcome> {
     let s = &cx.st.steps[i.get()];
     if s.status != StepStatus::Running || attempt != s.attempts {
         return None;
     }
     let c = cx.command_step(i)?;
-    let policy = c.timeout?;
+    let (then, error) = match key {
+        TimerKey::Heartbeat { .. } => {
+            let then = c.timeout.map_or(OnTimeout::Retry, |t| t.then);
+            (then, format!("attempt {attempt} sent no heartbeat within {} ms", c.heartbeat_ms?))
+        }
+        _ => {
+            let policy = c.timeout?;
+            (policy.then, format!("attempt {attempt} got no reply within {} ms", policy.after_ms))
+        }
+    };
     let retry = c.retry.clone();
     let (escalated, used) = (s.escalated, s.used(CommandKind::Invoke));
-    let error = format!("attempt {attempt} got no reply within {} ms", policy.after_ms);
     let after_pivot = cx.st.past_pivot || cx.def.steps[i.get()].kind == StepKind::Retriable;
 
-    if policy.then == OnTimeout::Escalate {
+    if then == OnTimeout::Escalate {
         if escalated {
             return Some(Cx::ignored(IgnoreReason::Duplicate, "the attempt already escalated"));
         }
@@ -116,9 +130,11 @@ fn invoke_timeout(cx: &mut Cx<'_>, i: StepIndex, attempt: u32) -> Option<InputOu
         cx.emit(SagaEvent::Escalated { step, attempt });
         return Some(InputOutcome::Applied);
     }
+    // The attempt is over: its other timer no longer matters.
+    cx.cancel_attempt_timers(i, Some(key));
     cx.step_mut(i).maybe_applied = true;
     match cx.st.status {
-        SagaStatus::Running if policy.then == OnTimeout::Retry && retry.allows_after(used) => {
+        SagaStatus::Running if then == OnTimeout::Retry && retry.allows_after(used) => {
             let due = cx.now.plus_ms(retry.delay_after(used, cx.st.id, i, CommandKind::Invoke));
             let s = cx.step_mut(i);
             s.status = StepStatus::RetryScheduled;

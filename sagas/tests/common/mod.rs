@@ -131,6 +131,31 @@ pub fn order_saga_with_timeout(then: OnTimeout) -> SagaDefinition<Order> {
         .expect("valid definition")
 }
 
+/// reserve → charge (a long step: heartbeat timeout 5 s, and `timeout` when given, 60 s) → ship
+pub fn order_saga_with_heartbeat(timeout: Option<OnTimeout>) -> SagaDefinition<Order> {
+    SagaDefinition::builder("order_heartbeat", 1)
+        .step("reserve", |s| {
+            s.invoke(|o: &Order| Reserve { order: o.id })
+                .on_reply(|o, r: Reserved| o.reservation = Some(r.reservation))
+                .compensate(|o| Release { reservation: o.reservation.clone() })
+        })
+        .step("charge", |s| {
+            let s = s
+                .invoke(|o: &Order| Charge { amount: o.amount })
+                .on_reply(|o, r: Charged| o.charge = Some(r.charge))
+                .compensate(|o| Refund { charge: o.charge.clone() })
+                .retry(no_jitter(3))
+                .heartbeat_timeout(Duration::from_secs(5));
+            match timeout {
+                Some(then) => s.timeout(Duration::from_secs(60), then),
+                None => s,
+            }
+        })
+        .step("ship", |s| s.invoke(|o: &Order| Ship { order: o.id, express: o.express }))
+        .build()
+        .expect("valid definition")
+}
+
 /// reserve → parallel(email, sms, push) → ship
 pub fn parallel_saga() -> SagaDefinition<Order> {
     SagaDefinition::builder("parallel_order", 1)
