@@ -13,7 +13,7 @@ registry = Registry().with_resources(
 ).with_resources((name, Resource.from_contents(s)) for name, s in schemas.items())
 
 which = {
-    "command": "command", "compensation": "command",
+    "command": "command", "compensation": "command", "command_with_progress": "command", "heartbeat": "heartbeat",
     "reply_success": "reply", "reply_rejected": "reply", "reply_transient_failure": "reply",
     "start": "start", "event": "event",
     "lifecycle_completed": "lifecycle", "lifecycle_step_failed": "lifecycle", "lifecycle_stopped": "lifecycle",
@@ -35,6 +35,11 @@ bad = json.loads((root / "sagas/tests/golden/reply_success.json").read_text())
 bad["body"] = {"type": "maybe"}
 if not list(Draft202012Validator(schemas["reply.schema.json"], registry=registry).iter_errors(bad)):
     print("reply schema accepted an unknown outcome")
+    failed += 1
+bad = json.loads((root / "sagas/tests/golden/heartbeat.json").read_text())
+bad["body"]["done"] = True
+if not list(Draft202012Validator(schemas["heartbeat.schema.json"], registry=registry).iter_errors(bad)):
+    print("heartbeat schema accepted a body with another field")
     failed += 1
 print(f"schemas: {len(goldens)} golden envelopes checked, {failed} problems")
 sys.exit(1 if failed else 0)

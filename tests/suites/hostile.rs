@@ -162,6 +162,12 @@ fn reply(saga: SagaId, step: u32, outcome: &ReplyOutcome, replies: &str) -> Wire
     m
 }
 
+/// A heartbeat about step `step` of `saga`'s charge command.
+fn heartbeat(saga: SagaId, step: u32, details: &Value, replies: &str) -> WireMessage {
+    let cmd = testkit::messages::charge_command(saga, step, replies);
+    sagas::protocol::encode_heartbeat(&cmd, details, MessageId::new_random(), Timestamp::now())
+}
+
 fn with_header(mut m: WireMessage, name: &str, v: HeaderValue) -> WireMessage {
     m.headers.insert(name.into(), v);
     m
@@ -297,6 +303,21 @@ async fn no_single_input_stalls_loops_or_crashes_anything_while_normal_sagas_run
             with_header(reply(settled, 1, &ok, &replies), H_STEP_NAME, HeaderValue::Str("\0".into())),
         ),
         b.msg("reply: unknown saga", &replies, "unknown_saga", reply(SagaId::new(), 1, &ok, &replies)),
+        b.msg("heartbeat: unknown saga", &replies, "unknown_saga", heartbeat(SagaId::new(), 1, &json!({"done": 1}), &replies)),
+        b.msg("heartbeat: unknown step", &replies, "unknown_step", heartbeat(settled, 4_000_000, &json!(null), &replies)),
+        b.msg(
+            "heartbeat: details over 4 KiB",
+            &replies,
+            "oversized",
+            heartbeat(settled, 1, &json!("x".repeat(sagas::protocol::MAX_HEARTBEAT_BYTES)), &replies),
+        ),
+        b.msg("heartbeat: U+0000 in its details", &replies, "malformed_body", heartbeat(settled, 1, &json!({"at": "\u{0}"}), &replies)),
+        b.msg(
+            "heartbeat: a body that is not {details}",
+            &replies,
+            "malformed_body",
+            WireMessage { body: br#"{"type":"success"}"#.to_vec(), ..heartbeat(settled, 1, &json!(1), &replies) },
+        ),
         b.msg("reply: unknown step", &replies, "unknown_step", reply(settled, 4_000_000, &ok, &replies)),
         b.msg(
             "reply: truncated JSON",
