@@ -181,6 +181,7 @@ impl Cluster {
                 input: serde_json::to_value(Input { n, fail })?,
                 idempotency_key: None,
                 saga_id: Some(id),
+                priority: None,
             };
             let t0 = Instant::now();
             engine.start(&req, None).await?;

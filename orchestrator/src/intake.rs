@@ -123,16 +123,21 @@ pub struct Started {
 }
 
 /// The messages and timers of a decision: outbox rows, timers to schedule, keys to cancel.
-type Outgoing = (Vec<OutboxRow>, Vec<store::TimerRow>, Vec<String>);
+/// What a decision's effects write besides its state and history.
+#[derive(Default)]
+struct Outgoing {
+    outbox: Vec<OutboxRow>,
+    schedule: Vec<store::TimerRow>,
+    cancel: Vec<String>,
+    slots: store::slots::SlotRows,
+}
 
 /// The serialized parts of a decision (see [`Engine::rows`]).
 struct Rows {
     input: String,
     state: String,
     effects: String,
-    outbox: Vec<OutboxRow>,
-    schedule: Vec<store::TimerRow>,
-    cancel: Vec<String>,
+    out: Outgoing,
 }
 
 /// One decision, ready to write.
@@ -163,6 +168,8 @@ pub struct Engine {
     pub(crate) recent: Recent,
     /// Who waits for sagas to settle (woken by this node's decisions and the lifecycle events).
     pub(crate) waiters: Waiters,
+    /// Wakes this node's timers before their next poll (a resource slot was granted).
+    pub(crate) timers_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Which optional lifecycle events a node publishes (the others it always does).
@@ -197,7 +204,19 @@ impl Engine {
     ) -> Self {
         let (publisher, starts) = outbound;
         let (recent, waiters) = (Recent::default(), Waiters::new(max_waiters));
-        Self { pool, registry, names, node: node.into(), metrics: Metrics::new(), publisher, starts, events, recent, waiters }
+        Self {
+            pool,
+            registry,
+            names,
+            node: node.into(),
+            metrics: Metrics::new(),
+            publisher,
+            starts,
+            events,
+            recent,
+            waiters,
+            timers_wake: Arc::default(),
+        }
     }
 
     /// This node's metrics.
@@ -232,12 +251,17 @@ impl Engine {
         let search_keys =
             def.search_key_values(&req.input).map_err(|reason| StartError::InvalidInput { definition: def.name.clone(), reason })?;
         let id = req.saga_id.unwrap_or_default();
-        let state = SagaState::new(def, id, req.input.clone(), Timestamp::now());
+        let mut state = SagaState::new(def, id, req.input.clone(), Timestamp::now());
+        state.priority = req.priority.unwrap_or(0);
         // A malformed trace context is dropped and a new trace started (W3C): it is copied
         // into every command of the saga, so it must be one a broker and a participant can carry.
         let traceparent = traceparent.filter(|t| valid_traceparent(t)).map_or_else(|| new_traceparent(id), str::to_owned);
         // The history shows what the saga was started with.
-        let start = json!({"type": "start", "input": req.input}).to_string();
+        let start = match req.priority {
+            Some(p) if p != 0 => json!({"type": "start", "input": req.input, "priority": p}),
+            _ => json!({"type": "start", "input": req.input}),
+        }
+        .to_string();
         let mut d = self.decide(def, &state, Some(&traceparent), &Input::Start, Some(start)).map_err(|h| StartError::InvalidInput {
             definition: def.name.clone(),
             reason: format!("the definition cannot start: {h:?}"),
@@ -525,9 +549,10 @@ impl Engine {
             rows: DecisionRows {
                 applied: applied.then_some((rows.state, status)),
                 history,
-                outbox: rows.outbox,
-                schedule: rows.schedule,
-                cancel: rows.cancel,
+                outbox: rows.out.outbox,
+                schedule: rows.out.schedule,
+                cancel: rows.out.cancel,
+                slots: rows.out.slots,
             },
             handled: Handled::Decided { outcome: t.outcome, status },
             state: t.state,
@@ -550,8 +575,7 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Rows, serde_json::Error> {
         let applied = t.outcome == InputOutcome::Applied;
-        let (outbox, schedule, cancel) =
-            if applied { self.effects(def, &t.state, traceparent, &t.effects, now)? } else { Default::default() };
+        let out = if applied { self.effects(def, &t.state, traceparent, &t.effects, now)? } else { Outgoing::default() };
         Ok(Rows {
             input: match input_json {
                 Some(json) => json,
@@ -559,9 +583,7 @@ impl Engine {
             },
             state: serde_json::to_string(&t.state)?,
             effects: serde_json::to_string(&t.effects)?,
-            outbox,
-            schedule,
-            cancel,
+            out,
         })
     }
 
@@ -593,11 +615,48 @@ impl Engine {
         if !matches!(d.handled, Handled::Decided { outcome: InputOutcome::Applied, .. }) {
             return;
         }
+        if !d.rows.slots.is_empty() {
+            self.grant_slots(d.rows.slots.resources());
+        }
         self.metrics.record(d.def, input, &d.state, &d.effects, d.now.0);
         if d.state.status.is_settled() {
             tracing::info!(saga.id = %d.state.id, saga.name = %d.def.name, status = d.state.status.as_str(), "saga settled");
             self.waiters.settled(d.state.id);
         }
+    }
+
+    /// Grant what `resources` have free, in a task of its own (a decision does not wait for it),
+    /// and wake this node's timers to deliver the grants. A grant that does not happen here
+    /// (the node dies first, the database fails) happens at the next sweep (`sweep_slots`).
+    pub(crate) fn grant_slots(&self, resources: Vec<String>) {
+        let (pool, wake) = (self.pool.clone(), self.timers_wake.clone());
+        tokio::spawn(async move {
+            for r in resources {
+                match store::slots::grant(&pool, &r).await {
+                    Ok(granted) if !granted.is_empty() => {
+                        tracing::debug!(resource = %r, granted = granted.len(), "resource slots granted");
+                        wake.notify_one();
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(resource = %r, error = %e, "cannot grant resource slots now; the next sweep will"),
+                }
+            }
+        });
+    }
+
+    /// Grant what every resource with waiters has free (a safety net for grants lost with a
+    /// node that died between a commit and its grant).
+    pub(crate) async fn sweep_slots(&self) -> Result<(), sqlx::Error> {
+        let resources = store::slots::waiting_resources(&self.pool).await?;
+        let mut granted = 0;
+        for r in &resources {
+            granted += store::slots::grant(&self.pool, r).await?.len();
+        }
+        if granted > 0 {
+            tracing::info!(granted, "resource slots granted by the sweep");
+            self.timers_wake.notify_one();
+        }
+        Ok(())
     }
 
     /// The outbox rows and timer changes of `effects` (no IO).
@@ -618,6 +677,8 @@ impl Engine {
         let traceparent = exported.as_deref().or(traceparent.filter(|t| valid_traceparent(t)));
         let mut outbox = Vec::new();
         let (mut schedule, mut cancel) = (Vec::new(), Vec::new());
+        let mut slots = store::slots::SlotRows::default();
+        let int = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
         for e in effects {
             match e {
                 Effect::Send(cmd) => outbox.push(OutboxRow::new(
@@ -635,10 +696,17 @@ impl Engine {
                     let key = format!("{}.{}", def.name, ev.event.name());
                     outbox.push(OutboxRow::new(self.names.events_exchange(), key, false, encode_lifecycle(&ev, MessageId::new_random()))?);
                 }
+                Effect::Acquire { step, resource, capacity, priority } => slots.acquire.push(store::slots::Acquire {
+                    step: int(step.0),
+                    resource: resource.clone(),
+                    capacity: int(*capacity),
+                    priority: *priority,
+                }),
+                Effect::Release { step, resource } => slots.release.push((int(step.0), resource.clone())),
             }
         }
         let (schedule, cancel) = store::timer_rows(&schedule, &cancel)?;
-        Ok((outbox, schedule, cancel))
+        Ok(Outgoing { outbox, schedule, cancel, slots })
     }
 
     /// Hand what a committed decision wrote to this node's publisher, instead of waiting for a

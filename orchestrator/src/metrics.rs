@@ -42,6 +42,11 @@ struct QueueNameLabels {
     queue: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: String,
+}
+
 /// The deployment-wide readings of one scrape, from PostgreSQL and RabbitMQ.
 #[derive(Debug, Default)]
 pub(crate) struct Readings {
@@ -55,6 +60,8 @@ pub(crate) struct Readings {
     pub(crate) consumers: Vec<(String, i64)>,
     /// Ready messages in each queue the broker told (a queue it does not have is left out).
     pub(crate) queued: Vec<(String, i64)>,
+    /// Per shared resource: the steps holding a slot, and those waiting for one.
+    pub(crate) slots: Vec<(String, i64, i64)>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -104,6 +111,8 @@ struct Inner {
     awaiting_operator: Gauge,
     consumers: Family<ParticipantLabels, Gauge>,
     queued: Family<QueueNameLabels, Gauge>,
+    slots_held: Family<ResourceLabels, Gauge>,
+    slots_waiting: Family<ResourceLabels, Gauge>,
     waiters: Gauge,
     waiters_subscribed: Gauge,
     reconnects: Counter,
@@ -138,6 +147,8 @@ impl Metrics {
             awaiting_operator: Gauge::default(),
             consumers: Family::default(),
             queued: Family::default(),
+            slots_held: Family::default(),
+            slots_waiting: Family::default(),
             waiters: Gauge::default(),
             waiters_subscribed: Gauge::default(),
             reconnects: Counter::default(),
@@ -162,6 +173,8 @@ impl Metrics {
             "Messages ready in each queue (participants' commands, replies, inbound starts, their dead letters), not yet delivered",
             inner.queued.clone(),
         );
+        r.add("resource_slots_held", "Steps holding a slot of each shared resource", inner.slots_held.clone());
+        r.add("resource_slots_waiting", "Steps waiting for a slot of each shared resource", inner.slots_waiting.clone());
         r.add("waiters", "Clients of this node waiting for sagas to settle", inner.waiters.clone());
         r.add(
             "waiters_subscribed",
@@ -240,6 +253,14 @@ impl Metrics {
         }
         for (q, n) in &r.queued {
             self.inner.queued.get_or_create(&QueueNameLabels { queue: q.clone() }).set(*n);
+        }
+        // A resource nobody holds or waits for any more reads 0, not its last value.
+        self.inner.slots_held.clear();
+        self.inner.slots_waiting.clear();
+        for (resource, held, waiting) in &r.slots {
+            let labels = ResourceLabels { resource: resource.clone() };
+            self.inner.slots_held.get_or_create(&labels).set(*held);
+            self.inner.slots_waiting.get_or_create(&labels).set(*waiting);
         }
     }
 

@@ -93,6 +93,7 @@ mod tests {
             created_at: Timestamp(0),
             updated_at: Timestamp(0),
             deadline_at: None,
+            priority: 0,
         }
     }
 

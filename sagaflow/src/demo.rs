@@ -59,6 +59,7 @@ pub(crate) async fn run(config: orchestrator::Config, args: Args) -> anyhow::Res
             input: serde_json::to_value(&order)?,
             idempotency_key: None,
             saga_id: None,
+            priority: None,
         };
         let id = handle.engine().start(&req, None).await?.saga_id;
         ids.push(id);

@@ -130,10 +130,22 @@ pub struct CommandStep {
     /// heartbeat is a timeout of the attempt, with the consequence of [`Self::timeout`]
     /// (`OnTimeout::Retry` when the step has no timeout).
     pub heartbeat_ms: Option<u64>,
+    /// The shared resource the step's command holds a slot of while it runs, if any.
+    pub limit: Option<Limit>,
     /// The compensation, if the step changed something that must be undone.
     pub compensation: Option<Compensation>,
     pub(crate) build: BuildFn,
     pub(crate) on_reply: Option<ApplyFn>,
+}
+
+/// A shared resource a step holds while its command runs, and how many steps (of any saga, on
+/// any node) may hold it at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limit {
+    /// The resource's name (`gpu-pool`): the same name in several definitions is one resource.
+    pub resource: String,
+    /// How many may hold it at once (at least 1).
+    pub capacity: u32,
 }
 
 /// A step's compensation.
@@ -263,11 +275,14 @@ impl Definition {
                             retry: c.retry.clone(),
                             timeout: c.timeout,
                             heartbeat_ms: c.heartbeat_ms,
-                            compensation: c.compensation.as_ref().map(|k| CompensationSpec {
-                                participant: k.participant.clone(),
-                                command: k.command.clone(),
-                                retry: k.retry.clone(),
-                                timeout_ms: k.timeout_ms,
+                            limit: c.limit.clone(),
+                            compensation: c.compensation.as_ref().map(|k| {
+                                Box::new(CompensationSpec {
+                                    participant: k.participant.clone(),
+                                    command: k.command.clone(),
+                                    retry: k.retry.clone(),
+                                    timeout_ms: k.timeout_ms,
+                                })
                             }),
                         },
                         StepAction::Wait(w) => StepActionSpec::Wait {
@@ -317,7 +332,9 @@ pub enum StepActionSpec {
         timeout: Option<TimeoutPolicy>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         heartbeat_ms: Option<u64>,
-        compensation: Option<CompensationSpec>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<Limit>,
+        compensation: Option<Box<CompensationSpec>>,
     },
     Wait {
         event: String,
@@ -563,6 +580,17 @@ fn check_step_settings(s: &StepDef) -> std::result::Result<(), String> {
             if c.heartbeat_ms == Some(0) {
                 return Err(format!("step `{}`: heartbeat timeout must be longer than zero", s.name));
             }
+            if let Some(l) = &c.limit {
+                if !valid_name(&l.resource) {
+                    return Err(format!(
+                        "step `{}`: resource name `{}` must be 1-100 characters of a-z, A-Z, 0-9, `_`, `-` or `.`",
+                        s.name, l.resource
+                    ));
+                }
+                if l.capacity == 0 {
+                    return Err(format!("step `{}`: resource `{}` needs a capacity of at least 1", s.name, l.resource));
+                }
+            }
             if c.command.is_empty() || c.participant.is_empty() {
                 return Err(format!("step `{}`: command and participant names must not be empty", s.name));
             }
@@ -643,6 +671,7 @@ pub struct StepBuilder<D, C> {
     compensation_timeout: Option<u64>,
     timeout: Option<TimeoutPolicy>,
     heartbeat: Option<u64>,
+    limit: Option<Limit>,
     condition: Option<PredicateFn>,
     meta: Option<(&'static str, &'static str)>,
     _types: PhantomData<fn(D, C)>,
@@ -661,6 +690,7 @@ impl<D: SagaData> StepBuilder<D, NoCommand> {
             compensation_timeout: None,
             timeout: None,
             heartbeat: None,
+            limit: None,
             condition: None,
             meta: None,
             _types: PhantomData,
@@ -681,6 +711,7 @@ impl<D: SagaData> StepBuilder<D, NoCommand> {
             compensation_timeout: self.compensation_timeout,
             timeout: self.timeout,
             heartbeat: self.heartbeat,
+            limit: self.limit,
             condition: self.condition,
             meta: Some((C::NAME, C::PARTICIPANT)),
             _types: PhantomData,
@@ -708,6 +739,7 @@ impl<D: SagaData, C: Command> StepBuilder<D, C> {
                 retry: self.retry.unwrap_or(default_retry),
                 timeout: self.timeout,
                 heartbeat_ms: self.heartbeat,
+                limit: self.limit,
                 compensation: self.compensation.map(|(command, participant, build)| Compensation {
                     participant,
                     command,
@@ -762,6 +794,17 @@ impl<D: SagaData, C> StepBuilder<D, C> {
     /// hours while a worker that died is noticed within `after`.
     pub fn heartbeat_timeout(mut self, after: Duration) -> Self {
         self.heartbeat = Some(millis(after));
+        self
+    }
+
+    /// The step's command holds a slot of shared resource `resource` while it runs: at most
+    /// `capacity` steps (of any saga and definition naming it, across all nodes) hold one at
+    /// once. A step reaching it when every slot is taken waits (status `awaiting_slot`) and
+    /// takes a freed slot in order of its saga's priority, then of arrival. The slot is held
+    /// across the command's retries and given back when the step completes, fails, times out
+    /// or is cancelled.
+    pub fn limit(mut self, resource: impl Into<String>, capacity: u32) -> Self {
+        self.limit = Some(Limit { resource: resource.into(), capacity });
         self
     }
 

@@ -584,6 +584,10 @@ pub struct StartRequest {
     /// The id to give the saga; a new one when absent.
     #[serde(default)]
     pub saga_id: Option<SagaId>,
+    /// The saga's priority (higher first; 0 when absent): its steps waiting for a resource slot
+    /// take one before those of sagas with a lower priority.
+    #[serde(default)]
+    pub priority: Option<i32>,
 }
 
 /// Validate a start message.

@@ -205,6 +205,8 @@ pub enum StepStatus {
     Pending,
     /// Its condition was false, or its wait passed the deadline with `OnDeadline::Continue`.
     Skipped,
+    /// Waiting for a slot of the shared resource its command holds (see `StepBuilder::limit`).
+    AwaitingSlot,
     /// Command sent (attempt [`StepState::attempts`]), waiting for the reply.
     Running,
     /// The last attempt failed transiently; the next one is due by a timer.
@@ -270,6 +272,9 @@ pub struct StepState {
     /// When the last heartbeat was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_at: Option<Timestamp>,
+    /// Whether the step holds a slot of its resource.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub slot: bool,
 }
 
 impl StepState {
@@ -289,6 +294,7 @@ impl StepState {
             output: None,
             progress: None,
             heartbeat_at: None,
+            slot: false,
         }
     }
 
@@ -335,6 +341,14 @@ pub struct SagaState {
     pub updated_at: Timestamp,
     /// When the saga deadline passes; cleared once the deadline was handled or cannot matter.
     pub deadline_at: Option<Timestamp>,
+    /// Its priority (higher first; default 0): waiting steps take freed resource slots by
+    /// priority, then by arrival.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 impl SagaState {
@@ -356,6 +370,7 @@ impl SagaState {
             created_at: now,
             updated_at: now,
             deadline_at: def.deadline_ms.map(|ms| now.plus_ms(ms)),
+            priority: 0,
         }
     }
 

@@ -47,6 +47,7 @@ pub struct SagaTest {
     sent: Vec<OutgoingCommand>,
     events: Vec<SagaEvent>,
     last: Option<InputOutcome>,
+    slots: std::collections::BTreeSet<StepIndex>,
 }
 
 impl SagaTest {
@@ -61,7 +62,16 @@ impl SagaTest {
         let id = SagaId(uuid::Uuid::from_u128(0x5a6a));
         let now = Timestamp(1_000_000);
         let state = SagaState::new(&def, id, input, now);
-        let mut t = Self { def, state, now, timers: BTreeMap::new(), sent: Vec::new(), events: Vec::new(), last: None };
+        let mut t = Self {
+            def,
+            state,
+            now,
+            timers: BTreeMap::new(),
+            sent: Vec::new(),
+            events: Vec::new(),
+            last: None,
+            slots: std::collections::BTreeSet::new(),
+        };
         t.apply(&Input::Start)?;
         Ok(t)
     }
@@ -83,6 +93,12 @@ impl SagaTest {
                     self.timers.remove(&key.id());
                 }
                 Effect::Emit(ev) => self.events.push(ev.clone()),
+                Effect::Acquire { step, .. } => {
+                    self.slots.insert(*step);
+                }
+                Effect::Release { step, .. } => {
+                    self.slots.remove(step);
+                }
             }
         }
         self.state = t.state.clone();
@@ -142,6 +158,17 @@ impl SagaTest {
     /// When: `step`'s current compensation attempt fails transiently.
     pub fn fail_compensation(&mut self, step: &str) -> InputOutcome {
         self.answer(step, CommandKind::Compensate, ReplyOutcome::TransientFailure { message: "compensation failed (test)".into() })
+    }
+
+    /// When: the resource `step` waits for grants it a slot.
+    pub fn grant(&mut self, step: &str) -> InputOutcome {
+        let i = self.step_index(step);
+        self.apply(&Input::Timer(TimerKey::SlotGranted { step: i })).expect("decide").outcome
+    }
+
+    /// Then: the steps queued for or holding a resource slot (acquired and not released).
+    pub fn slots(&self) -> Vec<&str> {
+        self.slots.iter().map(|i| self.def.steps[i.get()].name.as_str()).collect()
     }
 
     /// When: external event `name` arrives.

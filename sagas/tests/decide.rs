@@ -288,6 +288,94 @@ fn heartbeats_of_compensations_unknown_commands_and_settled_steps_are_stale() {
     stale(&mut t, hb(reserve.message_id, 0, CommandKind::Invoke, 1));
 }
 
+fn slot_effects(tr: &sagas::Transition) -> Vec<String> {
+    tr.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Acquire { step, resource, capacity, priority } => {
+                Some(format!("acquire {resource} {capacity} step {step} p{priority}"))
+            }
+            Effect::Release { step, resource } => Some(format!("release {resource} step {step}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_limited_step_waits_for_its_slot_holds_it_across_retries_and_gives_it_back() {
+    let mut t = SagaTest::start(&order_saga_with_limit(), &order()).unwrap();
+    let r = t.reply_to("reserve", CommandKind::Invoke, ReplyOutcome::Success { output: json!({"reservation": "r-1"}) });
+    let tr = t.apply(&Input::Reply(r)).unwrap();
+    assert_eq!(slot_effects(&tr), ["acquire payments 2 step 1 p0"]);
+    assert_eq!(t.step_status("charge"), StepStatus::AwaitingSlot);
+    assert_eq!(t.invocations_sent(), vec!["reserve"], "nothing is sent before the slot");
+    assert!(t.timers().is_empty(), "a waiting step has no timeout running: {:?}", t.timers());
+
+    let tr = t.apply(&Input::Timer(TimerKey::SlotGranted { step: StepIndex(1) })).unwrap();
+    assert!(slot_effects(&tr).is_empty());
+    assert_eq!(t.step_status("charge"), StepStatus::Running);
+    assert!(t.state().steps[1].slot);
+    assert_eq!(t.invocations_sent(), vec!["reserve", "charge"]);
+    // A second grant (a duplicate timer) is stale.
+    assert!(ignored(&t.grant("charge"), IgnoreReason::Stale));
+
+    // Retries keep the slot.
+    t.fail_transiently("charge");
+    t.advance(1_000);
+    assert_eq!(t.invocations_sent(), vec!["reserve", "charge", "charge"]);
+    assert_eq!(t.slots(), vec!["charge"]);
+    let r = t.reply_to("charge", CommandKind::Invoke, ReplyOutcome::Success { output: json!({"charge": "c-1"}) });
+    let tr = t.apply(&Input::Reply(r)).unwrap();
+    assert_eq!(slot_effects(&tr), ["release payments step 1"], "completing gives the slot back");
+    assert!(!t.state().steps[1].slot);
+    assert!(t.slots().is_empty());
+    t.succeed("ship", Value::Null);
+    assert_eq!(t.status(), SagaStatus::Completed);
+}
+
+#[test]
+fn a_step_that_fails_or_is_aborted_gives_its_slot_or_its_place_back() {
+    // Rejected while holding the slot: released, and the saga compensates.
+    let mut t = SagaTest::start(&order_saga_with_limit(), &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    t.grant("charge");
+    let r = t.reply_to("charge", CommandKind::Invoke, ReplyOutcome::Rejected { code: "declined".into(), message: String::new() });
+    assert_eq!(slot_effects(&t.apply(&Input::Reply(r)).unwrap()), ["release payments step 1"]);
+    t.succeed_compensation("reserve");
+    assert_eq!(t.status(), SagaStatus::Compensated);
+    assert!(t.slots().is_empty());
+
+    // Aborted while waiting: its place in the queue is given back, nothing was sent.
+    let mut t = SagaTest::start(&order_saga_with_limit(), &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    let tr = t.apply(&Input::Operator(OperatorCommand::Abort { reason: "test".into() })).unwrap();
+    assert_eq!(slot_effects(&tr), ["release payments step 1"]);
+    assert_eq!(t.step_status("charge"), StepStatus::Cancelled);
+    assert_eq!(t.compensations_sent(), vec!["reserve"], "a step that never ran is not compensated");
+    // The grant that crossed the abort is stale and sends nothing.
+    assert!(ignored(&t.grant("charge"), IgnoreReason::Stale));
+    assert_eq!(t.invocations_sent(), vec!["reserve"]);
+}
+
+#[test]
+fn a_saga_s_priority_goes_with_its_request_for_a_slot() {
+    let def = order_saga_with_limit();
+    let (data, d) = (def.encode_input(&order()).unwrap(), def.erased());
+    let mut st = SagaState::new(&d, sagas::SagaId::new(), data, Timestamp(0));
+    st.priority = 7;
+    let started = decide(&d, &st, &Input::Start, Timestamp(1)).unwrap();
+    let reserve = started.commands().next().unwrap().clone();
+    let reply = Reply {
+        in_reply_to: reserve.message_id,
+        step: StepIndex(0),
+        kind: CommandKind::Invoke,
+        attempt: 1,
+        outcome: ReplyOutcome::Success { output: json!({"reservation": "r"}) },
+    };
+    let tr = decide(&d, &started.state, &Input::Reply(reply), Timestamp(2)).unwrap();
+    assert_eq!(slot_effects(&tr), ["acquire payments 2 step 1 p7"]);
+}
+
 #[test]
 fn escalation_emits_an_event_and_keeps_waiting() {
     let mut t = SagaTest::start(&order_saga_with_timeout(OnTimeout::Escalate), &order()).unwrap();

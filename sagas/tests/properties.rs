@@ -12,8 +12,10 @@
 //! 4. compensations are issued exactly for the compensatable steps that completed (or may
 //!    have: timed out), in reverse order of completion (steps that settle in the same
 //!    transition, such as branches marked timed out when their group fails, in any order);
-//! 5. a fair continuation (every command answered, every timer fired) ends every saga in
-//!    `completed` or `compensated`.
+//! 5. a fair continuation (every command answered, every timer fired, every slot granted) ends
+//!    every saga in `completed` or `compensated`;
+//! 6. a resource slot is acquired and released once per wait, held only by a step that waits
+//!    for it or runs with it, and none is left by a saga that ended.
 
 mod common;
 
@@ -54,6 +56,7 @@ struct CmdSpec {
     comp_timeout: bool,
     cond: Option<usize>,
     heartbeat: bool,
+    limit: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -80,8 +83,9 @@ fn cmd_spec() -> impl Strategy<Value = CmdSpec> {
         any::<bool>(),
         prop_oneof![3 => Just(None), 1 => (0usize..4).prop_map(Some)],
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(comp, max, comp_max, timeout, comp_timeout, cond, heartbeat)| CmdSpec {
+        .prop_map(|(comp, max, comp_max, timeout, comp_timeout, cond, heartbeat, limit)| CmdSpec {
             comp,
             max,
             comp_max,
@@ -89,6 +93,7 @@ fn cmd_spec() -> impl Strategy<Value = CmdSpec> {
             comp_timeout,
             cond,
             heartbeat,
+            limit,
         })
 }
 
@@ -116,6 +121,7 @@ fn saga_spec() -> impl Strategy<Value = SagaSpec> {
                         comp_timeout: false,
                         cond: None,
                         heartbeat: false,
+                        limit: false,
                     });
                 }
                 for n in nodes.iter_mut().skip(p + 1) {
@@ -147,6 +153,9 @@ fn configure(s: StepBuilder<Value, NoCommand>, c: &CmdSpec, kind: Option<StepKin
     }
     if c.heartbeat {
         s = s.heartbeat_timeout(Duration::from_millis(120));
+    }
+    if c.limit {
+        s = s.limit("pool", 2);
     }
     if let Some(k) = c.cond {
         s = s.when(move |d: &Value| d["flags"][k].as_bool().unwrap_or(true));
@@ -207,6 +216,7 @@ enum Action {
     Reply(usize, u8),
     Replay(usize, u8),
     Heartbeat(usize),
+    Grant(usize),
     Timer(usize),
     OldTimer(usize),
     Event(usize),
@@ -219,6 +229,7 @@ fn action() -> impl Strategy<Value = Action> {
         6 => (any::<usize>(), 0u8..10).prop_map(|(p, o)| Action::Reply(p, o)),
         1 => (any::<usize>(), 0u8..10).prop_map(|(p, o)| Action::Replay(p, o)),
         2 => any::<usize>().prop_map(Action::Heartbeat),
+        2 => any::<usize>().prop_map(Action::Grant),
         3 => any::<usize>().prop_map(Action::Timer),
         1 => any::<usize>().prop_map(Action::OldTimer),
         1 => any::<usize>().prop_map(Action::Event),
@@ -256,6 +267,8 @@ struct Observed {
     /// sends per (step, kind) in the current budget
     budget: BTreeMap<(String, CommandKind), u32>,
     all_timers: Vec<TimerKey>,
+    /// steps queued for or holding a resource slot (acquired, not yet released)
+    slots: HashSet<sagas::StepIndex>,
 }
 
 struct Checker<'a> {
@@ -273,11 +286,17 @@ impl Checker<'_> {
             prop_assert_eq!(&tr.state, &before, "{:?} was {:?} but changed the state", input, tr.outcome);
             prop_assert!(tr.effects.is_empty());
         }
-        // a timer that was not scheduled never applies
-        if let Input::Timer(k) = input
-            && !scheduled_before.contains(&k.id())
-        {
-            prop_assert!(tr.outcome != InputOutcome::Applied, "unscheduled timer {:?} applied", k);
+        // a timer that was not scheduled never applies; a slot (granted by the runtime, not
+        // scheduled by the saga) only to a step that waits for one
+        match input {
+            Input::Timer(TimerKey::SlotGranted { step }) => {
+                let waited = before.steps[step.get()].status == StepStatus::AwaitingSlot && before.status == SagaStatus::Running;
+                prop_assert_eq!(tr.applied(), waited, "slot for {:?} ({:?})", step, before.steps[step.get()].status);
+            }
+            Input::Timer(k) if !scheduled_before.contains(&k.id()) => {
+                prop_assert!(tr.outcome != InputOutcome::Applied, "unscheduled timer {:?} applied", k);
+            }
+            _ => {}
         }
         if let Input::Operator(OperatorCommand::Resume | OperatorCommand::RetryCompensation) = input
             && tr.applied()
@@ -309,6 +328,9 @@ impl Checker<'_> {
                     }
                 }
                 Effect::Schedule { key, .. } => self.obs.all_timers.push(key.clone()),
+                // 6. slots: acquired once, released once, never held without being acquired
+                Effect::Acquire { step, .. } => prop_assert!(self.obs.slots.insert(*step), "{:?} acquired twice", step),
+                Effect::Release { step, .. } => prop_assert!(self.obs.slots.remove(step), "{:?} released without a slot", step),
                 _ => {}
             }
         }
@@ -349,7 +371,7 @@ impl Checker<'_> {
         let st = t.state();
         let timers: HashSet<String> = t.timers().iter().map(|(k, _)| k.id()).collect();
         let active = st.steps.iter().enumerate().any(|(i, s)| match s.status {
-            StepStatus::Running | StepStatus::Waiting | StepStatus::Compensating => true,
+            StepStatus::Running | StepStatus::Waiting | StepStatus::Compensating | StepStatus::AwaitingSlot => true,
             StepStatus::RetryScheduled => {
                 timers.contains(&TimerKey::Retry { step: step_index(i), kind: CommandKind::Invoke, attempt: s.attempts + 1 }.id())
             }
@@ -369,6 +391,17 @@ impl Checker<'_> {
                 let k = TimerKey::Heartbeat { step: step_index(i), attempt: s.attempts };
                 prop_assert!(timers.contains(&k.id()), "running attempt without its heartbeat timer: {:?}", k);
             }
+        }
+        for (i, s) in st.steps.iter().enumerate() {
+            let queued_or_held = s.status == StepStatus::AwaitingSlot || s.slot;
+            prop_assert_eq!(
+                queued_or_held,
+                self.obs.slots.contains(&step_index(i)),
+                "step {} ({:?}, slot {}) and the slots acquired disagree",
+                i,
+                s.status,
+                s.slot
+            );
         }
         match st.status {
             SagaStatus::Completed | SagaStatus::Compensated => {
@@ -433,6 +466,8 @@ fn run(spec: SagaSpec, actions: Vec<Action>) -> Result<(), TestCaseError> {
     let erased = def.erased();
     let mut t = SagaTest::start(&def, &json!({"flags": spec.flags})).unwrap();
     let mut ck = Checker { def: &erased, obs: Observed::default() };
+    // what the start (applied before the checker watched) queued for
+    ck.obs.slots = t.slots().into_iter().map(|n| erased.step_named(n).unwrap().index).collect();
     ck.check_state(&t)?;
     for a in actions {
         let input = match a {
@@ -459,6 +494,13 @@ fn run(spec: SagaSpec, actions: Vec<Action>) -> Result<(), TestCaseError> {
                 let c = &t.sent()[p % t.sent().len()];
                 let details = json!({"done": p % 100});
                 Input::Heartbeat(Heartbeat { in_reply_to: c.message_id, step: c.step, kind: c.kind, attempt: c.attempt, details })
+            }
+            // a slot granted to any step: mostly one that waits for it, sometimes any other
+            Action::Grant(p) => {
+                let waiting: Vec<usize> =
+                    t.state().steps.iter().enumerate().filter(|(_, s)| s.status == StepStatus::AwaitingSlot).map(|(i, _)| i).collect();
+                let i = if !waiting.is_empty() && p % 4 != 0 { waiting[p % waiting.len()] } else { p % erased.steps.len() };
+                Input::Timer(TimerKey::SlotGranted { step: step_index(i) })
             }
             Action::Timer(p) => {
                 let timers = t.timers();
@@ -503,6 +545,8 @@ fn run(spec: SagaSpec, actions: Vec<Action>) -> Result<(), TestCaseError> {
             Input::Reply(t.reply_to(step, *kind, ReplyOutcome::Success { output: json!({}) }))
         } else if let Some((k, _)) = t.timers().into_iter().min_by_key(|(_, d)| *d) {
             Input::Timer(k)
+        } else if let Some(i) = t.state().steps.iter().position(|s| s.status == StepStatus::AwaitingSlot) {
+            Input::Timer(TimerKey::SlotGranted { step: step_index(i) })
         } else if t.status() == SagaStatus::Stopped {
             Input::Operator(OperatorCommand::Resume)
         } else if let Some(i) = t.state().steps.iter().position(|s| s.status == StepStatus::Waiting) {

@@ -22,6 +22,7 @@ pub fn order(order_id: &str, destination: &str, flaky_shipping: u32) -> StartReq
         input: serde_json::to_value(o).expect("an order encodes"),
         idempotency_key: None,
         saga_id: None,
+        priority: None,
     }
 }
 

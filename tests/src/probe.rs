@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use participants_sdk::{Context, Handler, HandlerError, HandlerResult, Participant, ParticipantConfig};
 use sagas::definition::StepBuilder;
-use sagas::{Command, NoCommand, SagaId};
+use sagas::{Command, NoCommand, SagaDefinition, SagaId};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -39,6 +39,12 @@ pub enum Behavior {
         ms: u64,
         /// How often the handler calls `heartbeat`.
         every_ms: u64,
+    },
+    /// Succeed after `ms` milliseconds, counted while it runs in [`running`] (how many
+    /// commands of the step's key run at once in this process, and the most seen).
+    Held {
+        /// The delay.
+        ms: u64,
     },
     /// A worker that dies on the first attempt: it reports `{"done": n}` for n = 1..=`beats`
     /// (one heartbeat every `every_ms`), then goes silent for `silent_ms` and fails
@@ -191,6 +197,10 @@ impl Handler<Probe> for ProbeService {
                 return Err(HandlerError::Transient(anyhow::anyhow!("step {} died after {beats} heartbeats", cmd.key)));
             }
             Behavior::BeatThenDie { .. } => {}
+            Behavior::Held { ms } => {
+                let _running = Running::start(&cmd.key);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
         }
         record(cx, &cmd.key, "do").await?;
         Ok(Probed { key: cmd.key, resumed_from: cx.progress().cloned() })
@@ -211,6 +221,62 @@ impl Handler<Undo> for ProbeService {
         }
         record(cx, &cmd.key, "undo").await
     }
+}
+
+/// Commands of each key running now in this process, and the most seen at once.
+static RUNNING: std::sync::Mutex<BTreeMap<String, (usize, usize)>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// One [`Behavior::Held`] command running; counted out when dropped (also when a handler is
+/// stopped where it is).
+struct Running(String);
+
+impl Running {
+    fn start(key: &str) -> Self {
+        let mut all = RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let e = all.entry(key.to_owned()).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+        Self(key.to_owned())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut all = RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(e) = all.get_mut(&self.0) {
+            e.0 -= 1;
+        }
+    }
+}
+
+/// `(now, most)`: how many [`Behavior::Held`] commands of `key` run in this process now, and
+/// the most that ran at once.
+pub fn running(key: &str) -> (usize, usize) {
+    RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).copied().unwrap_or_default()
+}
+
+/// Probe definitions with shared-resource limits, served by the `probe-node` binary:
+/// `limited` (a → `gpu`, holding a slot of `gpu-pool`, 2 at once → b) and `solo` (one step
+/// `x`, holding `solo-pool`, 1 at once).
+pub fn limited_definitions() -> Vec<SagaDefinition<Plan>> {
+    let limited = SagaDefinition::<Plan>::builder("limited", 1)
+        .step("a", |s| step(s, "a"))
+        .step("gpu", |s| step(s, "gpu").limit("gpu-pool", 2))
+        .step("b", |s| step(s, "b"))
+        .build()
+        .expect("a valid definition");
+    let solo =
+        SagaDefinition::<Plan>::builder("solo", 1).step("x", |s| step(s, "x").limit("solo-pool", 1)).build().expect("a valid definition");
+    vec![limited, solo]
+}
+
+/// What the `probe-node` binary serves: the bundled example and [`limited_definitions`].
+pub fn node_registry() -> anyhow::Result<sagas::Registry> {
+    let mut r = sagaflow::registry()?;
+    for d in limited_definitions() {
+        r.register(d.erased())?;
+    }
+    Ok(r)
 }
 
 async fn record(cx: &mut Context<'_>, key: &str, kind: &str) -> HandlerResult<()> {
@@ -272,5 +338,6 @@ pub fn start_request(definition: &str, plan: &Plan) -> sagas::protocol::StartReq
         input: serde_json::to_value(plan).expect("a plan encodes"),
         idempotency_key: None,
         saga_id: None,
+        priority: None,
     }
 }

@@ -21,6 +21,7 @@ async fn a_signup_opens_an_account_and_a_refused_mail_closes_it_again() {
         input: serde_json::json!({ "email": email }),
         idempotency_key: None,
         saga_id: None,
+        priority: None,
     };
     let ok = node.engine().start(&start("ada@example.org"), None).await.unwrap().saga_id;
     let bounced = node.engine().start(&start("bob@bounce.example"), None).await.unwrap().saga_id;

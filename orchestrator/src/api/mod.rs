@@ -351,9 +351,10 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult<Response> {
     .fetch_one(pool)
     .await
     .map_err(OpsError::from)?;
+    let slots = crate::store::slots::usage(pool).await.map_err(OpsError::from)?;
     let (consumers, queued) = broker_queues(&s).await;
     let metrics = s.engine.metrics();
-    metrics.set_gauges(&crate::metrics::Readings { outbox, in_flight, stopped, consumers, queued });
+    metrics.set_gauges(&crate::metrics::Readings { outbox, in_flight, stopped, consumers, queued, slots });
     metrics.set_waiters(s.engine.waiters.waiting(), s.engine.waiters.subscribed());
     Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode()).into_response())
 }

@@ -37,6 +37,10 @@ pub struct StartArgs {
     /// The same key twice starts one saga.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// The saga's priority (higher first, default 0): its steps waiting for a resource slot
+    /// take one before those of sagas with a lower priority.
+    #[arg(long, allow_negative_numbers = true)]
+    priority: Option<i32>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -159,6 +163,7 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
                 input: json_arg("--input", &a.input)?,
                 idempotency_key: a.idempotency_key,
                 saga_id: None,
+                priority: a.priority,
             };
             let started = engine.start(&req, None).await.map_err(OpsError::from)?;
             if a.json {

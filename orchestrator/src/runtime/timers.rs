@@ -1,6 +1,7 @@
 //! Durable timers: every `timer_poll_ms` the node reads the due timers and fires each in its
 //! own transaction (instance locked with `SKIP LOCKED`, timer row deleted, `decide`, write).
-//! Nodes race harmlessly: the row is deleted by whoever fires it first.
+//! Nodes race harmlessly: the row is deleted by whoever fires it first. The same loop sweeps
+//! the resource slots (`store::slots`).
 
 use std::time::Duration;
 
@@ -9,17 +10,30 @@ use tokio_util::sync::CancellationToken;
 use crate::intake::{Engine, Handled};
 use crate::store;
 
-/// Fire due timers until `token` is cancelled.
+/// How often a node grants what every resource with waiters has free, whatever else happens
+/// (a grant lost with a node that died between a commit and its grant is made then).
+const SLOT_SWEEP: Duration = Duration::from_secs(3);
+
+/// Fire due timers until `token` is cancelled; woken early by `engine.timers_wake` (a resource
+/// slot was granted: its timer is due now).
 pub(crate) async fn run(engine: Engine, poll: Duration, batch: u32, token: CancellationToken) {
+    let mut swept = tokio::time::Instant::now();
     loop {
         match fire_due(&engine, i64::from(batch)).await {
             Ok(n) if n >= batch as usize => continue,
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "timers: database error; retrying"),
         }
+        if swept.elapsed() >= SLOT_SWEEP {
+            swept = tokio::time::Instant::now();
+            if let Err(e) = engine.sweep_slots().await {
+                tracing::warn!(error = %e, "resource slots: database error; retrying at the next sweep");
+            }
+        }
         tokio::select! {
             () = token.cancelled() => return,
             () = tokio::time::sleep(poll) => {}
+            () = engine.timers_wake.notified() => {}
         }
     }
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr};
 
+pub(crate) mod slots;
 pub(crate) mod write;
 
 pub(crate) use write::Guard;
@@ -27,6 +28,7 @@ pub fn migrator() -> Migrator {
         migration(4, "json_documents", include_str!("../../migrations/0004_json_documents.sql")),
         migration(5, "search_keys", include_str!("../../migrations/0005_search_keys.sql")),
         migration(6, "nodes", include_str!("../../migrations/0006_nodes.sql")),
+        migration(7, "resource_slots", include_str!("../../migrations/0007_resource_slots.sql")),
     ];
     let mut m = Migrator::with_migrations(migrations);
     m.create_schema("sagaflow");
@@ -130,13 +132,20 @@ pub(crate) struct DecisionRows {
     /// Keys of timers to cancel (none also scheduled: a statement cannot both move and delete
     /// a row).
     pub(crate) cancel: Vec<String>,
+    /// Resource slots queued for and given back.
+    pub(crate) slots: slots::SlotRows,
 }
 
 impl DecisionRows {
     /// Whether writing it would change nothing: an input that did not apply and whose history
     /// row is not recorded (a stale heartbeat).
     pub(crate) fn writes_nothing(&self) -> bool {
-        self.applied.is_none() && !self.history.recorded() && self.outbox.is_empty() && self.schedule.is_empty() && self.cancel.is_empty()
+        self.applied.is_none()
+            && !self.history.recorded()
+            && self.outbox.is_empty()
+            && self.schedule.is_empty()
+            && self.cancel.is_empty()
+            && self.slots.is_empty()
     }
 }
 

@@ -12,9 +12,9 @@
 //! parts a write needs, each a named constant below that writes only the sagas in `ok`:
 //! their states, history rows, outbox rows and timers. Every part costs PostgreSQL executor
 //! work even with no rows, so a statement carries only the parts its decisions need. The
-//! parameters are numbered the same in every statement: $1 the node, $2–$27 the decisions'
-//! rows (bound by every mode, referenced or not), $28 on those of the mode's gate, then (starts
-//! with search keys only) $36–$38 the keys.
+//! parameters are numbered the same in every statement: $1 the node, $2–$34 the decisions'
+//! rows (bound by every mode, referenced or not), $35 on those of the mode's gate, then (starts
+//! with search keys only) $43–$45 the keys.
 
 use sqlx::{AssertSqlSafe, PgExecutor};
 
@@ -25,7 +25,7 @@ use super::{DecisionRows, NewInstance};
 const GATE_NEW: &str = "ins AS (
     INSERT INTO sagaflow.instances (id, definition, version, status, state, idempotency_key, traceparent, decided_by, finished_at)
     SELECT id, d, v, st, state::json, k, t, $1, CASE WHEN f THEN now() END
-    FROM UNNEST($28::uuid[], $29::text[], $30::int4[], $31::text[], $32::text[], $33::text[], $34::text[], $35::bool[])
+    FROM UNNEST($35::uuid[], $36::text[], $37::int4[], $38::text[], $39::text[], $40::text[], $41::text[], $42::bool[])
         AS n(id, d, v, st, state, k, t, f)
     ON CONFLICT DO NOTHING RETURNING id, xmin::text::int8 AS v
 ), ok AS (SELECT id FROM ins)";
@@ -33,27 +33,27 @@ const GATE_NEW: &str = "ins AS (
 /// Starts' search keys, for the sagas inserted.
 const INSERT_SEARCH_KEYS: &str = "sk AS (
     INSERT INTO sagaflow.search_keys (saga_id, key, value)
-    SELECT s, k, v FROM UNNEST($36::uuid[], $37::text[], $38::text[]) AS x(s, k, v) WHERE x.s IN (SELECT id FROM ok)
+    SELECT s, k, v FROM UNNEST($43::uuid[], $44::text[], $45::text[]) AS x(s, k, v) WHERE x.s IN (SELECT id FROM ok)
 )";
 
 /// Guarded: lock the sagas still at the version read (`cas`), in id order; `ok` is those.
 const GATE_GUARDED: &str = "cas AS (
-    SELECT i.id FROM sagaflow.instances i JOIN UNNEST($28::uuid[], $29::int8[]) AS g(id, v) ON i.id = g.id
+    SELECT i.id FROM sagaflow.instances i JOIN UNNEST($35::uuid[], $36::int8[]) AS g(id, v) ON i.id = g.id
     WHERE i.xmin::text::int8 = g.v ORDER BY i.id FOR UPDATE OF i
 ), ok AS (SELECT id FROM cas)";
 
 /// Guarded, with message ids to record: `ok` is the sagas still at their version whose ids
 /// were all recorded now (an id recorded meanwhile means another delivery was applied).
 const GATE_GUARDED_MARKED: &str = "cas AS (
-    SELECT i.id FROM sagaflow.instances i JOIN UNNEST($28::uuid[], $29::int8[]) AS g(id, v) ON i.id = g.id
+    SELECT i.id FROM sagaflow.instances i JOIN UNNEST($35::uuid[], $36::int8[]) AS g(id, v) ON i.id = g.id
     WHERE i.xmin::text::int8 = g.v ORDER BY i.id FOR UPDATE OF i
 ), marked AS (
     INSERT INTO sagaflow.inbox (message_id, saga_id)
-    SELECT m, s FROM UNNEST($30::uuid[], $31::uuid[]) AS u(m, s) WHERE u.s IN (SELECT id FROM cas)
+    SELECT m, s FROM UNNEST($37::uuid[], $38::uuid[]) AS u(m, s) WHERE u.s IN (SELECT id FROM cas)
     ON CONFLICT DO NOTHING RETURNING message_id
 ), ok AS (
     SELECT c.id FROM cas c WHERE NOT EXISTS (
-        SELECT 1 FROM UNNEST($30::uuid[], $31::uuid[]) AS u(m, s)
+        SELECT 1 FROM UNNEST($37::uuid[], $38::uuid[]) AS u(m, s)
         WHERE u.s = c.id AND u.m NOT IN (SELECT message_id FROM marked))
 )";
 
@@ -86,6 +86,24 @@ const INSERT_OUTBOX: &str = "o AS (
     SELECT s, ex, k, m, env::json, b FROM UNNEST($15::uuid[], $16::text[], $17::text[], $18::bool[], $19::text[], $20::bytea[])
         AS x(s, ex, k, m, env, b) WHERE x.s IN (SELECT id FROM ok)
     RETURNING id
+)";
+
+/// Steps queued for a slot of a shared resource (see `store::slots`); a step already queued
+/// stays where it is.
+const ACQUIRE_SLOTS: &str = "acquired AS (
+    INSERT INTO sagaflow.slot_waiters (saga_id, step, resource, capacity, priority)
+    SELECT s, st, r, c, p FROM UNNEST($28::uuid[], $29::int4[], $30::text[], $31::int4[], $32::int4[]) AS x(s, st, r, c, p)
+    WHERE x.s IN (SELECT id FROM ok)
+    ON CONFLICT (saga_id, step) DO NOTHING
+)";
+
+/// Slots given back, and places in a queue given up: the step's row goes, whichever it is.
+const RELEASE_SLOTS: &str = "released_waiting AS (
+    DELETE FROM sagaflow.slot_waiters w USING UNNEST($33::uuid[], $34::int4[]) AS x(s, st)
+    WHERE w.saga_id = x.s AND w.step = x.st AND x.s IN (SELECT id FROM ok)
+), released_held AS (
+    DELETE FROM sagaflow.slot_holders h USING UNNEST($33::uuid[], $34::int4[]) AS x(s, st)
+    WHERE h.saga_id = x.s AND h.step = x.st AND x.s IN (SELECT id FROM ok)
 )";
 
 /// Wake the relays when the outbox rows commit (for a writer that cannot publish them).
@@ -251,6 +269,12 @@ fn statement(gate: &str, extra: &[&str], params: &Params<'_>, wake_relays: bool,
     if !params.t_saga.is_empty() {
         parts.push(SCHEDULE_TIMERS);
     }
+    if !params.w_saga.is_empty() {
+        parts.push(ACQUIRE_SLOTS);
+    }
+    if !params.r_saga.is_empty() {
+        parts.push(RELEASE_SLOTS);
+    }
     let ids = if outbox { "COALESCE((SELECT array_agg(id ORDER BY id) FROM o), '{}')" } else { "'{}'::int8[]" };
     let locked = if gate == GATE_NEW { "'{}'::uuid[]" } else { "COALESCE((SELECT array_agg(id) FROM cas), '{}')" };
     let sagas = if written {
@@ -268,7 +292,7 @@ fn statement(gate: &str, extra: &[&str], params: &Params<'_>, wake_relays: bool,
     format!("WITH {} SELECT {ids}, {sagas}, {version}{from}", parts.join(", "))
 }
 
-/// The arrays of a statement's parameters $2–$26, one entry per row to write.
+/// The arrays of a statement's parameters $2–$26 and $28–$34, one entry per row to write.
 #[derive(Default)]
 struct Params<'a> {
     upd_ids: Vec<uuid::Uuid>,
@@ -296,6 +320,13 @@ struct Params<'a> {
     t_key: Vec<&'a str>,
     t_timer: Vec<&'a str>,
     t_due: Vec<i64>,
+    w_saga: Vec<uuid::Uuid>,
+    w_step: Vec<i32>,
+    w_resource: Vec<&'a str>,
+    w_capacity: Vec<i32>,
+    w_priority: Vec<i32>,
+    r_saga: Vec<uuid::Uuid>,
+    r_step: Vec<i32>,
 }
 
 impl<'a> Params<'a> {
@@ -338,11 +369,22 @@ impl<'a> Params<'a> {
                 p.t_timer.push(&t.timer);
                 p.t_due.push(t.due_ms);
             }
+            for a in &d.slots.acquire {
+                p.w_saga.push(h.saga.0);
+                p.w_step.push(a.step);
+                p.w_resource.push(&a.resource);
+                p.w_capacity.push(a.capacity);
+                p.w_priority.push(a.priority);
+            }
+            for (step, _) in &d.slots.release {
+                p.r_saga.push(h.saga.0);
+                p.r_step.push(*step);
+            }
         }
         p
     }
 
-    /// Bind $1–$27.
+    /// Bind $1–$34.
     fn bind(self, query: Query<'a>, node: &'a str, wake_relays: bool) -> Query<'a> {
         query
             .bind(node)
@@ -372,6 +414,13 @@ impl<'a> Params<'a> {
             .bind(self.t_timer)
             .bind(self.t_due)
             .bind(wake_relays)
+            .bind(self.w_saga)
+            .bind(self.w_step)
+            .bind(self.w_resource)
+            .bind(self.w_capacity)
+            .bind(self.w_priority)
+            .bind(self.r_saga)
+            .bind(self.r_step)
     }
 }
 
@@ -424,6 +473,7 @@ mod tests {
             outbox: vec![OutboxRow::new("x".into(), "k".into(), false, msg).unwrap()],
             schedule: Vec::new(),
             cancel: Vec::new(),
+            slots: Default::default(),
         }
     }
 
@@ -556,6 +606,69 @@ mod tests {
         let timers: Vec<(String, i64)> =
             sqlx::query_as("SELECT key, due_ms FROM sagaflow.timers WHERE saga_id = $1").bind(saga.0).fetch_all(&pool).await.unwrap();
         assert_eq!(timers, vec![(moved.id(), 30)]);
+        drop_database(pool, admin, name).await;
+    }
+
+    /// A decision of saga `saga` that queues its step 1 for a slot of `r` (capacity 2).
+    fn queues(saga: SagaId, n: u32, priority: i32) -> DecisionRows {
+        let mut d = decision(saga, n, SagaStatus::Running);
+        d.slots.acquire.push(store::slots::Acquire { step: 1, resource: "r".into(), capacity: 2, priority });
+        d
+    }
+
+    async fn holders(pool: &PgPool) -> Vec<uuid::Uuid> {
+        sqlx::query_scalar("SELECT saga_id FROM sagaflow.slot_holders ORDER BY saga_id").fetch_all(pool).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn slots_are_queued_and_given_back_with_their_decision_and_granted_by_priority_then_arrival() {
+        let (pool, admin, name) = database().await;
+        let sagas: Vec<SagaId> = (0..5).map(|_| SagaId::new()).collect();
+        // Queued in this order; the fourth with a higher priority.
+        for (i, saga) in sagas.iter().enumerate() {
+            let d = queues(*saga, 0, if i == 3 { 5 } else { 0 });
+            insert_new(&pool, "n1", &[(&d, &new_instance(None))], false).await.unwrap();
+        }
+        let granted = store::slots::grant(&pool, "r").await.unwrap();
+        assert_eq!(granted.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![sagas[3], sagas[0]], "priority, then arrival");
+        assert_eq!(granted[0].1, StepIndex(1));
+        let timer = TimerKey::SlotGranted { step: StepIndex(1) };
+        for (s, _) in &granted {
+            let json: String = sqlx::query_scalar("SELECT timer::text FROM sagaflow.timers WHERE saga_id = $1 AND key = $2")
+                .bind(s.0)
+                .bind(timer.id())
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(serde_json::from_str::<TimerKey>(&json).unwrap(), timer, "the grant is a timer the saga reads back");
+        }
+        assert!(store::slots::grant(&pool, "r").await.unwrap().is_empty(), "both slots are held");
+
+        // A compare lost writes none of a decision's slot rows.
+        let read = version(&pool, sagas[0]).await;
+        sqlx::query("UPDATE sagaflow.instances SET decided_by = 'n2' WHERE id = $1").bind(sagas[0].0).execute(&pool).await.unwrap();
+        let mut gives_back = decision(sagas[0], 1, SagaStatus::Running);
+        gives_back.slots.release.push((1, "r".into()));
+        let guard = Guard { versions: vec![(sagas[0].0, read)], marks: Vec::new() };
+        write_guarded(&pool, "n1", &[&gives_back], &guard, false).await.unwrap();
+        assert_eq!(holders(&pool).await.len(), 2, "still held");
+
+        // Written: the slot is given back, and the next waiter in line gets it.
+        let guard = Guard { versions: vec![(sagas[0].0, version(&pool, sagas[0]).await)], marks: Vec::new() };
+        assert_eq!(write_guarded(&pool, "n1", &[&gives_back], &guard, false).await.unwrap().written, vec![sagas[0].0]);
+        assert_eq!(store::slots::grant(&pool, "r").await.unwrap().iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![sagas[1]]);
+
+        // A waiter that gives up its place leaves the queue; the rest keep theirs.
+        let mut tx = pool.begin().await.unwrap();
+        let mut leaves = decision(sagas[2], 1, SagaStatus::Running);
+        leaves.slots.release.push((1, "r".into()));
+        write_locked(&mut *tx, "n1", &[&leaves], false).await.unwrap();
+        tx.commit().await.unwrap();
+        let waiting: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT saga_id FROM sagaflow.slot_waiters").fetch_all(&pool).await.unwrap();
+        assert_eq!(waiting, vec![sagas[4].0]);
+        let mut want = vec![sagas[1].0, sagas[3].0];
+        want.sort_unstable();
+        assert_eq!(holders(&pool).await, want);
         drop_database(pool, admin, name).await;
     }
 }

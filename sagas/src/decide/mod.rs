@@ -111,6 +111,11 @@ pub enum TimerKey {
         /// The attempt.
         attempt: u32,
     },
+    /// A slot of the resource step `step` waits for was granted to it.
+    SlotGranted {
+        /// The step.
+        step: StepIndex,
+    },
     /// Attempt `attempt` of a step's command sent no heartbeat in time.
     Heartbeat {
         /// The step.
@@ -135,6 +140,7 @@ impl TimerKey {
             TimerKey::Retry { step, kind, attempt } => format!("retry/{step}/{}/{attempt}", kind.as_str()),
             TimerKey::StepTimeout { step, kind, attempt } => format!("timeout/{step}/{}/{attempt}", kind.as_str()),
             TimerKey::Heartbeat { step, attempt } => format!("heartbeat/{step}/{attempt}"),
+            TimerKey::SlotGranted { step } => format!("slot/{step}"),
             TimerKey::WaitDeadline { step } => format!("wait_deadline/{step}"),
             TimerKey::SagaDeadline => "saga_deadline".to_owned(),
         }
@@ -261,6 +267,25 @@ pub enum Effect {
     },
     /// Publish a lifecycle event.
     Emit(SagaEvent),
+    /// Queue step `step` for a slot of `resource` (at most `capacity` holders): the runtime
+    /// grants it, in order of `priority` then arrival, with a [`TimerKey::SlotGranted`].
+    Acquire {
+        /// The step.
+        step: StepIndex,
+        /// The resource.
+        resource: String,
+        /// How many may hold it at once.
+        capacity: u32,
+        /// The saga's priority.
+        priority: i32,
+    },
+    /// Give back step `step`'s slot of `resource`, or its place in the queue for one.
+    Release {
+        /// The step.
+        step: StepIndex,
+        /// The resource.
+        resource: String,
+    },
 }
 
 /// Whether an input was applied.
@@ -383,9 +408,35 @@ impl Cx<'_> {
     fn finish(mut self, before: &SagaState, outcome: InputOutcome) -> Transition {
         if outcome == InputOutcome::Applied {
             self.st.updated_at = self.now;
+            self.account_slots(before);
             Transition { state: self.st, effects: self.fx, outcome }
         } else {
             Transition { state: before.clone(), effects: Vec::new(), outcome }
+        }
+    }
+
+    /// The resource slots the decision takes and gives back, from what it did to each limited
+    /// step: one that starts waiting for a slot queues for one (`Acquire`); one that waited or
+    /// held one and no longer does (it completed, failed, timed out, was cancelled) gives it
+    /// back (`Release`). Derived here, in one place, so no path that moves a step can leak a
+    /// slot.
+    fn account_slots(&mut self, before: &SagaState) {
+        let active = |s: &crate::state::StepState| {
+            s.status == StepStatus::AwaitingSlot || (s.slot && matches!(s.status, StepStatus::Running | StepStatus::RetryScheduled))
+        };
+        for (i, step) in self.def.steps.iter().enumerate() {
+            let StepAction::Command(c) = &step.action else { continue };
+            let Some(limit) = &c.limit else { continue };
+            let (was, now) = (&before.steps[i], &self.st.steps[i]);
+            let step = StepIndex(u32::try_from(i).unwrap_or(u32::MAX));
+            let resource = limit.resource.clone();
+            if !active(was) && now.status == StepStatus::AwaitingSlot {
+                let (capacity, priority) = (limit.capacity, self.st.priority);
+                self.fx.push(Effect::Acquire { step, resource, capacity, priority });
+            } else if (was.slot || was.status == StepStatus::AwaitingSlot) && !active(now) {
+                self.st.steps[i].slot = false;
+                self.fx.push(Effect::Release { step, resource });
+            }
         }
     }
 
@@ -504,6 +555,11 @@ impl Cx<'_> {
             }
         };
         let (participant, command, timeout, heartbeat) = (c.participant.clone(), c.command.clone(), c.timeout, c.heartbeat_ms);
+        if c.limit.is_some() && !self.st.steps[i.get()].slot {
+            // Sent once a slot is granted (`account_slots` queues the step for one).
+            self.step_mut(i).status = StepStatus::AwaitingSlot;
+            return true;
+        }
         let attempt = self.st.steps[i.get()].attempts + 1;
         let s = self.step_mut(i);
         s.attempts = attempt;
@@ -615,7 +671,7 @@ impl Cx<'_> {
                         self.step_mut(i).status = StepStatus::Cancelled;
                         self.cancel(TimerKey::WaitDeadline { step: i });
                     }
-                    StepStatus::Pending => self.step_mut(i).status = StepStatus::Cancelled,
+                    StepStatus::Pending | StepStatus::AwaitingSlot => self.step_mut(i).status = StepStatus::Cancelled,
                     _ => {}
                 }
             }
@@ -725,10 +781,15 @@ impl Cx<'_> {
     fn stop(&mut self, code: StopCode, step: Option<StepIndex>, message: String) {
         if code != StopCode::CompensationFailed && self.st.node < self.def.nodes.len() {
             for i in self.def.nodes[self.st.node].steps().to_vec() {
-                if self.st.steps[i.get()].status == StepStatus::RetryScheduled {
-                    let attempt = self.st.steps[i.get()].attempts + 1;
-                    self.cancel(TimerKey::Retry { step: i, kind: CommandKind::Invoke, attempt });
-                    self.step_mut(i).status = StepStatus::Failed;
+                match self.st.steps[i.get()].status {
+                    StepStatus::RetryScheduled => {
+                        let attempt = self.st.steps[i.get()].attempts + 1;
+                        self.cancel(TimerKey::Retry { step: i, kind: CommandKind::Invoke, attempt });
+                        self.step_mut(i).status = StepStatus::Failed;
+                    }
+                    // Not sent: it waits for a slot again when resumed.
+                    StepStatus::AwaitingSlot => self.step_mut(i).status = StepStatus::Failed,
+                    _ => {}
                 }
             }
         }

@@ -27,7 +27,19 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
             let _ = (kind, attempt);
             stale("no such step")
         }
-        TimerKey::WaitDeadline { step } | TimerKey::Heartbeat { step, .. } if step.get() >= cx.def.steps.len() => stale("no such step"),
+        TimerKey::WaitDeadline { step } | TimerKey::Heartbeat { step, .. } | TimerKey::SlotGranted { step }
+            if step.get() >= cx.def.steps.len() =>
+        {
+            stale("no such step")
+        }
+        TimerKey::SlotGranted { step } => {
+            if cx.st.status != SagaStatus::Running || cx.st.steps[step.get()].status != StepStatus::AwaitingSlot {
+                return stale("the step is not waiting for a slot");
+            }
+            cx.step_mut(step).slot = true;
+            cx.send_invoke(step);
+            InputOutcome::Applied
+        }
         TimerKey::Retry { step, kind: CommandKind::Invoke, attempt } => {
             let s = &cx.st.steps[step.get()];
             if cx.st.status != SagaStatus::Running || s.status != StepStatus::RetryScheduled || attempt != s.attempts + 1 {

@@ -156,6 +156,26 @@ pub fn order_saga_with_heartbeat(timeout: Option<OnTimeout>) -> SagaDefinition<O
         .expect("valid definition")
 }
 
+/// reserve → charge (holds a slot of `payments`, capacity 2) → ship
+pub fn order_saga_with_limit() -> SagaDefinition<Order> {
+    SagaDefinition::builder("order_limit", 1)
+        .step("reserve", |s| {
+            s.invoke(|o: &Order| Reserve { order: o.id })
+                .on_reply(|o, r: Reserved| o.reservation = Some(r.reservation))
+                .compensate(|o| Release { reservation: o.reservation.clone() })
+        })
+        .step("charge", |s| {
+            s.invoke(|o: &Order| Charge { amount: o.amount })
+                .on_reply(|o, r: Charged| o.charge = Some(r.charge))
+                .compensate(|o| Refund { charge: o.charge.clone() })
+                .retry(no_jitter(3))
+                .limit("payments", 2)
+        })
+        .step("ship", |s| s.invoke(|o: &Order| Ship { order: o.id, express: o.express }))
+        .build()
+        .expect("valid definition")
+}
+
 /// reserve → parallel(email, sms, push) → ship
 pub fn parallel_saga() -> SagaDefinition<Order> {
     SagaDefinition::builder("parallel_order", 1)
