@@ -540,6 +540,20 @@ pub struct QueueOptions {
     /// One consumer at a time takes the queue's messages (`x-single-active-consumer`); the
     /// others wait as standbys, in the order they subscribed.
     pub single_active: bool,
+    /// Deliver the messages by their AMQP `priority` (0–[`MAX_PRIORITY`], higher first): a
+    /// classic queue is declared with `x-max-priority`; a quorum queue needs no argument
+    /// (RabbitMQ 4.0 and later deliver priorities 5 and above first; earlier versions ignore
+    /// priorities in quorum queues).
+    pub priorities: bool,
+}
+
+/// The highest AMQP priority a command carries (a saga's priority, clamped to 0–9): the
+/// `x-max-priority` of classic participant queues declared with [`QueueOptions::priorities`].
+pub const MAX_PRIORITY: u8 = 9;
+
+/// The AMQP priority of a command of a saga of priority `priority`: clamped to 0–[`MAX_PRIORITY`].
+pub fn amqp_priority(priority: i32) -> u8 {
+    u8::try_from(priority.clamp(0, i32::from(MAX_PRIORITY))).unwrap_or(0)
 }
 
 /// Declare a durable exchange (idempotent; every exchange of the protocol is durable).
@@ -564,6 +578,9 @@ pub async fn declare_queue(ch: &Channel, names: &Names, queue: &str, opts: Queue
         if dead_letter {
             args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
             args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.into()));
+        }
+        if dead_letter && opts.priorities && !opts.quorum {
+            args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY));
         }
         args
     };
@@ -633,6 +650,7 @@ fn wire_from_parts(p: &BasicProperties, body: &[u8]) -> WireMessage {
         reply_to: s(p.reply_to()),
         content_type: s(p.content_type()),
         timestamp: *p.timestamp(),
+        priority: *p.priority(),
         headers,
         body: body.to_vec(),
     }
@@ -666,6 +684,9 @@ pub fn properties(msg: &WireMessage) -> BasicProperties {
     }
     if let Some(v) = msg.timestamp {
         p = p.with_timestamp(v);
+    }
+    if let Some(v) = msg.priority {
+        p = p.with_priority(v);
     }
     p
 }

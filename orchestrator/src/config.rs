@@ -31,6 +31,10 @@ pub struct Config {
     pub batch_max: usize,
     /// Declare quorum queues instead of classic ones. Default false.
     pub quorum_queues: bool,
+    /// Declare the participants' queues as priority queues (classic: `x-max-priority` 9), so
+    /// commands of sagas of a higher priority are delivered first. Must match the
+    /// participants'; an existing queue cannot change (delete it when drained). Default false.
+    pub priority_queues: bool,
     /// Spread the replies by saga over this many queues (`{ns}.replies.0` …), each taken by one
     /// node at a time, so a saga's replies reach one node, in order, and its batches never
     /// conflict with another node's; the nodes share the partitions out among themselves. 0
@@ -95,6 +99,7 @@ impl Default for Config {
             concurrency: 8,
             batch_max: 128,
             quorum_queues: false,
+            priority_queues: false,
             partitions: 0,
             declare_participant_queues: true,
             relay_batch: 256,

@@ -679,13 +679,15 @@ impl Engine {
         let (mut schedule, mut cancel) = (Vec::new(), Vec::new());
         let mut slots = store::slots::SlotRows::default();
         let int = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        // Commands carry their saga's priority (a priority queue delivers higher ones first).
+        let priority = Some(sagaflow_amqp::transport::amqp_priority(st.priority)).filter(|p| *p > 0);
         for e in effects {
             match e {
                 Effect::Send(cmd) => outbox.push(OutboxRow::new(
                     self.names.commands_exchange(),
                     cmd.participant.clone(),
                     true,
-                    encode_command(&saga, cmd, &reply_to, traceparent, now),
+                    sagas::protocol::WireMessage { priority, ..encode_command(&saga, cmd, &reply_to, traceparent, now) },
                 )?),
                 Effect::Schedule { key, due } => schedule.push((key.clone(), *due)),
                 Effect::Cancel { key } => cancel.push(key.clone()),

@@ -182,6 +182,9 @@ pub struct WireMessage {
     pub content_type: Option<String>,
     /// AMQP `timestamp` (seconds since the epoch).
     pub timestamp: Option<u64>,
+    /// AMQP `priority` (commands: their saga's priority, 0–9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
     /// Application headers.
     pub headers: BTreeMap<String, HeaderValue>,
     /// The body.
@@ -399,6 +402,7 @@ pub fn encode_command(saga: &SagaRef, cmd: &OutgoingCommand, reply_to: &str, tra
         reply_to: Some(reply_to.to_owned()),
         content_type: Some(CONTENT_TYPE.to_owned()),
         timestamp: Some(now.0 / 1000),
+        priority: None,
         headers,
         body: serde_json::to_vec(&cmd.body).unwrap_or_default(),
     }
@@ -531,6 +535,7 @@ pub fn encode_reply(cmd: &InboundCommand, outcome: &ReplyOutcome, now: Timestamp
         reply_to: None,
         content_type: Some(CONTENT_TYPE.to_owned()),
         timestamp: Some(now.0 / 1000),
+        priority: None,
         headers,
         body: serde_json::to_vec(outcome).unwrap_or_default(),
     }
@@ -682,6 +687,7 @@ pub fn encode_lifecycle(ev: &LifecycleEvent, message_id: MessageId) -> WireMessa
         reply_to: None,
         content_type: Some(CONTENT_TYPE.to_owned()),
         timestamp: Some(ev.at.0 / 1000),
+        priority: None,
         headers,
         body: serde_json::to_vec(ev).unwrap_or_default(),
     }

@@ -362,7 +362,7 @@ impl Node {
         let ch = conn.create_channel().await?;
         transport::declare_exchange(&ch, &self.names.commands_exchange(), ExchangeKind::Direct).await?;
         transport::declare_exchange(&ch, &self.names.events_exchange(), ExchangeKind::Topic).await?;
-        let opts = QueueOptions { quorum: self.config.quorum_queues, single_active: false };
+        let opts = QueueOptions { quorum: self.config.quorum_queues, single_active: false, priorities: false };
         // The one replies queue stays with partitions too: replies to commands written before
         // they were turned on, or by a client without them, still arrive there.
         transport::declare_queue(&ch, &self.names, &self.names.replies_queue(), opts).await?;
@@ -372,6 +372,7 @@ impl Node {
         }
         transport::declare_queue(&ch, &self.names, &self.names.inbound_queue(), opts).await?;
         if self.config.declare_participant_queues {
+            let opts = QueueOptions { priorities: self.config.priority_queues, ..opts };
             for p in self.engine.registry().participants() {
                 transport::declare_participant(&ch, &self.names, p, opts).await?;
             }

@@ -20,6 +20,10 @@ pub struct ParticipantConfig {
     pub max_body_bytes: usize,
     /// Declare quorum queues (must match the orchestrator). Default false.
     pub quorum_queues: bool,
+    /// Declare this participant's queue as a priority queue, so commands of sagas of a higher
+    /// priority are delivered first (must match the orchestrator's `priority_queues`). Default
+    /// false.
+    pub priority_queues: bool,
     /// How long to keep retrying to connect before giving up. Default 60 s.
     pub connect_timeout: Duration,
     /// How often replies an earlier version of the SDK left in its outbox are looked for and
@@ -53,6 +57,7 @@ impl Default for ParticipantConfig {
             batch_max: 64,
             max_body_bytes: sagas::protocol::DEFAULT_MAX_BODY_BYTES,
             quorum_queues: false,
+            priority_queues: false,
             connect_timeout: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(5),
             retention_days: 0,

@@ -156,7 +156,7 @@ impl Participant {
     }
 
     fn queue_options(&self) -> QueueOptions {
-        QueueOptions { quorum: self.inner.config.quorum_queues, single_active: false }
+        QueueOptions { quorum: self.inner.config.quorum_queues, single_active: false, priorities: self.inner.config.priority_queues }
     }
 
     /// Consume until cancelled, reconnecting when the connection drops.
