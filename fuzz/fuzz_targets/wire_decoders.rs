@@ -6,14 +6,26 @@
 
 use libfuzzer_sys::fuzz_target;
 use sagas::protocol::{
-    H_ATTEMPT, H_DEFINITION, H_IDEMPOTENCY_KEY, H_KIND, H_SAGA_ID, H_STEP, H_STEP_NAME, H_TRACEPARENT, HeaderValue, MAX_HEADER_BYTES,
-    MAX_IDEMPOTENCY_KEY_BYTES, MAX_NAME_BYTES, WireMessage, decode_command, decode_event, decode_reply, decode_start, json_has_nul,
-    valid_traceparent,
+    H_ATTEMPT, H_DEFINITION, H_HEARTBEAT_MS, H_IDEMPOTENCY_KEY, H_KIND, H_PROGRESS, H_SAGA_ID, H_STEP, H_STEP_NAME, H_TRACEPARENT,
+    HeaderValue, InboundReplyOrHeartbeat, MAX_HEADER_BYTES, MAX_HEARTBEAT_BYTES, MAX_IDEMPOTENCY_KEY_BYTES, MAX_NAME_BYTES, WireMessage,
+    decode_command, decode_event, decode_reply, decode_reply_or_heartbeat, decode_start, json_has_nul, valid_traceparent,
 };
 
-const HEADERS: [&str; 10] =
-    [H_SAGA_ID, H_DEFINITION, "x-saga-version", H_STEP, H_STEP_NAME, H_KIND, H_ATTEMPT, H_TRACEPARENT, H_IDEMPOTENCY_KEY, "x-other"];
-const TYPES: [&str; 5] = ["sagaflow.reply", "sagaflow.start", "sagaflow.event", "payment.charge", ""];
+const HEADERS: [&str; 12] = [
+    H_SAGA_ID,
+    H_DEFINITION,
+    "x-saga-version",
+    H_STEP,
+    H_STEP_NAME,
+    H_KIND,
+    H_ATTEMPT,
+    H_TRACEPARENT,
+    H_IDEMPOTENCY_KEY,
+    H_PROGRESS,
+    H_HEARTBEAT_MS,
+    "x-other",
+];
+const TYPES: [&str; 6] = ["sagaflow.reply", "sagaflow.start", "sagaflow.event", "sagaflow.heartbeat", "payment.charge", ""];
 
 /// Cut `data` into fields at 0xFF bytes: the first ones choose the properties and headers, the
 /// last is the body.
@@ -58,6 +70,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(c.step_name.len() <= MAX_HEADER_BYTES && c.saga.definition.len() <= MAX_HEADER_BYTES);
             assert!(c.traceparent.as_deref().is_none_or(valid_traceparent));
             assert!(!json_has_nul(c.body.to_string().as_bytes()));
+            assert!(c.progress.as_ref().is_none_or(|p| !json_has_nul(p.to_string().as_bytes())));
         }
         Err(e) => refusal(&e),
     }
@@ -66,6 +79,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(r.traceparent.as_deref().is_none_or(valid_traceparent));
             assert!(!json_has_nul(serde_json::to_string(&r.reply.outcome).unwrap().as_bytes()));
         }
+        Err(e) => refusal(&e),
+    }
+    match decode_reply_or_heartbeat(&m, max) {
+        Ok(InboundReplyOrHeartbeat::Heartbeat(_, h)) => {
+            let details = h.details.to_string();
+            assert!(details.len() <= MAX_HEARTBEAT_BYTES && !json_has_nul(details.as_bytes()), "details fit the header they go into");
+        }
+        Ok(InboundReplyOrHeartbeat::Reply(_)) => {}
         Err(e) => refusal(&e),
     }
     match decode_start(&m, max) {

@@ -17,7 +17,9 @@
 //! - [`config`]: configuration (TOML file + `SAGAFLOW_*` variables); [`Error`]: what the
 //!   public API's calls return when they fail.
 //! - [`api`]: the HTTP API, the web page and `/metrics`; [`ops`]: what the API and the CLI
-//!   share (views, lists, operator actions); [`metrics`]: the Prometheus metrics.
+//!   share (views, lists, operator actions); [`schedules`]: sagas started by the clock (the
+//!   API and the CLI manage them, every node fires the due ones); [`metrics`]: the Prometheus
+//!   metrics.
 //!
 //! - [`cli`]: the node's command line (`serve`, `migrate`, the operator commands) for a
 //!   binary serving its own definitions; the `sagaflow` crate's binary adds the bundled example
@@ -33,6 +35,7 @@ pub mod ops;
 mod outbound;
 mod recent;
 pub mod runtime;
+pub mod schedules;
 mod starts;
 pub mod store;
 mod waiters;

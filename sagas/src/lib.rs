@@ -11,6 +11,7 @@
 //! - [`state`]: one instance's state, as the store keeps it.
 //! - [`decide()`]: the pure decision core, one file per input kind under `decide/`.
 //! - [`protocol`]: envelopes, headers and reply outcomes (docs/protocol.md).
+//! - [`schedule`]: cron expressions and which ticks of a schedule start a saga.
 //! - [`ids`]: `SagaId`, `MessageId`, `StepIndex`, `Timestamp`.
 //!
 //! ## A saga in code
@@ -58,6 +59,7 @@ pub mod error;
 pub mod ids;
 pub mod policy;
 pub mod protocol;
+pub mod schedule;
 pub mod state;
 pub mod testing;
 

@@ -263,8 +263,12 @@ fn bad_replies_starts_and_events_are_refused() {
     reply.kind = Some("sagaflow.reply".into());
     assert_eq!(decode_reply(&reply, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "invalid_properties");
 
-    let unknown_field = start_message(json!({"definition": "order_fulfilment", "input": {}, "priority": 1}), None);
+    let unknown_field = start_message(json!({"definition": "order_fulfilment", "input": {}, "urgency": 1}), None);
     assert_eq!(decode_start(&unknown_field, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
+    let priority = start_message(json!({"definition": "order_fulfilment", "input": {}, "priority": 7}), None);
+    assert_eq!(decode_start(&priority, DEFAULT_MAX_BODY_BYTES).unwrap().priority, Some(7));
+    let too_high = start_message(json!({"definition": "order_fulfilment", "input": {}, "priority": 1_u64 << 31}), None);
+    assert_eq!(decode_start(&too_high, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
     let empty = start_message(json!({"definition": "", "input": {}}), None);
     assert_eq!(decode_start(&empty, DEFAULT_MAX_BODY_BYTES).unwrap_err().code(), "malformed_body");
     let small_limit = start_message(json!({"definition": "d", "input": {"pad": "x".repeat(100)}}), None);

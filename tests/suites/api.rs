@@ -659,3 +659,65 @@ async fn waiters_sleep_until_another_node_settles_their_saga_and_are_bounded() {
     b.shutdown().await.unwrap();
     a.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_are_set_listed_paused_and_deleted_through_the_api_and_the_cli() {
+    let a = api().await;
+    let every_minute = json!({"definition": "pair", "input": {}, "cron": "0 * * * * *", "missed": "skip", "priority": 3});
+    let s = a.ok(Method::PUT, "/schedules/every-minute", Some(every_minute.clone())).await;
+    assert_eq!(
+        (s["name"].as_str(), s["when"]["expr"].as_str(), s["missed"].as_str()),
+        (Some("every-minute"), Some("0 * * * * *"), Some("skip"))
+    );
+    let next = s["next_at"].as_u64().unwrap();
+    assert!(next.is_multiple_of(60_000) && next > sagas::Timestamp::now().0, "the next whole minute: {s}");
+    let list = a.ok(Method::GET, "/schedules", None).await;
+    assert_eq!(list["schedules"].as_array().map(Vec::len), Some(1));
+    let paused = a.ok(Method::POST, "/schedules/every-minute/pause", None).await;
+    assert_eq!(paused["paused"], json!(true));
+    let resumed = a.ok(Method::POST, "/schedules/every-minute/resume", None).await;
+    assert_eq!(resumed["paused"], json!(false));
+
+    // What cannot work is refused with the reason, and nothing is stored.
+    for (name, body, code) in [
+        ("bad-cron", json!({"definition": "pair", "input": {}, "cron": "61 * * * *"}), "invalid_request"),
+        ("never", json!({"definition": "pair", "input": {}, "cron": "0 0 31 2 *"}), "invalid_request"),
+        ("both", json!({"definition": "pair", "input": {}, "cron": "* * * * *", "at": 1}), "invalid_request"),
+        ("neither", json!({"definition": "pair", "input": {}}), "invalid_request"),
+        ("past", json!({"definition": "pair", "input": {}, "at": 1}), "invalid_request"),
+        ("nobody", json!({"definition": "nobody", "input": {}, "cron": "* * * * *"}), "unknown_definition"),
+        ("bad-input", json!({"definition": "pair", "input": {"steps": 5}, "cron": "* * * * *"}), "invalid_input"),
+        ("bad-policy", json!({"definition": "pair", "input": {}, "cron": "* * * * *", "missed": "sometimes"}), "invalid_request"),
+        ("a%20space", json!({"definition": "pair", "input": {}, "cron": "* * * * *"}), "invalid_request"),
+    ] {
+        a.err(Method::PUT, &format!("/schedules/{name}"), Some(body), StatusCode::BAD_REQUEST, code).await;
+    }
+    a.err(Method::GET, "/schedules/bad-cron", None, StatusCode::NOT_FOUND, "not_found").await;
+    a.err(Method::POST, "/schedules/every-minute/fire", None, StatusCode::NOT_FOUND, "not_found").await;
+
+    // The CLI sees and manages the same schedules.
+    let (code, out, err) = cli(&a.env, &["schedule", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().next().unwrap().starts_with("NAME") && out.contains("every-minute") && out.contains("cron 0 * * * * *"), "{out}");
+    let (code, _, err) =
+        cli(&a.env, &["schedule", "set", "nightly", "--definition", "order_fulfilment", "--input", "{}", "--cron", "@daily"]).await;
+    assert!(code != 0 && err.contains("invalid_input"), "the binary's definition refuses the input: {code} {err}");
+    let order = json!({"order_id": "nightly", "sku": "widget", "quantity": 1, "amount_cents": 100, "destination": "x"}).to_string();
+    let (code, out, err) =
+        cli(&a.env, &["schedule", "set", "nightly", "--definition", "order_fulfilment", "--input", &order, "--cron", "@daily", "--json"])
+            .await;
+    assert_eq!(code, 0, "{err}");
+    let set: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(set[0]["next_at"].as_u64().map(|n| n % 86_400_000), Some(0), "midnight UTC: {out}");
+    let (code, _, err) = cli(&a.env, &["schedule", "pause", "nightly"]).await;
+    assert_eq!(code, 0, "{err}");
+    let nightly = a.ok(Method::GET, "/schedules/nightly", None).await;
+    assert_eq!((nightly["definition"].as_str(), nightly["paused"].as_bool()), (Some("order_fulfilment"), Some(true)));
+    a.ok(Method::DELETE, "/schedules/nightly", None).await;
+    let (code, _, err) = cli(&a.env, &["schedule", "delete", "every-minute"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(a.ok(Method::GET, "/schedules", None).await["schedules"], json!([]));
+    let (code, _, err) = cli(&a.env, &["schedule", "delete", "every-minute"]).await;
+    assert!(code != 0 && err.contains("not_found"), "{err}");
+    a.finish().await;
+}

@@ -66,6 +66,9 @@ pub fn app(state: ApiState) -> Router {
         .route("/definitions", get(definitions))
         .route("/overview", get(overview))
         .route("/bulk/{action}", post(bulk))
+        .route("/schedules", get(schedules))
+        .route("/schedules/{name}", get(schedule).put(put_schedule).delete(delete_schedule))
+        .route("/schedules/{name}/{action}", post(schedule_action))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -294,6 +297,44 @@ async fn action(
     let b: ActionBody = if raw.as_ref().is_ok_and(|r| r.is_empty()) { ActionBody::default() } else { body(raw)? };
     let cmd = ops::operator_command(&action, b.reason)?;
     Ok(Json(ops::act(&s.engine, parse_id(&id)?, Input::Operator(cmd)).await?))
+}
+
+async fn schedules(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"schedules": crate::schedules::list(&s.engine).await?})))
+}
+
+async fn schedule(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<crate::schedules::Schedule>> {
+    Ok(Json(crate::schedules::get(&s.engine, &name).await?))
+}
+
+async fn put_schedule(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    raw: Result<axum::body::Bytes, BytesRejection>,
+) -> ApiResult<Json<crate::schedules::Schedule>> {
+    Ok(Json(crate::schedules::put(&s.engine, &name, body(raw)?).await?))
+}
+
+async fn delete_schedule(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    crate::schedules::delete(&s.engine, &name).await?;
+    Ok(Json(json!({"deleted": name})))
+}
+
+async fn schedule_action(
+    State(s): State<ApiState>,
+    Path((name, action)): Path<(String, String)>,
+) -> ApiResult<Json<crate::schedules::Schedule>> {
+    let paused = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        other => {
+            return Err(ApiError(OpsError::new(
+                ErrorKind::NotFound,
+                format!("no schedule action {}; pause or resume", sagas::protocol::quote(other)),
+            )));
+        }
+    };
+    Ok(Json(crate::schedules::set_paused(&s.engine, &name, paused).await?))
 }
 
 async fn definitions(State(s): State<ApiState>) -> Json<Value> {

@@ -72,6 +72,10 @@ pub enum Command {
     /// Every definition version this binary serves or the database has sagas of, with how many
     /// are still open: which versions a release may drop.
     Versions(ops_cli::VersionsArgs),
+    /// Sagas started by the clock: `schedule set NAME --cron ...`, `list`, `show`, `delete`,
+    /// `pause`, `resume`.
+    #[command(subcommand)]
+    Schedule(ops_cli::ScheduleCommand),
 }
 
 impl Command {

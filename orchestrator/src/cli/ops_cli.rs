@@ -1,5 +1,5 @@
 //! The operator commands of the CLI (`start`, `show`, `list`, `wait`, `signal`, `abort`,
-//! `retry`, `skip`, `resume`, `versions`): the same [`ops`](crate::ops) the HTTP API uses, against the
+//! `retry`, `skip`, `resume`, `versions`, `schedule`): the same [`ops`](crate::ops) the HTTP API uses, against the
 //! configured database, printed as tables or, with `--json`, as the API's JSON.
 
 use std::time::Duration;
@@ -20,6 +20,137 @@ pub struct IdArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `sagaflow schedule ...`.
+#[derive(clap::Subcommand)]
+pub enum ScheduleCommand {
+    /// Create or replace a schedule.
+    Set(ScheduleSetArgs),
+    /// Every schedule, with its next tick.
+    List(JsonArg),
+    /// One schedule.
+    Show(ScheduleNameArgs),
+    /// Delete a schedule (the sagas it started are not touched).
+    Delete(ScheduleNameArgs),
+    /// Pause a schedule: it fires nothing until resumed.
+    Pause(ScheduleNameArgs),
+    /// Resume a schedule from its next tick after now.
+    Resume(ScheduleNameArgs),
+}
+
+/// `--json` alone.
+#[derive(clap::Args)]
+pub struct JsonArg {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A schedule's name.
+#[derive(clap::Args)]
+pub struct ScheduleNameArgs {
+    /// The schedule's name.
+    name: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The arguments of `schedule set`.
+#[derive(clap::Args)]
+pub struct ScheduleSetArgs {
+    /// The schedule's name (1-100 characters of a-z, A-Z, 0-9, `_`, `-`, `.`).
+    name: String,
+    /// The definition of the sagas it starts.
+    #[arg(long)]
+    definition: String,
+    /// Their input, as JSON.
+    #[arg(long)]
+    input: String,
+    /// Definition version (the newest when absent).
+    #[arg(long)]
+    version: Option<u32>,
+    /// A cron expression, UTC: 5 fields (minute hour day-of-month month day-of-week) or 6 with
+    /// seconds first; `@hourly`, `@daily`, …
+    #[arg(long, conflicts_with = "at", required_unless_present = "at")]
+    cron: Option<String>,
+    /// Fire once at this time, in ms since the epoch.
+    #[arg(long)]
+    at: Option<u64>,
+    /// What happens to ticks missed while no node ran: fire_once (default), fire_all, skip.
+    #[arg(long)]
+    missed: Option<String>,
+    /// The sagas' priority (higher first, default 0).
+    #[arg(long, allow_negative_numbers = true)]
+    priority: Option<i32>,
+    /// Create it paused.
+    #[arg(long)]
+    paused: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn schedule_command(engine: &crate::Engine, cmd: ScheduleCommand) -> anyhow::Result<()> {
+    use crate::schedules;
+    let (shown, json) = match cmd {
+        ScheduleCommand::Set(a) => {
+            let missed = a
+                .missed
+                .as_deref()
+                .map(sagas::schedule::Missed::parse)
+                .transpose()
+                .map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
+            let req = schedules::ScheduleRequest {
+                definition: a.definition,
+                version: a.version,
+                input: json_arg("--input", &a.input)?,
+                cron: a.cron,
+                at: a.at,
+                missed,
+                priority: a.priority,
+                paused: a.paused,
+            };
+            (vec![schedules::put(engine, &a.name, req).await?], a.json)
+        }
+        ScheduleCommand::List(a) => (schedules::list(engine).await?, a.json),
+        ScheduleCommand::Show(a) => (vec![schedules::get(engine, &a.name).await?], a.json),
+        ScheduleCommand::Delete(a) => {
+            schedules::delete(engine, &a.name).await?;
+            if a.json {
+                println!("{}", serde_json::json!({"deleted": a.name}));
+            } else {
+                println!("schedule {} deleted", a.name);
+            }
+            return Ok(());
+        }
+        ScheduleCommand::Pause(a) => (vec![schedules::set_paused(engine, &a.name, true).await?], a.json),
+        ScheduleCommand::Resume(a) => (vec![schedules::set_paused(engine, &a.name, false).await?], a.json),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(());
+    }
+    println!("{:<24} {:<24} {:<22} {:<10} {:<7} {:<15} LAST ERROR", "NAME", "DEFINITION", "WHEN", "MISSED", "PAUSED", "NEXT (ms)");
+    for s in shown {
+        let when = match &s.when {
+            sagas::schedule::When::Cron { expr } => format!("cron {expr}"),
+            sagas::schedule::When::At { at } => format!("at {}", at.0),
+        };
+        let next = s.next_at.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        println!(
+            "{:<24} {:<24} {:<22} {:<10} {:<7} {:<15} {}",
+            s.name,
+            s.definition,
+            when,
+            s.missed.as_str(),
+            s.paused,
+            next,
+            s.last_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
 }
 
 /// The arguments of `start`.
@@ -216,6 +347,7 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
             let all = ops::versions(engine.pool(), engine.registry()).await?;
             return print_versions(&all, a.json);
         }
+        Command::Schedule(c) => return schedule_command(engine, c).await,
         Command::Bulk(a) => {
             let f = ops::BulkFilter { status: a.status, definition: a.definition, stop_code: a.stop_code, ..ops::BulkFilter::default() };
             let out = match a.yes {

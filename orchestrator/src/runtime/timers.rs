@@ -1,7 +1,7 @@
 //! Durable timers: every `timer_poll_ms` the node reads the due timers and fires each in its
 //! own transaction (instance locked with `SKIP LOCKED`, timer row deleted, `decide`, write).
-//! Nodes race harmlessly: the row is deleted by whoever fires it first. The same loop sweeps
-//! the resource slots (`store::slots`).
+//! Nodes race harmlessly: the row is deleted by whoever fires it first. The same loop fires the
+//! due schedules (`crate::schedules`) and sweeps the resource slots (`store::slots`).
 
 use std::time::Duration;
 
@@ -17,12 +17,18 @@ const SLOT_SWEEP: Duration = Duration::from_secs(3);
 /// Fire due timers until `token` is cancelled; woken early by `engine.timers_wake` (a resource
 /// slot was granted: its timer is due now).
 pub(crate) async fn run(engine: Engine, poll: Duration, batch: u32, token: CancellationToken) {
-    let mut swept = tokio::time::Instant::now();
+    let (mut swept, mut scheduled) = (tokio::time::Instant::now(), tokio::time::Instant::now());
     loop {
         match fire_due(&engine, i64::from(batch)).await {
             Ok(n) if n >= batch as usize => continue,
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "timers: database error; retrying"),
+        }
+        if scheduled.elapsed() >= crate::schedules::POLL {
+            scheduled = tokio::time::Instant::now();
+            if let Err(e) = crate::schedules::fire_due(&engine).await {
+                tracing::warn!(error = %e, "schedules: database error; the due ticks stay due");
+            }
         }
         if swept.elapsed() >= SLOT_SWEEP {
             swept = tokio::time::Instant::now();

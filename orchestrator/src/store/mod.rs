@@ -11,6 +11,7 @@ use serde_json::Value;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr};
 
+pub(crate) mod schedules;
 pub(crate) mod slots;
 pub(crate) mod write;
 
@@ -29,6 +30,7 @@ pub fn migrator() -> Migrator {
         migration(5, "search_keys", include_str!("../../migrations/0005_search_keys.sql")),
         migration(6, "nodes", include_str!("../../migrations/0006_nodes.sql")),
         migration(7, "resource_slots", include_str!("../../migrations/0007_resource_slots.sql")),
+        migration(8, "schedules", include_str!("../../migrations/0008_schedules.sql")),
     ];
     let mut m = Migrator::with_migrations(migrations);
     m.create_schema("sagaflow");
