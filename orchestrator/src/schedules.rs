@@ -145,6 +145,9 @@ pub async fn set_paused(engine: &Engine, name: &str, paused: bool) -> Result<Sch
 /// Fire the schedules due now that no other node holds; returns the sagas started.
 pub(crate) async fn fire_due(engine: &Engine) -> Result<usize, sqlx::Error> {
     let now = Timestamp::now();
+    if !table::any_due(engine.pool(), now).await? {
+        return Ok(0);
+    }
     let mut tx = engine.pool().begin().await?;
     let due_now = table::claim_due(&mut tx, now, 16).await?;
     if due_now.is_empty() {

@@ -145,6 +145,15 @@ pub(crate) async fn set_paused(pool: &PgPool, name: &str, paused: bool, next: Op
     Ok(done.rows_affected() == 1)
 }
 
+/// Whether a schedule is due at `now` (one indexed read, no transaction: what each node asks
+/// every second before it claims any).
+pub(crate) async fn any_due(pool: &PgPool, now: Timestamp) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sagaflow.schedules WHERE NOT paused AND next_ms <= $1)")
+        .bind(ms(now))
+        .fetch_one(pool)
+        .await
+}
+
 /// Lock up to `limit` schedules due at `now` that no other node holds.
 pub(crate) async fn claim_due(tx: &mut PgConnection, now: Timestamp, limit: i64) -> Result<Vec<Schedule>, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
