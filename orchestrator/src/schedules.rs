@@ -1,7 +1,7 @@
 //! Schedules: sagas started by the clock, on a cron expression (UTC) or once at a time.
 //!
 //! A schedule is a row of `sagaflow.schedules` with its next tick. Every node looks for due
-//! schedules every second ([`fire_due`]): it locks the due rows no other node holds, asks
+//! schedules every second (`fire_due`): it locks the due rows no other node holds, asks
 //! `sagas::schedule::due` which ticks to start a saga for (the missed-tick policy decides for
 //! ticks found more than a minute late), starts one saga per tick with the idempotency key
 //! `schedule/{name}/{tick}`, and moves the next tick on, in one transaction. A tick therefore

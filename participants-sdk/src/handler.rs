@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lapin::Channel;
 use sagaflow_amqp::transport;
-use sagas::protocol::{InboundCommand, MAX_HEARTBEAT_BYTES, encode_heartbeat};
+use sagas::protocol::{InboundCommand, MAX_HEARTBEAT_BYTES, encode_heartbeat, json_has_nul};
 use sagas::{Command, CommandKind, MessageId, SagaId, StepIndex, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
@@ -137,6 +137,9 @@ impl Context<'_> {
         let msg = encode_heartbeat(self.cmd, &details, MessageId::new_random(), Timestamp::now());
         if msg.body.len() > MAX_HEARTBEAT_BYTES {
             anyhow::bail!("heartbeat details are {} bytes encoded, over the limit of {MAX_HEARTBEAT_BYTES}", msg.body.len());
+        }
+        if json_has_nul(&msg.body) {
+            anyhow::bail!("heartbeat details hold U+0000, which the orchestrator cannot store");
         }
         let one_batch = self.beats.publishing.lock().await;
         transport::publish_confirmed(self.beats.ch, "", &self.cmd.reply_to, &msg, false).await?;
