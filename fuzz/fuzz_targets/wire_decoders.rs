@@ -6,25 +6,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use sagas::protocol::{
-    H_ATTEMPT, H_DEFINITION, H_HEARTBEAT_MS, H_IDEMPOTENCY_KEY, H_KIND, H_PROGRESS, H_SAGA_ID, H_STEP, H_STEP_NAME, H_TRACEPARENT,
-    HeaderValue, InboundReplyOrHeartbeat, MAX_HEADER_BYTES, MAX_HEARTBEAT_BYTES, MAX_IDEMPOTENCY_KEY_BYTES, MAX_NAME_BYTES, WireMessage,
-    decode_command, decode_event, decode_reply, decode_reply_or_heartbeat, decode_start, json_has_nul, valid_traceparent,
+    HeaderValue, InboundReplyOrHeartbeat, MAX_HEADER_BYTES, MAX_HEARTBEAT_BYTES, MAX_IDEMPOTENCY_KEY_BYTES, MAX_NAME_BYTES,
+    PROTOCOL_HEADERS, WireMessage, decode_command, decode_event, decode_reply, decode_reply_or_heartbeat, decode_start, json_has_nul,
+    valid_traceparent,
 };
 
-const HEADERS: [&str; 12] = [
-    H_SAGA_ID,
-    H_DEFINITION,
-    "x-saga-version",
-    H_STEP,
-    H_STEP_NAME,
-    H_KIND,
-    H_ATTEMPT,
-    H_TRACEPARENT,
-    H_IDEMPOTENCY_KEY,
-    H_PROGRESS,
-    H_HEARTBEAT_MS,
-    "x-other",
-];
 const TYPES: [&str; 6] = ["sagaflow.reply", "sagaflow.start", "sagaflow.event", "sagaflow.heartbeat", "payment.charge", ""];
 
 /// Cut `data` into fields at 0xFF bytes: the first ones choose the properties and headers, the
@@ -42,7 +28,8 @@ fn message(data: &[u8]) -> WireMessage {
         reply_to: text(255),
         ..WireMessage::default()
     };
-    for name in HEADERS {
+    // The protocol's headers, and one it does not read.
+    for name in PROTOCOL_HEADERS.into_iter().chain(["x-other"]) {
         if let Some(v) = text(usize::MAX) {
             let value = match v.parse::<i64>() {
                 Ok(n) if v.len() < 4 => HeaderValue::Int(n),

@@ -60,8 +60,7 @@ fn invalid(m: impl Into<String>) -> OpsError {
 /// Whether `name` can name a schedule: 1–100 characters of `A-Z a-z 0-9 _ - .` (it is part of
 /// each saga's idempotency key and of the API's paths).
 fn check_name(name: &str) -> Result<(), OpsError> {
-    let ok = !name.is_empty() && name.len() <= 100 && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
+    if sagas::definition::valid_name(name) {
         Ok(())
     } else {
         Err(invalid(format!("schedule name {} must be 1-100 characters of a-z, A-Z, 0-9, `_`, `-` or `.`", sagas::protocol::quote(name))))

@@ -607,7 +607,9 @@ fn check_step_settings(s: &StepDef) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` can name a definition, step, group, search key, resource or schedule: 1–100
+/// characters of `A-Z a-z 0-9 _ - .`.
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 100 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 

@@ -69,7 +69,7 @@ pub const MAX_HEADER_BYTES: usize = 4096;
 const QUOTE_CHARS: usize = 80;
 
 /// The protocol's headers: the ones a decoder reads, checked for size and U+0000.
-const PROTOCOL_HEADERS: [&str; 11] = [
+pub const PROTOCOL_HEADERS: [&str; 11] = [
     H_SAGA_ID,
     H_DEFINITION,
     H_VERSION,

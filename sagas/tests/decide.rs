@@ -159,11 +159,7 @@ fn timeout_with_retry_resends_and_a_late_success_of_the_first_attempt_settles_th
 }
 
 fn charge_timers(t: &SagaTest) -> Vec<TimerKey> {
-    let of_charge = |k: &TimerKey| match k {
-        TimerKey::Retry { step, .. } | TimerKey::StepTimeout { step, .. } | TimerKey::Heartbeat { step, .. } => *step == StepIndex(1),
-        _ => false,
-    };
-    let mut keys: Vec<TimerKey> = t.timers().into_iter().map(|(k, _)| k).filter(of_charge).collect();
+    let mut keys: Vec<TimerKey> = t.timers().into_iter().map(|(k, _)| k).filter(|k| k.step() == Some(StepIndex(1))).collect();
     keys.sort_by_key(TimerKey::id);
     keys
 }

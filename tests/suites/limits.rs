@@ -3,7 +3,7 @@
 //! leaked, and a saga of a higher priority takes a freed slot before the ones queued earlier.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use orchestrator::Orchestrator;
@@ -28,17 +28,17 @@ async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
 /// most seen.
 fn watch_holders(pool: sqlx::PgPool, resource: &'static str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<i64> {
     tokio::spawn(async move {
-        let most = AtomicI64::new(0);
+        let mut most = 0;
         while !stop.load(Ordering::Relaxed) {
             let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sagaflow.slot_holders WHERE resource = $1")
                 .bind(resource)
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-            most.fetch_max(n, Ordering::Relaxed);
+            most = most.max(n);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        most.load(Ordering::Relaxed)
+        most
     })
 }
 

@@ -62,15 +62,9 @@ pub struct ScheduleNameArgs {
 pub struct ScheduleSetArgs {
     /// The schedule's name (1-100 characters of a-z, A-Z, 0-9, `_`, `-`, `.`).
     name: String,
-    /// The definition of the sagas it starts.
-    #[arg(long)]
-    definition: String,
-    /// Their input, as JSON.
-    #[arg(long)]
-    input: String,
-    /// Definition version (the newest when absent).
-    #[arg(long)]
-    version: Option<u32>,
+    /// The sagas it starts.
+    #[command(flatten)]
+    saga: SagaArgs,
     /// A cron expression, UTC: 5 fields (minute hour day-of-month month day-of-week) or 6 with
     /// seconds first; `@hourly`, `@daily`, …
     #[arg(long, conflicts_with = "at", required_unless_present = "at")]
@@ -81,9 +75,6 @@ pub struct ScheduleSetArgs {
     /// What happens to ticks missed while no node ran: fire_once (default), fire_all, skip.
     #[arg(long)]
     missed: Option<String>,
-    /// The sagas' priority (higher first, default 0).
-    #[arg(long, allow_negative_numbers = true)]
-    priority: Option<i32>,
     /// Create it paused.
     #[arg(long)]
     paused: bool,
@@ -103,13 +94,13 @@ async fn schedule_command(engine: &crate::Engine, cmd: ScheduleCommand) -> anyho
                 .transpose()
                 .map_err(|e| OpsError::new(ErrorKind::InvalidRequest, e))?;
             let req = schedules::ScheduleRequest {
-                definition: a.definition,
-                version: a.version,
-                input: json_arg("--input", &a.input)?,
+                definition: a.saga.definition,
+                version: a.saga.version,
+                input: json_arg("--input", &a.saga.input)?,
                 cron: a.cron,
                 at: a.at,
                 missed,
-                priority: a.priority,
+                priority: a.saga.priority,
                 paused: a.paused,
             };
             (vec![schedules::put(engine, &a.name, req).await?], a.json)
@@ -153,9 +144,9 @@ async fn schedule_command(engine: &crate::Engine, cmd: ScheduleCommand) -> anyho
     Ok(())
 }
 
-/// The arguments of `start`.
+/// What a saga is started with, by `start` and by `schedule set`.
 #[derive(clap::Args)]
-pub struct StartArgs {
+pub(crate) struct SagaArgs {
     /// Definition name.
     #[arg(long)]
     definition: String,
@@ -165,13 +156,21 @@ pub struct StartArgs {
     /// Definition version (the newest when absent).
     #[arg(long)]
     version: Option<u32>,
-    /// The same key twice starts one saga.
-    #[arg(long)]
-    idempotency_key: Option<String>,
     /// The saga's priority (higher first, default 0): its steps waiting for a resource slot
     /// take one before those of sagas with a lower priority.
     #[arg(long, allow_negative_numbers = true)]
     priority: Option<i32>,
+}
+
+/// The arguments of `start`.
+#[derive(clap::Args)]
+pub struct StartArgs {
+    /// The saga.
+    #[command(flatten)]
+    saga: SagaArgs,
+    /// The same key twice starts one saga.
+    #[arg(long)]
+    idempotency_key: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -289,12 +288,12 @@ pub(crate) async fn run(mut config: Config, registry: Registry, cmd: Command) ->
     let out = match cmd {
         Command::Start(a) => {
             let req = StartRequest {
-                definition: a.definition,
-                version: a.version,
-                input: json_arg("--input", &a.input)?,
+                definition: a.saga.definition,
+                version: a.saga.version,
+                input: json_arg("--input", &a.saga.input)?,
                 idempotency_key: a.idempotency_key,
                 saga_id: None,
-                priority: a.priority,
+                priority: a.saga.priority,
             };
             let started = engine.start(&req, None).await.map_err(OpsError::from)?;
             if a.json {

@@ -133,6 +133,18 @@ pub enum TimerKey {
 }
 
 impl TimerKey {
+    /// The step the timer is about (`None` for the saga's deadline).
+    pub fn step(&self) -> Option<StepIndex> {
+        match *self {
+            TimerKey::Retry { step, .. }
+            | TimerKey::StepTimeout { step, .. }
+            | TimerKey::SlotGranted { step }
+            | TimerKey::Heartbeat { step, .. }
+            | TimerKey::WaitDeadline { step } => Some(step),
+            TimerKey::SagaDeadline => None,
+        }
+    }
+
     /// A stable text key, unique per instance (`retry/2/invoke/3`, `saga_deadline`), for the
     /// timer table's unique index.
     pub fn id(&self) -> String {
@@ -450,6 +462,31 @@ impl Cx<'_> {
 
     fn name(&self, i: StepIndex) -> String {
         self.def.steps[i.get()].name.clone()
+    }
+
+    /// Whether a message about `kind` attempt `attempt` of step `i`, carrying the command id
+    /// `in_reply_to`, is about a command this saga sent (a reply or a heartbeat): `Err` with the
+    /// stale outcome when the step does not exist, sends no command, or the id is another's.
+    /// `mismatch` begins the detail when the id is another's ("the reply does not answer").
+    fn about_command(
+        &self,
+        mismatch: &str,
+        i: StepIndex,
+        kind: CommandKind,
+        attempt: u32,
+        in_reply_to: MessageId,
+    ) -> Result<(), InputOutcome> {
+        let stale = |detail: String| Err(Self::ignored(IgnoreReason::Stale, detail));
+        if i.get() >= self.def.steps.len() {
+            return stale(format!("the definition has no step {i}"));
+        }
+        if self.command_step(i).is_none() {
+            return stale(format!("step {i} waits for an event and sends no command"));
+        }
+        if in_reply_to != MessageId::for_command(self.st.id, i, kind, attempt) {
+            return stale(format!("{mismatch} {} attempt {attempt} of step {i}", kind.as_str()));
+        }
+        Ok(())
     }
 
     fn command_step(&self, i: StepIndex) -> Option<&CommandStep> {

@@ -6,22 +6,16 @@
 //! or never sent; a compensation) is ignored as stale.
 
 use super::{Cx, Heartbeat, IgnoreReason, InputOutcome, TimerKey};
-use crate::ids::{CommandKind, MessageId};
+use crate::ids::CommandKind;
 use crate::state::StepStatus;
 
 pub(super) fn handle(cx: &mut Cx<'_>, h: &Heartbeat) -> InputOutcome {
     let i = h.step;
+    if let Err(stale) = cx.about_command("the heartbeat is not about", i, h.kind, h.attempt, h.in_reply_to) {
+        return stale;
+    }
     let stale = |detail: String| Cx::ignored(IgnoreReason::Stale, detail);
-    if i.get() >= cx.def.steps.len() {
-        return stale(format!("the definition has no step {i}"));
-    }
-    let Some(c) = cx.command_step(i) else {
-        return stale(format!("step {i} waits for an event and sends no command"));
-    };
-    let heartbeat_ms = c.heartbeat_ms;
-    if h.in_reply_to != MessageId::for_command(cx.st.id, i, h.kind, h.attempt) {
-        return stale(format!("the heartbeat is not about {} attempt {} of step {i}", h.kind.as_str(), h.attempt));
-    }
+    let heartbeat_ms = cx.command_step(i).and_then(|c| c.heartbeat_ms);
     if h.kind == CommandKind::Compensate {
         return stale("only a step's command keeps heartbeats, not its compensation".into());
     }

@@ -9,23 +9,14 @@ use serde_json::Value;
 
 use super::{Cx, IgnoreReason, InputOutcome, Reply, SagaEvent, TimerKey};
 use crate::definition::StepKind;
-use crate::ids::{CommandKind, MessageId, StepIndex};
+use crate::ids::{CommandKind, StepIndex};
 use crate::protocol::ReplyOutcome;
 use crate::state::{Failure, FailureCode, SagaStatus, StepStatus, StopCode};
 
 pub(super) fn handle(cx: &mut Cx<'_>, r: &Reply) -> InputOutcome {
     let i = r.step;
-    if i.get() >= cx.def.steps.len() {
-        return Cx::ignored(IgnoreReason::Stale, format!("the definition has no step {i}"));
-    }
-    if cx.command_step(i).is_none() {
-        return Cx::ignored(IgnoreReason::Stale, format!("step {i} waits for an event and sends no command"));
-    }
-    if r.in_reply_to != MessageId::for_command(cx.st.id, i, r.kind, r.attempt) {
-        return Cx::ignored(
-            IgnoreReason::Stale,
-            format!("the reply does not answer {} attempt {} of step {i}", r.kind.as_str(), r.attempt),
-        );
+    if let Err(stale) = cx.about_command("the reply does not answer", i, r.kind, r.attempt, r.in_reply_to) {
+        return stale;
     }
     match r.kind {
         CommandKind::Invoke => invoke(cx, i, r),

@@ -23,15 +23,7 @@ pub(super) fn handle(cx: &mut Cx<'_>, key: &TimerKey) -> InputOutcome {
             }
             InputOutcome::Applied
         }
-        TimerKey::Retry { step, kind, attempt } | TimerKey::StepTimeout { step, kind, attempt } if step.get() >= cx.def.steps.len() => {
-            let _ = (kind, attempt);
-            stale("no such step")
-        }
-        TimerKey::WaitDeadline { step } | TimerKey::Heartbeat { step, .. } | TimerKey::SlotGranted { step }
-            if step.get() >= cx.def.steps.len() =>
-        {
-            stale("no such step")
-        }
+        _ if key.step().is_some_and(|step| step.get() >= cx.def.steps.len()) => stale("no such step"),
         TimerKey::SlotGranted { step } => {
             if cx.st.status != SagaStatus::Running || cx.st.steps[step.get()].status != StepStatus::AwaitingSlot {
                 return stale("the step is not waiting for a slot");

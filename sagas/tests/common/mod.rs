@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use sagas::definition::StepBuilder;
 use sagas::{Command, Event, OnDeadline, OnTimeout, RetryPolicy, SagaDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -111,69 +112,45 @@ pub fn order_saga() -> SagaDefinition<Order> {
         .expect("valid definition")
 }
 
-/// Same steps, with a timeout on `charge` whose consequence is `then`.
-pub fn order_saga_with_timeout(then: OnTimeout) -> SagaDefinition<Order> {
-    SagaDefinition::builder("order_timeout", 1)
+/// reserve → charge → ship, named `name`, with `charge` configured further by `charge`.
+fn order_saga_charging(name: &str, charge: impl FnOnce(StepBuilder<Order, Charge>) -> StepBuilder<Order, Charge>) -> SagaDefinition<Order> {
+    SagaDefinition::builder(name, 1)
         .step("reserve", |s| {
             s.invoke(|o: &Order| Reserve { order: o.id })
                 .on_reply(|o, r: Reserved| o.reservation = Some(r.reservation))
                 .compensate(|o| Release { reservation: o.reservation.clone() })
         })
         .step("charge", |s| {
-            s.invoke(|o: &Order| Charge { amount: o.amount })
-                .on_reply(|o, r: Charged| o.charge = Some(r.charge))
-                .compensate(|o| Refund { charge: o.charge.clone() })
-                .retry(no_jitter(2))
-                .timeout(Duration::from_secs(5), then)
+            charge(
+                s.invoke(|o: &Order| Charge { amount: o.amount })
+                    .on_reply(|o, r: Charged| o.charge = Some(r.charge))
+                    .compensate(|o| Refund { charge: o.charge.clone() }),
+            )
         })
         .step("ship", |s| s.invoke(|o: &Order| Ship { order: o.id, express: o.express }))
         .build()
         .expect("valid definition")
+}
+
+/// Same steps, with a timeout on `charge` whose consequence is `then`.
+pub fn order_saga_with_timeout(then: OnTimeout) -> SagaDefinition<Order> {
+    order_saga_charging("order_timeout", |c| c.retry(no_jitter(2)).timeout(Duration::from_secs(5), then))
 }
 
 /// reserve → charge (a long step: heartbeat timeout 5 s, and `timeout` when given, 60 s) → ship
 pub fn order_saga_with_heartbeat(timeout: Option<OnTimeout>) -> SagaDefinition<Order> {
-    SagaDefinition::builder("order_heartbeat", 1)
-        .step("reserve", |s| {
-            s.invoke(|o: &Order| Reserve { order: o.id })
-                .on_reply(|o, r: Reserved| o.reservation = Some(r.reservation))
-                .compensate(|o| Release { reservation: o.reservation.clone() })
-        })
-        .step("charge", |s| {
-            let s = s
-                .invoke(|o: &Order| Charge { amount: o.amount })
-                .on_reply(|o, r: Charged| o.charge = Some(r.charge))
-                .compensate(|o| Refund { charge: o.charge.clone() })
-                .retry(no_jitter(3))
-                .heartbeat_timeout(Duration::from_secs(5));
-            match timeout {
-                Some(then) => s.timeout(Duration::from_secs(60), then),
-                None => s,
-            }
-        })
-        .step("ship", |s| s.invoke(|o: &Order| Ship { order: o.id, express: o.express }))
-        .build()
-        .expect("valid definition")
+    order_saga_charging("order_heartbeat", |c| {
+        let c = c.retry(no_jitter(3)).heartbeat_timeout(Duration::from_secs(5));
+        match timeout {
+            Some(then) => c.timeout(Duration::from_secs(60), then),
+            None => c,
+        }
+    })
 }
 
 /// reserve → charge (holds a slot of `payments`, capacity 2) → ship
 pub fn order_saga_with_limit() -> SagaDefinition<Order> {
-    SagaDefinition::builder("order_limit", 1)
-        .step("reserve", |s| {
-            s.invoke(|o: &Order| Reserve { order: o.id })
-                .on_reply(|o, r: Reserved| o.reservation = Some(r.reservation))
-                .compensate(|o| Release { reservation: o.reservation.clone() })
-        })
-        .step("charge", |s| {
-            s.invoke(|o: &Order| Charge { amount: o.amount })
-                .on_reply(|o, r: Charged| o.charge = Some(r.charge))
-                .compensate(|o| Refund { charge: o.charge.clone() })
-                .retry(no_jitter(3))
-                .limit("payments", 2)
-        })
-        .step("ship", |s| s.invoke(|o: &Order| Ship { order: o.id, express: o.express }))
-        .build()
-        .expect("valid definition")
+    order_saga_charging("order_limit", |c| c.retry(no_jitter(3)).limit("payments", 2))
 }
 
 /// reserve → parallel(email, sms, push) → ship
