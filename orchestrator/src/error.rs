@@ -15,6 +15,10 @@ pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The registered definitions cannot run as they are (a child step names a definition that
+    /// is not registered).
+    #[error("{0}")]
+    Definitions(String),
     /// PostgreSQL could not be reached, or refused or failed a statement; `doing` says what the
     /// node was doing.
     #[error("{doing}: {cause}")]

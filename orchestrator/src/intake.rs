@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use sagaflow_amqp::telemetry;
 use sagaflow_amqp::transport::Names;
-use sagas::protocol::{LifecycleEvent, SagaRef, StartRequest, encode_command, encode_lifecycle, valid_traceparent};
+use sagas::protocol::{LifecycleEvent, SagaRef, StartRequest, encode_child_reply, encode_command, encode_lifecycle, valid_traceparent};
 use sagas::{Definition, Effect, Input, InputOutcome, MessageId, Registry, SagaId, SagaState, SagaStatus, Timestamp, Transition, decide};
 use serde_json::json;
 use sqlx::PgPool;
@@ -170,6 +170,18 @@ pub struct Engine {
     pub(crate) waiters: Waiters,
     /// Wakes this node's timers before their next poll (a resource slot was granted).
     pub(crate) timers_wake: Arc<tokio::sync::Notify>,
+    /// The largest body a reply queue takes (`max_body_bytes`): a child saga's answer to its
+    /// parent must fit.
+    max_body: usize,
+}
+
+/// The sizes an engine keeps to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Most callers waiting for sagas to settle.
+    pub(crate) waiters: usize,
+    /// The largest message body a node takes (`max_body_bytes`).
+    pub(crate) body: usize,
 }
 
 /// Which optional lifecycle events a node publishes (the others it always does).
@@ -200,10 +212,10 @@ impl Engine {
         node: &str,
         events: Events,
         outbound: (Publisher, Starts),
-        max_waiters: usize,
+        limits: Limits,
     ) -> Self {
         let (publisher, starts) = outbound;
-        let (recent, waiters) = (Recent::default(), Waiters::new(max_waiters));
+        let (recent, waiters) = (Recent::default(), Waiters::new(limits.waiters));
         Self {
             pool,
             registry,
@@ -216,6 +228,7 @@ impl Engine {
             recent,
             waiters,
             timers_wake: Arc::default(),
+            max_body: limits.body,
         }
     }
 
@@ -241,6 +254,16 @@ impl Engine {
 
     /// Start a saga. The same idempotency key twice starts one saga.
     pub async fn start(&self, req: &StartRequest, traceparent: Option<&str>) -> Result<Started, StartError> {
+        self.start_as(req, traceparent, None).await
+    }
+
+    /// Start a saga, as the child saga of `parent` when given (see `children`).
+    pub(crate) async fn start_as(
+        &self,
+        req: &StartRequest,
+        traceparent: Option<&str>,
+        parent: Option<sagas::ParentLink>,
+    ) -> Result<Started, StartError> {
         let def = match req.version {
             Some(v) => self.registry.get(&req.definition, v),
             None => self.registry.latest(&req.definition),
@@ -253,15 +276,19 @@ impl Engine {
         let id = req.saga_id.unwrap_or_default();
         let mut state = SagaState::new(def, id, req.input.clone(), Timestamp::now());
         state.priority = req.priority.unwrap_or(0);
+        state.parent = parent;
         // A malformed trace context is dropped and a new trace started (W3C): it is copied
         // into every command of the saga, so it must be one a broker and a participant can carry.
         let traceparent = traceparent.filter(|t| valid_traceparent(t)).map_or_else(|| new_traceparent(id), str::to_owned);
         // The history shows what the saga was started with.
-        let start = match req.priority {
-            Some(p) if p != 0 => json!({"type": "start", "input": req.input, "priority": p}),
-            _ => json!({"type": "start", "input": req.input}),
+        let mut start = json!({"type": "start", "input": req.input});
+        if let Some(p) = req.priority.filter(|p| *p != 0) {
+            start["priority"] = json!(p);
         }
-        .to_string();
+        if let Some(p) = &state.parent {
+            start["parent"] = json!({"saga_id": p.saga_id, "step": p.step_name, "attempt": p.attempt});
+        }
+        let start = start.to_string();
         let mut d = self.decide(def, &state, Some(&traceparent), &Input::Start, Some(start)).map_err(|h| StartError::InvalidInput {
             definition: def.name.clone(),
             reason: format!("the definition cannot start: {h:?}"),
@@ -705,10 +732,45 @@ impl Engine {
                     priority: *priority,
                 }),
                 Effect::Release { step, resource } => slots.release.push((int(step.0), resource.clone())),
+                Effect::ReplyToParent { kind, attempt, outcome } => {
+                    let Some(parent) = &st.parent else { continue };
+                    outbox.push(OutboxRow::new(
+                        String::new(),
+                        self.names.reply_queue_for(parent.saga_id),
+                        false,
+                        self.child_reply(st.id, parent, *kind, *attempt, outcome, now),
+                    )?);
+                }
             }
         }
         let (schedule, cancel) = store::timer_rows(&schedule, &cancel)?;
         Ok(Outgoing { outbox, schedule, cancel, slots })
+    }
+
+    /// The reply of child saga `child` to its parent's step: `outcome`, unless the child's data
+    /// is too large for a reply queue to take (`max_body_bytes`). Then the reply says so in
+    /// place of the data, a string the parent's `on_reply` cannot take as the child's data: the
+    /// step fails with `invalid_reply` and the parent compensates it, undoing the child.
+    fn child_reply(
+        &self,
+        child: SagaId,
+        parent: &sagas::ParentLink,
+        kind: sagas::CommandKind,
+        attempt: u32,
+        outcome: &sagas::ReplyOutcome,
+        now: Timestamp,
+    ) -> sagas::protocol::WireMessage {
+        let msg = encode_child_reply(parent, kind, attempt, outcome, now);
+        if msg.body.len() <= self.max_body {
+            return msg;
+        }
+        let why = format!(
+            "the data of child saga {child} is {} bytes, over the {} bytes a reply may carry (max_body_bytes)",
+            msg.body.len(),
+            self.max_body
+        );
+        tracing::error!(saga.id = %child, parent.id = %parent.saga_id, "{why}; the parent is told so in place of the data");
+        encode_child_reply(parent, kind, attempt, &sagas::ReplyOutcome::Success { output: json!(why) }, now)
     }
 
     /// Hand what a committed decision wrote to this node's publisher, instead of waiting for a

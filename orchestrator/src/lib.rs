@@ -26,6 +26,7 @@
 //!   and `demo`.
 
 pub mod api;
+mod children;
 pub mod cli;
 pub mod config;
 mod error;

@@ -85,6 +85,33 @@ pub struct StepView {
     pub progress: Option<Value>,
     /// When that heartbeat was applied (ms since the epoch).
     pub heartbeat_at: Option<u64>,
+    /// The child sagas the step started (a child step: one per attempt that started one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<ChildView>,
+}
+
+/// A child saga a step started.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChildView {
+    /// The child saga.
+    pub saga_id: SagaId,
+    /// The attempt of the step that started it.
+    pub attempt: u32,
+    /// Its status.
+    pub status: String,
+}
+
+/// The parent saga's step that started a child saga.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ParentView {
+    /// The parent saga.
+    pub saga_id: SagaId,
+    /// Its definition.
+    pub definition: String,
+    /// Its step that started this saga.
+    pub step: String,
+    /// The attempt of that step.
+    pub attempt: u32,
 }
 
 /// One saga as an operator sees it.
@@ -120,6 +147,9 @@ pub struct SagaView {
     pub state_bytes: usize,
     /// Inputs in its history.
     pub history_len: i64,
+    /// When it is a child saga: the parent saga's step that started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentView>,
 }
 
 /// A line of a list.
@@ -334,7 +364,33 @@ pub async fn get(engine: &Engine, id: SagaId) -> Result<SagaView, OpsError> {
     let state_bytes = state_json.to_string().len();
     let st: SagaState =
         serde_json::from_value(state_json).map_err(|e| OpsError::new(ErrorKind::Unavailable, format!("saga {id} does not decode: {e}")))?;
-    Ok(view(engine, &st, row.try_get("decided_by")?, state_bytes, row.try_get("n")?))
+    let mut v = view(engine, &st, row.try_get("decided_by")?, state_bytes, row.try_get("n")?);
+    link_children(engine, &st, &mut v).await?;
+    Ok(v)
+}
+
+/// Fill in the child sagas each child step of `st` started (their ids are derived from the
+/// step and attempt: one read of those that exist).
+async fn link_children(engine: &Engine, st: &SagaState, v: &mut SagaView) -> Result<(), sqlx::Error> {
+    let Some(def) = engine.registry().get(&st.definition, st.version) else { return Ok(()) };
+    let mut candidates = Vec::new();
+    for (s, step) in def.steps.iter().zip(&st.steps) {
+        if matches!(&s.action, StepAction::Command(c) if c.child().is_some()) {
+            candidates.extend((1..=step.attempts).map(|a| (s.index, a, SagaId::for_child(st.id, s.index, a))));
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = candidates.iter().map(|c| c.2.0).collect();
+    let found: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM sagaflow.instances WHERE id = ANY($1)").bind(&ids).fetch_all(engine.pool()).await?;
+    for (step, attempt, id) in candidates {
+        if let Some((_, status)) = found.iter().find(|(f, _)| *f == id.0) {
+            v.steps[step.get()].children.push(ChildView { saga_id: id, attempt, status: status.clone() });
+        }
+    }
+    Ok(())
 }
 
 fn view(engine: &Engine, st: &SagaState, decided_by: String, state_bytes: usize, history_len: i64) -> SagaView {
@@ -368,6 +424,7 @@ fn view(engine: &Engine, st: &SagaState, decided_by: String, state_bytes: usize,
                 output: s.output.clone(),
                 progress: s.progress.clone(),
                 heartbeat_at: s.heartbeat_at.map(|t| t.0),
+                children: Vec::new(),
             }
         })
         .collect();
@@ -387,6 +444,12 @@ fn view(engine: &Engine, st: &SagaState, decided_by: String, state_bytes: usize,
         decided_by,
         state_bytes,
         history_len,
+        parent: st.parent.as_ref().map(|p| ParentView {
+            saga_id: p.saga_id,
+            definition: p.definition.clone(),
+            step: p.step_name.clone(),
+            attempt: p.attempt,
+        }),
     }
 }
 

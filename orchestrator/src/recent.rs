@@ -94,6 +94,7 @@ mod tests {
             updated_at: Timestamp(0),
             deadline_at: None,
             priority: 0,
+            parent: None,
         }
     }
 

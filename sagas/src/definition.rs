@@ -56,6 +56,12 @@ type KeysFn = Arc<dyn Fn(&Value) -> std::result::Result<Vec<(String, String)>, S
 /// One search key of a builder: its name and how its value is read from the saga's data.
 type KeyFn<D> = (String, Arc<dyn Fn(&D) -> String + Send + Sync>);
 
+/// The participant of child steps: the orchestrator's nodes handle its commands, starting the
+/// child saga (the command's name is the child's definition) and undoing it.
+pub const CHILD_PARTICIPANT: &str = "sagaflow.child";
+/// The compensation command of a child step: compensate the child saga.
+pub const CHILD_UNDO: &str = "sagaflow.child.undo";
+
 /// Most search keys a definition declares.
 pub const MAX_SEARCH_KEYS: usize = 8;
 /// Most bytes of a search key's value.
@@ -136,6 +142,14 @@ pub struct CommandStep {
     pub compensation: Option<Compensation>,
     pub(crate) build: BuildFn,
     pub(crate) on_reply: Option<ApplyFn>,
+}
+
+impl CommandStep {
+    /// The definition of the child saga the step starts, when it is a child step
+    /// ([`StepBuilder::child`]).
+    pub fn child(&self) -> Option<&str> {
+        (self.participant == CHILD_PARTICIPANT).then_some(self.command.as_str())
+    }
 }
 
 /// A shared resource a step holds while its command runs, and how many steps (of any saga, on
@@ -424,8 +438,8 @@ struct PendingStep {
 
 impl<D: SagaData> SagaBuilder<D> {
     /// Add a step that sends a command. The closure configures it; it must call
-    /// [`invoke`](StepBuilder::invoke).
-    pub fn step<C: Command>(mut self, name: impl Into<String>, f: impl FnOnce(StepBuilder<D, NoCommand>) -> StepBuilder<D, C>) -> Self {
+    /// [`invoke`](StepBuilder::invoke), or [`child`](StepBuilder::child) to start a child saga.
+    pub fn step<C: StepCommand>(mut self, name: impl Into<String>, f: impl FnOnce(StepBuilder<D, NoCommand>) -> StepBuilder<D, C>) -> Self {
         let built = f(StepBuilder::new(name.into()));
         self.items.push(Item::Step(Box::new(built.finish())));
         self
@@ -594,6 +608,9 @@ fn check_step_settings(s: &StepDef) -> std::result::Result<(), String> {
             if c.command.is_empty() || c.participant.is_empty() {
                 return Err(format!("step `{}`: command and participant names must not be empty", s.name));
             }
+            if c.participant == CHILD_PARTICIPANT {
+                check_child_step(s, c)?;
+            }
         }
         StepAction::Wait(w) => {
             if w.event.is_empty() {
@@ -603,6 +620,25 @@ fn check_step_settings(s: &StepDef) -> std::result::Result<(), String> {
                 return Err(format!("wait `{}`: deadline must be longer than zero", s.name));
             }
         }
+    }
+    Ok(())
+}
+
+/// A child step: its command names a definition, it has no timeout (a new attempt would start a
+/// second child beside one that may still run: the child's deadline bounds it instead), and its
+/// compensation is the child's undo.
+fn check_child_step(s: &StepDef, c: &CommandStep) -> std::result::Result<(), String> {
+    if !valid_name(&c.command) {
+        return Err(format!("step `{}`: `{}` cannot name the child saga's definition", s.name, c.command));
+    }
+    if c.timeout.is_some() || c.heartbeat_ms.is_some() {
+        return Err(format!(
+            "step `{}` starts a child saga and takes no timeout or heartbeat timeout: give the child a `.deadline(..)`",
+            s.name
+        ));
+    }
+    if c.compensation.as_ref().is_some_and(|k| k.participant != CHILD_PARTICIPANT || k.command != CHILD_UNDO) {
+        return Err(format!("step `{}` starts a child saga: compensating it compensates the child, it takes no `.compensate(..)`", s.name));
     }
     Ok(())
 }
@@ -661,6 +697,23 @@ fn check_pivot_rules(steps: &[StepDef], nodes: &[Node]) -> std::result::Result<(
 /// without `invoke` does not compile.
 pub struct NoCommand;
 
+/// What a step's builder must have been given to be a step: a command ([`StepBuilder::invoke`])
+/// or a child saga ([`StepBuilder::child`]).
+#[diagnostic::on_unimplemented(
+    message = "the step sends no command",
+    label = "call `.invoke(..)` (or `.child(..)`) in the step's closure",
+    note = "a step sends a command to a participant, or starts a child saga"
+)]
+pub trait StepCommand: sealed::Sealed {}
+impl<C: Command> StepCommand for C {}
+impl<C: SagaData> StepCommand for Child<C> {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<C: super::Command> Sealed for C {}
+    impl<C: super::SagaData> Sealed for super::Child<C> {}
+}
+
 /// Configures one command step. `C` is the command type once [`invoke`](Self::invoke) set it.
 pub struct StepBuilder<D, C> {
     name: String,
@@ -675,7 +728,7 @@ pub struct StepBuilder<D, C> {
     heartbeat: Option<u64>,
     limit: Option<Limit>,
     condition: Option<PredicateFn>,
-    meta: Option<(&'static str, &'static str)>,
+    meta: Option<(String, String)>,
     _types: PhantomData<fn(D, C)>,
 }
 
@@ -715,9 +768,47 @@ impl<D: SagaData> StepBuilder<D, NoCommand> {
             heartbeat: self.heartbeat,
             limit: self.limit,
             condition: self.condition,
-            meta: Some((C::NAME, C::PARTICIPANT)),
+            meta: Some((C::NAME.to_owned(), C::PARTICIPANT.to_owned())),
             _types: PhantomData,
         }
+    }
+
+    /// Start child saga `def` with the input computed from the saga's data, and wait for its
+    /// outcome: the step completes when the child completes (its reply is the child's final
+    /// data, see [`on_reply`](StepBuilder::on_reply)) and fails when the child fails (the
+    /// child's failure code is the step's). Compensating the step compensates the child. The
+    /// child is started by whichever node takes the command, with the newest version of `def`
+    /// that node knows and the parent's priority. A child step takes no timeout (the child's
+    /// own [`deadline`](SagaBuilder::deadline) bounds it) and no compensation of its own.
+    pub fn child<C: SagaData>(self, def: &SagaDefinition<C>, f: impl Fn(&D) -> C + Send + Sync + 'static) -> StepBuilder<D, Child<C>> {
+        StepBuilder {
+            name: self.name,
+            kind: self.kind,
+            build: Some(erase_build(f)),
+            on_reply: None,
+            compensation: self.compensation,
+            retry: self.retry,
+            compensation_retry: self.compensation_retry,
+            compensation_timeout: self.compensation_timeout,
+            timeout: self.timeout,
+            heartbeat: self.heartbeat,
+            limit: self.limit,
+            condition: self.condition,
+            meta: Some((def.name.clone(), CHILD_PARTICIPANT.to_owned())),
+            _types: PhantomData,
+        }
+    }
+}
+
+/// The type-state of a [`StepBuilder`] of a child step (see [`StepBuilder::child`]): its
+/// reply is the child saga's data, a `C`.
+pub struct Child<C>(PhantomData<fn() -> C>);
+
+impl<D: SagaData, C: SagaData> StepBuilder<D, Child<C>> {
+    /// Store what the child saga ended with (its data) in this saga's data.
+    pub fn on_reply(mut self, f: impl Fn(&mut D, C) + Send + Sync + 'static) -> Self {
+        self.on_reply = Some(erase_apply::<D, C>(f));
+        self
     }
 }
 
@@ -727,22 +818,32 @@ impl<D: SagaData, C: Command> StepBuilder<D, C> {
         self.on_reply = Some(erase_apply::<D, C::Reply>(f));
         self
     }
+}
 
+impl<D: SagaData, C> StepBuilder<D, C> {
     fn finish(self) -> PendingStep {
-        let (command, participant) = self.meta.unwrap_or(("", ""));
+        let (command, participant) = self.meta.unwrap_or_default();
+        // A child step's compensation undoes the child (none after the pivot, where nothing is
+        // compensated).
+        let compensation = match self.compensation {
+            None if participant == CHILD_PARTICIPANT && self.kind != StepKind::Retriable => {
+                Some((CHILD_UNDO.to_owned(), CHILD_PARTICIPANT.to_owned(), Arc::new(|_: &Value| Ok(Value::Null)) as BuildFn))
+            }
+            other => other,
+        };
         let default_retry = if self.kind == StepKind::Retriable { RetryPolicy::default_retriable() } else { RetryPolicy::default_invoke() };
         PendingStep {
             name: self.name,
             kind: self.kind,
             condition: self.condition,
             action: StepAction::Command(Box::new(CommandStep {
-                participant: participant.to_owned(),
-                command: command.to_owned(),
+                participant,
+                command,
                 retry: self.retry.unwrap_or(default_retry),
                 timeout: self.timeout,
                 heartbeat_ms: self.heartbeat,
                 limit: self.limit,
-                compensation: self.compensation.map(|(command, participant, build)| Compensation {
+                compensation: compensation.map(|(command, participant, build)| Compensation {
                     participant,
                     command,
                     retry: self.compensation_retry.clone().unwrap_or_else(RetryPolicy::default_compensate),
@@ -839,7 +940,11 @@ pub struct ParallelBuilder<D> {
 
 impl<D: SagaData> ParallelBuilder<D> {
     /// Add a branch: a command step configured like [`SagaBuilder::step`].
-    pub fn branch<C: Command>(mut self, name: impl Into<String>, f: impl FnOnce(StepBuilder<D, NoCommand>) -> StepBuilder<D, C>) -> Self {
+    pub fn branch<C: StepCommand>(
+        mut self,
+        name: impl Into<String>,
+        f: impl FnOnce(StepBuilder<D, NoCommand>) -> StepBuilder<D, C>,
+    ) -> Self {
         self.branches.push(f(StepBuilder::new(name.into())).finish());
         self
     }
@@ -941,6 +1046,23 @@ impl Registry {
     /// Every registered definition.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Definition>> {
         self.defs.values()
+    }
+
+    /// The child sagas that registered definitions start and that are not registered:
+    /// `(definition, step, child definition)`.
+    pub fn missing_children(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for d in self.iter() {
+            for s in &d.steps {
+                if let StepAction::Command(c) = &s.action
+                    && let Some(child) = c.child()
+                    && self.latest(child).is_none()
+                {
+                    out.push((d.name.clone(), s.name.clone(), child.to_owned()));
+                }
+            }
+        }
+        out
     }
 
     /// Every participant the registered definitions send commands to, compensations included,

@@ -49,6 +49,17 @@ impl SagaId {
     }
 }
 
+impl SagaId {
+    /// The id of the child saga that attempt `attempt` of step `step` of saga `parent` starts:
+    /// UUID v5 over `"{parent}/{step}/child/{attempt}"` in [`MESSAGE_ID_NAMESPACE`]. A start
+    /// delivered twice finds the child it started; a new attempt (an operator's `resume`)
+    /// starts a new child.
+    pub fn for_child(parent: SagaId, step: StepIndex, attempt: u32) -> Self {
+        let name = format!("{parent}/{}/child/{attempt}", step.0);
+        Self(Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes()))
+    }
+}
+
 impl Default for SagaId {
     fn default() -> Self {
         Self::new()

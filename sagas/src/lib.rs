@@ -67,14 +67,14 @@ pub use decide::{
     Effect, Heartbeat, IgnoreReason, Input, InputOutcome, OperatorCommand, OutgoingCommand, Reply, SagaEvent, TimerKey, Transition, decide,
 };
 pub use definition::{
-    Command, Definition, DefinitionSpec, Event, MAX_SEARCH_KEYS, MAX_SEARCH_VALUE_BYTES, NoCommand, Registry, SagaBuilder, SagaData,
-    SagaDefinition, StepAction, StepDef, StepKind, check_search_value,
+    CHILD_PARTICIPANT, Child, Command, Definition, DefinitionSpec, Event, MAX_SEARCH_KEYS, MAX_SEARCH_VALUE_BYTES, NoCommand, Registry,
+    SagaBuilder, SagaData, SagaDefinition, StepAction, StepCommand, StepDef, StepKind, check_search_value,
 };
 pub use error::{Error, Result};
 pub use ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
 pub use policy::{Backoff, OnDeadline, OnTimeout, RetryPolicy, TimeoutPolicy};
 pub use protocol::ReplyOutcome;
-pub use state::{Failure, FailureCode, SagaState, SagaStatus, StepState, StepStatus, StopCode, StopReason};
+pub use state::{Failure, FailureCode, ParentLink, SagaState, SagaStatus, StepState, StepStatus, StopCode, StopReason};
 
 /// The README's examples compile and run as doctests.
 #[cfg(doctest)]

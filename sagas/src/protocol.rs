@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::decide::{Heartbeat, OutgoingCommand, Reply, SagaEvent};
 use crate::ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
+use crate::state::ParentLink;
 
 /// Header: the saga's id (string, UUID).
 pub const H_SAGA_ID: &str = "x-saga-id";
@@ -539,6 +540,26 @@ pub fn encode_reply(cmd: &InboundCommand, outcome: &ReplyOutcome, now: Timestamp
         headers,
         body: serde_json::to_vec(outcome).unwrap_or_default(),
     }
+}
+
+/// The reply of a child saga to attempt `attempt` of the `kind` command of its parent's step
+/// (`link`): what a participant would have sent for that command.
+pub fn encode_child_reply(link: &ParentLink, kind: CommandKind, attempt: u32, outcome: &ReplyOutcome, now: Timestamp) -> WireMessage {
+    let cmd = InboundCommand {
+        message_id: MessageId::for_command(link.saga_id, link.step, kind, attempt),
+        command: String::new(),
+        saga: SagaRef { saga_id: link.saga_id, definition: link.definition.clone(), version: link.version },
+        step: link.step,
+        step_name: link.step_name.clone(),
+        kind,
+        attempt,
+        reply_to: String::new(),
+        traceparent: None,
+        body: Value::Null,
+        heartbeat_ms: None,
+        progress: None,
+    };
+    encode_reply(&cmd, outcome, now)
 }
 
 /// A reply as the orchestrator receives it.

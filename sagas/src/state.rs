@@ -129,13 +129,15 @@ pub enum FailureCode {
     /// The orchestrator refused a command for the participant: it could never be published
     /// (docs/protocol.md).
     Unpublishable,
+    /// The saga was a child saga, and its parent compensated the step that started it.
+    ParentCompensated,
     /// The code a participant rejected the command with.
     Participant(String),
 }
 
 impl FailureCode {
     /// The orchestrator's own codes (each documented in docs/concepts.md; a test checks).
-    pub const OWN: [Self; 8] = [
+    pub const OWN: [Self; 9] = [
         Self::RetriesExhausted,
         Self::StepTimedOut,
         Self::WaitExpired,
@@ -144,6 +146,7 @@ impl FailureCode {
         Self::InvalidReply,
         Self::InvalidData,
         Self::Unpublishable,
+        Self::ParentCompensated,
     ];
 
     /// The code.
@@ -157,6 +160,7 @@ impl FailureCode {
             Self::InvalidReply => "invalid_reply",
             Self::InvalidData => "invalid_data",
             Self::Unpublishable => "unpublishable",
+            Self::ParentCompensated => "parent_compensated",
             Self::Participant(code) => code,
         }
     }
@@ -345,6 +349,32 @@ pub struct SagaState {
     /// priority, then by arrival.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub priority: i32,
+    /// The parent saga's step that started this saga, when it is a child saga: it answers that
+    /// step's command when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
+}
+
+/// The step of a parent saga a child saga was started by, and the commands of it the child
+/// answers: the attempt that started it, and the compensation that undoes it, once sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLink {
+    /// The parent saga.
+    pub saga_id: SagaId,
+    /// The parent's definition name.
+    pub definition: String,
+    /// The parent's definition version.
+    pub version: u32,
+    /// The parent's step.
+    pub step: StepIndex,
+    /// The step's name.
+    pub step_name: String,
+    /// The attempt of the step's command that started this saga.
+    pub attempt: u32,
+    /// The attempt of the step's compensation this saga answers when it is compensated, once
+    /// the parent asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<u32>,
 }
 
 fn is_zero(n: &i32) -> bool {
@@ -371,6 +401,7 @@ impl SagaState {
             updated_at: now,
             deadline_at: def.deadline_ms.map(|ms| now.plus_ms(ms)),
             priority: 0,
+            parent: None,
         }
     }
 

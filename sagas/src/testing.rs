@@ -36,7 +36,7 @@ use crate::definition::{Definition, SagaData, SagaDefinition};
 use crate::error::Result;
 use crate::ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
 use crate::protocol::ReplyOutcome;
-use crate::state::{SagaState, SagaStatus, StepStatus};
+use crate::state::{ParentLink, SagaState, SagaStatus, StepStatus};
 
 /// Drives one saga instance through `decide`.
 pub struct SagaTest {
@@ -48,6 +48,7 @@ pub struct SagaTest {
     events: Vec<SagaEvent>,
     last: Option<InputOutcome>,
     slots: std::collections::BTreeSet<StepIndex>,
+    answers: Vec<(CommandKind, u32, ReplyOutcome)>,
 }
 
 impl SagaTest {
@@ -57,11 +58,32 @@ impl SagaTest {
         Self::start_erased(def.erased(), data)
     }
 
+    /// Given: a saga of `def` started with `input` at time 0 as the child saga of attempt 1 of
+    /// step 0 (`child`) of a parent saga: [`answers`](Self::answers) shows what it replies to
+    /// its parent, [`undo`](Self::undo) plays the parent compensating it.
+    pub fn start_child<D: SagaData>(def: &SagaDefinition<D>, input: &D) -> Result<Self> {
+        let parent = ParentLink {
+            saga_id: SagaId(uuid::Uuid::from_u128(0x9a7e)),
+            definition: "parent".into(),
+            version: 1,
+            step: StepIndex(0),
+            step_name: "child".into(),
+            attempt: 1,
+            undo: None,
+        };
+        Self::begin(def.erased(), def.encode_input(input)?, Some(parent))
+    }
+
     /// Like [`start`](Self::start), with a type-erased definition and JSON input.
     pub fn start_erased(def: Arc<Definition>, input: Value) -> Result<Self> {
+        Self::begin(def, input, None)
+    }
+
+    fn begin(def: Arc<Definition>, input: Value, parent: Option<ParentLink>) -> Result<Self> {
         let id = SagaId(uuid::Uuid::from_u128(0x5a6a));
         let now = Timestamp(1_000_000);
-        let state = SagaState::new(&def, id, input, now);
+        let mut state = SagaState::new(&def, id, input, now);
+        state.parent = parent;
         let mut t = Self {
             def,
             state,
@@ -71,6 +93,7 @@ impl SagaTest {
             events: Vec::new(),
             last: None,
             slots: std::collections::BTreeSet::new(),
+            answers: Vec::new(),
         };
         t.apply(&Input::Start)?;
         Ok(t)
@@ -99,6 +122,7 @@ impl SagaTest {
                 Effect::Release { step, .. } => {
                     self.slots.remove(step);
                 }
+                Effect::ReplyToParent { kind, attempt, outcome } => self.answers.push((*kind, *attempt, outcome.clone())),
             }
         }
         self.state = t.state.clone();
@@ -179,6 +203,19 @@ impl SagaTest {
     /// When: an operator sends `cmd`.
     pub fn operator(&mut self, cmd: OperatorCommand) -> InputOutcome {
         self.apply(&Input::Operator(cmd)).expect("decide").outcome
+    }
+
+    /// When: the parent of this child saga compensates the step that started it (the next
+    /// attempt of that step's compensation).
+    pub fn undo(&mut self) -> InputOutcome {
+        let attempt = self.state.parent.as_ref().and_then(|p| p.undo).unwrap_or(0) + 1;
+        self.apply(&Input::Undo { attempt }).expect("decide").outcome
+    }
+
+    /// Then: what this child saga replied to its parent's step, in order: the parent's command
+    /// or compensation, its attempt, the answer.
+    pub fn answers(&self) -> &[(CommandKind, u32, ReplyOutcome)] {
+        &self.answers
     }
 
     /// When: `ms` milliseconds pass; every timer that comes due fires, earliest first.

@@ -771,3 +771,90 @@ fn search_keys_are_read_from_the_input_checked_and_listed_in_the_spec() {
     }
     assert!(build_err(many).contains("at most 8"));
 }
+
+#[test]
+fn a_child_step_sends_its_input_to_the_child_participant_and_completes_with_the_childs_data() {
+    let def = parent_saga();
+    let mut t = SagaTest::start(&def, &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    let start = t.sent().last().unwrap().clone();
+    assert_eq!((start.participant.as_str(), start.command.as_str()), ("sagaflow.child", "order"));
+    assert_eq!(start.body["id"], 42, "the child's input is built from the parent's data: {}", start.body);
+    assert_eq!(start.body["reservation"], "r-1");
+    let mut child = order();
+    child.charge = Some("c-9".into());
+    assert_eq!(t.succeed("pay", serde_json::to_value(&child).unwrap()), InputOutcome::Applied);
+    assert_eq!(def.decode_data(&t.state().data).unwrap().charge.as_deref(), Some("c-9"), "on_reply got the child's data");
+    t.reject("ship", "no_address");
+    assert_eq!(t.compensations_sent(), vec!["pay"]);
+    let undo = t.sent().last().unwrap();
+    assert_eq!((undo.participant.as_str(), undo.command.as_str()), ("sagaflow.child", "sagaflow.child.undo"));
+    t.succeed_compensation("pay");
+    t.succeed_compensation("reserve");
+    assert_eq!(t.status(), SagaStatus::Compensated);
+}
+
+#[test]
+fn a_child_answers_its_parent_with_its_data_and_compensates_when_undone() {
+    let mut t = SagaTest::start_child(&order_saga(), &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    t.succeed("charge", json!({"charge": "c-1"}));
+    assert!(t.answers().is_empty(), "no answer before it ends");
+    t.succeed("ship", Value::Null);
+    assert_eq!(t.status(), SagaStatus::Completed);
+    let [(CommandKind::Invoke, 1, ReplyOutcome::Success { output })] = t.answers() else { panic!("{:?}", t.answers()) };
+    assert_eq!(output, &t.state().data);
+
+    assert_eq!(t.undo(), InputOutcome::Applied);
+    assert_eq!(t.status(), SagaStatus::Compensating);
+    assert_eq!(t.state().failure.as_ref().unwrap().code, "parent_compensated");
+    assert_eq!(t.compensations_sent(), vec!["charge"]);
+    assert!(ignored(&t.apply(&Input::Undo { attempt: 1 }).unwrap().outcome, IgnoreReason::Duplicate));
+    t.succeed_compensation("charge");
+    assert_eq!(t.answers().len(), 1, "answered once compensated, not before");
+    t.succeed_compensation("reserve");
+    assert_eq!(t.status(), SagaStatus::Compensated);
+    assert_eq!(t.answers()[1], (CommandKind::Compensate, 1, ReplyOutcome::Success { output: Value::Null }));
+    // The parent retrying its compensation hears at once that nothing is left to undo.
+    assert_eq!(t.undo(), InputOutcome::Applied);
+    assert_eq!(t.answers()[2], (CommandKind::Compensate, 2, ReplyOutcome::Success { output: Value::Null }));
+}
+
+#[test]
+fn a_failed_child_answers_its_parent_with_its_failure_code() {
+    let mut t = SagaTest::start_child(&order_saga(), &order()).unwrap();
+    t.succeed("reserve", json!({"reservation": "r-1"}));
+    t.reject("charge", "card_declined");
+    t.succeed_compensation("reserve");
+    assert_eq!(t.status(), SagaStatus::Compensated);
+    let [(CommandKind::Invoke, 1, ReplyOutcome::Rejected { code, .. })] = t.answers() else { panic!("{:?}", t.answers()) };
+    assert_eq!(code, "card_declined");
+}
+
+#[test]
+fn a_child_past_its_pivot_refuses_to_be_undone_and_a_saga_without_a_parent_refuses_undo() {
+    let mut t = SagaTest::start_child(&pivot_saga(), &order()).unwrap();
+    t.succeed("reserve", Value::Null);
+    t.succeed("charge", Value::Null);
+    assert_eq!(t.undo(), InputOutcome::Applied);
+    let [(CommandKind::Compensate, 1, ReplyOutcome::Rejected { code, .. })] = t.answers() else { panic!("{:?}", t.answers()) };
+    assert_eq!(code, "child_past_pivot");
+    assert_eq!(t.status(), SagaStatus::Running, "it goes on forward");
+    t.succeed("ship", Value::Null);
+    assert!(matches!(t.answers()[1], (CommandKind::Invoke, 1, ReplyOutcome::Success { .. })));
+
+    let mut alone = SagaTest::start(&order_saga(), &order()).unwrap();
+    assert!(matches!(alone.undo(), InputOutcome::Refused { .. }));
+}
+
+#[test]
+fn a_child_step_takes_no_timeout_and_no_compensation_of_its_own() {
+    let with_timeout = SagaDefinition::<Order>::builder("p", 1)
+        .step("pay", |s| s.child(&order_saga(), |o: &Order| o.clone()).timeout(Duration::from_secs(5), OnTimeout::Retry))
+        .build();
+    assert!(with_timeout.err().unwrap().to_string().contains("deadline"));
+    let with_compensation = SagaDefinition::<Order>::builder("p", 1)
+        .step("pay", |s| s.child(&order_saga(), |o: &Order| o.clone()).compensate(|o| Refund { charge: o.charge.clone() }))
+        .build();
+    assert!(with_compensation.err().unwrap().to_string().contains("compensates the child"));
+}

@@ -15,7 +15,11 @@
 //! 5. a fair continuation (every command answered, every timer fired, every slot granted) ends
 //!    every saga in `completed` or `compensated`;
 //! 6. a resource slot is acquired and released once per wait, held only by a step that waits
-//!    for it or runs with it, and none is left by a saga that ended.
+//!    for it or runs with it, and none is left by a saga that ended;
+//! 7. a child saga (some run as one, undone by their parent at random) answers its parent's
+//!    command once, when it ends (its data when completed, its failure when compensated without
+//!    being undone), and the parent's last compensation once: done when compensated, refused
+//!    when past its pivot; a saga that is not a child answers nothing.
 
 mod common;
 
@@ -72,6 +76,7 @@ struct SagaSpec {
     pivot: Option<usize>,
     deadline: bool,
     flags: Vec<bool>,
+    child: bool,
 }
 
 fn cmd_spec() -> impl Strategy<Value = CmdSpec> {
@@ -107,8 +112,14 @@ fn node_spec() -> impl Strategy<Value = NodeSpec> {
 }
 
 fn saga_spec() -> impl Strategy<Value = SagaSpec> {
-    (prop::collection::vec(node_spec(), 1..6), prop::option::of(0usize..6), any::<bool>(), prop::collection::vec(any::<bool>(), 4))
-        .prop_map(|(mut nodes, pivot, deadline, flags)| {
+    (
+        prop::collection::vec(node_spec(), 1..6),
+        prop::option::of(0usize..6),
+        any::<bool>(),
+        prop::collection::vec(any::<bool>(), 4),
+        any::<bool>(),
+    )
+        .prop_map(|(mut nodes, pivot, deadline, flags, child)| {
             let pivot = pivot.filter(|p| *p < nodes.len());
             if let Some(p) = pivot {
                 if let NodeSpec::Cmd(_) = nodes[p] {
@@ -136,7 +147,7 @@ fn saga_spec() -> impl Strategy<Value = SagaSpec> {
                     }
                 }
             }
-            SagaSpec { nodes, pivot, deadline, flags }
+            SagaSpec { nodes, pivot, deadline, flags, child }
         })
 }
 
@@ -222,6 +233,8 @@ enum Action {
     Event(usize),
     Operator(u8),
     Advance(u16),
+    /// The parent compensates the child (the next attempt, or `Some` one it sent before).
+    Undo(Option<u32>),
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -235,6 +248,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => any::<usize>().prop_map(Action::Event),
         1 => (0u8..4).prop_map(Action::Operator),
         1 => (0u16..2000).prop_map(Action::Advance),
+        1 => prop_oneof![3 => Just(None), 1 => (1u32..3).prop_map(Some)].prop_map(Action::Undo),
     ]
 }
 
@@ -269,6 +283,8 @@ struct Observed {
     all_timers: Vec<TimerKey>,
     /// steps queued for or holding a resource slot (acquired, not yet released)
     slots: HashSet<sagas::StepIndex>,
+    /// what the saga answered its parent, in order
+    answers: Vec<(CommandKind, u32, ReplyOutcome)>,
 }
 
 struct Checker<'a> {
@@ -331,6 +347,43 @@ impl Checker<'_> {
                 // 6. slots: acquired once, released once, never held without being acquired
                 Effect::Acquire { step, .. } => prop_assert!(self.obs.slots.insert(*step), "{:?} acquired twice", step),
                 Effect::Release { step, .. } => prop_assert!(self.obs.slots.remove(step), "{:?} released without a slot", step),
+                // 7. a child answers its parent's command once, as it ends, and the last
+                // compensation asked: done once compensated, refused past the pivot
+                Effect::ReplyToParent { kind, attempt, outcome } => {
+                    let parent = tr.state.parent.as_ref();
+                    prop_assert!(parent.is_some(), "a saga that is not a child answered a parent");
+                    let parent = parent.unwrap();
+                    match (kind, outcome) {
+                        (CommandKind::Invoke, ReplyOutcome::Success { output }) => {
+                            prop_assert_eq!(tr.state.status, SagaStatus::Completed);
+                            prop_assert_eq!(output, &tr.state.data);
+                        }
+                        (CommandKind::Invoke, ReplyOutcome::Rejected { code, .. }) => {
+                            prop_assert_eq!(tr.state.status, SagaStatus::Compensated);
+                            prop_assert!(parent.undo.is_none(), "a child undone answered its command with its failure");
+                            prop_assert_eq!(code, tr.state.failure.as_ref().unwrap().code.as_str());
+                        }
+                        (CommandKind::Compensate, ReplyOutcome::Success { .. }) => {
+                            prop_assert_eq!(tr.state.status, SagaStatus::Compensated);
+                            prop_assert_eq!(Some(*attempt), parent.undo);
+                        }
+                        (CommandKind::Compensate, ReplyOutcome::Rejected { code, .. }) => {
+                            // past the pivot, or stopped on a step after it (a skipped pivot)
+                            let forward = tr.state.past_pivot
+                                || (tr.state.status == SagaStatus::Stopped
+                                    && tr.state.stop.as_ref().is_some_and(|s| s.code != sagas::StopCode::CompensationFailed));
+                            prop_assert!(forward && code == "child_past_pivot", "undo refused: {}", code);
+                            prop_assert_eq!(Some(*attempt), parent.undo);
+                        }
+                        other => prop_assert!(false, "a child answered {:?}", other),
+                    }
+                    if *kind == CommandKind::Invoke {
+                        prop_assert_eq!(*attempt, parent.attempt);
+                        let before = self.obs.answers.iter().filter(|a| a.0 == CommandKind::Invoke).count();
+                        prop_assert_eq!(before, 0, "the parent's command answered twice: {:?}", self.obs.answers);
+                    }
+                    self.obs.answers.push((*kind, *attempt, outcome.clone()));
+                }
                 _ => {}
             }
         }
@@ -459,15 +512,42 @@ impl Checker<'_> {
         }
         Ok(())
     }
+
+    // 7. once ended, a child has answered what its parent waits for
+    fn check_answers(&self, t: &SagaTest) -> Result<(), TestCaseError> {
+        let st = t.state();
+        let Some(parent) = &st.parent else {
+            prop_assert!(self.obs.answers.is_empty());
+            return Ok(());
+        };
+        let last = self.obs.answers.last().map(|(k, a, o)| (*k, *a, matches!(o, ReplyOutcome::Success { .. })));
+        match (parent.undo, st.status) {
+            (None, SagaStatus::Completed) => prop_assert_eq!(last, Some((CommandKind::Invoke, parent.attempt, true))),
+            (None, SagaStatus::Compensated) => prop_assert_eq!(last, Some((CommandKind::Invoke, parent.attempt, false))),
+            (Some(undo), SagaStatus::Compensated) => prop_assert_eq!(last, Some((CommandKind::Compensate, undo, true))),
+            (Some(undo), SagaStatus::Completed) => {
+                let refused = self
+                    .obs
+                    .answers
+                    .iter()
+                    .any(|(k, a, o)| *k == CommandKind::Compensate && *a == undo && matches!(o, ReplyOutcome::Rejected { .. }));
+                prop_assert!(refused, "the undo past the pivot was not refused: {:?}", self.obs.answers);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 fn run(spec: SagaSpec, actions: Vec<Action>) -> Result<(), TestCaseError> {
     let def = build(&spec);
     let erased = def.erased();
-    let mut t = SagaTest::start(&def, &json!({"flags": spec.flags})).unwrap();
+    let input = json!({"flags": spec.flags});
+    let mut t = if spec.child { SagaTest::start_child(&def, &input) } else { SagaTest::start(&def, &input) }.unwrap();
     let mut ck = Checker { def: &erased, obs: Observed::default() };
     // what the start (applied before the checker watched) queued for
     ck.obs.slots = t.slots().into_iter().map(|n| erased.step_named(n).unwrap().index).collect();
+    ck.obs.answers = t.answers().to_vec();
     ck.check_state(&t)?;
     for a in actions {
         let input = match a {
@@ -522,6 +602,10 @@ fn run(spec: SagaSpec, actions: Vec<Action>) -> Result<(), TestCaseError> {
                 2 => OperatorCommand::SkipCompensation,
                 _ => OperatorCommand::Resume,
             }),
+            Action::Undo(attempt) => {
+                let next = t.state().parent.as_ref().and_then(|p| p.undo).unwrap_or(0) + 1;
+                Input::Undo { attempt: attempt.unwrap_or(next) }
+            }
             Action::Advance(ms) => {
                 // fire due timers in time order, checking each
                 let until = t.now().plus_ms(u64::from(ms));
@@ -560,6 +644,7 @@ fn run(spec: SagaSpec, actions: Vec<Action>) -> Result<(), TestCaseError> {
     }
     prop_assert!(t.status().is_terminal(), "not terminal after a fair continuation: {:?}", t.state());
     ck.check_compensations(&t)?;
+    ck.check_answers(&t)?;
     Ok(())
 }
 

@@ -987,3 +987,101 @@ async fn a_batch_of_replies_is_applied_input_by_input() {
     assert_eq!(kept, want, "only the ids of applied messages are kept");
     env.cleanup(&["probe"]).await.unwrap();
 }
+
+/// A step that starts a child saga waits for its outcome: a completed child completes the
+/// step with its data, compensating the parent step compensates the completed child (its own
+/// steps undone in reverse, before the parent's earlier steps), the child's failure fails the
+/// step, and parent and child link to each other. A forged command to the child participant
+/// starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_saga_is_compensated_with_its_parent_and_its_failure_fails_the_parent_step() {
+    let child = SagaDefinition::<Plan>::builder("child_pay", 1)
+        .step("c1", |s| probe::step(s, "c1"))
+        .step("c2", |s| probe::step(s, "c2"))
+        .build()
+        .unwrap();
+    let parent = SagaDefinition::<Plan>::builder("parent_order", 1)
+        .step("a", |s| probe::step(s, "a"))
+        .step("pay", |s| s.child(&child, |p: &Plan| p.clone()))
+        .step("b", |s| probe::step(s, "b"))
+        .build()
+        .unwrap();
+    let (env, node, p) = probe_env(vec![child, parent]).await;
+    let ok = start_probe(&node, "parent_order", &Plan::default()).await;
+    // The parent's last step refuses: the parent compensates `pay`, which undoes the child.
+    let undone = start_probe(&node, "parent_order", &Plan::default().with("b", Behavior::Reject)).await;
+    // The child's second step refuses: the child compensates, and its failure fails `pay`.
+    let failed = start_probe(&node, "parent_order", &Plan::default().with("c2", Behavior::Reject)).await;
+    let states = wait::all_settled(&env.pool, &[ok, undone, failed], WAIT).await.unwrap();
+    let child_of = |id| SagaId::for_child(id, StepIndex(1), 1);
+    let children = wait::all_settled(&env.pool, &[child_of(ok), child_of(undone), child_of(failed)], WAIT).await.unwrap();
+    // Every effect of a parent and its child, in the order they committed.
+    let family = |id: SagaId| {
+        let pool = env.pool.clone();
+        async move {
+            let rows: Vec<String> = sqlx::query_scalar("SELECT key || ':' || kind FROM probe.effects WHERE saga_id = ANY($1) ORDER BY id")
+                .bind(vec![id.0, child_of(id).0])
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            rows
+        }
+    };
+
+    assert_eq!((states[0].status, children[0].status), (SagaStatus::Completed, SagaStatus::Completed));
+    assert_eq!(states[0].steps[1].output.as_ref(), Some(&children[0].data), "the step's output is the child's data");
+    assert_eq!(family(ok).await, ["a:do", "c1:do", "c2:do", "b:do"]);
+
+    assert_eq!((states[1].status, children[1].status), (SagaStatus::Compensated, SagaStatus::Compensated));
+    assert_eq!(children[1].failure.as_ref().unwrap().code, "parent_compensated");
+    assert_eq!(family(undone).await, ["a:do", "c1:do", "c2:do", "c2:undo", "c1:undo", "a:undo"]);
+    assert_eq!(states[1].steps[1].status, StepStatus::Compensated);
+
+    assert_eq!((states[2].status, children[2].status), (SagaStatus::Compensated, SagaStatus::Compensated));
+    let failure = states[2].failure.as_ref().unwrap();
+    assert_eq!((failure.step.as_deref(), failure.code.as_str()), (Some("pay"), "probe_rejected"), "the child's code fails the step");
+    assert_eq!(family(failed).await, ["a:do", "c1:do", "c1:undo", "a:undo"]);
+
+    // They link to each other (what the API and the page show).
+    let view = orchestrator::ops::get(node.engine(), undone).await.unwrap();
+    let linked: Vec<_> = view.steps[1].children.iter().map(|c| (c.saga_id, c.attempt, c.status.as_str())).collect();
+    assert_eq!(linked, [(child_of(undone), 1, "compensated")]);
+    let back = orchestrator::ops::get(node.engine(), child_of(undone)).await.unwrap().parent.unwrap();
+    assert_eq!((back.saga_id, back.step.as_str(), back.attempt), (undone, "pay", 1));
+
+    // A command to the child participant that its saga did not send starts nothing: one with a
+    // made-up id is dead-lettered, one for an attempt the saga does not wait for is dropped.
+    let names = env.names();
+    let conn = env.amqp().await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let forge = |message_id, attempt| {
+        let cmd = sagas::OutgoingCommand {
+            message_id,
+            step: StepIndex(1),
+            step_name: "pay".into(),
+            kind: CommandKind::Invoke,
+            attempt,
+            participant: sagas::CHILD_PARTICIPANT.into(),
+            command: "child_pay".into(),
+            body: serde_json::to_value(Plan::default()).unwrap(),
+            heartbeat_ms: None,
+            progress: None,
+        };
+        let saga = SagaRef { saga_id: ok, definition: "parent_order".into(), version: 1 };
+        sagas::protocol::encode_command(&saga, &cmd, &names.replies_queue(), None, sagas::Timestamp(0))
+    };
+    let stale = MessageId::for_command(ok, StepIndex(1), CommandKind::Invoke, 7);
+    for m in [forge(MessageId::new_random(), 1), forge(stale, 7)] {
+        transport::publish_confirmed(&ch, &names.commands_exchange(), sagas::CHILD_PARTICIPANT, &m, true).await.unwrap();
+    }
+    let dlq = transport::Names::dead_letter_queue(&names.participant_queue(sagas::CHILD_PARTICIPANT));
+    assert_eq!(wait::dead_letter_reasons(&ch, &dlq, 2, Duration::from_secs(4)).await.unwrap(), ["invalid_command"]);
+    let forged_child = orchestrator::store::load(&env.pool, SagaId::for_child(ok, StepIndex(1), 7)).await.unwrap();
+    assert!(forged_child.is_none(), "a stale command started a child");
+    assert_eq!(wait::status_counts(&env.pool).await.unwrap().iter().map(|(_, n)| n).sum::<i64>(), 6, "three parents, three children");
+
+    let _ = conn.close(200, "done".into()).await;
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe", sagas::CHILD_PARTICIPANT]).await.unwrap();
+}

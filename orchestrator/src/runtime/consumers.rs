@@ -1,5 +1,5 @@
-//! The orchestrator's two queues: replies from participants, and start requests and external
-//! events from clients. Each delivery is decoded (refused → dead letter with the reason),
+//! The orchestrator's queues: replies from participants, start requests and external events
+//! from clients, and the commands of child steps. Each delivery is decoded (refused → dead letter with the reason),
 //! applied (its decision committed), then acked.
 
 use std::collections::HashMap;
@@ -14,12 +14,14 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use sagaflow_amqp::transport::{self, Names};
 use sagas::protocol::{
-    H_SAGA_ID, HeaderValue, InboundReplyOrHeartbeat, TYPE_EVENT, TYPE_START, decode_event, decode_reply_or_heartbeat, decode_start,
+    H_SAGA_ID, HeaderValue, InboundReplyOrHeartbeat, TYPE_EVENT, TYPE_START, decode_command, decode_event, decode_reply_or_heartbeat,
+    decode_start,
 };
 use sagas::{Input, MessageId, SagaId};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::children::ChildVerdict;
 use crate::intake::{Engine, Handled, StartError};
 use crate::store;
 
@@ -31,6 +33,9 @@ pub(crate) enum Queue {
     /// One reply partition's queue, taken by one node at a time (`partitions.rs`).
     Partition(u16),
     Inbound,
+    /// The queue of the built-in participant `sagaflow.child` (`children`), taken by every node
+    /// whose definitions start child sagas.
+    Children,
 }
 
 #[derive(Clone)]
@@ -73,11 +78,11 @@ impl Consumer {
                 })
                 .await
             }
-            Queue::Inbound => {
+            Queue::Inbound | Queue::Children => {
                 transport::run_consumer(&ch, deliveries, self.concurrency, &token, |d| {
                     let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
                     async move {
-                        let verdict = this.inbound(&d).await;
+                        let verdict = if queue == Queue::Children { this.child(&d).await } else { this.inbound(&d).await };
                         this.settle(&ch, &name, vec![(d, verdict)]).await;
                     }
                 })
@@ -95,6 +100,7 @@ impl Consumer {
             Queue::Replies => self.names.replies_queue(),
             Queue::Partition(p) => self.names.partition_queue(p),
             Queue::Inbound => self.names.inbound_queue(),
+            Queue::Children => self.names.participant_queue(sagas::CHILD_PARTICIPANT),
         }
     }
 
@@ -200,6 +206,19 @@ impl Consumer {
             }
             Some(other) => Verdict::DeadLetter("unknown_type", format!("`{other}` is not a start request or an event")),
             None => Verdict::DeadLetter("invalid_properties", "the message has no `type`".into()),
+        }
+    }
+
+    /// A command of `sagaflow.child`: start or undo a child saga (`children`).
+    async fn child(&self, d: &Delivery) -> Verdict {
+        let cmd = match transport::wire_from_delivery(d, self.max_body).and_then(|m| decode_command(&m, self.max_body)) {
+            Ok(cmd) => cmd,
+            Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
+        };
+        match self.engine.child_command(&cmd).await {
+            ChildVerdict::Done => Verdict::Ack,
+            ChildVerdict::Refused(code, why) => Verdict::DeadLetter(code, why),
+            ChildVerdict::Later(why) => Verdict::Requeue(why),
         }
     }
 

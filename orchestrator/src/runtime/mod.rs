@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, redact};
 use crate::error::{Error, Result};
-use crate::intake::{Engine, Events};
+use crate::intake::{Engine, Events, Limits};
 use crate::outbound::{self, Publisher, Publishing, Undeliverable, UndeliverableTx};
 use crate::starts::{Starting, Starts};
 use crate::{store, waiters};
@@ -133,6 +133,11 @@ impl Orchestrator {
     /// Validate `config`, connect to PostgreSQL and run the migrations.
     pub async fn connect(config: Config, registry: Registry) -> Result<Self> {
         config.validate()?;
+        if let Some((definition, step, child)) = registry.missing_children().into_iter().next() {
+            return Err(Error::Definitions(format!(
+                "step `{step}` of `{definition}` starts child saga `{child}`, which is not registered: register its definition too"
+            )));
+        }
         let name = application_name(&config.node_id);
         let pool = connect_pool(&config.database_url, &name, config.database_max_connections, config.connect_timeout()).await?;
         store::migrate(&pool).await?;
@@ -140,7 +145,8 @@ impl Orchestrator {
         let (publisher, publishing) = Publisher::new(pool.clone());
         let (starts, starting) = Starts::new(pool.clone(), config.node_id.as_str().into());
         let events = Events { steps: config.step_events, started: config.started_events };
-        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, events, (publisher, starts), config.max_waiters);
+        let limits = Limits { waiters: config.max_waiters, body: config.max_body_bytes };
+        let engine = Engine::new(pool, Arc::new(registry), names.clone(), &config.node_id, events, (publisher, starts), limits);
         Ok(Self { node: Arc::new(Node { config, engine, names }), publishing, starting })
     }
 
@@ -371,11 +377,14 @@ impl Node {
             transport::declare_queue(&ch, &self.names, &self.names.partition_queue(p), partition).await?;
         }
         transport::declare_queue(&ch, &self.names, &self.names.inbound_queue(), opts).await?;
+        let opts = QueueOptions { priorities: self.config.priority_queues, ..opts };
         if self.config.declare_participant_queues {
-            let opts = QueueOptions { priorities: self.config.priority_queues, ..opts };
             for p in self.engine.registry().participants() {
                 transport::declare_participant(&ch, &self.names, p, opts).await?;
             }
+        } else if let Some(p) = crate::children::participant(self.engine.registry()) {
+            // The nodes are this participant: its queue is theirs to declare.
+            transport::declare_participant(&ch, &self.names, p, opts).await?;
         }
         ch.close(200, "declared".into()).await
     }
@@ -448,9 +457,10 @@ impl Node {
                 transport::confirm_channel(c).await?,
                 transport::confirm_channel(c).await?,
                 c.create_channel().await?,
+                c.create_channel().await?,
             ])
         };
-        let [replies_ch, inbound_ch, relay_ch, publish_ch, events_ch] = match channels.await {
+        let [replies_ch, inbound_ch, relay_ch, publish_ch, events_ch, children_ch] = match channels.await {
             Ok(chs) => chs,
             Err(e) => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -462,7 +472,8 @@ impl Node {
         let (consuming, relaying) = (stop.child_token(), stop.child_token());
         self.engine.publisher.set_channel(Some(publish_ch));
         let mut consumers = JoinSet::new();
-        for (q, qch) in [(Queue::Replies, replies_ch), (Queue::Inbound, inbound_ch)] {
+        let children = crate::children::participant(self.engine.registry()).map(|_| (Queue::Children, children_ch));
+        for (q, qch) in [(Queue::Replies, replies_ch), (Queue::Inbound, inbound_ch)].into_iter().chain(children) {
             let (consumer, t) = (self.consumer(), consuming.clone());
             consumers.spawn(async move { consumer.run(qch, q, t).await });
         }

@@ -253,7 +253,8 @@ pub struct Pruned {
 
 /// Delete what is older than `days`: sagas that finished (`completed` or `compensated`) before
 /// then, with their history, and inbox entries received before then, at most `batch` sagas
-/// and `batch` inbox rows. Running, compensating and stopped sagas are never touched. An old
+/// and `batch` inbox rows. Running, compensating and stopped sagas are never touched, nor a
+/// child saga whose parent has not finished (the parent may still undo it). An old
 /// message that arrives again after its inbox entry is gone is still recognised by `decide`
 /// as a duplicate or stale input of its saga, or dead-lettered (`unknown_saga`) when the saga
 /// is gone too.
@@ -261,9 +262,12 @@ pub async fn prune(pool: &PgPool, days: u32, batch: i64) -> Result<Pruned, sqlx:
     let sagas: i64 = sqlx::query_scalar(
         "WITH gone AS (
              DELETE FROM sagaflow.instances WHERE id IN (
-                 SELECT id FROM sagaflow.instances
+                 SELECT id FROM sagaflow.instances c
                   WHERE finished_at < now() - make_interval(days => $1)
-                  ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+                    -- a child saga stays while its parent runs: the parent may still undo it
+                    AND NOT EXISTS (SELECT 1 FROM sagaflow.instances p
+                                     WHERE p.id = (c.state #>> '{parent,saga_id}')::uuid AND p.finished_at IS NULL)
+                  ORDER BY finished_at LIMIT $2 FOR UPDATE OF c SKIP LOCKED)
              RETURNING id
          ), history AS (
              DELETE FROM sagaflow.history WHERE saga_id IN (SELECT id FROM gone)

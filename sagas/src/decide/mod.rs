@@ -3,8 +3,8 @@
 //! `decide` sees one instance and one input and returns the new state and the effects the
 //! runtime must carry out (send commands, schedule or cancel timers, emit lifecycle events).
 //! It does no IO and reads no clock, so every saga semantic is tested without a broker.
-//! One file per kind of input: `on_start`, `on_reply`, `on_timer`, `on_event`,
-//! `on_operator`; this file holds what they share.
+//! One file per kind of input: `on_start`, `on_reply`, `on_heartbeat`, `on_timer`,
+//! `on_event`, `on_operator`, `on_undo`; this file holds what they share.
 
 mod on_event;
 mod on_heartbeat;
@@ -12,6 +12,7 @@ mod on_operator;
 mod on_reply;
 mod on_start;
 mod on_timer;
+mod on_undo;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -43,10 +44,17 @@ pub enum Input {
     },
     /// An operator's command.
     Operator(OperatorCommand),
+    /// The parent saga compensates the step that started this child saga: undo it, and answer
+    /// attempt `attempt` of that step's compensation once undone.
+    Undo {
+        /// The attempt of the parent step's compensation.
+        attempt: u32,
+    },
 }
 
 impl Input {
-    /// A short name for logs and history (`start`, `reply`, `timer`, `event`, `operator`).
+    /// A short name for logs and history (`start`, `reply`, `heartbeat`, `timer`, `event`,
+    /// `operator`, `undo`).
     pub fn kind(&self) -> &'static str {
         match self {
             Input::Start => "start",
@@ -55,6 +63,7 @@ impl Input {
             Input::Timer(_) => "timer",
             Input::Event { .. } => "event",
             Input::Operator(_) => "operator",
+            Input::Undo { .. } => "undo",
         }
     }
 }
@@ -298,6 +307,17 @@ pub enum Effect {
         /// The resource.
         resource: String,
     },
+    /// Answer a command of the parent saga's step that started this child saga
+    /// ([`SagaState::parent`]): the runtime puts a reply to attempt `attempt` of its `kind` in
+    /// the outbox, to the parent's reply queue.
+    ReplyToParent {
+        /// The parent step's command or compensation.
+        kind: CommandKind,
+        /// Its attempt.
+        attempt: u32,
+        /// The answer.
+        outcome: ReplyOutcome,
+    },
 }
 
 /// Whether an input was applied.
@@ -404,6 +424,7 @@ pub fn decide(def: &Definition, state: &SagaState, input: &Input, now: Timestamp
         Input::Timer(t) => on_timer::handle(&mut cx, t),
         Input::Event { name, payload } => on_event::handle(&mut cx, name, payload),
         Input::Operator(op) => on_operator::handle(&mut cx, op),
+        Input::Undo { attempt } => on_undo::handle(&mut cx, *attempt),
     };
     Ok(cx.finish(state, outcome))
 }
@@ -421,6 +442,7 @@ impl Cx<'_> {
         if outcome == InputOutcome::Applied {
             self.st.updated_at = self.now;
             self.account_slots(before);
+            self.answer_parent(before);
             Transition { state: self.st, effects: self.fx, outcome }
         } else {
             Transition { state: before.clone(), effects: Vec::new(), outcome }
@@ -450,6 +472,32 @@ impl Cx<'_> {
                 self.fx.push(Effect::Release { step, resource });
             }
         }
+    }
+
+    /// A child saga's answer to its parent, derived here, in one place, from how the decision
+    /// ended it: completed answers the step's command with its data; compensated answers the
+    /// step's compensation when the parent asked for it (`Input::Undo`), else the step's
+    /// command with the failure's code (the child failed, so the step did).
+    fn answer_parent(&mut self, before: &SagaState) {
+        let Some(parent) = &self.st.parent else { return };
+        if before.status == self.st.status {
+            return;
+        }
+        let answer = match (self.st.status, parent.undo) {
+            (SagaStatus::Completed, _) => (CommandKind::Invoke, parent.attempt, ReplyOutcome::Success { output: self.st.data.clone() }),
+            (SagaStatus::Compensated, Some(undo)) => (CommandKind::Compensate, undo, ReplyOutcome::Success { output: Value::Null }),
+            (SagaStatus::Compensated, None) => {
+                let (code, message) = self
+                    .st
+                    .failure
+                    .as_ref()
+                    .map_or_else(|| ("failed".to_owned(), String::new()), |f| (f.code.to_string(), f.message.clone()));
+                (CommandKind::Invoke, parent.attempt, ReplyOutcome::Rejected { code, message: format!("the child saga failed: {message}") })
+            }
+            _ => return,
+        };
+        let (kind, attempt, outcome) = answer;
+        self.fx.push(Effect::ReplyToParent { kind, attempt, outcome });
     }
 
     fn ignored(reason: IgnoreReason, detail: impl Into<String>) -> InputOutcome {

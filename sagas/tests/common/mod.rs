@@ -193,3 +193,17 @@ pub fn pivot_saga() -> SagaDefinition<Order> {
 pub fn order() -> Order {
     Order { id: 42, amount: 1999, express: false, ..Order::default() }
 }
+
+/// reserve → pay (child saga: `order_saga`, whose data is the order) → ship.
+pub fn parent_saga() -> SagaDefinition<Order> {
+    SagaDefinition::builder("parent_order", 1)
+        .step("reserve", |s| {
+            s.invoke(|o: &Order| Reserve { order: o.id })
+                .on_reply(|o, r: Reserved| o.reservation = Some(r.reservation))
+                .compensate(|o| Release { reservation: o.reservation.clone() })
+        })
+        .step("pay", |s| s.child(&order_saga(), |o: &Order| o.clone()).on_reply(|o, child: Order| o.charge = child.charge))
+        .step("ship", |s| s.invoke(|o: &Order| Ship { order: o.id, express: o.express }))
+        .build()
+        .expect("valid definition")
+}
