@@ -85,8 +85,9 @@ pub struct StepView {
     pub progress: Option<Value>,
     /// When that heartbeat was applied (ms since the epoch).
     pub heartbeat_at: Option<u64>,
-    /// The child sagas the step started (a child step: one per attempt that started one).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The child sagas the step started (a child step: one per attempt that started one; empty
+    /// for other steps).
+    #[serde(default)]
     pub children: Vec<ChildView>,
 }
 
@@ -148,7 +149,7 @@ pub struct SagaView {
     /// Inputs in its history.
     pub history_len: i64,
     /// When it is a child saga: the parent saga's step that started it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub parent: Option<ParentView>,
 }
 

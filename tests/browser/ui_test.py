@@ -5,7 +5,10 @@ list shows the sagas, a saga's timeline shows its steps and inputs, and the Abor
 compensates a waiting saga; then every stopped saga is retried at once (previewed, confirmed).
 Saves two screenshots: the saga (at the path given) and the overview (beside it, -overview.png).
 
+Then a parent saga's step links to its child saga, and the child back to its parent.
+
 Usage: ui_test.py <page url> <api token> <id of a waiting saga> <screenshot path> <stopped sagas>
+                  <id of a completed saga with a child saga>
 """
 
 import json
@@ -21,6 +24,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 url, token, waiting, shot = sys.argv[1:5]
 stopped = int(sys.argv[5])
+family = sys.argv[6]
 opts = webdriver.ChromeOptions()
 opts.binary_location = "/usr/bin/chromium"
 for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
@@ -64,9 +68,12 @@ try:
     # filter by status: an address of its own, and back
     # By value: typing into a <select> picks by type-ahead, which a slow key stream resets
     # (and `comp…` matches three statuses).
+    req = urllib.request.Request(url.rstrip("/") + "/sagas?status=completed", headers={"authorization": f"Bearer {token}"})
+    completed_now = len(json.load(urllib.request.urlopen(req))["items"])
+    assert 0 < completed_now < len(rows), (completed_now, len(rows))
     Select(driver.find_element(By.ID, "status")).select_by_visible_text("completed")
     click("#filters button")
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) == 1)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) == completed_now)
     assert "status=completed" in driver.current_url, driver.current_url
     print("ui: the status filter narrows the list")
     driver.back()
@@ -132,5 +139,16 @@ try:
     wait.until(lambda d: d.find_element(By.ID, "bulk-result").get_attribute("data-applied") == str(stopped))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.saga")) == 0)
     print(f"ui: bulk retried {stopped} stopped sagas")
+
+    # A parent's child step links to its child saga, which links back.
+    driver.get(f"{url}#/saga/{family}")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "saga-status"), "completed"))
+    click("#steps a.saga-link")
+    wait.until(lambda d: d.find_element(By.ID, "detail").get_attribute("data-id") != family)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "title"), "pair v1"))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "summary"), "child saga of family (step kid)"))
+    click("#summary a.saga-link")
+    wait.until(lambda d: d.find_element(By.ID, "detail").get_attribute("data-id") == family)
+    print("ui: a child saga links to its parent and back")
 finally:
     driver.quit()

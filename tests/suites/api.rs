@@ -34,7 +34,13 @@ fn registry() -> Registry {
         .wait("approved", |w| w.event("approved"))
         .build()
         .unwrap();
-    for d in [pair.erased(), slow.erased(), approval.erased()] {
+    // A parent whose second step runs a `pair` as its child saga.
+    let family = SagaDefinition::<Plan>::builder("family", 1)
+        .step("a", |s| probe::step(s, "a"))
+        .step("kid", |s| s.child(&pair, |p: &Plan| p.clone()))
+        .build()
+        .unwrap();
+    for d in [pair.erased(), slow.erased(), approval.erased(), family.erased()] {
         r.register(d).unwrap();
     }
     r
@@ -91,7 +97,7 @@ impl Api {
     async fn finish(self) {
         self.probe.shutdown().await.unwrap();
         self.node.shutdown().await.unwrap();
-        self.env.cleanup(&["probe"]).await.unwrap();
+        self.env.cleanup(&["probe", sagas::CHILD_PARTICIPANT]).await.unwrap();
     }
 }
 
@@ -247,7 +253,7 @@ async fn every_route_answers_and_every_error_has_a_stable_code() {
 
     // The definitions, and the contract.
     let d = a.ok(Method::GET, "/definitions", None).await;
-    assert_eq!(d["definitions"].as_array().unwrap().len(), 3);
+    assert_eq!(d["definitions"].as_array().unwrap().len(), 4, "pair, slow, approval and family");
     let served = a.ok(Method::GET, "/openapi.json", None).await;
     let committed: Value = serde_json::from_str(OPENAPI).unwrap();
     assert_eq!(served, committed);
@@ -527,6 +533,9 @@ async fn the_web_page_lists_sagas_shows_a_timeline_and_aborts_in_headless_chromi
     // Twenty sagas stopped in compensation_failed, whose cause is then fixed: the page retries
     // them all at once.
     let stuck = stuck_sagas(&a, 20).await;
+    // A parent and its child saga, linked both ways on the page.
+    let family = a.start("family", &Plan::default()).await;
+    wait::settled(&a.env.pool, family.parse().unwrap(), Duration::from_secs(30)).await.unwrap();
 
     let url = format!("http://{}/", a.node.api_addr().unwrap());
     let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshot.png");
@@ -535,14 +544,17 @@ async fn the_web_page_lists_sagas_shows_a_timeline_and_aborts_in_headless_chromi
         std::env::var("SAGAFLOW_PYTHON").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/ci-venv/bin/python").into());
     let out = tokio::process::Command::new(&python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/ui_test.py"))
-        .args([url.as_str(), TOKEN, waiting.as_str(), shot.to_str().unwrap(), &stuck.len().to_string()])
+        .args([url.as_str(), TOKEN, waiting.as_str(), shot.to_str().unwrap(), &stuck.len().to_string(), family.as_str()])
         .output()
         .await
         .unwrap_or_else(|e| panic!("running {python} (a Python with selenium: scripts/setup.sh makes one): {e}"));
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "browser test failed:\n{log}");
     assert!(
-        log.contains("ui: aborted") && log.contains("ui: found by its search key") && log.contains("ui: bulk retried 20 stopped sagas"),
+        log.contains("ui: aborted")
+            && log.contains("ui: found by its search key")
+            && log.contains("ui: bulk retried 20 stopped sagas")
+            && log.contains("ui: a child saga links to its parent and back"),
         "{log}"
     );
     for id in &stuck {
