@@ -445,6 +445,14 @@ fn print_view(v: &SagaView, json: bool) -> anyhow::Result<()> {
     if !v.pending_compensations.is_empty() {
         println!("to undo     {}", v.pending_compensations.join(", "));
     }
+    if let Some(p) = &v.parent {
+        println!("parent      {} ({} step {}, attempt {})", p.saga_id, p.definition, p.step, p.attempt);
+    }
+    for s in &v.steps {
+        for c in &s.children {
+            println!("child       {} ({} step {}, attempt {}): {}", c.saga_id, v.definition, s.name, c.attempt, c.status);
+        }
+    }
     println!();
     println!("{:<24}  {:<22}  {:>8}  {:>13}  ERROR", "STEP", "STATUS", "ATTEMPTS", "COMPENSATIONS");
     for s in &v.steps {
