@@ -1,7 +1,8 @@
 //! Reply partitions (`partitions` = 4) with two nodes as child processes: the nodes share the
 //! partitions out, the replies of each saga reach the node that owns its partition (it makes
 //! the saga's last decision), a node killed with SIGKILL hands its partitions to the other, and
-//! one that comes back gets its share again.
+//! one that comes back gets its share again; events published to the inbound queue are applied
+//! by the owner of their saga's partition.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -135,4 +136,73 @@ async fn nodes_share_the_reply_partitions_and_take_over_from_a_killed_node() {
         p.terminate().await.unwrap();
     }
     env.cleanup(&order_fulfilment::PARTICIPANTS).await.unwrap();
+}
+
+/// With partitions, an event published to the inbound queue reaches the node that owns its
+/// saga's partition: whichever node takes it from `{ns}.inbound` forwards it there, so the
+/// event is decided by the node that decides the saga's replies (in-process nodes here), once
+/// even when it is published twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_from_the_inbound_queue_is_applied_by_the_owner_of_its_sagas_partition() {
+    use testkit::probe::{self, Plan};
+    let env = TestEnv::start().await.unwrap();
+    probe::setup(&env.pool).await.unwrap();
+    let approval = sagas::SagaDefinition::<Plan>::builder("approval", 1)
+        .step("a", |s| probe::step(s, "a"))
+        .wait("approved", |w| w.event("approved"))
+        .build()
+        .unwrap();
+    let registry = || {
+        let mut r = sagas::Registry::new();
+        r.register(approval.erased()).unwrap();
+        r
+    };
+    let node = |id: &str| {
+        let config = orchestrator::Config { partitions: PARTITIONS, ..env.config(id) };
+        async move { Orchestrator::connect(config, registry()).await.unwrap().start().await.unwrap() }
+    };
+    let (a, b) = (node("in-a").await, node("in-b").await);
+    let p = probe::participant(env.participant_config()).start(env.pool.clone(), &env.amqp_url).await.unwrap();
+    let shared = wait_owners(&env.pool, &[], |o| o.len() == 2 && o.values().all(|ps| !ps.is_empty())).await;
+
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(a.engine().start(&probe::start_request("approval", &Plan::default()), None).await.unwrap().saga_id);
+    }
+    for id in &ids {
+        wait::until(&env.pool, *id, Duration::from_secs(60), |s| s.steps[1].status == sagas::StepStatus::Waiting).await.unwrap();
+    }
+    let names = env.names().with_partitions(PARTITIONS);
+    let ch = env.amqp().await.unwrap().create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    for id in &ids {
+        let body = serde_json::json!({"saga_id": id, "event": "approved", "payload": {}}).to_string();
+        let m = sagas::protocol::WireMessage {
+            kind: Some(sagas::protocol::TYPE_EVENT.into()),
+            ..testkit::messages::start_message(body.as_bytes())
+        };
+        // Twice, with one id: applied once.
+        for _ in 0..2 {
+            sagaflow_amqp::transport::publish_confirmed(&ch, "", &names.inbound_queue(), &m, true).await.unwrap();
+        }
+    }
+    let states = wait::all_settled(&env.pool, &ids, Duration::from_secs(60)).await.unwrap();
+    assert!(states.iter().all(|s| s.status == SagaStatus::Completed));
+    let events: Vec<(uuid::Uuid, String, String)> =
+        sqlx::query_as("SELECT saga_id, node, outcome FROM sagaflow.history WHERE input_kind = 'event' AND saga_id = ANY($1) ORDER BY id")
+            .bind(ids.iter().map(|i| i.0).collect::<Vec<_>>())
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let applied: Vec<(SagaId, String)> =
+        events.iter().filter(|(_, _, outcome)| outcome == "applied").map(|(id, node, _)| (SagaId(*id), node.clone())).collect();
+    assert_eq!(applied.len(), ids.len(), "each event applied once: {events:?}");
+    decided_by_owners(&applied, &shared);
+    let by: BTreeSet<&str> = applied.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(by, BTreeSet::from(["in-a", "in-b"]), "both nodes own sagas");
+
+    p.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    env.cleanup(&["probe"]).await.unwrap();
 }

@@ -1,5 +1,6 @@
-//! The orchestrator's queues: replies from participants, start requests and external events
-//! from clients, and the commands of child steps. Each delivery is decoded (refused → dead letter with the reason),
+//! The orchestrator's queues: replies from participants (and, with partitions, the events
+//! forwarded to their saga's partition), start requests and external events from clients, and
+//! the commands of child steps. Each delivery is decoded (refused → dead letter with the reason),
 //! applied (its decision committed), then acked.
 
 use std::collections::HashMap;
@@ -12,10 +13,11 @@ use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use sagaflow_amqp::transport::TransportError;
 use sagaflow_amqp::transport::{self, Names};
 use sagas::protocol::{
-    H_SAGA_ID, HeaderValue, InboundReplyOrHeartbeat, TYPE_EVENT, TYPE_START, decode_command, decode_event, decode_reply_or_heartbeat,
-    decode_start,
+    H_SAGA_ID, HeaderValue, InboundReplyOrHeartbeat, ProtocolError, TYPE_EVENT, TYPE_START, WireMessage, decode_command, decode_event,
+    decode_reply_or_heartbeat, decode_start,
 };
 use sagas::{Input, MessageId, SagaId};
 use tokio::sync::oneshot;
@@ -82,7 +84,7 @@ impl Consumer {
                 transport::run_consumer(&ch, deliveries, self.concurrency, &token, |d| {
                     let (this, ch, name) = (self.clone(), ch.clone(), name.clone());
                     async move {
-                        let verdict = if queue == Queue::Children { this.child(&d).await } else { this.inbound(&d).await };
+                        let verdict = if queue == Queue::Children { this.child(&d).await } else { this.inbound(&ch, &d).await };
                         this.settle(&ch, &name, vec![(d, verdict)]).await;
                     }
                 })
@@ -139,16 +141,15 @@ impl Consumer {
         let mut settled = Vec::with_capacity(batch.len());
         let mut decoded = Vec::with_capacity(batch.len());
         for d in batch {
-            match transport::wire_from_delivery(&d, self.max_body).and_then(|m| decode_reply_or_heartbeat(&m, self.max_body)) {
-                Ok(InboundReplyOrHeartbeat::Reply(r)) => decoded.push((d, r.saga_id, Input::Reply(r.reply))),
-                Ok(InboundReplyOrHeartbeat::Heartbeat(saga, h)) => decoded.push((d, saga, Input::Heartbeat(h))),
+            match transport::wire_from_delivery(&d, self.max_body).and_then(|m| self.decode_partitioned(&m)) {
+                Ok((saga, input, inbox)) => decoded.push((d, saga, input, inbox)),
                 Err(e) => settled.push((d, Verdict::DeadLetter(e.code(), e.to_string()))),
             }
         }
         // A reply is deduplicated by its saga's own fence, not by its message id: a reply that
         // does not answer the attempt its step waits for is ignored by `decide` (recorded as
-        // `duplicate` or `stale`), so replies cost no inbox row.
-        let inputs: Vec<_> = decoded.iter().map(|(_, saga, input)| (*saga, input, None)).collect();
+        // `duplicate` or `stale`), so replies cost no inbox row. An event is, by its id.
+        let inputs: Vec<_> = decoded.iter().map(|(_, saga, input, inbox)| (*saga, input, *inbox)).collect();
         turn.wait().await;
         let handled = match self.engine.apply_batch(&inputs).await {
             // One input PostgreSQL refuses must not hold back the others: each alone, then.
@@ -168,6 +169,41 @@ impl Consumer {
         settled
     }
 
+    /// What a reply queue carries: a reply or a heartbeat, or (with partitions) an event a
+    /// node forwarded from the inbound queue ([`Self::forward_event`]); the saga, the input and
+    /// the id to deduplicate it by.
+    fn decode_partitioned(&self, m: &WireMessage) -> Result<(SagaId, Input, Option<MessageId>), ProtocolError> {
+        if m.kind.as_deref() == Some(TYPE_EVENT) {
+            let ev = decode_event(m, self.max_body)?;
+            let inbox = m.message_id.as_deref().and_then(|id| id.parse::<MessageId>().ok());
+            return Ok((ev.saga_id, Input::Event { name: ev.event, payload: ev.payload }, inbox));
+        }
+        Ok(match decode_reply_or_heartbeat(m, self.max_body)? {
+            InboundReplyOrHeartbeat::Reply(r) => (r.saga_id, Input::Reply(r.reply), None),
+            InboundReplyOrHeartbeat::Heartbeat(saga, h) => (saga, Input::Heartbeat(h), None),
+        })
+    }
+
+    /// With partitions, an event from the inbound queue goes on to its saga's partition queue
+    /// (with the saga's id in `x-saga-id`, for the order of its batch), so the node that applies
+    /// the saga's replies applies its events too, in arrival order. It is acked here once the
+    /// broker confirmed the copy; a copy sent twice (a crash in between) is applied once, by its
+    /// id. With no partition queue to take it, it is applied here.
+    async fn forward_event(&self, ch: &Channel, mut msg: WireMessage, saga: SagaId, input: Input) -> Verdict {
+        msg.headers.insert(H_SAGA_ID.into(), HeaderValue::Str(saga.to_string()));
+        let queue = self.names.reply_queue_for(saga);
+        match transport::publish_confirmed(ch, "", &queue, &msg, true).await {
+            Ok(()) => Verdict::Ack,
+            Err(TransportError::Unroutable { .. }) => {
+                tracing::warn!(queue, saga.id = %saga, "no partition queue took an event; applying it here");
+                let inbox = msg.message_id.as_deref().and_then(|m| m.parse::<MessageId>().ok());
+                let h = self.engine.apply(saga, &input, inbox).await;
+                self.applied(h.map_err(|e| NotApplied::from(&e)), saga)
+            }
+            Err(e) => Verdict::Requeue(format!("forwarding an event to {queue}: {e}")),
+        }
+    }
+
     /// The verdict on an input applied to `saga` ([`Self::verdict`]), or on the error that
     /// stopped it: refused for good when PostgreSQL cannot store it, back to the queue else.
     fn applied(&self, h: Result<Handled, NotApplied>, saga: SagaId) -> Verdict {
@@ -178,7 +214,7 @@ impl Consumer {
         }
     }
 
-    async fn inbound(&self, d: &Delivery) -> Verdict {
+    async fn inbound(&self, ch: &Channel, d: &Delivery) -> Verdict {
         let msg = match transport::wire_from_delivery(d, self.max_body) {
             Ok(msg) => msg,
             Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
@@ -200,9 +236,13 @@ impl Consumer {
                     Ok(ev) => ev,
                     Err(e) => return Verdict::DeadLetter(e.code(), e.to_string()),
                 };
+                let (saga, input) = (ev.saga_id, Input::Event { name: ev.event, payload: ev.payload });
+                if self.names.partitions() > 0 {
+                    return self.forward_event(ch, msg, saga, input).await;
+                }
                 let inbox = msg.message_id.as_deref().and_then(|m| m.parse::<MessageId>().ok());
-                let h = self.engine.apply(ev.saga_id, &Input::Event { name: ev.event, payload: ev.payload }, inbox).await;
-                self.applied(h.map_err(|e| NotApplied::from(&e)), ev.saga_id)
+                let h = self.engine.apply(saga, &input, inbox).await;
+                self.applied(h.map_err(|e| NotApplied::from(&e)), saga)
             }
             Some(other) => Verdict::DeadLetter("unknown_type", format!("`{other}` is not a start request or an event")),
             None => Verdict::DeadLetter("invalid_properties", "the message has no `type`".into()),

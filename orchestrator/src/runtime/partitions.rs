@@ -1,7 +1,7 @@
 //! Reply partitions (config `partitions`): the replies of a saga go to one of n queues
 //! (`{ns}.replies.{k}`, chosen by [`sagaflow_amqp::transport::partition_of`] when its commands are
-//! written), each declared single-active-consumer, and the nodes share the queues out among
-//! themselves. Each node writes its row in `sagaflow.nodes` every [`TICK`] and reads which nodes
+//! written; its events from the inbound queue are forwarded there by `consumers`), each declared
+//! single-active-consumer, and the nodes share the queues out among themselves. Each node writes its row in `sagaflow.nodes` every [`TICK`] and reads which nodes
 //! are alive (a row written in the last [`GONE_AFTER`]); the partitions are dealt out evenly,
 //! each to the live node that scores it highest among those short of their share ([`assign`],
 //! rendezvous hashing), so all nodes agree without talking, and a node joining or leaving moves
