@@ -501,6 +501,24 @@ pub fn certificate_refused(e: &impl std::fmt::Display) -> bool {
     e.to_string().contains("invalid peer certificate")
 }
 
+/// How long closing a channel or a connection waits for the broker's answer.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Close `ch` (`reason` for the broker's log), waiting at most [`CLOSE_WAIT`] for the broker's
+/// answer: a shutdown must not hang on a connection that died without lapin noticing.
+pub async fn close_channel(ch: &Channel, reason: &str) {
+    if tokio::time::timeout(CLOSE_WAIT, ch.close(200, reason.into())).await.is_err() {
+        tracing::warn!(reason, "closing an AMQP channel got no answer within 5 s; leaving it");
+    }
+}
+
+/// Close `conn` as [`close_channel`] does a channel.
+pub async fn close_connection(conn: &Connection, reason: &str) {
+    if tokio::time::timeout(CLOSE_WAIT, conn.close(200, reason.into())).await.is_err() {
+        tracing::warn!(reason, "closing an AMQP connection got no answer within 5 s; leaving it");
+    }
+}
+
 /// A channel with publisher confirms on.
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
     let ch = conn.create_channel().await?;

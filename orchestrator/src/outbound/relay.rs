@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use lapin::Channel;
+use sagaflow_amqp::transport;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +50,7 @@ pub(crate) async fn run(
     while once(0).await? >= batch as usize {}
     let _ = listener.unlisten_all().await;
     drop(listener);
-    let _ = ch.close(200, "shutdown".into()).await;
+    transport::close_channel(&ch, "shutdown").await;
     Ok(())
 }
 

@@ -92,7 +92,7 @@ impl Consumer {
             }
         };
         if result.is_ok() {
-            let _ = ch.close(200, "shutdown".into()).await;
+            transport::close_channel(&ch, "shutdown").await;
         }
         result.map_err(|e| anyhow::anyhow!("consuming {name}: {e}"))
     }

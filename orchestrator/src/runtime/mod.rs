@@ -331,11 +331,11 @@ impl Node {
             };
             self.engine.publisher.set_channel(None);
             if stopped {
-                let _ = conn.close(200, "shutdown".into()).await;
+                transport::close_connection(&conn, "shutdown").await;
                 return;
             }
             tracing::warn!("lost RabbitMQ; the relays publish until the client reconnects");
-            let _ = conn.close(200, "reconnecting".into()).await;
+            transport::close_connection(&conn, "reconnecting").await;
         }
     }
 
@@ -427,13 +427,13 @@ impl Node {
             let c = Arc::new(c);
             match self.run_connection(&c, &undeliverable, &stop).await {
                 Ended::Shutdown => {
-                    let _ = c.close(200, "shutdown".into()).await;
+                    transport::close_connection(&c, "shutdown").await;
                     break;
                 }
                 Ended::Lost(why) => {
                     tracing::warn!(why, "lost RabbitMQ; reconnecting");
                     lost_at = Some(tokio::time::Instant::now());
-                    let _ = c.close(200, "reconnecting".into()).await;
+                    transport::close_connection(&c, "reconnecting").await;
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -450,17 +450,22 @@ impl Node {
             tokio::time::sleep(Duration::from_secs(1)).await;
             return Ended::Lost(format!("declaring the topology failed: {e}"));
         }
+        // The queue of child steps' commands is consumed only when the definitions start child
+        // sagas: its channel is opened then only.
+        let children = crate::children::participant(self.engine.registry()).is_some();
         let channels = async {
-            Ok::<_, lapin::Error>([
-                transport::confirm_channel(c).await?,
-                transport::confirm_channel(c).await?,
-                transport::confirm_channel(c).await?,
-                transport::confirm_channel(c).await?,
-                c.create_channel().await?,
-                c.create_channel().await?,
-            ])
+            Ok::<_, lapin::Error>((
+                [
+                    transport::confirm_channel(c).await?,
+                    transport::confirm_channel(c).await?,
+                    transport::confirm_channel(c).await?,
+                    transport::confirm_channel(c).await?,
+                    c.create_channel().await?,
+                ],
+                if children { Some(transport::confirm_channel(c).await?) } else { None },
+            ))
         };
-        let [replies_ch, inbound_ch, relay_ch, publish_ch, events_ch, children_ch] = match channels.await {
+        let ([replies_ch, inbound_ch, relay_ch, publish_ch, events_ch], children_ch) = match channels.await {
             Ok(chs) => chs,
             Err(e) => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -472,7 +477,7 @@ impl Node {
         let (consuming, relaying) = (stop.child_token(), stop.child_token());
         self.engine.publisher.set_channel(Some(publish_ch));
         let mut consumers = JoinSet::new();
-        let children = crate::children::participant(self.engine.registry()).map(|_| (Queue::Children, children_ch));
+        let children = children_ch.map(|ch| (Queue::Children, ch));
         for (q, qch) in [(Queue::Replies, replies_ch), (Queue::Inbound, inbound_ch)].into_iter().chain(children) {
             let (consumer, t) = (self.consumer(), consuming.clone());
             consumers.spawn(async move { consumer.run(qch, q, t).await });

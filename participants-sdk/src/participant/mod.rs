@@ -189,7 +189,7 @@ impl Participant {
             };
             match self.consume(&pool, &c, &token).await {
                 Ok(()) => {
-                    let _ = c.close(200, "shutdown".into()).await;
+                    transport::close_connection(&c, "shutdown").await;
                     return Ok(());
                 }
                 Err(e) => {
@@ -224,7 +224,7 @@ impl Participant {
         sweeper.abort();
         let _ = sweeper.await;
         if result.is_ok() {
-            let _ = ch.close(200, "shutdown".into()).await;
+            transport::close_channel(&ch, "shutdown").await;
         }
         result.map_err(Error::Amqp)
     }
