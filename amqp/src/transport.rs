@@ -504,7 +504,7 @@ pub fn certificate_refused(e: &impl std::fmt::Display) -> bool {
 /// How long closing a channel or a connection waits for the broker's answer.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-/// Close `ch` (`reason` for the broker's log), waiting at most [`CLOSE_WAIT`] for the broker's
+/// Close `ch` (`reason` for the broker's log), waiting at most 5 s for the broker's
 /// answer: a shutdown must not hang on a connection that died without lapin noticing.
 pub async fn close_channel(ch: &Channel, reason: &str) {
     if tokio::time::timeout(CLOSE_WAIT, ch.close(200, reason.into())).await.is_err() {
