@@ -755,22 +755,7 @@ impl<D: SagaData> StepBuilder<D, NoCommand> {
     /// The command this step sends, computed from the saga's data (its input and the outputs
     /// earlier steps stored in it).
     pub fn invoke<C: Command>(self, f: impl Fn(&D) -> C + Send + Sync + 'static) -> StepBuilder<D, C> {
-        StepBuilder {
-            name: self.name,
-            kind: self.kind,
-            build: Some(erase_build(f)),
-            on_reply: None,
-            compensation: self.compensation,
-            retry: self.retry,
-            compensation_retry: self.compensation_retry,
-            compensation_timeout: self.compensation_timeout,
-            timeout: self.timeout,
-            heartbeat: self.heartbeat,
-            limit: self.limit,
-            condition: self.condition,
-            meta: Some((C::NAME.to_owned(), C::PARTICIPANT.to_owned())),
-            _types: PhantomData,
-        }
+        self.sending(erase_build(f), C::NAME.to_owned(), C::PARTICIPANT.to_owned())
     }
 
     /// Start child saga `def` with the input computed from the saga's data, and wait for its
@@ -781,10 +766,15 @@ impl<D: SagaData> StepBuilder<D, NoCommand> {
     /// that node knows and the parent's priority. A child step takes no timeout (the child's
     /// own [`deadline`](SagaBuilder::deadline) bounds it) and no compensation of its own.
     pub fn child<C: SagaData>(self, def: &SagaDefinition<C>, f: impl Fn(&D) -> C + Send + Sync + 'static) -> StepBuilder<D, Child<C>> {
+        self.sending(erase_build(f), def.name.clone(), CHILD_PARTICIPANT.to_owned())
+    }
+
+    /// The step, now sending `command` (built by `build`) to `participant`, typed as `C`.
+    fn sending<C>(self, build: BuildFn, command: String, participant: String) -> StepBuilder<D, C> {
         StepBuilder {
             name: self.name,
             kind: self.kind,
-            build: Some(erase_build(f)),
+            build: Some(build),
             on_reply: None,
             compensation: self.compensation,
             retry: self.retry,
@@ -794,7 +784,7 @@ impl<D: SagaData> StepBuilder<D, NoCommand> {
             heartbeat: self.heartbeat,
             limit: self.limit,
             condition: self.condition,
-            meta: Some((def.name.clone(), CHILD_PARTICIPANT.to_owned())),
+            meta: Some((command, participant)),
             _types: PhantomData,
         }
     }
