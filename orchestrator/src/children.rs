@@ -33,20 +33,21 @@ pub(crate) enum ChildVerdict {
 impl Engine {
     /// Act on `cmd`, a command to `sagaflow.child`: start the child saga, or undo it.
     pub(crate) async fn child_command(&self, cmd: &InboundCommand) -> ChildVerdict {
-        let parent = match self.parent_waiting(cmd).await {
+        let (parent, step_name) = match self.parent_waiting(cmd).await {
             Ok(Some(p)) => p,
             Ok(None) => return ChildVerdict::Done,
             Err(v) => return v,
         };
         match cmd.kind {
-            CommandKind::Invoke => self.start_child(cmd, &parent).await,
+            CommandKind::Invoke => self.start_child(cmd, &parent, step_name).await,
             CommandKind::Compensate => self.undo_child(cmd, &parent).await,
         }
     }
 
-    /// The parent saga of `cmd` when it sent `cmd` and still waits for its answer; `None` for a
+    /// The parent saga of `cmd` and the name of its step, from its definition (not the
+    /// command's header), when it sent `cmd` and still waits for its answer; `None` for a
     /// command it no longer waits for (answered, or redelivered after the saga moved on).
-    async fn parent_waiting(&self, cmd: &InboundCommand) -> Result<Option<SagaState>, ChildVerdict> {
+    async fn parent_waiting(&self, cmd: &InboundCommand) -> Result<Option<(SagaState, String)>, ChildVerdict> {
         let id = cmd.saga.saga_id;
         let refused = |why: String| Err(ChildVerdict::Refused("invalid_command", why));
         if cmd.message_id != MessageId::for_command(id, cmd.step, cmd.kind, cmd.attempt) {
@@ -79,12 +80,13 @@ impl Engine {
             tracing::debug!(saga.id = %id, step = cmd.step.0, kind = cmd.kind.as_str(), attempt = cmd.attempt, "a child command its saga no longer waits for; dropped");
             return Ok(None);
         }
-        Ok(Some(parent))
+        let step_name = def.steps[cmd.step.get()].name.clone();
+        Ok(Some((parent, step_name)))
     }
 
     /// Start the child saga of `cmd`'s step and attempt, as the newest version of its definition
     /// this node knows, with the parent's priority.
-    async fn start_child(&self, cmd: &InboundCommand, parent: &SagaState) -> ChildVerdict {
+    async fn start_child(&self, cmd: &InboundCommand, parent: &SagaState, step_name: String) -> ChildVerdict {
         let child_id = SagaId::for_child(parent.id, cmd.step, cmd.attempt);
         let Some(def) = self.registry().latest(&cmd.command) else {
             let message = format!("no definition `{}` is registered on the node that took the command", cmd.command);
@@ -103,13 +105,13 @@ impl Engine {
             definition: parent.definition.clone(),
             version: parent.version,
             step: cmd.step,
-            step_name: cmd.step_name.clone(),
+            step_name,
             attempt: cmd.attempt,
             undo: None,
         };
         match self.start_as(&req, cmd.traceparent.as_deref(), Some(link.clone())).await {
             Ok(s) if s.created => {
-                tracing::info!(saga.id = %child_id, parent.id = %parent.id, step = %cmd.step_name, "child saga started");
+                tracing::info!(saga.id = %child_id, parent.id = %parent.id, step = %link.step_name, "child saga started");
                 ChildVerdict::Done
             }
             // Started before (the command was delivered again): it answers when it ends. An id
