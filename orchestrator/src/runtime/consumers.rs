@@ -175,7 +175,7 @@ impl Consumer {
     fn decode_partitioned(&self, m: &WireMessage) -> Result<(SagaId, Input, Option<MessageId>), ProtocolError> {
         if m.kind.as_deref() == Some(TYPE_EVENT) {
             let ev = decode_event(m, self.max_body)?;
-            let inbox = m.message_id.as_deref().and_then(|id| id.parse::<MessageId>().ok());
+            let inbox = event_inbox_id(m);
             return Ok((ev.saga_id, Input::Event { name: ev.event, payload: ev.payload }, inbox));
         }
         Ok(match decode_reply_or_heartbeat(m, self.max_body)? {
@@ -196,7 +196,7 @@ impl Consumer {
             Ok(()) => Verdict::Ack,
             Err(TransportError::Unroutable { .. }) => {
                 tracing::warn!(queue, saga.id = %saga, "no partition queue took an event; applying it here");
-                let inbox = msg.message_id.as_deref().and_then(|m| m.parse::<MessageId>().ok());
+                let inbox = event_inbox_id(&msg);
                 let h = self.engine.apply(saga, &input, inbox).await;
                 self.applied(h.map_err(|e| NotApplied::from(&e)), saga)
             }
@@ -240,7 +240,7 @@ impl Consumer {
                 if self.names.partitions() > 0 {
                     return self.forward_event(ch, msg, saga, input).await;
                 }
-                let inbox = msg.message_id.as_deref().and_then(|m| m.parse::<MessageId>().ok());
+                let inbox = event_inbox_id(&msg);
                 let h = self.engine.apply(saga, &input, inbox).await;
                 self.applied(h.map_err(|e| NotApplied::from(&e)), saga)
             }
@@ -346,6 +346,12 @@ impl Drop for Turn {
             }
         }
     }
+}
+
+/// What an event is deduplicated by: its `message_id`, when that is a UUID (an event without
+/// one is not deduplicated by id).
+fn event_inbox_id(m: &WireMessage) -> Option<MessageId> {
+    m.message_id.as_deref().and_then(|id| id.parse::<MessageId>().ok())
 }
 
 /// The saga a reply is for, from its `x-saga-id` header.
