@@ -102,20 +102,31 @@ pub struct TestEnv {
     admin_url: String,
     database: String,
     containers: Option<Containers>,
+    /// Ends the test process if the test outlives its limit ([`Watchdog`]); `None` for a
+    /// harness's environment ([`TestEnv::on_services`]).
+    _watchdog: Option<Watchdog>,
 }
 
 impl TestEnv {
     /// The services from the environment (see [`service_urls`]), else containers of its own.
     /// Either way: a fresh database and a fresh namespace.
+    /// A test still running after its limit (`SAGAFLOW_TEST_TIMEOUT_MINUTES`, default 25) ends
+    /// its process, naming the test.
     pub async fn start() -> anyhow::Result<Self> {
-        match service_urls() {
+        let env = match service_urls() {
             Some((amqp, db)) => Self::on(amqp, db, None).await,
-            None => Self::with_containers().await,
-        }
+            None => Self::containers_of_its_own().await,
+        }?;
+        Ok(Self { _watchdog: Watchdog::start(), ..env })
     }
 
-    /// Containers of its own, whatever the environment says.
+    /// Containers of its own, whatever the environment says; watched as [`TestEnv::start`].
     pub async fn with_containers() -> anyhow::Result<Self> {
+        let env = Self::containers_of_its_own().await?;
+        Ok(Self { _watchdog: Watchdog::start(), ..env })
+    }
+
+    async fn containers_of_its_own() -> anyhow::Result<Self> {
         init_logs();
         let c = Containers::start().await?;
         let (amqp, db) = c.urls().await?;
@@ -146,7 +157,7 @@ impl TestEnv {
         admin.close().await;
         let database_url = replace_database(&admin_url, &database);
         let pool = PgPoolOptions::new().max_connections(8).connect(&database_url).await?;
-        Ok(Self { amqp_url, database_url, namespace: format!("t{}", &tag[20..]), pool, admin_url, database, containers })
+        Ok(Self { amqp_url, database_url, namespace: format!("t{}", &tag[20..]), pool, admin_url, database, containers, _watchdog: None })
     }
 
     /// A node configuration for this environment.
@@ -270,6 +281,60 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// Ends the test process when the test that started it is still running after its limit
+/// (`SAGAFLOW_TEST_TIMEOUT_MINUTES`, default 25; `0`: never), with the test's name on stderr
+/// (past the harness's capture): a test stuck in a wait with no bound of its own fails with a
+/// name instead of holding CI until its own limit. Dropped with the [`TestEnv`], which a test's
+/// cleanup consumes last, so the limit covers the test's shutdown too.
+struct Watchdog {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    fn start() -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let minutes: f64 = match std::env::var("SAGAFLOW_TEST_TIMEOUT_MINUTES") {
+            Ok(v) => v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|m: &f64| m.is_finite() && *m >= 0.0)
+                .unwrap_or_else(|| panic!("SAGAFLOW_TEST_TIMEOUT_MINUTES={v:?}: expected a number of minutes")),
+            Err(_) => 25.0,
+        };
+        if minutes == 0.0 {
+            return None;
+        }
+        // The test harness names each test's thread after the test.
+        let test = std::thread::current().name().unwrap_or("a test").to_owned();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watching = std::sync::Arc::clone(&done);
+        let limit = std::time::Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+        std::thread::spawn(move || {
+            while std::time::Instant::now() < limit {
+                if watching.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            if !watching.load(Ordering::Relaxed) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "testkit: {test} is still running after {minutes} minutes (SAGAFLOW_TEST_TIMEOUT_MINUTES); ending the test process"
+                );
+                std::process::exit(101);
+            }
+        });
+        Some(Self { done })
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Close `pool`, waiting at most 10 s: sqlx's `close` can miss a connection handed back in the
 /// same moment and wait for ever, and a test's cleanup must not hang on that.
 async fn close_pool(pool: &PgPool) {
@@ -278,6 +343,28 @@ async fn close_pool(pool: &PgPool) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    /// Run by [`a_test_past_its_limit_ends_its_process_with_its_name`] only.
+    #[test]
+    #[ignore = "a stuck test, run by another test"]
+    fn a_stuck_test() {
+        let _watchdog = super::Watchdog::start();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_test_past_its_limit_ends_its_process_with_its_name() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["env::tests::a_stuck_test", "--exact", "--ignored"])
+            .env("SAGAFLOW_TEST_TIMEOUT_MINUTES", "0.02")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(101), "{stderr}");
+        assert!(stderr.contains("testkit: env::tests::a_stuck_test is still running after 0.02 minutes"), "{stderr}");
+    }
+
     #[test]
     fn the_database_name_is_replaced_and_the_query_kept() {
         assert_eq!(super::replace_database("postgres://u@h:5432/postgres", "x"), "postgres://u@h:5432/x");
