@@ -44,6 +44,15 @@ struct Args {
     /// `SAGAFLOW_TEST_AMQP_URL` as several URLs separated by commas.
     #[arg(long)]
     quorum_queues: bool,
+    /// Start this many RabbitMQ nodes as one cluster in containers (Docker, the image
+    /// `rabbitmq:4-management` built by `../shared/containers`) and run against them with quorum
+    /// queues, each process connecting to a different node first; 0: the broker of
+    /// `SAGAFLOW_TEST_AMQP_URL`.
+    #[arg(long, default_value_t = 0)]
+    broker_nodes: usize,
+    /// The brokers' URLs when `--broker-nodes` started them.
+    #[arg(skip)]
+    brokers: Option<String>,
     /// Sagas in flight during a throughput run.
     #[arg(long, default_value_t = 200)]
     concurrency: usize,
@@ -75,13 +84,25 @@ struct Cluster {
     waiters: Waiters,
     listener: tokio::task::JoinHandle<()>,
     _conn: lapin::Connection,
+    /// The brokers run in containers (`--broker-nodes`).
+    in_containers: bool,
 }
 
 /// RabbitMQ and PostgreSQL: `SAGAFLOW_TEST_AMQP_URL` / `SAGAFLOW_TEST_DATABASE_URL`, else the
-/// local defaults.
-fn services() -> (String, String) {
-    testkit::env::service_urls()
-        .unwrap_or_else(|| ("amqp://guest:guest@127.0.0.1:5672/%2f".into(), "postgres://postgres@127.0.0.1:5432/postgres".into()))
+/// local defaults; the brokers `--broker-nodes` started, when it did.
+fn services(args: &Args) -> (String, String) {
+    let (amqp, db) = testkit::env::service_urls()
+        .unwrap_or_else(|| ("amqp://guest:guest@127.0.0.1:5672/%2f".into(), "postgres://postgres@127.0.0.1:5432/postgres".into()));
+    (args.brokers.clone().unwrap_or(amqp), db)
+}
+
+/// A list of broker URLs that starts at its `k`-th (modulo its length): processes given
+/// successive `k` connect to different brokers first, as a deployment would spread them.
+fn rotated(urls: &str, k: usize) -> String {
+    let mut list: Vec<&str> = urls.split(',').collect();
+    let n = list.len();
+    list.rotate_left(k % n);
+    list.join(",")
 }
 
 fn sibling(name: &str) -> anyhow::Result<String> {
@@ -92,9 +113,10 @@ fn sibling(name: &str) -> anyhow::Result<String> {
 }
 
 impl Cluster {
-    async fn start(nodes: usize, partitions: u16, quorum_queues: bool) -> anyhow::Result<Self> {
-        let (amqp, db) = services();
-        let env = TestEnv::on_services(amqp, db).await?;
+    async fn start(nodes: usize, args: &Args) -> anyhow::Result<Self> {
+        let (partitions, quorum_queues) = (args.partitions, args.quorum_queues || args.broker_nodes > 0);
+        let (amqp, db) = services(args);
+        let env = TestEnv::on_services(amqp.clone(), db).await?;
         // The client publishes its starts itself, as a service embedding the Rust API would.
         let config = orchestrator::Config { partitions, quorum_queues, ..env.config("client") };
         let client = orchestrator::Orchestrator::connect(config, saga::registry()?).await?.client().await?;
@@ -109,17 +131,24 @@ impl Cluster {
         vars.push(("SAGAFLOW_QUORUM_QUEUES".into(), quorum_queues.to_string()));
         let node_exe = sibling("bench-node")?;
         let part_exe = sibling("bench-participant")?;
+        // Process k connects to broker k first (the client, which also listens, to the first).
+        let vars_for = |k: usize| {
+            let mut v = vars.clone();
+            v.retain(|(key, _)| key != "SAGAFLOW_AMQP_URL");
+            v.push(("SAGAFLOW_AMQP_URL".into(), rotated(&amqp, k)));
+            v
+        };
         let mut ns = Vec::new();
         for i in 0..nodes {
             let id = format!("bench-node-{i}");
-            let mut v = vars.clone();
+            let mut v = vars_for(1 + i);
             v.retain(|(k, _)| k != "SAGAFLOW_NODE_ID");
             v.push(("SAGAFLOW_NODE_ID".into(), id.clone()));
             ns.push(Node::spawn_with(&node_exe, &["serve"], v, &id)?);
         }
         let mut ps = Vec::new();
-        for p in saga::PARTICIPANTS {
-            ps.push(Node::spawn_with(&part_exe, &[p], vars.clone(), &format!("bench-{p}"))?);
+        for (k, p) in saga::PARTICIPANTS.iter().enumerate() {
+            ps.push(Node::spawn_with(&part_exe, &[p], vars_for(1 + nodes + k), &format!("bench-{p}"))?);
         }
 
         // Outcomes arrive as lifecycle events.
@@ -159,7 +188,8 @@ impl Cluster {
                 }
             }
         });
-        let cluster = Self { env, nodes: ns, participants: ps, engine, client, waiters, listener, _conn: conn };
+        let in_containers = args.broker_nodes > 0;
+        let cluster = Self { env, nodes: ns, participants: ps, engine, client, waiters, listener, _conn: conn, in_containers };
         // Warm up (connections, prepared statements) and make sure every process is consuming.
         let warm: Vec<_> = (0..20).map(|i| cluster.run_one(1_000_000 + i, false)).collect();
         for w in warm {
@@ -192,13 +222,19 @@ impl Cluster {
 
     fn usage(&self) -> Vec<(&'static str, procs::Usage)> {
         let ids = |v: &[Node]| v.iter().filter_map(Node::pid).collect::<Vec<u32>>();
-        vec![
+        let mut groups = vec![
             ("orchestrator", procs::total(&ids(&self.nodes))),
             ("participants", procs::total(&ids(&self.participants))),
+            // With `--broker-nodes`, the containers' RabbitMQ processes (and the local one's idle ones).
             ("rabbitmq", procs::total(&procs::find("rabbit"))),
             ("postgresql", procs::total(&procs::find("postgres"))),
             ("harness", procs::usage(std::process::id()).unwrap_or_default()),
-        ]
+        ];
+        if self.in_containers {
+            // Docker's userland proxy carries every byte between the host's ports and the brokers.
+            groups.push(("docker-proxy", procs::total(&procs::find("docker-proxy"))));
+        }
+        groups
     }
 
     /// Every saga of the run ended as its input says, with exactly the expected participant
@@ -267,7 +303,7 @@ struct Run {
 }
 
 async fn measure(kind: &str, variant: &str, nodes: usize, args: &Args) -> anyhow::Result<Run> {
-    let cluster = Cluster::start(nodes, args.partitions, args.quorum_queues).await?;
+    let cluster = Cluster::start(nodes, args).await?;
     let fail20 = variant == "fail20";
     let (count, concurrency) = if kind == "throughput" { (args.sagas, args.concurrency) } else { (args.latency_sagas, 1) };
     let before = cluster.usage();
@@ -309,7 +345,7 @@ async fn measure(kind: &str, variant: &str, nodes: usize, args: &Args) -> anyhow
 }
 
 async fn sustain(args: &Args) -> anyhow::Result<()> {
-    let cluster = Arc::new(Cluster::start(1, args.partitions, args.quorum_queues).await?);
+    let cluster = Arc::new(Cluster::start(1, args).await?);
     let end = Instant::now() + Duration::from_secs(args.sustain_minutes * 60);
     let permits = Arc::new(Semaphore::new(args.concurrency));
     let c = Arc::clone(&cluster);
@@ -367,7 +403,7 @@ const COMMITS_PER_SAGA: u8 = 7;
 /// as many in flight as a throughput run and then one at a time, and a durable step
 /// transaction on PostgreSQL alone; then the least a saga's start to outcome can take here.
 async fn floor(args: &Args) -> anyhow::Result<()> {
-    let (amqp, db) = services();
+    let (amqp, db) = services(args);
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db).await.context("connecting to PostgreSQL")?;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -427,7 +463,17 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // Removed (containers and network) when dropped, at the end of main.
+    let _brokers = if args.broker_nodes > 0 {
+        let brokers = testkit::cluster::RabbitCluster::start(args.broker_nodes).await?;
+        brokers.wait_whole(0, Duration::from_secs(120)).await?;
+        args.brokers = Some(brokers.urls(""));
+        eprintln!("order-saga-3: a RabbitMQ cluster of {} nodes in containers: {}", args.broker_nodes, brokers.names.join(", "));
+        Some(brokers)
+    } else {
+        None
+    };
     if args.sustain_minutes > 0 {
         return sustain(&args).await;
     }
