@@ -46,7 +46,7 @@ struct Args {
     quorum_queues: bool,
     /// Start this many RabbitMQ nodes as one cluster in containers (Docker, the image
     /// `rabbitmq:4-management` built by `../shared/containers`) and run against them with quorum
-    /// queues, each process connecting to a different node first; 0: the broker of
+    /// queues (each process picks the broker it tries first by its pid); 0: the broker of
     /// `SAGAFLOW_TEST_AMQP_URL`.
     #[arg(long, default_value_t = 0)]
     broker_nodes: usize,
@@ -96,15 +96,6 @@ fn services(args: &Args) -> (String, String) {
     (args.brokers.clone().unwrap_or(amqp), db)
 }
 
-/// A list of broker URLs that starts at its `k`-th (modulo its length): processes given
-/// successive `k` connect to different brokers first, as a deployment would spread them.
-fn rotated(urls: &str, k: usize) -> String {
-    let mut list: Vec<&str> = urls.split(',').collect();
-    let n = list.len();
-    list.rotate_left(k % n);
-    list.join(",")
-}
-
 fn sibling(name: &str) -> anyhow::Result<String> {
     let exe = std::env::current_exe()?;
     let path: PathBuf = exe.parent().context("no parent directory")?.join(name);
@@ -116,7 +107,7 @@ impl Cluster {
     async fn start(nodes: usize, args: &Args) -> anyhow::Result<Self> {
         let (partitions, quorum_queues) = (args.partitions, args.quorum_queues || args.broker_nodes > 0);
         let (amqp, db) = services(args);
-        let env = TestEnv::on_services(amqp.clone(), db).await?;
+        let env = TestEnv::on_services(amqp, db).await?;
         // The client publishes its starts itself, as a service embedding the Rust API would.
         let config = orchestrator::Config { partitions, quorum_queues, ..env.config("client") };
         let client = orchestrator::Orchestrator::connect(config, saga::registry()?).await?.client().await?;
@@ -131,24 +122,17 @@ impl Cluster {
         vars.push(("SAGAFLOW_QUORUM_QUEUES".into(), quorum_queues.to_string()));
         let node_exe = sibling("bench-node")?;
         let part_exe = sibling("bench-participant")?;
-        // Process k connects to broker k first (the client, which also listens, to the first).
-        let vars_for = |k: usize| {
-            let mut v = vars.clone();
-            v.retain(|(key, _)| key != "SAGAFLOW_AMQP_URL");
-            v.push(("SAGAFLOW_AMQP_URL".into(), rotated(&amqp, k)));
-            v
-        };
         let mut ns = Vec::new();
         for i in 0..nodes {
             let id = format!("bench-node-{i}");
-            let mut v = vars_for(1 + i);
+            let mut v = vars.clone();
             v.retain(|(k, _)| k != "SAGAFLOW_NODE_ID");
             v.push(("SAGAFLOW_NODE_ID".into(), id.clone()));
             ns.push(Node::spawn_with(&node_exe, &["serve"], v, &id)?);
         }
         let mut ps = Vec::new();
-        for (k, p) in saga::PARTICIPANTS.iter().enumerate() {
-            ps.push(Node::spawn_with(&part_exe, &[p], vars_for(1 + nodes + k), &format!("bench-{p}"))?);
+        for p in saga::PARTICIPANTS {
+            ps.push(Node::spawn_with(&part_exe, &[p], vars.clone(), &format!("bench-{p}"))?);
         }
 
         // Outcomes arrive as lifecycle events.
