@@ -293,23 +293,24 @@ struct Watchdog {
 impl Watchdog {
     fn start() -> Option<Self> {
         use std::sync::atomic::Ordering;
-        let minutes: f64 = match std::env::var("SAGAFLOW_TEST_TIMEOUT_MINUTES") {
+        let (minutes, after) = match std::env::var("SAGAFLOW_TEST_TIMEOUT_MINUTES") {
             Ok(v) => v
                 .trim()
-                .parse()
+                .parse::<f64>()
                 .ok()
-                .filter(|m: &f64| m.is_finite() && *m >= 0.0)
+                .and_then(|m| Some((m, Duration::try_from_secs_f64(m * 60.0).ok()?)))
                 .unwrap_or_else(|| panic!("SAGAFLOW_TEST_TIMEOUT_MINUTES={v:?}: expected a number of minutes")),
-            Err(_) => 25.0,
+            Err(_) => (25.0, Duration::from_secs(25 * 60)),
         };
-        if minutes == 0.0 {
+        if after.is_zero() {
             return None;
         }
         // The test harness names each test's thread after the test.
         let test = std::thread::current().name().unwrap_or("a test").to_owned();
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watching = std::sync::Arc::clone(&done);
-        let limit = std::time::Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+        // A limit past what the clock can count is no limit.
+        let limit = std::time::Instant::now().checked_add(after)?;
         std::thread::spawn(move || {
             while std::time::Instant::now() < limit {
                 if watching.load(Ordering::Relaxed) {
