@@ -287,12 +287,13 @@ pub fn init_logs() {
 /// name instead of holding CI until its own limit. Dropped with the [`TestEnv`], which a test's
 /// cleanup consumes last, so the limit covers the test's shutdown too.
 struct Watchdog {
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped with the watchdog: its thread then ends without a word.
+    _done: std::sync::mpsc::Sender<()>,
 }
 
 impl Watchdog {
     fn start() -> Option<Self> {
-        use std::sync::atomic::Ordering;
+        use std::sync::mpsc::RecvTimeoutError;
         let (minutes, after) = match std::env::var("SAGAFLOW_TEST_TIMEOUT_MINUTES") {
             Ok(v) => v
                 .trim()
@@ -307,18 +308,10 @@ impl Watchdog {
         }
         // The test harness names each test's thread after the test.
         let test = std::thread::current().name().unwrap_or("a test").to_owned();
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let watching = std::sync::Arc::clone(&done);
-        // A limit past what the clock can count is no limit.
-        let limit = std::time::Instant::now().checked_add(after)?;
+        let (done, watching) = std::sync::mpsc::channel::<()>();
+        // A limit past what the clock can count is waited for without end.
         std::thread::spawn(move || {
-            while std::time::Instant::now() < limit {
-                if watching.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            if !watching.load(Ordering::Relaxed) {
+            if watching.recv_timeout(after) == Err(RecvTimeoutError::Timeout) {
                 let _ = writeln!(
                     std::io::stderr(),
                     "testkit: {test} is still running after {minutes} minutes (SAGAFLOW_TEST_TIMEOUT_MINUTES); ending the test process"
@@ -326,13 +319,7 @@ impl Watchdog {
                 std::process::exit(101);
             }
         });
-        Some(Self { done })
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        Some(Self { _done: done })
     }
 }
 
