@@ -4,16 +4,16 @@
 //! twice starts one child; the step's compensation applies `Input::Undo` to that child. The
 //! child answers its parent itself, through its outbox, when it ends (`Effect::ReplyToParent`,
 //! to the parent's reply queue). What is refused here (an unknown definition, an input the
-//! child's data cannot take), or found with nothing to undo, is answered at once: the reply is
-//! applied to the parent directly.
+//! child's data cannot take, a child deeper than [`MAX_CHILD_DEPTH`]), or found with nothing to
+//! undo, is answered at once: the reply is applied to the parent directly.
 //!
 //! A command is acted on only when it is one the parent sent and still waits for (its id is
 //! the deterministic id of the step's current attempt): a forged or stale one starts nothing.
 
 use sagas::protocol::{InboundCommand, StartRequest};
 use sagas::{
-    CHILD_PARTICIPANT, CommandKind, Input, InputOutcome, MessageId, ParentLink, Reply, ReplyOutcome, SagaId, SagaState, StepAction,
-    StepStatus,
+    CHILD_PARTICIPANT, CommandKind, Input, InputOutcome, MAX_CHILD_DEPTH, MessageId, ParentLink, Reply, ReplyOutcome, SagaId, SagaState,
+    StepAction, StepStatus,
 };
 
 use crate::intake::{Engine, Handled, StartError};
@@ -88,6 +88,14 @@ impl Engine {
     /// this node knows, with the parent's priority.
     async fn start_child(&self, cmd: &InboundCommand, parent: &SagaState, step_name: String) -> ChildVerdict {
         let child_id = SagaId::for_child(parent.id, cmd.step, cmd.attempt);
+        let depth = parent.parent.as_ref().map_or(0, |l| l.depth).saturating_add(1);
+        if depth > MAX_CHILD_DEPTH {
+            let message = format!(
+                "child saga `{}` would be {depth} sagas deep, past the limit of {MAX_CHILD_DEPTH} (do definitions start each other?)",
+                cmd.command
+            );
+            return self.answer(cmd, ReplyOutcome::Rejected { code: "child_too_deep".into(), message }).await;
+        }
         let Some(def) = self.registry().latest(&cmd.command) else {
             let message = format!("no definition `{}` is registered on the node that took the command", cmd.command);
             return self.answer(cmd, ReplyOutcome::Rejected { code: "unknown_definition".into(), message }).await;
@@ -108,6 +116,7 @@ impl Engine {
             step_name,
             attempt: cmd.attempt,
             undo: None,
+            depth,
         };
         match self.start_as(&req, cmd.traceparent.as_deref(), Some(link.clone())).await {
             Ok(s) if s.created => {

@@ -74,7 +74,7 @@ pub use error::{Error, Result};
 pub use ids::{CommandKind, MessageId, SagaId, StepIndex, Timestamp};
 pub use policy::{Backoff, OnDeadline, OnTimeout, RetryPolicy, TimeoutPolicy};
 pub use protocol::ReplyOutcome;
-pub use state::{Failure, FailureCode, ParentLink, SagaState, SagaStatus, StepState, StepStatus, StopCode, StopReason};
+pub use state::{Failure, FailureCode, MAX_CHILD_DEPTH, ParentLink, SagaState, SagaStatus, StepState, StepStatus, StopCode, StopReason};
 
 /// The README's examples compile and run as doctests.
 #[cfg(doctest)]

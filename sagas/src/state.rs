@@ -375,7 +375,17 @@ pub struct ParentLink {
     /// the parent asked for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub undo: Option<u32>,
+    /// How many sagas this one descends from: 1 for the child of a saga that has no parent
+    /// (0 in links written before depths were kept). A child may be at most
+    /// [`MAX_CHILD_DEPTH`] deep.
+    #[serde(default)]
+    pub depth: u32,
 }
+
+/// How deep child sagas may nest: a child step whose child would be deeper is refused
+/// (`child_too_deep`). Definitions that start each other's newest versions can form a cycle no
+/// registry check sees; this ends it.
+pub const MAX_CHILD_DEPTH: u32 = 32;
 
 fn is_zero(n: &i32) -> bool {
     *n == 0

@@ -70,6 +70,7 @@ impl SagaTest {
             step_name: "child".into(),
             attempt: 1,
             undo: None,
+            depth: 1,
         };
         Self::begin(def.erased(), def.encode_input(input)?, Some(parent))
     }

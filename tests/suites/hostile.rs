@@ -5,6 +5,8 @@
 //! 4xx JSON error, or taken as harmless (a malformed trace context is dropped). Then: no process
 //! crashed, none reconnected in a loop, no queue or outbox holds anything, every normal saga
 //! settled as it should, and the p99 of the normal sagas is reported beside a clean run's.
+//! (A fifth path, the queue of the built-in participant `sagaflow.child`, is taken only by nodes
+//! whose sagas start child sagas: its hostile commands are in `runtime.rs`'s child saga test.)
 //!
 //! It prints `hostile: kinds=N dead_lettered=N refused=N crashes=0 loops=0 stalled=0 normal=N p99_ratio=X`.
 

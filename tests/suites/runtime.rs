@@ -988,11 +988,44 @@ async fn a_batch_of_replies_is_applied_input_by_input() {
     env.cleanup(&["probe"]).await.unwrap();
 }
 
+/// Definitions that start each other (here through the newest version of a name) would nest
+/// child sagas for ever: the child past `MAX_CHILD_DEPTH` is refused with `child_too_deep`, and
+/// that failure unwinds every level, each compensating what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_sagas_that_start_each_other_stop_at_the_depth_limit_and_unwind() {
+    let a1 = SagaDefinition::<Plan>::builder("loop_a", 1).step("a", |s| probe::step(s, "a")).build().unwrap();
+    let b1 = SagaDefinition::<Plan>::builder("loop_b", 1).step("down", |s| s.child(&a1, |p: &Plan| p.clone())).build().unwrap();
+    // Version 2 of `loop_a` starts `loop_b`, whose child is the newest `loop_a`: a cycle.
+    let a2 = SagaDefinition::<Plan>::builder("loop_a", 2)
+        .step("a", |s| probe::step(s, "a"))
+        .step("down", |s| s.child(&b1, |p: &Plan| p.clone()))
+        .build()
+        .unwrap();
+    let (env, node, p) = probe_env(vec![a1, b1, a2]).await;
+    let root = start_probe(&node, "loop_a", &Plan::default()).await;
+    let st = wait::settled(&env.pool, root, WAIT).await.unwrap();
+    assert_eq!(st.status, SagaStatus::Compensated);
+    assert_eq!(st.failure.as_ref().unwrap().code, "child_too_deep", "{:?}", st.failure);
+    // The root and one saga at each depth up to the limit; none is left running.
+    let counts = wait::status_counts(&env.pool).await.unwrap();
+    let total: i64 = counts.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, i64::from(sagas::MAX_CHILD_DEPTH) + 1, "{counts:?}");
+    assert!(counts.iter().all(|(status, _)| *status == SagaStatus::Compensated), "{counts:?}");
+    // Every `loop_a` (depths 0, 2, ..., 32) did step a and undid it.
+    let effects: Vec<(String, i64)> =
+        sqlx::query_as("SELECT kind, count(*) FROM probe.effects GROUP BY kind ORDER BY kind").fetch_all(&env.pool).await.unwrap();
+    let levels = i64::from(sagas::MAX_CHILD_DEPTH / 2 + 1);
+    assert_eq!(effects, [("do".to_owned(), levels), ("undo".to_owned(), levels)]);
+    p.shutdown().await.unwrap();
+    node.shutdown().await.unwrap();
+    env.cleanup(&["probe", sagas::CHILD_PARTICIPANT]).await.unwrap();
+}
+
 /// A step that starts a child saga waits for its outcome: a completed child completes the
 /// step with its data, compensating the parent step compensates the completed child (its own
 /// steps undone in reverse, before the parent's earlier steps), the child's failure fails the
 /// step, and parent and child link to each other. A forged command to the child participant
-/// starts nothing.
+/// starts nothing, and every hostile one is dead-lettered with its reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_saga_is_compensated_with_its_parent_and_its_failure_fails_the_parent_step() {
     let child = SagaDefinition::<Plan>::builder("child_pay", 1)
@@ -1071,11 +1104,79 @@ async fn a_child_saga_is_compensated_with_its_parent_and_its_failure_fails_the_p
         sagas::protocol::encode_command(&saga, &cmd, &names.replies_queue(), None, sagas::Timestamp(0))
     };
     let stale = MessageId::for_command(ok, StepIndex(1), CommandKind::Invoke, 7);
-    for m in [forge(MessageId::new_random(), 1), forge(stale, 7)] {
-        transport::publish_confirmed(&ch, &names.commands_exchange(), sagas::CHILD_PARTICIPANT, &m, true).await.unwrap();
+    // Hostile commands, each dead-lettered with its reason before anything is read or started:
+    // the ids below are the ones a command of that saga, step, kind and attempt would carry.
+    use sagas::protocol::{H_ATTEMPT, H_KIND, H_SAGA_ID, HeaderValue};
+    let with = |mut m: sagas::protocol::WireMessage, f: &dyn Fn(&mut sagas::protocol::WireMessage)| {
+        f(&mut m);
+        m
+    };
+    let id_of = |saga, step, kind| MessageId::for_command(saga, StepIndex(step), kind, 1).to_string();
+    let hostile = [
+        ("a made-up message id", "invalid_command", forge(MessageId::new_random(), 1)),
+        ("truncated JSON", "malformed_body", with(forge(stale, 7), &|m| m.body = b"{\"steps\":".to_vec())),
+        ("U+0000 in the child's input", "malformed_body", with(forge(stale, 7), &|m| m.body = br#"{"x":"\u0000"}"#.to_vec())),
+        (
+            "a body over max_body_bytes",
+            "oversized",
+            with(forge(stale, 7), &|m| m.body = vec![b' '; sagas::protocol::DEFAULT_MAX_BODY_BYTES + 1]),
+        ),
+        ("no saga id", "invalid_headers", with(forge(stale, 7), &|m| drop(m.headers.remove(H_SAGA_ID)))),
+        (
+            "a 70 KB kind",
+            "invalid_headers",
+            with(forge(stale, 7), &|m| drop(m.headers.insert(H_KIND.into(), HeaderValue::Str("k".repeat(70_000))))),
+        ),
+        (
+            "a negative attempt",
+            "invalid_headers",
+            with(forge(stale, 7), &|m| drop(m.headers.insert(H_ATTEMPT.into(), HeaderValue::Int(-1)))),
+        ),
+        (
+            "an unknown saga",
+            "unknown_saga",
+            with(forge(stale, 1), &|m| {
+                let nobody = SagaId::new();
+                m.headers.insert(H_SAGA_ID.into(), HeaderValue::Str(nobody.to_string()));
+                m.message_id = Some(id_of(nobody, 1, CommandKind::Invoke));
+            }),
+        ),
+        (
+            "a step past the definition's last",
+            "invalid_command",
+            with(forge(stale, 1), &|m| {
+                m.headers.insert(sagas::protocol::H_STEP.into(), HeaderValue::Int(4_000_000));
+                m.message_id = Some(id_of(ok, 4_000_000, CommandKind::Invoke));
+            }),
+        ),
+        (
+            "a compensation of a step that starts no child",
+            "invalid_command",
+            with(forge(stale, 1), &|m| {
+                m.headers.insert(sagas::protocol::H_STEP.into(), HeaderValue::Int(0));
+                m.headers.insert(H_KIND.into(), HeaderValue::Str("compensate".into()));
+                m.message_id = Some(id_of(ok, 0, CommandKind::Compensate));
+            }),
+        ),
+        (
+            "another definition than the step's child",
+            "invalid_command",
+            with(forge(stale, 1), &|m| {
+                m.kind = Some("parent_order".into());
+                m.message_id = Some(id_of(ok, 1, CommandKind::Invoke));
+            }),
+        ),
+    ];
+    for (_, _, m) in &hostile {
+        transport::publish_confirmed(&ch, &names.commands_exchange(), sagas::CHILD_PARTICIPANT, m, true).await.unwrap();
     }
+    transport::publish_confirmed(&ch, &names.commands_exchange(), sagas::CHILD_PARTICIPANT, &forge(stale, 7), true).await.unwrap();
     let dlq = transport::Names::dead_letter_queue(&names.participant_queue(sagas::CHILD_PARTICIPANT));
-    assert_eq!(wait::dead_letter_reasons(&ch, &dlq, 2, Duration::from_secs(4)).await.unwrap(), ["invalid_command"]);
+    let mut want: Vec<&str> = hostile.iter().map(|(_, reason, _)| *reason).collect();
+    want.sort_unstable();
+    let kinds: Vec<&str> = hostile.iter().map(|(kind, _, _)| *kind).collect();
+    let got = wait::dead_letter_reasons(&ch, &dlq, hostile.len() + 1, Duration::from_secs(4)).await.unwrap();
+    assert_eq!(got, want, "the stale command is dropped, each other one dead-lettered with its reason ({kinds:?})");
     let forged_child = orchestrator::store::load(&env.pool, SagaId::for_child(ok, StepIndex(1), 7)).await.unwrap();
     assert!(forged_child.is_none(), "a stale command started a child");
     assert_eq!(wait::status_counts(&env.pool).await.unwrap().iter().map(|(_, n)| n).sum::<i64>(), 6, "three parents, three children");

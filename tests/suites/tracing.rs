@@ -41,10 +41,23 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<
     }
 }
 
+/// The spans this process records: the subscriber is installed by whichever test asks first,
+/// and every test asks before anything else, so [`TestEnv`]'s own log subscriber (installed only
+/// when none is) never takes the process's one global slot first.
+fn recorded() -> Spans {
+    static SPANS: std::sync::OnceLock<Spans> = std::sync::OnceLock::new();
+    SPANS
+        .get_or_init(|| {
+            let spans = Spans::default();
+            tracing_subscriber::registry().with(spans.clone()).init();
+            spans
+        })
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_saga_is_one_trace_across_orchestrator_and_participants() {
-    let spans = Spans::default();
-    tracing_subscriber::registry().with(spans.clone()).init();
+    let spans = recorded();
 
     let env = TestEnv::start().await.unwrap();
     probe::setup(&env.pool).await.unwrap();
@@ -147,6 +160,7 @@ fn hex(b: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_receives_one_saga_as_one_trace_from_a_node_and_its_participants() {
     use testkit::node::Node;
+    recorded();
     let (endpoint, exported) = collector().await;
     let env = TestEnv::start().await.unwrap();
     order_fulfilment::setup(&env.pool, &["widget"], 100).await.unwrap();
