@@ -14,6 +14,7 @@ use tracing::Instrument as _;
 
 use super::Participant;
 use super::builder::Registered;
+use super::reply::Replies;
 use crate::handler::{Beats, Context, HandlerError, HandlerResult};
 use crate::store;
 
@@ -45,7 +46,7 @@ type Item<'a> = (Delivery, InboundCommand, &'a Registered);
 impl Participant {
     /// Handle one batch of deliveries: refuse what cannot be handled, run the commands (one per
     /// step in a transaction), publish the replies, ack.
-    pub(super) async fn process(&self, pool: &PgPool, ch: &Channel, batch: Vec<Delivery>) {
+    pub(super) async fn process(&self, pool: &PgPool, ch: &Channel, replies: &Replies, batch: Vec<Delivery>) {
         let queue = self.inner.names.participant_queue(&self.inner.name);
         tracing::debug!(participant = %self.inner.name, commands = batch.len(), "handling a batch of commands");
         let mut valid = Vec::with_capacity(batch.len());
@@ -74,26 +75,27 @@ impl Participant {
         }
         let batched = async {
             for round in rounds {
-                self.process_round(pool, ch, round).await;
+                self.process_round(pool, ch, replies, round).await;
             }
         };
         let mut alone_runs = Vec::with_capacity(alone.len());
         for item in alone {
-            alone_runs.push(self.process_alone(pool, ch, item));
+            alone_runs.push(self.process_alone(pool, ch, replies, item));
         }
         tokio::join!(batched, futures_util::future::join_all(alone_runs));
     }
 
     /// [`Self::process_round`] of one command, once fewer than `concurrency` commands run alone
     /// in the whole participant (each holds a connection beside the batches').
-    async fn process_alone(&self, pool: &PgPool, ch: &Channel, item: Item<'_>) {
+    async fn process_alone(&self, pool: &PgPool, ch: &Channel, replies: &Replies, item: Item<'_>) {
         let _permit = self.inner.alone.acquire().await;
-        self.process_round(pool, ch, vec![item]).await;
+        self.process_round(pool, ch, replies, vec![item]).await;
     }
 
-    /// Run commands of distinct steps in one transaction, then publish and ack; on a database
-    /// failure, each goes back to the queue (or, refused by PostgreSQL, to the dead letters).
-    async fn process_round(&self, pool: &PgPool, ch: &Channel, mut round: Vec<Item<'_>>) {
+    /// Run commands of distinct steps in one transaction, then hand them to the reply task; on
+    /// a database failure, each goes back to the queue (or, refused by PostgreSQL, to the dead
+    /// letters).
+    async fn process_round(&self, pool: &PgPool, ch: &Channel, replies: &Replies, mut round: Vec<Item<'_>>) {
         let cmds: Vec<(&Registered, &InboundCommand)> = round.iter().map(|(_, c, r)| (*r, c)).collect();
         let started = Instant::now();
         let result = self.execute(pool, ch, &cmds).await;
@@ -102,9 +104,9 @@ impl Participant {
             self.timed(&cmd.command, started.elapsed());
         }
         match result {
-            Ok(Executed::Done(replies)) => {
-                let done = round.into_iter().map(|(d, c, _)| (d, c)).zip(replies).collect();
-                self.finish(ch, done).await;
+            Ok(Executed::Done(answers)) => {
+                let done = round.into_iter().map(|(d, c, _)| (d, c)).zip(answers).collect();
+                self.finish(replies, done).await;
             }
             Ok(Executed::Split(at)) => {
                 let slow = round.remove(at);
@@ -114,13 +116,16 @@ impl Participant {
                     "a handler ran past slow_handler in a batch: the batch runs again without it, and it runs alone"
                 );
                 self.inner.slow.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(slow.1.command.clone());
-                tokio::join!(Box::pin(self.process_round(pool, ch, vec![slow])), Box::pin(self.process_round(pool, ch, round)));
+                tokio::join!(
+                    Box::pin(self.process_round(pool, ch, replies, vec![slow])),
+                    Box::pin(self.process_round(pool, ch, replies, round))
+                );
             }
             // PostgreSQL refuses the data itself (SQLSTATE class 22 or 54): the same every time.
             Err(e) if store::is_unstorable(&e) && round.len() > 1 => {
                 tracing::info!(participant = %self.inner.name, error = %e, "PostgreSQL refused a batch of commands; running them one by one");
                 for item in round {
-                    Box::pin(self.process_round(pool, ch, vec![item])).await;
+                    Box::pin(self.process_round(pool, ch, replies, vec![item])).await;
                 }
             }
             Err(e) if store::is_unstorable(&e) => {

@@ -213,11 +213,19 @@ impl Participant {
         let _ready = inner.config.ready_file.clone().map(|path| Ready::keep(path, token.child_token()));
         let sweeping = token.child_token();
         let sweeper = tokio::spawn(self.clone().sweep_leftovers(pool.clone(), ch.clone(), sweeping.clone()));
-        let result = transport::run_batch_consumer(&ch, consumer, inner.config.batch_max, inner.config.concurrency, token, |batch| {
-            let (this, ch, pool) = (self.clone(), ch.clone(), pool.clone());
-            async move { this.process(&pool, &ch, batch).await }
+        let (replies, committed) = tokio::sync::mpsc::unbounded_channel();
+        let replying = tokio::spawn(self.clone().send_replies(ch.clone(), committed));
+        // The closure holds the last sender: once the consumer returned (its batches ended), the
+        // reply task publishes what they handed over and ends.
+        let (this, batch_ch) = (self.clone(), ch.clone());
+        let result = transport::run_batch_consumer(&ch, consumer, inner.config.batch_max, inner.config.concurrency, token, move |batch| {
+            let (this, ch, pool, replies) = (this.clone(), batch_ch.clone(), pool.clone(), replies.clone());
+            async move { this.process(&pool, &ch, &replies, batch).await }
         })
         .await;
+        if let Err(e) = replying.await {
+            tracing::error!(participant = %inner.name, error = %e, "the reply task panicked; its commands will be redelivered");
+        }
         // A sweep stuck on a dead connection must not hold the reconnect: stop it where it is
         // (its transaction rolls back; what it published is sent again and deduped).
         sweeping.cancel();

@@ -1,20 +1,37 @@
 //! After the commit: the replies published with confirms, then the commands acked; what can
 //! never be delivered goes to the participant's dead-letter queue with the reason.
+//!
+//! A batch hands its committed commands to the connection's reply task ([`Participant::send_replies`])
+//! and is done: its slot takes the next commands at once. The task publishes everything handed
+//! to it since its last batch as one pipelined batch, so the replies of many transactions share
+//! one wait for the broker's confirms, instead of each transaction waiting its turn for a
+//! confirm of its own.
 
 use lapin::Channel;
 use lapin::message::Delivery;
 use sagaflow_amqp::transport;
 use sagas::protocol::{InboundCommand, WireMessage};
 use sqlx::PgPool;
+use tokio::sync::mpsc;
 
 use super::{Error, Participant};
 use crate::store;
 
+/// A committed command: its delivery (acked once its reply is confirmed), the command, its reply.
+pub(super) type Committed = (Delivery, InboundCommand, WireMessage);
+
+/// Where batches hand their committed commands. Unbounded as a channel, bounded by `prefetch`:
+/// every item holds a delivery the broker counts as unacked.
+pub(super) type Replies = mpsc::UnboundedSender<Vec<Committed>>;
+
+/// Most replies in one pipelined batch.
+const MAX_REPLY_BATCH: usize = 1024;
+
 impl Participant {
-    /// Publish the replies (pipelined, with confirms), then ack their commands. A command whose
-    /// reply the broker did not take goes back to the queue unacked: redelivered, it is answered
-    /// from the record.
-    pub(super) async fn finish(&self, ch: &Channel, done: Vec<((Delivery, InboundCommand), WireMessage)>) {
+    /// Hand committed commands to the reply task. Should that task be gone (it outlives every
+    /// batch of its connection), the commands go back to the queue and are answered from the
+    /// record when redelivered.
+    pub(super) async fn finish(&self, replies: &Replies, done: Vec<((Delivery, InboundCommand), WireMessage)>) {
         let mut sent = Vec::with_capacity(done.len());
         for ((d, cmd), reply) in done {
             if self.inner.crash_after_commit.as_ref().is_some_and(|crash| crash(&cmd)) {
@@ -24,6 +41,31 @@ impl Participant {
             }
             sent.push((d, cmd, reply));
         }
+        if let Err(mpsc::error::SendError(lost)) = replies.send(sent) {
+            for (d, ..) in lost {
+                let _ = transport::requeue(&d).await;
+            }
+        }
+    }
+
+    /// The reply task of a connection: publish what batches hand over, many batches' replies at
+    /// a time, until every sender is gone (the consumer stopped and its batches ended).
+    pub(super) async fn send_replies(self, ch: Channel, mut committed: mpsc::UnboundedReceiver<Vec<Committed>>) {
+        while let Some(mut batch) = committed.recv().await {
+            while batch.len() < MAX_REPLY_BATCH {
+                match committed.try_recv() {
+                    Ok(more) => batch.extend(more),
+                    Err(_) => break,
+                }
+            }
+            self.publish_replies(&ch, batch).await;
+        }
+    }
+
+    /// Publish the replies (pipelined, with confirms), then ack their commands. A command whose
+    /// reply the broker did not take goes back to the queue unacked: redelivered, it is answered
+    /// from the record.
+    async fn publish_replies(&self, ch: &Channel, sent: Vec<Committed>) {
         let batch = sent.iter().map(|(_, cmd, reply)| ("", cmd.reply_to.as_str(), reply, true)).collect();
         let one_batch = self.inner.publishing.lock().await;
         let results = transport::publish_batch(ch, batch).await;
