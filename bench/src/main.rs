@@ -90,10 +90,10 @@ struct Cluster {
 
 /// RabbitMQ and PostgreSQL: `SAGAFLOW_TEST_AMQP_URL` / `SAGAFLOW_TEST_DATABASE_URL`, else the
 /// local defaults; the brokers `--broker-nodes` started, when it did.
-fn services(args: &Args) -> (String, String) {
-    let (amqp, db) = testkit::env::service_urls()
+fn services(args: &Args) -> anyhow::Result<(String, String)> {
+    let (amqp, db) = testkit::env::service_urls()?
         .unwrap_or_else(|| ("amqp://guest:guest@127.0.0.1:5672/%2f".into(), "postgres://postgres@127.0.0.1:5432/postgres".into()));
-    (args.brokers.clone().unwrap_or(amqp), db)
+    Ok((args.brokers.clone().unwrap_or(amqp), db))
 }
 
 fn sibling(name: &str) -> anyhow::Result<String> {
@@ -106,7 +106,7 @@ fn sibling(name: &str) -> anyhow::Result<String> {
 impl Cluster {
     async fn start(nodes: usize, args: &Args) -> anyhow::Result<Self> {
         let (partitions, quorum_queues) = (args.partitions, args.quorum_queues || args.broker_nodes > 0);
-        let (amqp, db) = services(args);
+        let (amqp, db) = services(args)?;
         let env = TestEnv::on_services(amqp, db).await?;
         // The client publishes its starts itself, as a service embedding the Rust API would.
         let config = orchestrator::Config { partitions, quorum_queues, ..env.config("client") };
@@ -387,7 +387,7 @@ const COMMITS_PER_SAGA: u8 = 7;
 /// as many in flight as a throughput run and then one at a time, and a durable step
 /// transaction on PostgreSQL alone; then the least a saga's start to outcome can take here.
 async fn floor(args: &Args) -> anyhow::Result<()> {
-    let (amqp, db) = services(args);
+    let (amqp, db) = services(args)?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db).await.context("connecting to PostgreSQL")?;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

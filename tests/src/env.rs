@@ -16,12 +16,23 @@ use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, Image as _, ImageExt};
 
-/// The services named by `SAGAFLOW_TEST_AMQP_URL` and `SAGAFLOW_TEST_DATABASE_URL`, when both
-/// are set.
-pub fn service_urls() -> Option<(String, String)> {
-    match (std::env::var("SAGAFLOW_TEST_AMQP_URL"), std::env::var("SAGAFLOW_TEST_DATABASE_URL")) {
-        (Ok(amqp), Ok(db)) => Some((amqp, db)),
-        _ => None,
+/// The services named by `SAGAFLOW_TEST_AMQP_URL` and `SAGAFLOW_TEST_DATABASE_URL`: both, or
+/// `None` when neither is set. One without the other is an error naming the missing one (it
+/// would otherwise be ignored along with the one that is set).
+pub fn service_urls() -> anyhow::Result<Option<(String, String)>> {
+    services_from(std::env::var(AMQP).ok(), std::env::var(DATABASE).ok())
+}
+
+const AMQP: &str = "SAGAFLOW_TEST_AMQP_URL";
+const DATABASE: &str = "SAGAFLOW_TEST_DATABASE_URL";
+
+/// [`service_urls`] from the two variables' values.
+fn services_from(amqp: Option<String>, db: Option<String>) -> anyhow::Result<Option<(String, String)>> {
+    match (amqp, db) {
+        (Some(amqp), Some(db)) => Ok(Some((amqp, db))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(anyhow::anyhow!("{AMQP} is set but {DATABASE} is not: set both (the services to use) or neither")),
+        (None, Some(_)) => Err(anyhow::anyhow!("{DATABASE} is set but {AMQP} is not: set both (the services to use) or neither")),
     }
 }
 
@@ -113,7 +124,7 @@ impl TestEnv {
     /// A test still running after its limit (`SAGAFLOW_TEST_TIMEOUT_MINUTES`, default 25) ends
     /// its process, naming the test.
     pub async fn start() -> anyhow::Result<Self> {
-        let env = match service_urls() {
+        let env = match service_urls()? {
             Some((amqp, db)) => Self::on(amqp, db, None).await,
             None => Self::containers_of_its_own().await,
         }?;
@@ -351,6 +362,17 @@ mod tests {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(101), "{stderr}");
         assert!(stderr.contains("testkit: env::tests::a_stuck_test is still running after 0.02 minutes"), "{stderr}");
+    }
+
+    #[test]
+    fn both_service_variables_or_neither() {
+        let url = |s: &str| Some(s.to_owned());
+        assert_eq!(super::services_from(url("amqp://a"), url("postgres://d")).unwrap(), Some(("amqp://a".into(), "postgres://d".into())));
+        assert_eq!(super::services_from(None, None).unwrap(), None);
+        let alone = super::services_from(None, url("postgres://d")).unwrap_err().to_string();
+        assert!(alone.starts_with("SAGAFLOW_TEST_DATABASE_URL is set but SAGAFLOW_TEST_AMQP_URL is not"), "{alone}");
+        let alone = super::services_from(url("amqp://a"), None).unwrap_err().to_string();
+        assert!(alone.starts_with("SAGAFLOW_TEST_AMQP_URL is set but SAGAFLOW_TEST_DATABASE_URL is not"), "{alone}");
     }
 
     #[test]
