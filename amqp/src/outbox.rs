@@ -63,16 +63,13 @@ impl BatchDeleter {
 
 async fn run(pool: PgPool, table: &'static str, mut rx: mpsc::UnboundedReceiver<i64>) {
     let sql = format!("DELETE FROM {table} WHERE id = ANY($1)");
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(id) => batch.push(id),
-                Err(_) => break,
-            }
-        }
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // The ids sent so far, up to `MAX_BATCH`, after waiting for the first; 0 once every handle
+    // is gone and nothing is left.
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(&batch).execute(&pool).await {
             tracing::warn!(error = %e, table, rows = batch.len(), "could not delete published outbox rows; they will be published again");
         }
+        batch.clear();
     }
 }

@@ -91,8 +91,10 @@ struct Cluster {
 /// RabbitMQ and PostgreSQL: `SAGAFLOW_TEST_AMQP_URL` / `SAGAFLOW_TEST_DATABASE_URL`, else the
 /// local defaults; the brokers `--broker-nodes` started, when it did.
 fn services(args: &Args) -> anyhow::Result<(String, String)> {
-    let (amqp, db) = testkit::env::service_urls()?
-        .unwrap_or_else(|| ("amqp://guest:guest@127.0.0.1:5672/%2f".into(), "postgres://postgres@127.0.0.1:5432/postgres".into()));
+    let (amqp, db) = testkit::env::service_urls()?.unwrap_or_else(|| {
+        let local = orchestrator::Config::default();
+        (local.amqp_url, local.database_url)
+    });
     Ok((args.brokers.clone().unwrap_or(amqp), db))
 }
 

@@ -18,8 +18,7 @@ use testkit::{Node, TestEnv};
 async fn the_database_fails_over_and_nothing_committed_is_lost() {
     let n: u32 = std::env::var("SAGAFLOW_FAILOVER_SAGAS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let pg = PgPair::start().await.unwrap();
-    let (amqp, _) =
-        testkit::env::service_urls().unwrap().unwrap_or_else(|| ("amqp://guest:guest@127.0.0.1:5672/%2f".into(), String::new()));
+    let (amqp, _) = testkit::env::service_urls().unwrap().unwrap_or_else(|| (orchestrator::Config::default().amqp_url, String::new()));
     let env = TestEnv::on_services(amqp, pg.url(0, "postgres")).await.unwrap();
     order_fulfilment::setup(&env.pool, &["widget"], i64::from(n) * 10).await.unwrap();
     participants_sdk::ensure_schema(&env.pool, false).await.unwrap();
