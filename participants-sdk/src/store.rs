@@ -276,3 +276,160 @@ pub async fn connect_pool(urls: &str, max_connections: u32) -> Result<PgPool, sq
         .acquire_timeout(std::time::Duration::from_secs(10));
     sagaflow_amqp::pg::pool_following(options, servers, primary).await
 }
+
+#[cfg(test)]
+mod tests {
+    //! The step locks and the read of `begin_read` against PostgreSQL
+    //! (`SAGAFLOW_TEST_DATABASE_URL`, else the local default), each test on a database of its own.
+
+    use std::time::Duration;
+
+    use sagas::protocol::SagaRef;
+    use sagas::{CommandKind, MessageId, SagaId, StepIndex};
+    use sqlx::AssertSqlSafe;
+
+    use super::*;
+
+    /// A fresh database with the participant tables, and how to drop it.
+    async fn database() -> (PgPool, PgPool, String) {
+        let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let admin = PgPool::connect(&url).await.expect("PostgreSQL for the store's tests");
+        let name = format!("sagaflow_participant_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+        let (base, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+        let url = if query.is_empty() { format!("{base}/{name}") } else { format!("{base}/{name}?{query}") };
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(30).connect(&url).await.unwrap();
+        ensure_schema(&pool, false).await.unwrap();
+        (pool, admin, name)
+    }
+
+    async fn drop_database(pool: PgPool, admin: PgPool, name: String) {
+        pool.close().await;
+        sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await.unwrap();
+    }
+
+    fn command(saga: SagaId, step: u32, kind: CommandKind) -> InboundCommand {
+        InboundCommand {
+            message_id: MessageId::for_command(saga, StepIndex(step), kind, 1),
+            command: "charge".into(),
+            saga: SagaRef { saga_id: saga, definition: "order".into(), version: 1 },
+            step: StepIndex(step),
+            step_name: format!("step-{step}"),
+            kind,
+            attempt: 1,
+            reply_to: "replies".into(),
+            traceparent: None,
+            body: Value::Null,
+            heartbeat_ms: None,
+            progress: None,
+        }
+    }
+
+    fn success(n: u32) -> ReplyOutcome {
+        ReplyOutcome::Success { output: serde_json::json!({ "n": n }) }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_waits_for_its_holder_and_then_reads_what_it_committed() {
+        let (pool, admin, name) = database().await;
+        let saga = SagaId(uuid::Uuid::now_v7());
+        let cmd = command(saga, 1, CommandKind::Invoke);
+        let (tx, priors) = begin_read(&pool, "p", &[&cmd]).await.unwrap();
+        assert!(priors[0].outcome.is_none() && priors[0].command_id.is_none() && !priors[0].compensated);
+
+        // A redelivery of the same command waits for the step's lock.
+        let second = tokio::spawn({
+            let (pool, cmd) = (pool.clone(), cmd.clone());
+            async move {
+                let (tx, priors) = begin_read(&pool, "p", &[&cmd]).await.unwrap();
+                tx.rollback().await.unwrap();
+                priors
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "the second reader did not wait for the step's lock");
+
+        // Another step of the saga, and the same step in another participant, do not wait.
+        for (participant, other) in [("p", command(saga, 2, CommandKind::Invoke)), ("q", cmd.clone())] {
+            let (tx, _) = tokio::time::timeout(Duration::from_secs(10), begin_read(&pool, participant, &[&other]))
+                .await
+                .expect("a step no one holds is not locked")
+                .unwrap();
+            tx.rollback().await.unwrap();
+        }
+
+        let outcome = success(1);
+        assert!(tx.record_and_commit("p", &[Record { cmd: &cmd, outcome: &outcome, replaces: false }]).await.unwrap());
+        let priors = tokio::time::timeout(Duration::from_secs(10), second).await.expect("the lock was released").unwrap();
+        assert_eq!(priors[0].outcome, Some(outcome));
+        assert_eq!(priors[0].command_id, Some(cmd.message_id.0));
+        drop_database(pool, admin, name).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_reads_each_steps_record_in_the_order_of_its_commands() {
+        let (pool, admin, name) = database().await;
+        let saga = SagaId(uuid::Uuid::now_v7());
+        let (done, undone) = (command(saga, 1, CommandKind::Invoke), command(saga, 1, CommandKind::Compensate));
+        let refused = command(saga, 2, CommandKind::Invoke);
+        let rejected = ReplyOutcome::Rejected { code: "out_of_stock".into(), message: String::new() };
+        let (tx, _) = begin_read(&pool, "p", &[&done, &refused]).await.unwrap();
+        let (one, two) = (success(1), success(2));
+        let records =
+            [Record { cmd: &done, outcome: &one, replaces: false }, Record { cmd: &refused, outcome: &rejected, replaces: false }];
+        assert!(tx.record_and_commit("p", &records).await.unwrap());
+        let (tx, _) = begin_read(&pool, "p", &[&undone]).await.unwrap();
+        assert!(tx.record_and_commit("p", &[Record { cmd: &undone, outcome: &two, replaces: false }]).await.unwrap());
+
+        // A step past i32 (no definition has one) reads as never recorded, beside the others.
+        let (huge, fresh) = (command(saga, u32::MAX, CommandKind::Invoke), command(saga, 3, CommandKind::Invoke));
+        let (tx, priors) = begin_read(&pool, "p", &[&refused, &huge, &undone, &fresh, &done]).await.unwrap();
+        tx.rollback().await.unwrap();
+        let seen: Vec<_> = priors.iter().map(|p| (p.outcome.clone(), p.command_id, p.compensated)).collect();
+        assert_eq!(
+            seen,
+            [
+                (Some(rejected), Some(refused.message_id.0), false),
+                (None, None, false),
+                (Some(two), Some(undone.message_id.0), true),
+                (None, None, false),
+                (Some(one), Some(done.message_id.0), true),
+            ]
+        );
+        // Another participant's records are its own.
+        let (tx, priors) = begin_read(&pool, "q", &[&done]).await.unwrap();
+        tx.rollback().await.unwrap();
+        assert!(priors[0].outcome.is_none() && !priors[0].compensated);
+        drop_database(pool, admin, name).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_locking_the_same_steps_in_any_order_never_deadlock() {
+        let (pool, admin, name) = database().await;
+        let sagas: Vec<SagaId> = (0..6).map(|_| SagaId(uuid::Uuid::now_v7())).collect();
+        let mut tasks = Vec::new();
+        for t in 0..24usize {
+            let pool = pool.clone();
+            // Each batch takes four of the six steps, starting at a different one, forwards or backwards.
+            let mut picked: Vec<SagaId> = (0..4).map(|i| sagas[(t + i) % sagas.len()]).collect();
+            if t % 2 == 1 {
+                picked.reverse();
+            }
+            tasks.push(tokio::spawn(async move {
+                let cmds: Vec<InboundCommand> = picked.iter().map(|s| command(*s, 0, CommandKind::Invoke)).collect();
+                let refs: Vec<&InboundCommand> = cmds.iter().collect();
+                for _ in 0..5 {
+                    let (tx, _) = begin_read(&pool, "p", &refs).await?;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tx.rollback().await?;
+                }
+                Ok::<_, sqlx::Error>(())
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().expect("no batch failed (a deadlock is an error)");
+        }
+        drop_database(pool, admin, name).await;
+    }
+}
