@@ -243,31 +243,37 @@ pub struct StepState {
     /// Where the step is.
     pub status: StepStatus,
     /// Command attempts sent so far (the current attempt's number).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub attempts: u32,
     /// Attempts made before the current retry budget (an operator `resume` starts a new budget).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub budget_from: u32,
     /// Compensation attempts sent so far.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub compensation_attempts: u32,
     /// Compensation attempts made before the current budget (an operator `retry` starts one).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub compensation_budget_from: u32,
     /// Set when an attempt timed out: the command may have run even if the step later fails.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub maybe_applied: bool,
     /// Whether the current attempt's timeout escalated.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub escalated: bool,
     /// When the first attempt was sent (or the wait began).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Timestamp>,
     /// When the step completed, failed or was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
     /// When the compensation completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensated_at: Option<Timestamp>,
     /// The last failure, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// The reply's output (or the event's payload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
     /// The details of the last heartbeat of any attempt (what the participant reported of its
     /// progress); the next attempt's command carries them.
@@ -311,7 +317,10 @@ impl StepState {
     }
 }
 
-/// One saga instance.
+/// One saga instance. Stored as a JSON document that leaves out what is at its default (a
+/// count at zero, a flag not set, a time or reason not there yet) and reads it back as that
+/// default: a running saga's document is about half as long, and it is rewritten by every
+/// decision.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SagaState {
     /// Instance id.
@@ -332,18 +341,23 @@ pub struct SagaState {
     pub completed: Vec<StepIndex>,
     /// Compensations still to run, next first; `None` until compensation begins (a failing
     /// parallel group first waits for its in-flight branches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<Vec<StepIndex>>,
     /// Whether the pivot step completed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub past_pivot: bool,
     /// Why the saga failed, once it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
     /// Why it is stopped, while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopReason>,
     /// When it was created.
     pub created_at: Timestamp,
     /// When it last changed.
     pub updated_at: Timestamp,
     /// When the saga deadline passes; cleared once the deadline was handled or cannot matter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<Timestamp>,
     /// Its priority (higher first; default 0): waiting steps take freed resource slots by
     /// priority, then by arrival.
@@ -388,6 +402,10 @@ pub struct ParentLink {
 pub const MAX_CHILD_DEPTH: u32 = 32;
 
 fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }
 
@@ -440,5 +458,48 @@ mod tests {
         // A participant's code that is one of the orchestrator's reads back as it.
         assert_eq!(serde_json::from_value::<FailureCode>(serde_json::json!("aborted")).unwrap(), FailureCode::Aborted);
         assert_eq!(SagaStatus::names_where(SagaStatus::is_terminal), ["completed", "compensated"]);
+    }
+
+    /// A running saga's document as versions before the compact one wrote it: every field, at
+    /// its default or not.
+    const FULL_DOCUMENT: &str = r#"{"id":"01a23141-45f9-7072-9958-9dfe25254b0c","definition":"order_saga_3","version":1,
+        "status":"running","data":{"fail":false,"n":4771},"node":1,
+        "steps":[{"status":"completed","attempts":1,"budget_from":0,"compensation_attempts":0,"compensation_budget_from":0,
+                  "maybe_applied":false,"escalated":false,"started_at":1796122691065,"finished_at":1796122691070,
+                  "compensated_at":null,"last_error":null,"output":{"reserved":2}},
+                 {"status":"running","attempts":2,"budget_from":0,"compensation_attempts":0,"compensation_budget_from":0,
+                  "maybe_applied":true,"escalated":false,"started_at":1796122691071,"finished_at":null,
+                  "compensated_at":null,"last_error":"timed out","output":null},
+                 {"status":"pending","attempts":0,"budget_from":0,"compensation_attempts":0,"compensation_budget_from":0,
+                  "maybe_applied":false,"escalated":false,"started_at":null,"finished_at":null,
+                  "compensated_at":null,"last_error":null,"output":null}],
+        "completed":[0],"compensation":null,"past_pivot":false,"failure":null,"stop":null,
+        "created_at":1796122691065,"updated_at":1796122691071,"deadline_at":null}"#;
+
+    #[test]
+    fn a_state_leaves_out_its_defaults_and_reads_documents_that_have_them() {
+        let state: SagaState = serde_json::from_str(FULL_DOCUMENT).unwrap();
+        let compact = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<SagaState>(&compact).unwrap(), state);
+        assert!(compact.len() * 2 < FULL_DOCUMENT.split_whitespace().collect::<String>().len(), "{compact}");
+        // What is set is kept; what is at its default is not written.
+        let doc: Value = serde_json::from_str(&compact).unwrap();
+        assert_eq!(doc["steps"][1]["attempts"], 2);
+        assert_eq!(doc["steps"][1]["maybe_applied"], true);
+        assert_eq!(doc["steps"][1]["last_error"], "timed out");
+        assert_eq!(doc["steps"][0]["output"]["reserved"], 2);
+        assert_eq!(doc["steps"][2], serde_json::json!({ "status": "pending" }));
+        for key in ["compensation", "past_pivot", "failure", "stop", "deadline_at", "priority", "parent"] {
+            assert!(doc.get(key).is_none(), "{key} in {compact}");
+        }
+        // Set, they are written and read back.
+        let mut set = state;
+        set.past_pivot = true;
+        set.compensation = Some(vec![StepIndex(0)]);
+        set.deadline_at = Some(Timestamp(1_796_122_700_000));
+        set.steps[2].compensation_attempts = 1;
+        set.steps[2].escalated = true;
+        let again = serde_json::to_string(&set).unwrap();
+        assert_eq!(serde_json::from_str::<SagaState>(&again).unwrap(), set);
     }
 }
