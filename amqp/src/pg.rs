@@ -17,6 +17,20 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long one server may take to answer whether it accepts writes.
 const ASK_WITHIN: Duration = Duration::from_secs(3);
 
+/// `url` with its database replaced by `database`, its query (`?sslmode=…`) kept: for tools and
+/// tests that create a database of their own on a server they were given.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{database}", &base[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
 /// The servers of `urls`: one URL, or several separated by commas.
 pub fn database_urls(urls: &str) -> Vec<&str> {
     urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
@@ -127,4 +141,16 @@ pub fn parse_servers(urls: &str, tweak: impl Fn(PgConnectOptions) -> PgConnectOp
         return Err("names no server".into());
     }
     Ok(servers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn the_database_name_is_replaced_and_the_query_kept() {
+        assert_eq!(with_database("postgres://u@h:5432/postgres", "x"), "postgres://u@h:5432/x");
+        assert_eq!(with_database("postgres://u@h/postgres?sslmode=require", "x"), "postgres://u@h/x?sslmode=require");
+        assert_eq!(with_database("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
+    }
 }

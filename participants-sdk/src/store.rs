@@ -296,9 +296,7 @@ mod tests {
         let admin = PgPool::connect(&url).await.expect("PostgreSQL for the store's tests");
         let name = format!("sagaflow_participant_{}", uuid::Uuid::now_v7().simple());
         sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
-        let (base, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
-        let url = if query.is_empty() { format!("{base}/{name}") } else { format!("{base}/{name}?{query}") };
+        let url = sagaflow_amqp::pg::with_database(&url, &name);
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(30).connect(&url).await.unwrap();
         ensure_schema(&pool, false).await.unwrap();
         (pool, admin, name)

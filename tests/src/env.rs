@@ -166,7 +166,7 @@ impl TestEnv {
         let admin = connect_retrying(&admin_url).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}"))).execute(&admin).await?;
         admin.close().await;
-        let database_url = replace_database(&admin_url, &database);
+        let database_url = sagaflow_amqp::pg::with_database(&admin_url, &database);
         let pool = PgPoolOptions::new().max_connections(8).connect(&database_url).await?;
         Ok(Self { amqp_url, database_url, namespace: format!("t{}", &tag[20..]), pool, admin_url, database, containers, _watchdog: None })
     }
@@ -272,18 +272,6 @@ async fn connect_retrying(url: &str) -> anyhow::Result<PgPool> {
     Err(anyhow::anyhow!("PostgreSQL at {url}: {}", last.map(|e| e.to_string()).unwrap_or_default()))
 }
 
-fn replace_database(url: &str, database: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let path_start = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
-    let mut out = format!("{}/{database}", &base[..path_start]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
-}
-
 /// Log to the test output at `RUST_LOG` (default `warn`), once per process.
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -373,12 +361,5 @@ mod tests {
         assert!(alone.starts_with("SAGAFLOW_TEST_DATABASE_URL is set but SAGAFLOW_TEST_AMQP_URL is not"), "{alone}");
         let alone = super::services_from(url("amqp://a"), None).unwrap_err().to_string();
         assert!(alone.starts_with("SAGAFLOW_TEST_AMQP_URL is set but SAGAFLOW_TEST_DATABASE_URL is not"), "{alone}");
-    }
-
-    #[test]
-    fn the_database_name_is_replaced_and_the_query_kept() {
-        assert_eq!(super::replace_database("postgres://u@h:5432/postgres", "x"), "postgres://u@h:5432/x");
-        assert_eq!(super::replace_database("postgres://u@h/postgres?sslmode=require", "x"), "postgres://u@h/x?sslmode=require");
-        assert_eq!(super::replace_database("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
     }
 }

@@ -442,10 +442,7 @@ mod tests {
         let admin = PgPool::connect(&url).await.expect("PostgreSQL for the store's tests");
         let name = format!("sagaflow_store_{}", uuid::Uuid::now_v7().simple());
         sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
-        let (base, query) = url.split_once('?').map_or((url.as_str(), ""), |(b, q)| (b, q));
-        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
-        let url = if query.is_empty() { format!("{base}/{name}") } else { format!("{base}/{name}?{query}") };
-        let pool = PgPool::connect(&url).await.unwrap();
+        let pool = PgPool::connect(&sagaflow_amqp::pg::with_database(&url, &name)).await.unwrap();
         store::migrate(&pool).await.unwrap();
         (pool, admin, name)
     }
