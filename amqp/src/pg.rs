@@ -31,6 +31,53 @@ pub fn with_database(url: &str, database: &str) -> String {
     out
 }
 
+/// A database of its own for a test, on the server of `SAGAFLOW_TEST_DATABASE_URL` (else the
+/// local default, `postgres://postgres@127.0.0.1:5432/postgres`), as a role that may create
+/// databases. Dropped by [`ScratchDatabase::drop`], which ends the sessions still on it.
+pub struct ScratchDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl ScratchDatabase {
+    /// Create one named `{prefix}_{a unique suffix}`; `prefix` is a plain identifier (ASCII
+    /// letters, digits and `_`, not starting with a digit).
+    pub async fn create(prefix: &str) -> Result<Self, sqlx::Error> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let server = std::env::var("SAGAFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}_{}_{nanos}_{n}", std::process::id());
+        on_server(&server, format!("CREATE DATABASE {}", identifier(&name)?)).await?;
+        let url = with_database(&server, &name);
+        Ok(Self { server, name, url })
+    }
+
+    /// The URL that names it.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Drop it.
+    pub async fn drop(self) -> Result<(), sqlx::Error> {
+        on_server(&self.server, format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await
+    }
+}
+
+fn identifier(name: &str) -> Result<&str, sqlx::Error> {
+    let plain = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && name.starts_with(|c: char| !c.is_ascii_digit());
+    if plain { Ok(name) } else { Err(sqlx::Error::Configuration(format!("{name:?} is not a plain database name").into())) }
+}
+
+/// Run `sql` on a connection of its own to the server of `url`.
+async fn on_server(url: &str, sql: String) -> Result<(), sqlx::Error> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await;
+    let _ = conn.close().await;
+    done.map(drop)
+}
+
 /// The servers of `urls`: one URL, or several separated by commas.
 pub fn database_urls(urls: &str) -> Vec<&str> {
     urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
@@ -145,7 +192,15 @@ pub fn parse_servers(urls: &str, tweak: impl Fn(PgConnectOptions) -> PgConnectOp
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{identifier, with_database};
+
+    #[test]
+    fn only_a_plain_name_makes_a_database() {
+        assert!(identifier("sagaflow_store_01").is_ok());
+        for bad in ["", "1st", "a-b", "a;DROP DATABASE x", "a b", "\u{e9}"] {
+            assert!(identifier(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_database_name_is_replaced_and_the_query_kept() {

@@ -284,27 +284,23 @@ mod tests {
 
     use std::time::Duration;
 
-    use sagas::protocol::SagaRef;
-    use sagas::{CommandKind, MessageId, SagaId, StepIndex};
-    use sqlx::AssertSqlSafe;
+    use sagaflow_amqp::pg::ScratchDatabase;
 
     use super::*;
+    use sagas::protocol::SagaRef;
+    use sagas::{CommandKind, MessageId, SagaId, StepIndex};
 
-    /// A fresh database with the participant tables, and how to drop it.
-    async fn database() -> (PgPool, PgPool, String) {
-        let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let admin = PgPool::connect(&url).await.expect("PostgreSQL for the store's tests");
-        let name = format!("sagaflow_participant_{}", uuid::Uuid::now_v7().simple());
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
-        let url = sagaflow_amqp::pg::with_database(&url, &name);
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(30).connect(&url).await.unwrap();
+    /// A fresh database with the participant's tables.
+    async fn database() -> (PgPool, ScratchDatabase) {
+        let db = ScratchDatabase::create("sagaflow_participant").await.expect("PostgreSQL for the store's tests");
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(30).connect(db.url()).await.unwrap();
         ensure_schema(&pool, false).await.unwrap();
-        (pool, admin, name)
+        (pool, db)
     }
 
-    async fn drop_database(pool: PgPool, admin: PgPool, name: String) {
+    async fn drop_database(pool: PgPool, db: ScratchDatabase) {
         pool.close().await;
-        sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await.unwrap();
+        db.drop().await.unwrap();
     }
 
     fn command(saga: SagaId, step: u32, kind: CommandKind) -> InboundCommand {
@@ -330,7 +326,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_step_waits_for_its_holder_and_then_reads_what_it_committed() {
-        let (pool, admin, name) = database().await;
+        let (pool, db) = database().await;
         let saga = SagaId(uuid::Uuid::now_v7());
         let cmd = command(saga, 1, CommandKind::Invoke);
         let (tx, priors) = begin_read(&pool, "p", &[&cmd]).await.unwrap();
@@ -362,12 +358,12 @@ mod tests {
         let priors = tokio::time::timeout(Duration::from_secs(10), second).await.expect("the lock was released").unwrap();
         assert_eq!(priors[0].outcome, Some(outcome));
         assert_eq!(priors[0].command_id, Some(cmd.message_id.0));
-        drop_database(pool, admin, name).await;
+        drop_database(pool, db).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_reads_each_steps_record_in_the_order_of_its_commands() {
-        let (pool, admin, name) = database().await;
+        let (pool, db) = database().await;
         let saga = SagaId(uuid::Uuid::now_v7());
         let (done, undone) = (command(saga, 1, CommandKind::Invoke), command(saga, 1, CommandKind::Compensate));
         let refused = command(saga, 2, CommandKind::Invoke);
@@ -399,12 +395,12 @@ mod tests {
         let (tx, priors) = begin_read(&pool, "q", &[&done]).await.unwrap();
         tx.rollback().await.unwrap();
         assert!(priors[0].outcome.is_none() && !priors[0].compensated);
-        drop_database(pool, admin, name).await;
+        drop_database(pool, db).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batches_locking_the_same_steps_in_any_order_never_deadlock() {
-        let (pool, admin, name) = database().await;
+        let (pool, db) = database().await;
         let sagas: Vec<SagaId> = (0..6).map(|_| SagaId(uuid::Uuid::now_v7())).collect();
         let mut tasks = Vec::new();
         for t in 0..24usize {
@@ -428,6 +424,6 @@ mod tests {
         for task in tasks {
             task.await.unwrap().expect("no batch failed (a deadlock is an error)");
         }
-        drop_database(pool, admin, name).await;
+        drop_database(pool, db).await;
     }
 }

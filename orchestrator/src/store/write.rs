@@ -433,23 +433,22 @@ mod tests {
     use sagas::{SagaId, SagaStatus, StepIndex, TimerKey, Timestamp};
     use sqlx::PgPool;
 
+    use sagaflow_amqp::pg::ScratchDatabase;
+
     use super::*;
     use crate::store::{self, HistoryRow, OutboxRow};
 
-    /// A fresh, migrated database, and how to drop it.
-    async fn database() -> (PgPool, PgPool, String) {
-        let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let admin = PgPool::connect(&url).await.expect("PostgreSQL for the store's tests");
-        let name = format!("sagaflow_store_{}", uuid::Uuid::now_v7().simple());
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
-        let pool = PgPool::connect(&sagaflow_amqp::pg::with_database(&url, &name)).await.unwrap();
+    /// A fresh database with the orchestrator's tables.
+    async fn database() -> (PgPool, ScratchDatabase) {
+        let db = ScratchDatabase::create("sagaflow_store").await.expect("PostgreSQL for the store's tests");
+        let pool = PgPool::connect(db.url()).await.unwrap();
         store::migrate(&pool).await.unwrap();
-        (pool, admin, name)
+        (pool, db)
     }
 
-    async fn drop_database(pool: PgPool, admin: PgPool, name: String) {
+    async fn drop_database(pool: PgPool, db: ScratchDatabase) {
         pool.close().await;
-        sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await.unwrap();
+        db.drop().await.unwrap();
     }
 
     /// A decision of saga `saga` that sets its state to `{"n": n}` and sends one message.
@@ -495,7 +494,7 @@ mod tests {
 
     #[tokio::test]
     async fn starts_in_one_statement_skip_a_taken_id_or_key_and_write_the_others() {
-        let (pool, admin, name) = database().await;
+        let (pool, db) = database().await;
         let (taken_id, keyed) = (SagaId::new(), SagaId::new());
         let first = [
             (decision(taken_id, 0, SagaStatus::Running), new_instance(None)),
@@ -536,12 +535,12 @@ mod tests {
             1,
             "a saga that ends at its start is finished"
         );
-        drop_database(pool, admin, name).await;
+        drop_database(pool, db).await;
     }
 
     #[tokio::test]
     async fn a_guarded_write_loses_to_a_changed_row_and_to_a_recorded_message() {
-        let (pool, admin, name) = database().await;
+        let (pool, db) = database().await;
         let saga = SagaId::new();
         let d0 = decision(saga, 0, SagaStatus::Running);
         insert_new(&pool, "n1", &[(&d0, &new_instance(None))], false).await.unwrap();
@@ -578,12 +577,12 @@ mod tests {
         assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.history WHERE saga_id = $1", saga).await, 2);
         assert_eq!(count(&pool, "SELECT count(*) FROM sagaflow.inbox WHERE saga_id = $1", saga).await, 2);
         assert_ne!(version(&pool, saga).await, read, "the write changed the row's version");
-        drop_database(pool, admin, name).await;
+        drop_database(pool, db).await;
     }
 
     #[tokio::test]
     async fn a_locked_write_moves_a_timer_scheduled_and_cancelled_together() {
-        let (pool, admin, name) = database().await;
+        let (pool, db) = database().await;
         let saga = SagaId::new();
         let (moved, gone) = (TimerKey::WaitDeadline { step: StepIndex(0) }, TimerKey::WaitDeadline { step: StepIndex(1) });
         let mut d0 = decision(saga, 0, SagaStatus::Running);
@@ -603,7 +602,7 @@ mod tests {
         let timers: Vec<(String, i64)> =
             sqlx::query_as("SELECT key, due_ms FROM sagaflow.timers WHERE saga_id = $1").bind(saga.0).fetch_all(&pool).await.unwrap();
         assert_eq!(timers, vec![(moved.id(), 30)]);
-        drop_database(pool, admin, name).await;
+        drop_database(pool, db).await;
     }
 
     /// A decision of saga `saga` that queues its step 1 for a slot of `r` (capacity 2).
@@ -619,7 +618,7 @@ mod tests {
 
     #[tokio::test]
     async fn slots_are_queued_and_given_back_with_their_decision_and_granted_by_priority_then_arrival() {
-        let (pool, admin, name) = database().await;
+        let (pool, db) = database().await;
         let sagas: Vec<SagaId> = (0..5).map(|_| SagaId::new()).collect();
         // Queued in this order; the fourth with a higher priority.
         for (i, saga) in sagas.iter().enumerate() {
@@ -666,6 +665,6 @@ mod tests {
         let mut want = vec![sagas[1].0, sagas[3].0];
         want.sort_unstable();
         assert_eq!(holders(&pool).await, want);
-        drop_database(pool, admin, name).await;
+        drop_database(pool, db).await;
     }
 }
