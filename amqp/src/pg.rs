@@ -42,7 +42,7 @@ pub struct ScratchDatabase {
 
 impl ScratchDatabase {
     /// Create one named `{prefix}_{a unique suffix}`; `prefix` is a plain identifier (ASCII
-    /// letters, digits and `_`, not starting with a digit).
+    /// letters, digits and `_`, not starting with a digit) of at most 24 bytes.
     pub async fn create(prefix: &str) -> Result<Self, sqlx::Error> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let server = std::env::var("SAGAFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -65,8 +65,11 @@ impl ScratchDatabase {
     }
 }
 
+/// `name` if PostgreSQL takes it as it is: unquoted, and within its 63 bytes (a longer one would
+/// be cut short, and the URL made from it name no database).
 fn identifier(name: &str) -> Result<&str, sqlx::Error> {
-    let plain = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && name.starts_with(|c: char| !c.is_ascii_digit());
+    let plain =
+        name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && name.starts_with(|c: char| !c.is_ascii_digit());
     if plain { Ok(name) } else { Err(sqlx::Error::Configuration(format!("{name:?} is not a plain database name").into())) }
 }
 
@@ -197,7 +200,8 @@ mod tests {
     #[test]
     fn only_a_plain_name_makes_a_database() {
         assert!(identifier("sagaflow_store_01").is_ok());
-        for bad in ["", "1st", "a-b", "a;DROP DATABASE x", "a b", "\u{e9}"] {
+        assert!(identifier(&"a".repeat(63)).is_ok());
+        for bad in ["", "1st", "a-b", "a;DROP DATABASE x", "a b", "\u{e9}", &"a".repeat(64)] {
             assert!(identifier(bad).is_err(), "{bad:?}");
         }
     }
