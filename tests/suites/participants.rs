@@ -532,19 +532,27 @@ async fn a_slow_handler_does_not_hold_the_replies_of_its_batch() {
         .await
         .unwrap();
     let mut rig = Rig { env, conn, ch, replies, participant: "probe", step_name: "a", handle: None };
-    // The commands wait in the queue before the participant starts, and it runs one batch at a
-    // time: a first command alone (it takes 1 s, below `slow_handler` of 2 s: time enough, even on
-    // a loaded machine, for the client to have received the rest), during which the others
-    // arrive and form the next batch: one whose handler takes 5 s, then ten that take nothing.
+    // The participant runs one batch at a time. A first command goes alone (it takes 1 s, below
+    // `slow_handler` of 2 s): the rest are sent once the broker handed it over, so they arrive
+    // while it runs and form the next batch: one whose handler takes 5 s, then ten that take
+    // nothing. (Queued before the participant started, any number of them could have joined the
+    // first batch, as many as had reached the client when its first delivery was taken.)
     let (first, slow) = (SagaId::new(), SagaId::new());
     let fast: Vec<SagaId> = (0..10).map(|_| SagaId::new()).collect();
-    let commands = [(first, Behavior::Slow { ms: 1000 }), (slow, Behavior::Slow { ms: 5000 })];
-    for (saga, behavior) in commands.into_iter().chain(fast.iter().map(|s| (*s, Behavior::Ok))) {
+    rig.send(&rig.message(first, CommandKind::Invoke, "probe.do", json!({"key": "a", "behavior": Behavior::Slow { ms: 1000 }}), 1)).await;
+    let cfg = participants_sdk::ParticipantConfig { concurrency: 1, slow_handler: Duration::from_secs(2), ..rig.env.participant_config() };
+    rig.handle = Some(probe::participant(cfg).start(rig.env.pool.clone(), &rig.env.amqp_url).await.unwrap());
+    let queue = rig.env.names().participant_queue("probe");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    while rig.ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.unwrap().message_count() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the first command was never handed to the participant");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (saga, behavior) in std::iter::once((slow, Behavior::Slow { ms: 5000 })).chain(fast.iter().map(|s| (*s, Behavior::Ok))) {
         let body = json!({"key": "a", "behavior": behavior});
         rig.send(&rig.message(saga, CommandKind::Invoke, "probe.do", body, 1)).await;
     }
-    let cfg = participants_sdk::ParticipantConfig { concurrency: 1, slow_handler: Duration::from_secs(2), ..rig.env.participant_config() };
-    rig.handle = Some(probe::participant(cfg).start(rig.env.pool.clone(), &rig.env.amqp_url).await.unwrap());
 
     let got = rig.decoded_replies(12, Duration::from_secs(30)).await;
     let order: Vec<SagaId> = got.iter().map(|r| r.saga_id).collect();
