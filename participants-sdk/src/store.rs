@@ -285,10 +285,10 @@ mod tests {
     use std::time::Duration;
 
     use sagaflow_amqp::pg::ScratchDatabase;
-
-    use super::*;
     use sagas::protocol::SagaRef;
     use sagas::{CommandKind, MessageId, SagaId, StepIndex};
+
+    use super::*;
 
     /// A fresh database with the participant's tables.
     async fn database() -> (PgPool, ScratchDatabase) {

@@ -429,11 +429,10 @@ mod tests {
     //! Each write mode against PostgreSQL (`SAGAFLOW_TEST_DATABASE_URL`, else the local
     //! default), on a database of its own: the races each mode must lose or win.
 
+    use sagaflow_amqp::pg::ScratchDatabase;
     use sagas::protocol::WireMessage;
     use sagas::{SagaId, SagaStatus, StepIndex, TimerKey, Timestamp};
     use sqlx::PgPool;
-
-    use sagaflow_amqp::pg::ScratchDatabase;
 
     use super::*;
     use crate::store::{self, HistoryRow, OutboxRow};
