@@ -14,6 +14,9 @@ use sqlx::{Connection as _, PgPool};
 /// How often a pool on several servers checks that its server still accepts writes.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// The database a process uses when it is given none: the local server's `postgres` database.
+pub const LOCAL_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
 /// How long one server may take to answer whether it accepts writes.
 const ASK_WITHIN: Duration = Duration::from_secs(3);
 
@@ -31,8 +34,8 @@ pub fn with_database(url: &str, database: &str) -> String {
     out
 }
 
-/// A database of its own for a test, on the server of `SAGAFLOW_TEST_DATABASE_URL` (else the
-/// local default, `postgres://postgres@127.0.0.1:5432/postgres`), as a role that may create
+/// A database of its own for a test, on the server of `SAGAFLOW_TEST_DATABASE_URL` (else
+/// [`LOCAL_DATABASE_URL`]'s), as a role that may create
 /// databases. Dropped by [`ScratchDatabase::drop`], which ends the sessions still on it.
 pub struct ScratchDatabase {
     server: String,
@@ -45,7 +48,7 @@ impl ScratchDatabase {
     /// letters, digits and `_`, not starting with a digit) of at most 24 bytes.
     pub async fn create(prefix: &str) -> Result<Self, sqlx::Error> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let server = std::env::var("SAGAFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let server = std::env::var("SAGAFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| LOCAL_DATABASE_URL.into());
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{prefix}_{}_{nanos}_{n}", std::process::id());

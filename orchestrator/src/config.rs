@@ -91,7 +91,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            database_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            database_url: sagaflow_amqp::pg::LOCAL_DATABASE_URL.into(),
             namespace: "sagaflow".into(),
             node_id: String::new(),
             max_body_bytes: sagas::protocol::DEFAULT_MAX_BODY_BYTES,

@@ -243,16 +243,16 @@ pub struct StepState {
     /// Where the step is.
     pub status: StepStatus,
     /// Command attempts sent so far (the current attempt's number).
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
     /// Attempts made before the current retry budget (an operator `resume` starts a new budget).
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub budget_from: u32,
     /// Compensation attempts sent so far.
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub compensation_attempts: u32,
     /// Compensation attempts made before the current budget (an operator `retry` starts one).
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub compensation_budget_from: u32,
     /// Set when an attempt timed out: the command may have run even if the step later fails.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -401,12 +401,8 @@ pub struct ParentLink {
 /// registry check sees; this ends it.
 pub const MAX_CHILD_DEPTH: u32 = 32;
 
-fn is_zero(n: &i32) -> bool {
-    *n == 0
-}
-
-fn is_zero_u32(n: &u32) -> bool {
-    *n == 0
+fn is_zero<N: Default + PartialEq>(n: &N) -> bool {
+    *n == N::default()
 }
 
 impl SagaState {
